@@ -1,0 +1,98 @@
+"""PKSampler: batch composition, seeding, resume offset, DDP split and its errors."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from msl_kit.sampler import PKSampler
+
+
+def _labels(sizes: list[int]) -> np.ndarray:
+    return np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batches_hold_p_distinct_classes_with_k_each(seed):
+    rng = np.random.default_rng(seed)
+    labels = _labels(list(rng.integers(5, 30, size=25)))
+    sampler = PKSampler(labels, batch_size=40, samples_per_class=5, seed=seed, iterations=50)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 50
+    for batch in batches:
+        counts = Counter(labels[batch].tolist())
+        assert len(counts) == 8 and set(counts.values()) == {5}
+        assert len(set(batch)) == len(batch), "an index repeated in a batch of a class large enough"
+
+
+def test_small_classes_are_padded_with_replacement_only_there():
+    labels = _labels([2, 1, 10, 10])
+    for batch in PKSampler(labels, batch_size=16, samples_per_class=4, seed=0, iterations=30):
+        by_class = {}
+        for i in batch:
+            by_class.setdefault(int(labels[i]), []).append(i)
+        assert sorted(len(v) for v in by_class.values()) == [4, 4, 4, 4]
+        assert set(by_class[0]) == {0, 1} and set(by_class[1]) == {2}
+        for c in (2, 3):
+            assert len(set(by_class[c])) == 4
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    labels = _labels([12] * 20)
+    a = list(PKSampler(labels, 20, 4, seed=3, iterations=20))
+    b = list(PKSampler(labels, 20, 4, seed=3, iterations=20))
+    c = list(PKSampler(labels, 20, 4, seed=4, iterations=20))
+    assert a == b and a != c
+
+
+def test_start_skips_exactly_the_batches_already_done():
+    labels = _labels([7] * 15)
+    full = list(PKSampler(labels, 15, 3, seed=1, iterations=40))
+    resumed = PKSampler(labels, 15, 3, seed=1, iterations=40, start=17)
+    assert len(resumed) == 23 and list(resumed) == full[17:]
+
+
+def test_classes_and_items_are_visited_evenly():
+    labels = _labels([10] * 12)
+    sampler = PKSampler(labels, 12, 2, seed=0, iterations=120)  # 6 classes x 2 per batch
+    class_counts = Counter(int(labels[b[0]]) for batch in sampler for b in [batch[i:i + 2] for i in range(0, 12, 2)])
+    assert set(class_counts.values()) == {60}, "each round uses every class once"
+    item_counts = Counter(i for batch in sampler for i in batch)
+    assert max(item_counts.values()) - min(item_counts.values()) <= 1
+
+
+def test_epoch_style_length():
+    labels = _labels([5] * 30)
+    sampler = PKSampler(labels, 20, 5, seed=0)
+    assert len(sampler) == 30 // 4 == len(list(sampler))
+
+
+def test_ranks_split_the_global_batch_without_overlap():
+    labels = _labels([9] * 16)
+    single = list(PKSampler(labels, 32, 4, seed=5, iterations=10))
+    rank0 = list(PKSampler(labels, 32, 4, seed=5, iterations=10, num_replicas=2, rank=0))
+    rank1 = list(PKSampler(labels, 32, 4, seed=5, iterations=10, num_replicas=2, rank=1))
+    for whole, a, b in zip(single, rank0, rank1):
+        assert a + b == whole
+        assert not set(labels[a]) & set(labels[b])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=30, samples_per_class=4), "not a multiple"),
+        (dict(batch_size=60, samples_per_class=5), "only 6"),
+        (dict(batch_size=20, samples_per_class=5, num_replicas=3), "split evenly"),
+    ],
+)
+def test_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PKSampler(_labels([5] * 6), **kwargs)
+
+
+def test_non_integer_labels_are_refused():
+    with pytest.raises(TypeError, match="integers"):
+        PKSampler(np.array(["a", "b", "a", "b"]), 4, 2)
+    with pytest.raises(TypeError, match="integers"):
+        PKSampler(np.array([0.0, 1.0, 0.0, 1.0]), 4, 2)
