@@ -1,0 +1,106 @@
+"""The GPU checks of issue 4 in one script: loss fp32 vs bf16, BN-Inception train images/s, kNN at SOP size.
+
+    python bench/gpu_check.py                      # on a CUDA machine; about 2-3 minutes on one H100
+    python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from msl_kit import losses, metrics, models
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loss_agreement(device: torch.device, batch: int, dim: int) -> None:
+    """MS loss and gradient in float32 against bf16 autocast on the same unit embeddings."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(batch // 8).repeat_interleave(8).to(device)
+    base = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device)
+    loss_fn = losses.MultiSimilarityLoss()
+    results = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        emb = base.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            x = emb.to(dtype) if dtype is not None else emb
+            loss = loss_fn(x, labels)
+        loss.backward()
+        results[name] = (loss.detach().double(), emb.grad.double().flatten())
+    (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
+    cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
+    print(f"loss {batch}x{dim}: fp32 {l32.item():.6f}  bf16 {l16.item():.6f}  rel diff "
+          f"{abs(l16 - l32).item() / max(abs(l32.item()), 1e-12):.2e}  grad cosine {cos:.6f}  finite {bool(torch.isfinite(g16).all())}")
+
+
+def train_throughput(device: torch.device, batch: int, size: int, steps: int, amp: bool, warmup: int = 3) -> float:
+    """BN-Inception + MS loss + Adam, random images, frozen BN: images per second."""
+    model = models.build_model("bninception", 512, freeze_bn=True).to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-5, weight_decay=5e-4)
+    loss_fn = losses.MultiSimilarityLoss()
+    images = torch.randn(batch, 3, size, size, device=device) * 50
+    if amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(batch // 5, device=device).repeat_interleave(5)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            emb = model(images)
+        loss = loss_fn(emb.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def knn_timing(device: torch.device, n: int, dim: int) -> None:
+    """recall_at_k on n unit vectors with the query = gallery protocol, on the device."""
+    g = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1).to(device)
+    labels = torch.randint(0, max(n // 5, 1), (n,), generator=g).to(device)
+    metrics.recall_at_k(emb[:1000], labels[:1000])  # warm-up (kernels, allocator)
+    _sync(device)
+    start = time.perf_counter()
+    result = metrics.recall_at_k(emb, labels, ks=(1, 10, 100) if n > 100 else (1, 2))
+    _sync(device)
+    print(f"recall_at_k {n}x{dim} on {device}: {time.perf_counter() - start:.2f} s  {result}")
+
+
+def main() -> None:
+    """Run the three checks and print their figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible; use --device cpu --quick to check the script only")
+        torch.backends.cudnn.benchmark = True
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    batch, size, steps, n = (5, 227, 1, 2000) if args.quick else (80, 227, 20, 60000)
+    loss_agreement(device, 80 if args.quick else 1024, 512)
+    for amp in (False, True):
+        label = "AMP bf16 + channels_last" if amp else "fp32"
+        print(f"BN-Inception train batch {batch} at {size} px, {label}: "
+              f"{train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3):.1f} images/s")
+    knn_timing(device, n, 512)
+
+
+if __name__ == "__main__":
+    main()
