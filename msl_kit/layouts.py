@@ -1,0 +1,166 @@
+"""Readers of each dataset's official file layout: list files -> (path, class, split) records.
+
+Every path read from a list file is confined to the dataset folder before it is used.
+"""
+from __future__ import annotations
+
+import csv
+import posixpath
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class LayoutError(FileNotFoundError):
+    """A dataset folder that does not hold the files of the official layout."""
+
+
+class Record(NamedTuple):
+    path: str  # relative to the dataset folder, '/'-separated, confined to it
+    key: object  # sortable class key (class id, (alphabet, character), item id...)
+    cls: str  # class name shown to people
+    split: str
+
+
+def _inside(*parts: str) -> str:
+    """Join '/'-paths relative to the dataset folder; refuse any that leave it."""
+    path = posixpath.normpath(posixpath.join(*(p.replace("\\", "/") for p in parts)))
+    if path.startswith(("/", "../")) or path == ".." or re.match(r"[A-Za-z]:", path):
+        raise LayoutError(f"listed path {parts[-1]!r} points outside the dataset folder; the list file "
+                          "is damaged or malicious")
+    return path
+
+
+def _find(ddir: Path, filename: str, depth: int = 3) -> str:
+    """The folder (relative to ddir) holding `filename`, searched breadth-first, sorted."""
+    level = [ddir]
+    for _ in range(depth + 1):
+        for folder in level:
+            if (folder / filename).is_file():
+                return folder.relative_to(ddir).as_posix()
+        level = [d for f in level for d in sorted(f.iterdir()) if d.is_dir() and d.name != "downloads"]
+    raise LayoutError(f"{ddir} has no {filename}; is this the right archive?")
+
+
+def _rows(path: Path, skip: int = 0) -> list[list[str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()[skip:]
+    return [line.split() for line in lines if line.strip()]
+
+
+def _read_cub(ddir: Path) -> list[Record]:
+    base = _find(ddir, "images.txt")
+    images = dict(_rows(ddir / base / "images.txt"))
+    labels = dict(_rows(ddir / base / "image_class_labels.txt"))
+    names = dict(_rows(ddir / base / "classes.txt"))
+    out = []
+    for image_id, rel in images.items():
+        cls = int(labels[image_id])
+        out.append(Record(_inside(base, "images", rel), cls, names[str(cls)], "train" if cls <= 100 else "test"))
+    return out
+
+
+def _read_cars(ddir: Path) -> list[Record]:
+    from scipy.io import loadmat  # scikit-learn's dependency; only Cars needs it
+
+    base = _find(ddir, "cars_annos.mat")
+    mat = loadmat(str(ddir / base / "cars_annos.mat"), squeeze_me=True, struct_as_record=False)
+    names = [str(n) for n in np.atleast_1d(mat["class_names"])]
+    out = []
+    for anno in np.atleast_1d(mat["annotations"]):
+        cls = int(getattr(anno, "class"))
+        split = "train" if cls <= 98 else "test"
+        out.append(Record(_inside(base, str(anno.relative_im_path)), cls, names[cls - 1], split))
+    return out
+
+
+def _read_sop(ddir: Path) -> list[Record]:
+    base = _find(ddir, "Ebay_train.txt")
+    out = []
+    for split in ("train", "test"):  # image_id class_id super_class_id path, after a header
+        for _, cls, _, rel in _rows(ddir / base / f"Ebay_{split}.txt", skip=1):
+            out.append(Record(_inside(base, rel), int(cls), cls, split))
+    return out
+
+
+def _read_inshop(ddir: Path) -> list[Record]:
+    base = _find(ddir, "list_eval_partition.txt")
+    rows = _rows(ddir / base / "list_eval_partition.txt", skip=2)  # a count, then a header
+    # the images (img/...) sit beside the list file, above it, or in an Img/ folder
+    parent = posixpath.dirname(base) or "."
+    candidates = [base, parent, _inside(parent, "Img")]
+    image_base = next((c for c in candidates if rows and (ddir / c / rows[0][0]).is_file()), base)
+    return [Record(_inside(image_base, rel), item, item, split) for rel, item, split in rows]
+
+
+def _read_omniglot(ddir: Path) -> list[Record]:
+    """Union of every images_background*/images_evaluation* folder by (alphabet, character).
+
+    Where only one kind is present (e.g. the two small background zips), alphabets are sorted
+    by name and every second one (positions 1, 3, 5...) is held out as test.
+    """
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (alphabet, character) -> (folder, kind)
+    for top in sorted(p for p in ddir.iterdir() if p.is_dir()):
+        kind = next((k for prefix, k in (("images_background", "train"), ("images_evaluation", "test"))
+                     if top.name.startswith(prefix)), None)
+        for char_dir in sorted(d for d in top.glob("*/*") if d.is_dir()) if kind else []:
+            seen.setdefault((char_dir.parent.name, char_dir.name), (top.name, kind))
+    if not seen:
+        raise LayoutError(f"{ddir} has no images_background*/ or images_evaluation*/ folder; is this Omniglot?")
+    if len({kind for _, kind in seen.values()}) == 1:
+        alphabets = sorted({alphabet for alphabet, _ in seen})
+        test = set(alphabets[1::2])
+        seen = {k: (top, "test" if k[0] in test else "train") for k, (top, _) in seen.items()}
+    out = []
+    for (alphabet, char), (top, split) in sorted(seen.items()):
+        for png in sorted((ddir / top / alphabet / char).glob("*.png")):
+            out.append(Record(f"{top}/{alphabet}/{char}/{png.name}", (alphabet, char), f"{alphabet}/{char}", split))
+    return out
+
+
+def read_folder(root: Path) -> tuple[Path, list[Record]]:
+    """root/<split>/<class>/**/image, or a CSV file of path,label,split (paths relative to it)."""
+    if root.is_file():
+        with open(root, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        if rows and [c.strip().lower() for c in rows[0]] == ["path", "label", "split"]:
+            rows = rows[1:]
+        bad = [r for r in rows if len(r) != 3]
+        if bad:
+            raise LayoutError(f"{root}: every row must be path,label,split; got {bad[0]}")
+        out = [Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip()) for p, lab, s in rows]
+        return root.parent, out
+    if not root.is_dir():
+        raise LayoutError(f"{root} is neither a folder of <split>/<class>/ images nor a CSV file")
+    out = []
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            for img in sorted(class_dir.rglob("*")):
+                if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file():
+                    rel = img.relative_to(root).as_posix()
+                    out.append(Record(rel, _natural(class_dir.name), class_dir.name, split_dir.name))
+    if not out:
+        raise LayoutError(f"{root} holds no images as <split>/<class>/<image> (e.g. train/cat/1.jpg)")
+    return root, out
+
+
+def _natural(label: str) -> tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+_READERS: dict[str, Callable[[Path], list[Record]]] = {
+    "cub200": _read_cub, "cars196": _read_cars, "sop": _read_sop, "inshop": _read_inshop, "omniglot": _read_omniglot}
+
+
+def read_layout(name: str, ddir: Path) -> list[Record]:
+    try:
+        records = _READERS[name](ddir)
+    except (KeyError, ValueError, IndexError) as err:
+        raise LayoutError(f"{ddir}: a list file of {name} is malformed ({err!r}); "
+                          "prepare it again from a full copy") from err
+    if not records:
+        raise LayoutError(f"{ddir}: the {name} list files name no images")
+    return records

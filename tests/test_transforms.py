@@ -1,0 +1,207 @@
+"""build_transform against torchvision's own Resize / RandomResizedCrop / CenterCrop / ToTensor /
+Normalize composition, and image decoding for every PIL mode a dataset may hold."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as tv
+
+from msl_kit.transforms import CorruptImageError, ImageTransform, Preprocessing, build_transform, load_image, to_mode
+
+BNINCEPTION = Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
+                            input_size=227, resize_size=256, crop_scale=(0.16, 1.0), hflip=True)
+RESNET = Preprocessing()  # RGB, ImageNet mean / std, 224 / 256
+DIGITS = Preprocessing(color="L", mean=(0.5,), std=(0.5,), input_size=8, resize_size=8, crop_scale=(1.0, 1.0), hflip=False)
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth gradients plus a few blobs (resampling differences stay small)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = []
+    for c in range(3):
+        a, b, f = rng.uniform(0.5, 2, size=3)
+        channels.append(0.5 + 0.25 * np.sin(a * 6 * x + c) * np.cos(b * 5 * y) + 0.2 * np.sin(f * 9 * (x + y)))
+    return Image.fromarray((np.clip(np.stack(channels, -1), 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def torchvision_pipeline(spec: Preprocessing, train: bool) -> tv.Compose:
+    """The plain composition build_transform must match."""
+    geometry = ([tv.Resize(spec.resize_size), tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale),
+                 tv.RandomHorizontalFlip()] if train else
+                [tv.Resize(spec.resize_size), tv.CenterCrop(spec.input_size)])
+    post = [tv.ToTensor()]
+    if spec.color == "BGR":
+        post.append(tv.Lambda(lambda t: t.flip(0)))
+    post += [tv.Lambda(lambda t: t * spec.value_range), tv.Normalize(spec.mean, spec.std)]
+    return tv.Compose(geometry + post)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (227, 227), (500, 375), (120, 400)])
+@pytest.mark.parametrize("scale", [(0.16, 1.0), (1.0, 1.0)])
+def test_crop_box_draws_what_torchvision_draws(size, scale):
+    spec = Preprocessing(crop_scale=scale)
+    ours, reference = ImageTransform(spec, train=True), tv.Resize(spec.resize_size)(Image.new("RGB", size))
+    rw, rh = reference.size
+    for seed in range(20):
+        torch.manual_seed(seed)
+        box = ours.crop_box(size)
+        torch.manual_seed(seed)
+        i, j, h, w = tv.RandomResizedCrop.get_params(reference, list(scale), [3 / 4, 4 / 3])
+        sx, sy = size[0] / rw, size[1] / rh
+        assert box == pytest.approx((j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+
+
+@pytest.mark.parametrize("spec", [BNINCEPTION, RESNET], ids=["bninception", "resnet"])
+@pytest.mark.parametrize("size", [(320, 240), (227, 227), (180, 260)])
+def test_eval_matches_torchvision(spec, size):
+    img = smooth_image(*size)
+    ours, ref = build_transform(spec, train=False)(img), torchvision_pipeline(spec, train=False)(img)
+    assert ours.shape == ref.shape == (3, spec.input_size, spec.input_size) and ours.dtype == torch.float32
+    unit = spec.value_range / np.mean(spec.std)  # one full pixel range, in normalised units
+    diff = (ours - ref).abs() / unit
+    assert diff.mean() < 0.002 and diff.max() < 0.03  # one resampling instead of two: not bit-equal
+
+
+@pytest.mark.parametrize("spec", [BNINCEPTION, RESNET], ids=["bninception", "resnet"])
+def test_train_matches_torchvision_with_the_same_seed(spec):
+    img = smooth_image(400, 300, seed=3)
+    ours_t, ref_t = build_transform(spec, train=True), torchvision_pipeline(spec, train=True)
+    unit = spec.value_range / np.mean(spec.std)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = ours_t(img)
+        torch.manual_seed(seed)
+        ref = ref_t(img)
+        diff = (ours - ref).abs() / unit
+        assert diff.mean() < 0.006, (seed, diff.mean())
+
+
+def test_bninception_is_bgr_in_0_255_minus_mean():
+    red = Image.new("RGB", (300, 300), (200, 10, 20))
+    out = build_transform(BNINCEPTION, train=False)(red)
+    expected = torch.tensor([20 - 104.0, 10 - 117.0, 200 - 128.0]).view(3, 1, 1).expand(3, 227, 227)
+    assert torch.allclose(out, expected, atol=1e-3)
+
+
+def test_resnet_is_rgb_in_0_1_normalised():
+    colour = Image.new("RGB", (256, 256), (255, 0, 128))
+    out = build_transform(RESNET, train=False)(colour)
+    expected = [(v / 255 - m) / s for v, m, s in zip((255, 0, 128), RESNET.mean, RESNET.std)]
+    assert torch.allclose(out[:, 5, 5], torch.tensor(expected), atol=1e-5)
+
+
+def test_grey_spec_gives_one_channel_and_digits_train_crops_nothing():
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    img = Image.fromarray(pixels, "L")
+    train, test = build_transform(DIGITS, train=True), build_transform(DIGITS, train=False)
+    expected = torch.from_numpy(pixels / 255.0 * 2 - 1).float().unsqueeze(0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert torch.allclose(train(img), expected, atol=1e-6)
+    assert torch.allclose(test(img), expected, atol=1e-6)
+    colour = build_transform(DIGITS, train=False)(Image.new("RGB", (8, 8), (0, 255, 0)))
+    assert colour.shape == (1, 8, 8) and torch.allclose(colour, torch.full((1, 8, 8), 0.587 * 2 - 1), atol=0.01)
+
+
+def test_hflip_flips_about_half_the_time_and_never_when_off():
+    asym = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)), "L")
+    spec = Preprocessing(color="L", mean=(0.0,), std=(1.0,), input_size=64, resize_size=64, crop_scale=(1.0, 1.0))
+    torch.manual_seed(0)
+    flips = [bool(build_transform(spec, True)(asym)[0, 0, 0] > 0.5) for _ in range(400)]
+    assert 0.4 < np.mean(flips) < 0.6
+    no_flip = build_transform(Preprocessing(**{**spec.__dict__, "hflip": False}), True)
+    assert not any(no_flip(asym)[0, 0, 0] > 0.5 for _ in range(50))
+
+
+def test_transform_pickles_for_dataloader_workers():
+    t = build_transform(BNINCEPTION, train=True)
+    img = smooth_image(300, 260)
+    clone = pickle.loads(pickle.dumps(t))
+    torch.manual_seed(1)
+    a = t(img)
+    torch.manual_seed(1)
+    assert torch.equal(a, clone(img))
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ValueError, match="color"):
+        build_transform(Preprocessing(color="HSV"), True)
+    with pytest.raises(ValueError, match="smaller than input_size"):
+        build_transform(Preprocessing(resize_size=200, input_size=224), True)
+    with pytest.raises(ValueError, match="2 values for 3"):
+        build_transform(Preprocessing(mean=(0.5, 0.5)), True)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _saved(img: Image.Image, path, fmt: str, **kw):
+    img.save(path, fmt, **kw)
+    return path
+
+
+def test_modes_convert_as_a_viewer_shows_them(tmp_path):
+    palette = Image.new("P", (6, 6))
+    palette.putpalette([10, 200, 30] + [0] * 765)
+    transparent_p = palette.copy()
+    transparent_p.info["transparency"] = 0
+    rgba = Image.new("RGBA", (6, 6), (255, 0, 0, 128))
+    rgba.putpixel((0, 0), (0, 0, 255, 0))
+    sixteen = Image.fromarray(np.array([[0, 128 * 257], [65535, 1000]], dtype=np.uint16))
+    cases = {
+        "grey.png": (_saved(Image.new("L", (6, 6), 77), tmp_path / "grey.png", "PNG"), (77, 77, 77), 77),
+        "palette.png": (_saved(palette, tmp_path / "palette.png", "PNG"), (10, 200, 30), None),
+        "palette_transparent.png": (_saved(transparent_p, tmp_path / "pt.png", "PNG", transparency=0), (255, 255, 255), 255),
+        "rgba.png": (_saved(rgba, tmp_path / "rgba.png", "PNG"), (255, 127, 127), None),
+        "la.png": (_saved(Image.new("LA", (6, 6), (0, 0)), tmp_path / "la.png", "PNG"), (255, 255, 255), 255),
+        "bilevel.png": (_saved(Image.new("1", (6, 6), 1), tmp_path / "one.png", "PNG"), (255, 255, 255), 255),
+        "cmyk.jpg": (_saved(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", "JPEG", quality=100), (255, 0, 0), None),
+        "cmyk.tif": (_saved(Image.new("CMYK", (6, 6), (0, 0, 0, 255)), tmp_path / "cmyk.tif", "TIFF"), (0, 0, 0), 0),
+    }
+    for name, (path, rgb, grey) in cases.items():
+        got = load_image(path, "RGB")
+        assert got.mode == "RGB", name
+        assert np.abs(np.asarray(got)[2, 2].astype(int) - rgb).max() <= 3, (name, np.asarray(got)[2, 2])
+        if grey is not None:
+            assert load_image(path, "L").mode == "L"
+            assert abs(int(np.asarray(load_image(path, "L"))[2, 2]) - grey) <= 3, name
+    corner = np.asarray(load_image(tmp_path / "rgba.png", "RGB"))[0, 0]
+    assert tuple(corner) == (255, 255, 255)  # fully transparent: the white background, not blue
+    path16 = _saved(sixteen, tmp_path / "sixteen.png", "PNG")
+    assert Image.open(path16).mode.startswith("I")  # really 16-bit on disk
+    assert np.asarray(load_image(path16, "L")).tolist() == [[0, 128], [255, 4]]  # scaled, not clipped
+    assert np.asarray(load_image(path16, "RGB"))[1, 0].tolist() == [255, 255, 255]
+
+
+def test_corrupt_and_truncated_files_name_the_file(tmp_path):
+    buf = io.BytesIO()
+    smooth_image(200, 150).save(buf, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not an image at all")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("truncated.jpg", "garbage.jpg", "empty.png"):
+        for min_size in (None, 1, 64):
+            with pytest.raises(CorruptImageError, match=f"{name}.*skip_corrupt=True"):
+                load_image(tmp_path / name, "RGB", min_size)
+
+
+def test_jpeg_draft_decodes_smaller_without_changing_the_result(tmp_path):
+    big = smooth_image(1024, 768, seed=5)
+    path = _saved(big, tmp_path / "big.jpg", "JPEG", quality=95)
+    drafted, full = load_image(path, "RGB", 256), load_image(path, "RGB")
+    assert drafted.size == (512, 384) and full.size == (1024, 768)  # 1/2 keeps both sides >= 256
+    assert load_image(path, "L", 256).mode == "L"
+    t = build_transform(RESNET, train=False)
+    diff = (t(drafted) - t(full)).abs().mean() * np.mean(RESNET.std)
+    assert diff < 0.01
+
+
+def test_to_mode_is_identity_for_the_right_mode():
+    img = Image.new("RGB", (4, 4))
+    assert to_mode(img, "RGB") is img
