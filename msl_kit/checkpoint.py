@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 import warnings
@@ -30,6 +31,12 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        message = (f"could not write {path} ({e.strerror or e}); the previous version of that file is "
+                   f"untouched. Free disk space or fix permissions, then retry")
+        # OSError(errno, ...) keeps the subclass (PermissionError, ...) and the errno callers test.
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -64,8 +71,8 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None
         prev.unlink(missing_ok=True)
         try:
             os.link(path, prev)
-        except OSError:
-            prev.write_bytes(path.read_bytes())
+        except OSError:  # no hard links here: copy, atomically too, or a torn copy could be the fallback
+            atomic_write_bytes(prev, lambda f: f.write(path.read_bytes()))
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
@@ -77,8 +84,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            raise CheckpointError(
+                f"checkpoint {path} was refused: it holds Python objects other than tensors and plain "
+                f"containers, which could run code when loaded. msl_kit never writes such files; do not "
+                f"load it with weights_only=False unless you trust its source"
+            ) from None
+        first = str(e).split(". ")[0][:160]  # torch goes on with advice that does not apply here
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); "
             f"it was probably cut off mid-write or is not an msl_kit checkpoint"
         ) from None
     if not isinstance(state, dict) or "model" not in state:

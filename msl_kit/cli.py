@@ -48,7 +48,12 @@ class _Progress:
     def on_eval(self, iteration: int, results: dict) -> None: ...
 
     def on_end(self, results: dict) -> None:
-        self.bar.close()
+        self.close()
+
+    def close(self) -> None:
+        """End the bar's line, so that an error message after it starts on a line of its own."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _default_out(config_name: str | None) -> Path:
@@ -71,7 +76,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"or choose another --out", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    results = engine.train(cfg, out, callbacks=[_Progress()], resume=bool(args.resume))
+    progress = _Progress()
+    try:
+        results = engine.train(cfg, out, callbacks=[progress], resume=bool(args.resume))
+    finally:
+        progress.close()
     seconds = time.perf_counter() - started
     from msl_kit.config import from_dict
     import yaml
@@ -170,11 +179,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, PermissionError, ValueError, TypeError) as e:
+    except (ConfigError, CheckpointError, OSError, ValueError, TypeError) as e:
         if os.environ.get("MSL_KIT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from msl_kit.engine import DivergenceError  # imported only here: `prepare` need not load the engine
+
+        if os.environ.get("MSL_KIT_DEBUG") or not isinstance(e, DivergenceError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; resume with `msl-kit train --resume DIR`", file=sys.stderr)
         return 130

@@ -160,13 +160,25 @@ def prepare_out_dir(out: Path) -> Path:
     return out
 
 
-def _check_finite(iteration: int, what: str, value: torch.Tensor) -> None:
+def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> None:
     if not bool(torch.isfinite(value).all()):
+        # Say which checkpoint survives: a run that diverges before its first save has none.
+        kept = next((p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()), None)
+        saved = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
         raise DivergenceError(
             f"{what} became NaN or inf at iteration {iteration}; the step was stopped before any weight "
-            f"changed and the last good checkpoint is kept. Try a lower train.lr, train.amp=bf16 instead "
+            f"changed and {saved}. Try a lower train.lr, train.amp=bf16 instead "
             f"of fp16, or check the input images."
         )
+
+
+def _load_model_state(model: nn.Module, state: dict, path: Path) -> None:
+    """Load a checkpoint's weights, naming the file when they do not fit the configured model."""
+    try:
+        model.load_state_dict(state["model"])
+    except (ValueError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
+        raise ckpt.CheckpointError(f"{path} does not fit the model its config describes: {detail}") from None
 
 
 def train(
@@ -185,11 +197,16 @@ def train(
     """
     dist = distributed.init_distributed()
     main = dist.rank == 0
-    out = prepare_out_dir(Path(out)) if main else Path(out)
-    state = None
+    out, state, state_path = Path(out), None, None
+    if resume:  # before prepare_out_dir, so that a mistyped --resume DIR is not created empty
+        state, state_path = ckpt.load_latest(out)
+    if main:
+        prepare_out_dir(out)
     if resume:
-        state, _ = ckpt.load_latest(out)
         ckpt.clear_partial_writes(out)
+        if main and state_path.name != "checkpoint.pt" and (out / "checkpoint.pt").exists():
+            # Set the unreadable file aside: the next save would otherwise keep it as the fallback copy.
+            os.replace(out / "checkpoint.pt", out / "checkpoint.corrupt.pt")
         from msl_kit.config import from_dict
 
         cfg = from_dict(state["config"])
@@ -212,7 +229,7 @@ def train(
     ms_on_sim = functools.partial(losses.multi_similarity_loss, alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
     start, history, best = 0, [], {"iteration": 0, "recall@1": -1.0}
     if state is not None:
-        model.load_state_dict(state["model"])
+        _load_model_state(model, state, state_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -246,7 +263,7 @@ def train(
         with autocast(cfg, device):
             emb = net(images)
         emb = emb.float()
-        _check_finite(iteration + 1, "the embeddings", emb)
+        _check_finite(iteration + 1, "the embeddings", emb, out)
         def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return xbm_step_loss(xbm, iteration, loss_fn(e, y), ms_on_sim, e, y, idx)
 
@@ -256,13 +273,13 @@ def train(
         else:
             loss = step_loss(emb, labels, indices)
             loss_value = loss.detach()
-        _check_finite(iteration + 1, "the loss", loss.detach())
+        _check_finite(iteration + 1, "the loss", loss.detach(), out)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if not scaler.is_enabled():
             for p in model.parameters():
                 if p.grad is not None:
-                    _check_finite(iteration + 1, "a gradient", p.grad)
+                    _check_finite(iteration + 1, "a gradient", p.grad, out)
         lr = optimizer.param_groups[-1]["lr"]
         scaler.step(optimizer)
         scaler.update()
@@ -312,6 +329,6 @@ def evaluate_checkpoint(path: str | Path, *, split: str | None = None, device: s
     dev = pick_device(cfg.device)
     set_threads(cfg)
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
-    model.load_state_dict(state["model"])
+    _load_model_state(model, state, Path(path))
     model.to(dev)
     return evaluate(model, cfg, dev, eval_sets(cfg, preprocessing(cfg, model))), cfg
