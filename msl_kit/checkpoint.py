@@ -76,25 +76,33 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`, so an untrusted file cannot run code."""
+def safe_load(path: Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> object:
+    """`torch.load(weights_only=True)` with errors that name the file and say what to do.
+
+    A file holding Python objects (which could run code on load) is refused, never unpickled.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise CheckpointError(
-                f"checkpoint {path} was refused: it holds Python objects other than tensors and plain "
-                f"containers, which could run code when loaded. msl_kit never writes such files; do not "
-                f"load it with weights_only=False unless you trust its source"
+                f"{what} {path} was refused: it holds Python objects other than tensors and plain "
+                f"containers, which could run code when loaded. msl_kit never writes such files; turn off "
+                f"safe loading only for a file whose source you trust"
             ) from None
         first = str(e).split(". ")[0][:160]  # torch goes on with advice that does not apply here
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first}); "
-            f"it was probably cut off mid-write or is not an msl_kit checkpoint"
+            f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first}); "
+            f"it was probably cut off mid-write or is not a file of that kind"
         ) from None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load an msl_kit checkpoint safely (see `safe_load`)."""
+    state = safe_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an msl_kit checkpoint (no 'model' entry)")
     return state

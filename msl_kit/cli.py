@@ -76,12 +76,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"or choose another --out", file=sys.stderr)
             return 2
     started = time.perf_counter()
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     progress = _Progress()
     try:
-        results = engine.train(cfg, out, callbacks=[progress], resume=bool(args.resume))
+        results = engine.train(cfg, out, callbacks=[progress] if main_rank else [], resume=bool(args.resume))
     finally:
         progress.close()
     seconds = time.perf_counter() - started
+    if not main_rank:
+        return 0
     from msl_kit.config import from_dict
     import yaml
 
@@ -121,7 +124,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.list or not args.name:
         for d in datasets.list_datasets():
-            print(f"{d.name:<10} {d.size:<28} {d.licence:<36} {d.source}")
+            print(f"{d.name:<10} {d.size:<40} {d.licence:<36} {d.source}")
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
     path = datasets.prepare(args.name, args.root, archive=archive, url=args.url)

@@ -48,6 +48,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # alpha/beta/lam/margin parametrise MS; margin is also the triplet margin; contrastive,
+    # binomial and lifted use their own published defaults (msl_kit.losses).
     name: str = "ms"  # ms, contrastive, triplet, binomial, lifted
     preset: str | None = None  # "released" or "paper": sets alpha/beta/lam/margin when applied
     alpha: float = 2.0

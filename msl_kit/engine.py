@@ -6,17 +6,16 @@ import dataclasses
 import functools
 import io
 import json
-import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from msl_kit import checkpoint as ckpt
 from msl_kit import datasets, distributed, losses, models, transforms
@@ -37,6 +36,23 @@ class Callback:
     def on_step(self, record: dict) -> None: ...
     def on_eval(self, iteration: int, results: dict) -> None: ...
     def on_end(self, results: dict) -> None: ...
+
+
+class TensorBoardLogger(Callback):
+    """Writes the loss, learning rate and every evaluation metric as TensorBoard scalars."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def on_step(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["iteration"])
+
+    def on_end(self, results: dict) -> None:
+        self.writer.close()
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,13 +98,15 @@ def preprocessing(cfg: Config, model: nn.Module) -> transforms.Preprocessing:
 
 
 def build_loss(cfg: Config) -> nn.Module:
-    """The loss a config names; MS takes the four numbers, the GPW peers take `loss.margin`."""
+    """The loss a config names. alpha/beta/lam/margin parametrise MS; `loss.margin` is also the
+    triplet margin (both are similarity margins); contrastive, binomial and lifted keep their
+    own published defaults, which differ from MS's numbers."""
     lc = cfg.loss
     if lc.name == "ms":
         return losses.MultiSimilarityLoss(lc.alpha, lc.beta, lc.lam, lc.margin)
-    if lc.name == "binomial":
-        return losses.build_loss(lc.name, alpha=lc.alpha, beta=lc.beta, lam=lc.lam)
-    return losses.build_loss(lc.name, margin=lc.margin)
+    if lc.name == "triplet":
+        return losses.build_loss("triplet", margin=lc.margin)
+    return losses.build_loss(lc.name)
 
 
 class _SeededItems(Dataset):
@@ -245,6 +263,9 @@ def train(
     sampler = PKSampler(train_set.labels, per_rank_batch, cfg.train.samples_per_class, cfg.seed, iterations=total,
                         start=start, num_replicas=dist.world_size, rank=dist.rank)
     loader = make_loader(_SeededItems(train_set, cfg.seed), cfg, device, batch_sampler=_KeyedBatches(sampler, start))
+    callbacks = list(callbacks)
+    if cfg.train.tensorboard and main:
+        callbacks.append(TensorBoardLogger(out / "tensorboard"))
     for cb in callbacks:
         cb.on_start(cfg, start, total)
 

@@ -270,7 +270,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     (1, C) are reshaped to (C,); a file without `num_batches_tracked` (older torch) is fine.
     Any other missing or unexpected key, or a shape mismatch, raises ValueError naming them.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from msl_kit.checkpoint import safe_load
+
+    state = safe_load(Path(path), "weights file")
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} is not a bare state_dict (name -> tensor); save "
                          "`backbone.state_dict()` or use the published ImageNet file")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import http.server
-import pickle
 import threading
 from functools import partial
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msl_kit.checkpoint import CheckpointError
 from msl_kit.models import (WEIGHT_URLS, EmbeddingModel, bninception_accepts, build_model,
                             default_weight_paths, download_weights)
 from msl_kit.transforms import Preprocessing
@@ -113,7 +113,7 @@ def test_weights_load_with_weights_only(tmp_path):
     state = build_model("convnet", image_size=8, in_channels=1).backbone.state_dict()
     path = tmp_path / "evil.pth"
     torch.save({**state, "payload": Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="was refused"):
         build_model("convnet", image_size=8, in_channels=1, pretrained=path)
 
 
