@@ -215,8 +215,6 @@ def test_metrics_reject_float_labels_nan_and_empty_input():
         metrics.recall_at_k(torch.full((6, 4), NAN), [0, 0, 1, 1, 2, 2], ks=(1,))
 
 
-@pytest.mark.xfail(strict=True, reason="metrics._as_labels lets torch's 'can't convert np.ndarray of type "
-                   "numpy.str_' through; owner of metrics.py to catch it and say to map names to ints")
 def test_metrics_reject_string_labels_with_the_fix():
     x = nn.functional.normalize(torch.randn(6, 4), dim=1)
     with pytest.raises((TypeError, ValueError), match="map class names to ints"):
