@@ -122,12 +122,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from msl_kit import datasets
 
+    if args.weights:
+        from msl_kit.models import download_weights
+
+        dest = download_weights(args.weights, args.root, url=args.url)
+        print(f"{args.weights} weights in {dest}; use --set model.pretrained={dest}")
+        return 0
     if args.list or not args.name:
         for d in datasets.list_datasets():
             print(f"{d.name:<10} {d.size:<40} {d.licence:<36} {d.source}")
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
-    path = datasets.prepare(args.name, args.root, archive=archive, url=args.url)
+    path = datasets.prepare(args.name, args.root or "data", archive=archive, url=args.url)
     print(f"{args.name} ready in {path}")
     return 0
 
@@ -162,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("prepare", help="download / verify / extract a dataset")
     p.add_argument("name", nargs="?")
-    p.add_argument("--root", default="data")
+    p.add_argument("--root", help="dataset folder (default data/), or where --weights go")
     p.add_argument("--archive", nargs="+", help="local archive file(s) instead of downloading")
     p.add_argument("--url", help="download from this URL instead of the official one")
     p.add_argument("--list", action="store_true", help="list the datasets")
+    p.add_argument("--weights", metavar="BACKBONE", help="download a backbone's ImageNet weights instead "
+                   "(into --root if given, else the default cache path)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("bench", help="run a benchmark script from bench/")
     p.add_argument("name", help="loss, knn, data, train_step, quality")

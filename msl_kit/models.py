@@ -258,7 +258,7 @@ def resolve_weights(name: str, pretrained: str | os.PathLike) -> Path:
     defaults = ", ".join(str(p) for p in default_weight_paths(name)) if url else "none"
     raise FileNotFoundError(
         f"{name} weights not found at {', '.join(str(p) for p in candidates)}. Get them from "
-        f"{where} (e.g. msl_kit.models.download_weights({name!r}) where a network exists), "
+        f"{where} (`msl-kit prepare --weights {name}` downloads it where a network exists), "
         f"place the file in one of the default paths ({defaults}) and set model.pretrained=default, "
         "or set model.pretrained=/path/to/file.pth")
 

@@ -171,10 +171,14 @@ def test_download_weights_from_a_local_server(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_port}/resnet50-11ad3fa6.pth"
         path = download_weights("resnet50", tmp_path / "dest", url=url, progress=False)
+        from msl_kit import cli  # the same through `msl-kit prepare --weights`
+
+        assert cli.main(["prepare", "--weights", "resnet50", "--url", url, "--root", str(tmp_path / "cli")]) == 0
     finally:
         server.shutdown()
         server.server_close()
     assert path == tmp_path / "dest" / "resnet50-11ad3fa6.pth"
+    assert (tmp_path / "cli" / "resnet50-11ad3fa6.pth").read_bytes() == path.read_bytes()
     model = build_model("resnet50", pretrained=path)
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in state.items())
 
