@@ -1,0 +1,423 @@
+"""Figures for the notebooks: data, similarities, GPW pair weights, training curves, embeddings.
+
+Every plotting function returns a matplotlib Figure built without pyplot, so nothing is shown
+twice in a notebook or kept alive by pyplot's registry (`%matplotlib inline` displays a
+returned Figure). matplotlib, pandas and umap are imported inside the functions, so importing
+msl_kit.viz loads none of them, and umap's first import (numba compilation, ~10 s) is paid only
+when a UMAP is drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import textwrap
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+
+from msl_kit import datasets, engine, evaluation, losses, metrics, transforms
+from msl_kit.checkpoint import load_checkpoint
+from msl_kit.config import Config, from_dict, load_config
+from msl_kit.sampler import PKSampler
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+POS_COLOR, NEG_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#222222"
+SPLIT_COLORS = {"train": "#2166ac", "val": "#762a83", "test": "#b35806", "query": "#b35806"}
+LOSS_TITLES = {"ms": "Multi-Similarity", "contrastive": "Contrastive", "triplet": "Triplet (semi-hard)",
+               "binomial": "Binomial deviance", "lifted": "Lifted structure"}
+
+
+# ----------------------------------------------------------------------------- basics
+def new_figure(width: float, height: float) -> "Figure":
+    """A pyplot-free Figure with constrained layout."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def to_png(fig: "Figure", dpi: int = 80) -> bytes:
+    """The figure rendered as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _fig_ax(ax: "Axes | None", width: float, height: float) -> tuple["Figure", "Axes"]:
+    if ax is None:
+        fig = new_figure(width, height)
+        return fig, fig.add_subplot()
+    return ax.figure, ax
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def as_image_array(image: Any) -> np.ndarray:
+    """(H, W) or (H, W, 3) floats in [0, 1] from a PIL image, uint8 array or (C, H, W) tensor."""
+    if isinstance(image, Tensor):  # a transformed tensor: undo the normalisation by min-max
+        a = image.detach().float().cpu().numpy()
+        a = a.transpose(1, 2, 0) if a.ndim == 3 else a
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    else:
+        a = np.asarray(image)
+        a = a / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
+
+
+def _show(ax: "Axes", image: Any, frame: str | None = None, title: str = "") -> None:
+    img = as_image_array(image)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    for spine in ax.spines.values():
+        spine.set_visible(frame is not None)
+        if frame is not None:
+            spine.set_edgecolor(frame), spine.set_linewidth(4)
+
+
+# ----------------------------------------------------------------------------- data (01)
+def dataset_overview() -> "pd.DataFrame":
+    """Every registered dataset: name, what it is, size, licence, split rule, where from."""
+    import pandas as pd
+
+    return pd.DataFrame([{"name": d.name, "description": d.description, "size": d.size,
+                          "licence": d.licence, "split": d.split_rule,
+                          "download": d.url or ("none needed" if d.name in ("digits", "folder") else "bring your own")}
+                         for d in datasets.list_datasets()])
+
+
+def class_counts(splits: dict[str, Dataset]) -> "pd.DataFrame":
+    """Per split: images, classes and the smallest / median / largest class."""
+    import pandas as pd
+
+    rows = []
+    for name, ds in splits.items():
+        counts = np.bincount(np.asarray(ds.labels))
+        counts = counts[counts > 0]
+        rows.append({"split": name, "images": int(counts.sum()), "classes": len(counts),
+                     "min/class": int(counts.min()), "median/class": float(np.median(counts)),
+                     "max/class": int(counts.max())})
+    return pd.DataFrame(rows)
+
+
+def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: int = 5) -> "Figure":
+    """Rows of sample images per class, the first `max_classes` classes of each split, labelled by split."""
+    rows = []
+    for split, ds in splits.items():
+        labels = np.asarray(ds.labels)
+        for c in np.unique(labels)[:max_classes]:
+            rows.append((split, ds, int(c), np.flatnonzero(labels == c)[:per_class]))
+    fig = new_figure(1.1 * per_class + 1.2, 1.1 * len(rows))
+    axes = fig.subplots(len(rows), per_class, squeeze=False)
+    for r, (split, ds, c, idx) in enumerate(rows):
+        name = ds.classes[c] if hasattr(ds, "classes") else str(c)
+        for col, ax in enumerate(axes[r]):
+            if col < len(idx):
+                _show(ax, ds[int(idx[col])][0])
+            else:
+                ax.axis("off")
+        short = "\n".join(textwrap.wrap(name.replace("_", " "), 14)[:2])
+        axes[r, 0].set_ylabel(f"{split}\n{short}", color=SPLIT_COLORS.get(split, "k"), fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------- models and batches
+def load_model(checkpoint: str | Path | None = None, cfg: Config | None = None,
+               device: str = "cpu") -> tuple[nn.Module, Config]:
+    """A trained model and its stored config from a checkpoint file or run folder, or, with no
+    checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        cfg = from_dict(state["config"])
+        # the checkpoint holds every weight; cfg keeps `pretrained` for an untrained twin
+        model = engine.build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+        model.load_state_dict(state["model"])
+    else:
+        cfg = cfg or load_config()
+        engine.seed_everything(cfg.seed)  # as engine.train does before building the model
+        model = engine.build_model(cfg)
+    return model.to(device).eval(), cfg
+
+
+def _split(cfg: Config, split: str, transform: Any = None) -> Dataset:
+    return datasets.build(cfg.data.name, cfg.data.root, split, transform,
+                          val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+
+
+class ItemImages(Sequence):
+    """The untransformed images of `dataset[indices[i]]`, loaded only when indexed."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(map(int, indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return self.dataset[self.indices[i]][0]
+
+
+def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *, max_items: int | None = None,
+                     seed: int = 0) -> tuple[Tensor, Tensor, ItemImages]:
+    """Embeddings, labels and lazily loaded images of a split (a seeded subset of `max_items`)."""
+    spec = engine.preprocessing(cfg, model)
+    ds = _split(cfg, split, transforms.build_transform(spec, train=False))
+    indices = np.arange(len(ds))
+    if max_items is not None and max_items < len(ds):
+        indices = np.sort(np.random.default_rng(seed).choice(len(ds), max_items, replace=False))
+    device = next(model.parameters()).device
+    emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), cfg, device)
+    return emb, labels, ItemImages(_split(cfg, split), indices)
+
+
+@torch.no_grad()
+def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_class: int = 4,
+                     split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
+    """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
+    ds = _split(cfg, split, transforms.build_transform(engine.preprocessing(cfg, model), train=False))
+    n_classes = min(n_classes, len(np.unique(ds.labels)))
+    batch = next(iter(PKSampler(ds.labels, n_classes * per_class, per_class, seed)))
+    order = sorted(batch, key=lambda i: (int(ds.labels[i]), i))
+    images = torch.stack([ds[i][0] for i in order]).to(next(model.parameters()).device)
+    emb = model.eval()(images).float().cpu()
+    return emb @ emb.T, torch.as_tensor(ds.labels[order])
+
+
+# ----------------------------------------------------------------------------- similarities and weights (03)
+def mining_masks(sim: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """The pairs MS mining keeps: (positives, negatives) (B, B) bool, anchors without both dropped."""
+    pos_mask, neg_mask = losses.pair_masks(torch.as_tensor(labels))
+    min_pos = sim.masked_fill(~pos_mask, float("inf")).amin(1, keepdim=True)
+    max_neg = sim.masked_fill(~neg_mask, float("-inf")).amax(1, keepdim=True)
+    kept_pos = pos_mask & (sim - margin < max_neg)
+    kept_neg = neg_mask & (sim + margin > min_pos)
+    valid = (kept_pos.any(1) & kept_neg.any(1))[:, None]
+    return kept_pos & valid, kept_neg & valid
+
+
+def _class_lines(ax: "Axes", labels: Any) -> None:
+    """White lines between class blocks; the class ids as ticks at block centres."""
+    y = _np(labels)
+    starts = np.r_[0, np.flatnonzero(np.diff(y)) + 1, len(y)]
+    for e in starts[1:-1] - 0.5:
+        ax.axhline(e, color="w", lw=0.6), ax.axvline(e, color="w", lw=0.6)
+    centres = (starts[:-1] + starts[1:] - 1) / 2
+    names = [str(v) for v in y[starts[:-1]]] if len(centres) <= 20 else []
+    ax.set_xticks(centres[:len(names)], names, fontsize=7), ax.set_yticks(centres[:len(names)], names, fontsize=7)
+
+
+def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: "Axes | None" = None) -> "Figure":
+    """The (B, B) similarity matrix with class blocks outlined (labels sorted)."""
+    fig, ax = _fig_ax(ax, 4.4, 3.8)
+    im = ax.imshow(_np(sim), cmap="viridis", vmin=-1, vmax=1)
+    _class_lines(ax, labels)
+    ax.set_title("similarity S = X Xᵀ", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def similarity_histograms(sim: Tensor, labels: Tensor, *, lam: float = 0.5, margin: float = 0.1,
+                          ax: "Axes | None" = None) -> "Figure":
+    """Positive and negative similarities (all pairs outlined, mined pairs filled) with the
+    MS thresholds: lambda and the median per-anchor mining bounds."""
+    fig, ax = _fig_ax(ax, 5.0, 3.4)
+    s = _np(sim)
+    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
+    kept_pos, kept_neg = (m.numpy() for m in mining_masks(torch.as_tensor(s), labels, margin))
+    bins = np.linspace(min(s.min(), lam) - 0.05, max(s.max(), lam) + 0.05, 41)
+    for mask, kept, color, name in ((pos_mask, kept_pos, POS_COLOR, "positive"),
+                                    (neg_mask, kept_neg, NEG_COLOR, "negative")):
+        ax.hist(s[mask], bins, color=color, histtype="step", lw=1.5, label=f"{name} pairs")
+        ax.hist(s[kept], bins, color=color, alpha=0.35, label=f"mined {name}s")
+    with np.errstate(all="ignore"):
+        min_pos = np.where(pos_mask, s, np.inf).min(1)
+        max_neg = np.where(neg_mask, s, -np.inf).max(1)
+    ax.axvline(lam, color="k", ls="--", label=f"λ = {lam:g}")
+    if np.isfinite(min_pos).any() and np.isfinite(max_neg).any():  # a batch with both kinds of pair
+        ax.axvline(np.median(min_pos[np.isfinite(min_pos)]) - margin, color=NEG_COLOR, ls=":",
+                   label="negatives kept above\n(median min S⁺ − ε)")
+        ax.axvline(np.median(max_neg[np.isfinite(max_neg)]) + margin, color=POS_COLOR, ls=":",
+                   label="positives kept below\n(median max S⁻ + ε)")
+    ax.set_yscale("log"), ax.set_xlabel("similarity"), ax.set_ylabel("pairs")
+    ax.legend(fontsize=6.5, loc="upper left")
+    return fig
+
+
+def weight_scatter(sim: Tensor, labels: Tensor, weights: losses.PairWeights, *, title: str = "",
+                   ax: "Axes | None" = None) -> "Figure":
+    """Each pair's weight against its similarity: w+ of positives (green), w- of negatives (red)."""
+    fig, ax = _fig_ax(ax, 4.0, 3.2)
+    s = _np(sim)
+    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
+    ax.scatter(s[pos_mask], _np(weights.pos)[pos_mask], s=9, c=POS_COLOR, label="positive w⁺")
+    ax.scatter(s[neg_mask], _np(weights.neg)[neg_mask], s=9, c=NEG_COLOR, marker="x", label="negative w⁻")
+    if not (weights.pos.any() or weights.neg.any()):
+        ax.text(0.5, 0.5, "no pair mined: every anchor's pairs\nare already separated (weights 0)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    ax.set_xlabel("similarity"), ax.set_ylabel("pair weight")
+    ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
+    return fig
+
+
+def weight_heatmap(weights: losses.PairWeights, labels: Tensor | None = None, *, title: str = "",
+                   ax: "Axes | None" = None) -> "Figure":
+    """w+ - w- as a (B, B) image: green pulls a pair together, red pushes it apart, white is unmined."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    fig, ax = _fig_ax(ax, 4.0, 3.6)
+    signed = _np(weights.pos) - _np(weights.neg)
+    vmax = float(np.abs(signed).max()) or 1.0
+    cmap = LinearSegmentedColormap.from_list("gpw", [NEG_COLOR, "white", POS_COLOR])
+    ax.imshow(signed, cmap=cmap, vmin=-vmax, vmax=vmax)
+    if labels is not None:
+        _class_lines(ax, labels)
+    ax.set_title(title or f"w⁺ − w⁻ (max {vmax:.2g})", fontsize=9)
+    return fig
+
+
+def pair_weight_figure(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float,
+                       margin: float) -> "Figure":
+    """The MS view of one batch: similarity histograms with thresholds, w vs S, weight matrix."""
+    fig = new_figure(13, 3.6)
+    axes = fig.subplots(1, 3, width_ratios=[1.3, 1, 0.9])
+    weights = losses.pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
+    similarity_histograms(sim, labels, lam=lam, margin=margin, ax=axes[0])
+    weight_scatter(sim, labels, weights, title="MS pair weights", ax=axes[1])
+    weight_heatmap(weights, labels, ax=axes[2])
+    fig.suptitle(f"α={alpha:g}  β={beta:g}  λ={lam:g}  ε={margin:g}", fontsize=10)
+    return fig
+
+
+def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None = None) -> "Figure":
+    """General Pair Weighting side by side: per loss, weight vs similarity above, weight matrix below."""
+    loss_params = loss_params or {"ms": losses.PRESETS["released"], **{n: {} for n in LOSS_TITLES if n != "ms"}}
+    fig = new_figure(3.2 * len(loss_params), 6.2)
+    axes = fig.subplots(2, len(loss_params), squeeze=False)
+    for col, (name, params) in enumerate(loss_params.items()):
+        weights = losses.gpw_pair_weights(name, sim, labels, **params)
+        weight_scatter(sim, labels, weights, title=LOSS_TITLES.get(name, name), ax=axes[0, col])
+        weight_heatmap(weights, labels, ax=axes[1, col])
+    return fig
+
+
+# ----------------------------------------------------------------------------- training curves (05)
+def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall@1", *,
+                  ax: "Axes | None" = None) -> "Figure":
+    """`metric` (%) against iteration for each run folder, read from its history.csv."""
+    import pandas as pd
+
+    from msl_kit.paper import find_runs
+
+    fig, ax = _fig_ax(ax, 6, 3.6)
+    for run in find_runs(runs):
+        history = pd.read_csv(run / "history.csv") if (run / "history.csv").is_file() else pd.DataFrame()
+        if metric in history:
+            points = history.dropna(subset=[metric])
+            ax.plot(points["iteration"], 100 * points[metric], marker="o", label=run.name)
+    if not ax.lines:
+        raise ValueError(f"no run under {runs} has {metric!r} in its history.csv")
+    ax.set(xlabel="iteration", ylabel=f"{metric} (%)", title=f"{metric} during training")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------- embeddings (04)
+def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0, **umap_options: Any) -> np.ndarray:
+    """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import)."""
+    x = _np(emb).astype(np.float32)
+    if method == "pca":
+        x = x - x.mean(0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        return x @ vt[:2].T
+    if method == "umap":
+        import umap  # heavy: numba compiles on first import
+
+        options = {"n_neighbors": min(15, len(x) - 1), "min_dist": 0.1, "metric": "cosine",
+                   "random_state": seed, **umap_options}
+        with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so each time
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return umap.UMAP(n_components=2, **options).fit_transform(x)
+    raise ValueError(f"method must be 'umap' or 'pca', not {method!r}")
+
+
+def spread_points(points: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """Up to n indices of points at least 8% of the plot's span apart (greedy, seeded), so that
+    thumbnails placed there do not overlap; fewer where the points do not allow n."""
+    points = np.asarray(points, dtype=np.float64)
+    order = np.random.default_rng(seed).permutation(len(points))
+    span = float(np.ptp(points, 0).max()) or 1.0
+    chosen: list[int] = []
+    for min_dist in (0.15 * span, 0.08 * span):  # wide spacing first, then as close as thumbnails allow
+        for i in order:
+            if len(chosen) >= n:
+                return chosen
+            if i not in chosen and (not chosen or np.hypot(*(points[chosen] - points[i]).T).min() > min_dist):
+                chosen.append(int(i))
+    return chosen
+
+
+def embedding_figure(points: np.ndarray, labels: Any, images: Sequence | None = None, *,
+                     n_thumbnails: int = 40, title: str = "", seed: int = 0,
+                     ax: "Axes | None" = None) -> "Figure":
+    """2-D points coloured by class, with image thumbnails (framed in the class colour) at some points."""
+    import matplotlib
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    fig, ax = _fig_ax(ax, 6, 6)
+    points, labels = np.asarray(points), _np(labels)
+    classes = np.unique(labels)
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    colors = cmap(np.searchsorted(classes, labels) % cmap.N)
+    ax.scatter(points[:, 0], points[:, 1], c=colors, s=8)
+    for i in spread_points(points, n_thumbnails if images is not None else 0, seed):
+        img = as_image_array(images[i])
+        box = OffsetImage(img, zoom=28 / max(img.shape[:2]), cmap="gray" if img.ndim == 2 else None)
+        ax.add_artist(AnnotationBbox(box, points[i], pad=0.1, bboxprops={"edgecolor": colors[i], "lw": 1.5}))
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def embeddings_before_after(before: Tensor, after: Tensor, labels: Tensor, images: Sequence | None = None,
+                            *, method: str = "umap", n_thumbnails: int = 30, seed: int = 0) -> "Figure":
+    """Two 2-D maps of the same items, untrained model (left) and trained (right), with R@1."""
+    fig = new_figure(12, 6)
+    for ax, emb, name in zip(fig.subplots(1, 2), (before, after), ("before training", "after training")):
+        r1 = metrics.recall_at_k(emb, labels, ks=(1,))[1]
+        embedding_figure(embedding_2d(emb, method, seed=seed), labels, images, n_thumbnails=n_thumbnails,
+                         title=f"{name} ({method.upper()}, R@1 {100 * r1:.1f}%)", seed=seed, ax=ax)
+    return fig
+
+
+def retrieval_grid(emb: Tensor, labels: Tensor, images: Sequence, *, n_queries: int = 6, k: int = 5,
+                   queries: Sequence[int] | None = None, seed: int = 0) -> "Figure":
+    """Queries (left, black frame) and their top-k neighbours: green frame same class, red not."""
+    _, neighbours = metrics.knn(emb, k)  # query = gallery, the query itself excluded
+    labels = _np(labels)
+    if queries is None:
+        queries = sorted(np.random.default_rng(seed).choice(len(labels), min(n_queries, len(labels)), replace=False))
+    fig = new_figure(1.25 * (k + 1), 1.35 * len(queries))
+    axes = fig.subplots(len(queries), k + 1, squeeze=False)
+    for row, q in enumerate(queries):
+        _show(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
+        for col, j in enumerate(neighbours[q].tolist(), start=1):
+            hit = labels[j] == labels[q]
+            _show(axes[row, col], images[j], POS_COLOR if hit else NEG_COLOR, f"top {col}" if row == 0 else "")
+    return fig

@@ -1,0 +1,200 @@
+"""Notebook UI that redraws in place: the pair-weight explorer and live training curves.
+
+The redraw logic is plain Python (`PairWeightExplorer.update`, `LiveCurves.figure`) so tests
+drive it without a browser; ipywidgets and IPython are imported only when a widget is shown.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from msl_kit import engine, losses, viz
+from msl_kit.config import Config
+
+if TYPE_CHECKING:
+    import ipywidgets
+    from matplotlib.figure import Figure
+
+# (min, max, step) of each MS slider; beta reaches 200, the largest the loss is tested at
+SLIDERS = {"alpha": (0.1, 10.0, 0.1), "beta": (1.0, 200.0, 1.0), "lam": (-0.5, 1.5, 0.05),
+           "margin": (0.0, 0.5, 0.01)}
+SLIDER_LABELS = {"alpha": "α (alpha)", "beta": "β (beta)", "lam": "λ (lambda)", "margin": "ε (margin)"}
+CUSTOM = "custom"
+
+
+class PairWeightExplorer:
+    """MS pair weights of one batch under sliders for alpha, beta, lambda, margin and a preset menu.
+
+    `update(**params)` recomputes the weights and the MS figure and returns it; the widget's
+    sliders call it on release. With `compare=True` a second figure below shows the same batch
+    under the other GPW losses side by side (contrastive, triplet, binomial deviance, lifted
+    structure at their defaults); it does not depend on the sliders, so it is drawn once.
+    """
+
+    def __init__(self, sim: Tensor, labels: Tensor, *, preset: str = "released", compare: bool = True,
+                 dpi: int = 80) -> None:
+        if preset not in losses.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(losses.PRESETS)}")
+        self.sim, self.labels = sim.detach().float().cpu(), torch.as_tensor(labels).cpu()
+        self.params = dict(losses.PRESETS[preset])
+        self.compare, self.dpi = compare, dpi
+        self.weights: losses.PairWeights | None = None
+        self.figure: Figure | None = None
+        self.compare_figure: Figure | None = None
+        self.renders = 0
+        self._ui: dict[str, Any] = {}
+        self._syncing = False
+        if compare:
+            others = {n: {} for n in viz.LOSS_TITLES if n != "ms"}
+            self.compare_figure = viz.gpw_figure(self.sim, self.labels, others)
+        self.update()
+
+    @property
+    def preset(self) -> str:
+        """The preset whose values the sliders hold, or "custom"."""
+        return next((n for n, p in losses.PRESETS.items()
+                     if all(abs(self.params[k] - v) < 1e-9 for k, v in p.items())), CUSTOM)
+
+    def update(self, **params: float) -> "Figure":
+        """Set any of alpha, beta, lam, margin; recompute the weights and redraw. Returns the MS figure."""
+        unknown = sorted(set(params) - set(SLIDERS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; the explorer takes {sorted(SLIDERS)}")
+        self.params.update({k: float(v) for k, v in params.items()})
+        self.weights = losses.pair_weights(self.sim, self.labels, **self.params)
+        self.figure = viz.pair_weight_figure(self.sim, self.labels, **self.params)
+        self.renders += 1
+        if self._ui:
+            self._sync_controls()
+            self._ui["image"].value = viz.to_png(self.figure, self.dpi)
+        return self.figure
+
+    def apply_preset(self, name: str) -> "Figure":
+        """Set all four parameters from losses.PRESETS[name] in one redraw."""
+        if name not in losses.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(losses.PRESETS)}")
+        return self.update(**losses.PRESETS[name])
+
+    def _sync_controls(self) -> None:
+        # moving the controls to the current state must not trigger another redraw
+        self._syncing = True
+        try:
+            for name, slider in self._ui["sliders"].items():
+                slider.value = self.params[name]
+            self._ui["preset"].value = self.preset
+        finally:
+            self._syncing = False
+
+    def widget(self) -> "ipywidgets.VBox":
+        """The sliders, preset menu and figures as one ipywidgets box (built once)."""
+        import ipywidgets as w
+
+        if "box" in self._ui:
+            return self._ui["box"]
+        sliders = {n: w.FloatSlider(value=self.params[n], min=lo, max=hi, step=step, description=SLIDER_LABELS[n],
+                                    continuous_update=False, readout_format=".2f",
+                                    style={"description_width": "80px"}, layout=w.Layout(width="360px"))
+                   for n, (lo, hi, step) in SLIDERS.items()}
+        preset = w.Dropdown(options=[*losses.PRESETS, CUSTOM], value=self.preset, description="preset")
+        for name, slider in sliders.items():
+            slider.add_class(f"msl-slider-{name}")
+            slider.observe(lambda change, n=name: self._syncing or self.update(**{n: change["new"]}), "value")
+        preset.observe(lambda change: self._syncing or change["new"] == CUSTOM
+                       or self.apply_preset(change["new"]), "value")
+        image = w.Image(value=viz.to_png(self.figure, self.dpi), format="png")
+        image.add_class("msl-pair-weights")
+        parts = [w.HBox([preset, *list(sliders.values())[:1]]), w.HBox(list(sliders.values())[1:]), image]
+        self._ui = {"sliders": sliders, "preset": preset, "image": image}
+        if self.compare:
+            self._ui["compare"] = w.Image(value=viz.to_png(self.compare_figure, self.dpi), format="png")
+            self._ui["compare"].add_class("msl-gpw-compare")
+            parts.append(self._ui["compare"])
+        self._ui["box"] = w.VBox(parts)
+        self._ui["box"].add_class("msl-explorer")
+        return self._ui["box"]
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget())
+
+
+def pair_weight_explorer(sim: Tensor, labels: Tensor, *, preset: str = "released",
+                         compare: bool = True) -> PairWeightExplorer:
+    """An explorer of one batch's MS pair weights; display it (last line of a cell) for the sliders."""
+    return PairWeightExplorer(sim, labels, preset=preset, compare=compare)
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+class LiveCurves(engine.Callback):
+    """Engine callback that redraws loss and recall curves in place in a notebook.
+
+    Outside a notebook (or with `display=False`) it only records; `figure()` always works.
+    Redraws happen on each evaluation, at the end, and at most every `min_interval` seconds.
+    """
+
+    def __init__(self, metric_keys: Sequence[str] = ("recall@1", "map@r"), *, min_interval: float = 2.0,
+                 display: bool | None = None) -> None:
+        self.metric_keys, self.min_interval = tuple(metric_keys), min_interval
+        self.display = _in_notebook() if display is None else display
+        self.steps: list[tuple[int, float]] = []
+        self.evals: list[tuple[int, dict]] = []
+        self.total, self.draws, self._handle, self._last = 0, 0, None, 0.0
+
+    def on_start(self, cfg: Config, start_iteration: int, total: int) -> None:
+        self.total, self._last = total, time.monotonic()
+        if self.display:
+            from IPython.display import display
+
+            self._handle = display(self._image(), display_id=True)
+
+    def on_step(self, record: dict) -> None:
+        self.steps.append((int(record["iteration"]), float(record["loss"])))
+        if time.monotonic() - self._last >= self.min_interval:
+            self.redraw()
+
+    def on_eval(self, iteration: int, results: dict) -> None:
+        self.evals.append((int(iteration), dict(results)))
+        self.redraw()
+
+    def on_end(self, results: dict) -> None:
+        self.redraw()
+
+    def figure(self) -> "Figure":
+        """Loss per iteration (left) and the evaluation metrics in % (right)."""
+        fig = viz.new_figure(10, 3.2)
+        ax_loss, ax_eval = fig.subplots(1, 2)
+        if self.steps:
+            ax_loss.plot(*zip(*self.steps), lw=1, color="#444444")
+        ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss", xlim=(0, max(self.total, 1)))
+        for key in self.metric_keys:
+            points = [(i, 100 * r[key]) for i, r in self.evals if key in r]
+            if points:
+                ax_eval.plot(*zip(*points), marker="o", label=key)
+        ax_eval.set(xlabel="iteration", ylabel="%", title="evaluation", xlim=(0, max(self.total, 1)))
+        if ax_eval.lines:
+            ax_eval.legend(fontsize=8)
+        return fig
+
+    def _image(self) -> Any:
+        from IPython.display import Image
+
+        return Image(viz.to_png(self.figure()))
+
+    def redraw(self) -> None:
+        """Replace the notebook output with the current curves (no-op outside notebooks)."""
+        self._last = time.monotonic()
+        if self.display and self._handle is not None:
+            self._handle.update(self._image())
+            self.draws += 1

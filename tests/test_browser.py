@@ -1,0 +1,112 @@
+"""03_pair_weights in a real browser: JupyterLab + Debian's headless chromium driven by Playwright.
+
+Runs every cell, drags the beta slider and checks that the figure the kernel sends back changed.
+Skipped with a reason where chromium or Playwright is missing, but failed under CI=... (CI
+installs chromium). Set MSL_KIT_SCREENSHOTS=docs to refresh docs/pair_weights.png.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _jupyter import jupyter_lab
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KERNEL_IDLE = """() => {
+  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle' && kernel.connectionStatus === 'connected';
+}"""
+ALL_RUN = """() => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  const cells = panel.content.widgets.filter(c => c.model.type === 'code');
+  const done = cells.length > 0 && cells.every(c => c.model.executionCount !== null);
+  return done && panel.sessionContext.session.kernel.status === 'idle';
+}"""
+ERRORS = """() => window.jupyterapp.shell.currentWidget.content.widgets
+  .filter(c => c.model.type === 'code')
+  .flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue))"""
+SRC_CHANGED = "([selector, old]) => { const el = document.querySelector(selector); return el && el.src !== old; }"
+
+
+def _browser() -> str:
+    """Path of chromium; skip (or fail under CI) with the reason when the browser stack is missing."""
+    reason = None
+    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if exe is None:
+        reason = "chromium is not installed (Debian: apt-get install chromium); the browser test needs it"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "the playwright Python package is missing (pip install playwright; no browser download needed)"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {reason}")
+        pytest.skip(reason)
+    return exe
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_beta_slider_redraws_the_pair_weights_in_jupyterlab(tmp_path):
+    exe = _browser()
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path / "lab"
+    (root / "notebooks").mkdir(parents=True)
+    shutil.copy(REPO / "notebooks" / "03_pair_weights.ipynb", root / "notebooks")
+    shot = tmp_path / "pair_weights.png"
+    with jupyter_lab(root, tmp_path / "state") as lab, sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=exe, headless=True, args=FLAGS,
+            viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        try:
+            page.goto(f"{lab.url}/lab/tree/notebooks/03_pair_weights.ipynb?token={lab.token}")
+            page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            image = page.locator("img.msl-pair-weights")
+            image.wait_for(state="visible", timeout=180_000)
+            page.locator(".msl-gpw-compare").wait_for(state="visible", timeout=60_000)
+            page.wait_for_function(ALL_RUN, timeout=120_000)
+            assert page.evaluate(ERRORS) == []
+            readout = page.locator(".msl-slider-beta .widget-readout")
+            assert readout.inner_text().strip() == "40.00"  # the released preset
+            image.scroll_into_view_if_needed()
+            before_src, before_png = image.get_attribute("src"), image.screenshot()
+
+            handle = page.locator(".msl-slider-beta .noUi-handle")
+            handle.scroll_into_view_if_needed()
+            box = handle.bounding_box()
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(x, y)
+            page.mouse.down()
+            page.mouse.move(x + 90, y, steps=8)
+            page.mouse.up()
+
+            page.wait_for_function(SRC_CHANGED, arg=["img.msl-pair-weights", before_src], timeout=120_000)
+            beta = float(readout.inner_text())
+            assert beta > 40.0, f"the slider did not move (beta readout {beta})"
+            assert page.locator(".msl-explorer select").input_value() == "custom"  # preset menu follows
+            page.wait_for_timeout(300)  # let the new image decode before capturing it
+            after_png = image.screenshot()
+            assert after_png != before_png, "the figure did not change after moving beta"
+            page.locator(".msl-explorer").screenshot(path=str(shot))
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print(f"JupyterLab log tail:\n{lab.log.read_text()[-3000:]}\nscreenshot: {tmp_path / 'failure.png'}")
+            raise
+        finally:
+            context.close()
+    assert shot.stat().st_size > 10_000
+    target = os.environ.get("MSL_KIT_SCREENSHOTS")
+    if target:
+        folder = Path(target) if Path(target).is_absolute() else REPO / target
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, folder / "pair_weights.png")
