@@ -210,6 +210,19 @@ def pair_weights(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, 
     return PairWeights(weights[0], weights[1])
 
 
+def mined_pairs(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *, margin: float = 0.1,
+                ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The pairs MS mining keeps, (kept_pos, kept_neg) as (B, M) bool; rows of anchors that lack
+    either kept set are all False (those anchors do not count in the loss)."""
+    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
+    masks = _stacked_masks(labels, ref_labels, ignore)
+    with torch.no_grad():
+        s = sim.detach().to(_work_dtype(sim))
+        _, kept = _ms_mine(s, masks, _constants(s.device, s.dtype, 1.0, 1.0, 0.0)[0], margin)
+    valid = kept.any(-1).all(0)[:, None]
+    return kept[0] & valid, kept[1] & valid
+
+
 class _MSEmbeddingsFn(torch.autograd.Function):
     """Loss and analytic gradient in one pass: G = (w- - w+) / B, dL/dX = G R (+ G^T X)."""
 

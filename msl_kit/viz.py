@@ -203,13 +203,7 @@ def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_c
 # ----------------------------------------------------------------------------- similarities and weights (03)
 def mining_masks(sim: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tensor]:
     """The pairs MS mining keeps: (positives, negatives) (B, B) bool, anchors without both dropped."""
-    pos_mask, neg_mask = losses.pair_masks(torch.as_tensor(labels))
-    min_pos = sim.masked_fill(~pos_mask, float("inf")).amin(1, keepdim=True)
-    max_neg = sim.masked_fill(~neg_mask, float("-inf")).amax(1, keepdim=True)
-    kept_pos = pos_mask & (sim - margin < max_neg)
-    kept_neg = neg_mask & (sim + margin > min_pos)
-    valid = (kept_pos.any(1) & kept_neg.any(1))[:, None]
-    return kept_pos & valid, kept_neg & valid
+    return losses.mined_pairs(torch.as_tensor(sim), torch.as_tensor(labels), margin=margin)
 
 
 def _class_lines(ax: "Axes", labels: Any) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from msl_kit.losses import (
     LOSSES, PRESETS, BinomialDevianceLoss, ContrastiveLoss, LiftedStructureLoss,
     MultiSimilarityLoss, PairWeights, TripletLoss, build_loss, gpw_pair_weights,
-    ms_per_anchor, multi_similarity_loss, pair_weights,
+    mined_pairs, ms_per_anchor, multi_similarity_loss, pair_weights,
 )
 
 DEFAULTS = dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1)
@@ -614,3 +614,16 @@ def test_cuda_matches_cpu():
     assert torch.isfinite(half)
     for name in LOSSES:
         assert torch.isfinite(build_loss(name)(xc, labels.cuda()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mined_pairs_are_exactly_the_pairs_with_weight(seed):
+    """`mined_pairs` (what the notebook draws) and `pair_weights` (what the loss uses) agree."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(24, 8, generator=g), dim=1)
+    labels = torch.randint(0, 4, (24,), generator=g)
+    sim = x @ x.T
+    kept_pos, kept_neg = mined_pairs(sim, labels, margin=0.1)
+    w = pair_weights(sim, labels, margin=0.1)
+    assert torch.equal(kept_pos, w.pos > 0) and torch.equal(kept_neg, w.neg > 0)
+    assert kept_pos.any() and kept_neg.any()
