@@ -8,7 +8,6 @@ when a UMAP is drawn.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import textwrap
 import warnings
@@ -18,13 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch import Tensor
+from torch.utils.data import Dataset
 
-from msl_kit import datasets, engine, evaluation, losses, metrics, transforms
-from msl_kit.checkpoint import load_checkpoint
-from msl_kit.config import Config, from_dict, load_config
-from msl_kit.sampler import PKSampler
+from msl_kit import datasets, losses, metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -135,69 +131,6 @@ def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: 
         short = "\n".join(textwrap.wrap(name.replace("_", " "), 14)[:2])
         axes[r, 0].set_ylabel(f"{split}\n{short}", color=SPLIT_COLORS.get(split, "k"), fontsize=7)
     return fig
-
-
-# ----------------------------------------------------------------------------- models and batches
-def load_model(checkpoint: str | Path | None = None, cfg: Config | None = None,
-               device: str = "cpu") -> tuple[nn.Module, Config]:
-    """A trained model and its stored config from a checkpoint file or run folder, or, with no
-    checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-        cfg = from_dict(state["config"])
-        # the checkpoint holds every weight; cfg keeps `pretrained` for an untrained twin
-        model = engine.build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
-        model.load_state_dict(state["model"])
-    else:
-        cfg = cfg or load_config()
-        engine.seed_everything(cfg.seed)  # as engine.train does before building the model
-        model = engine.build_model(cfg)
-    return model.to(device).eval(), cfg
-
-
-def _split(cfg: Config, split: str, transform: Any = None) -> Dataset:
-    return datasets.build(cfg.data.name, cfg.data.root, split, transform,
-                          val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-
-
-class ItemImages(Sequence):
-    """The untransformed images of `dataset[indices[i]]`, loaded only when indexed."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(map(int, indices))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        return self.dataset[self.indices[i]][0]
-
-
-def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *, max_items: int | None = None,
-                     seed: int = 0) -> tuple[Tensor, Tensor, ItemImages]:
-    """Embeddings, labels and lazily loaded images of a split (a seeded subset of `max_items`)."""
-    spec = engine.preprocessing(cfg, model)
-    ds = _split(cfg, split, transforms.build_transform(spec, train=False))
-    indices = np.arange(len(ds))
-    if max_items is not None and max_items < len(ds):
-        indices = np.sort(np.random.default_rng(seed).choice(len(ds), max_items, replace=False))
-    device = next(model.parameters()).device
-    emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), cfg, device)
-    return emb, labels, ItemImages(_split(cfg, split), indices)
-
-
-@torch.no_grad()
-def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_class: int = 4,
-                     split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
-    """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
-    ds = _split(cfg, split, transforms.build_transform(engine.preprocessing(cfg, model), train=False))
-    n_classes = min(n_classes, len(np.unique(ds.labels)))
-    batch = next(iter(PKSampler(ds.labels, n_classes * per_class, per_class, seed)))
-    order = sorted(batch, key=lambda i: (int(ds.labels[i]), i))
-    images = torch.stack([ds[i][0] for i in order]).to(next(model.parameters()).device)
-    emb = model.eval()(images).float().cpu()
-    return emb @ emb.T, torch.as_tensor(ds.labels[order])
 
 
 # ----------------------------------------------------------------------------- similarities and weights (03)

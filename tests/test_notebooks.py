@@ -138,7 +138,7 @@ def test_03_pair_weights(nb02, work, run_dir):
     assert WIDGET_VIEW in mimes(outputs(nb, "widgets.pair_weight_explorer"))  # the sliders
     assert "image/png" in mimes(outputs(nb, "viz.gpw_figure"))
     # digits' train split has 5 classes, so P = 8 becomes 5
-    assert "batch of 20: 5 classes x 4" in outputs(nb, "viz.load_model")[0]["text"]
+    assert "batch of 20: 5 classes x 4" in outputs(nb, "explore.load_model")[0]["text"]
 
 
 @pytest.mark.slow
@@ -147,7 +147,7 @@ def test_04_embeddings_umap(nb02, work, run_dir):
                  out_dir=str(work / "04"))
     for name in ("embeddings.png", "retrieval.png"):
         assert (work / "04" / name).stat().st_size > 1000
-    assert "300 test items of 5 classes" in outputs(nb, "viz.split_embeddings")[0]["text"]
+    assert "300 test items of 5 classes" in outputs(nb, "explore.split_embeddings")[0]["text"]
     assert "image/png" in mimes(outputs(nb, "viz.embeddings_before_after"))
     assert "image/png" in mimes(outputs(nb, "viz.retrieval_grid"))
 

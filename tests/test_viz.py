@@ -14,7 +14,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.offsetbox import AnnotationBbox
 from sklearn.decomposition import PCA
 
-from msl_kit import datasets, engine, losses, paper, viz, widgets
+from msl_kit import datasets, engine, explore, losses, paper, viz, widgets
 from msl_kit.checkpoint import save_checkpoint
 from msl_kit.config import load_config, to_dict
 
@@ -341,17 +341,17 @@ def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
             p.add_(0.01)
     save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)}, tmp_path / "checkpoint.pt")
     x = torch.randn(3, 1, 8, 8)
-    loaded, loaded_cfg = viz.load_model(tmp_path)  # a run folder
+    loaded, loaded_cfg = explore.load_model(tmp_path)  # a run folder
     assert loaded_cfg.model.embedding_dim == 16
     torch.testing.assert_close(loaded(x), trained.eval()(x))
-    fresh, _ = viz.load_model(cfg=loaded_cfg)
+    fresh, _ = explore.load_model(cfg=loaded_cfg)
     torch.testing.assert_close(fresh(x), start.eval()(x))
 
 
 def test_batch_similarity_is_a_pk_batch_of_the_model():
     cfg = _small_cfg()
-    model, _ = viz.load_model(cfg=cfg)
-    sim, labels = viz.batch_similarity(model, cfg, n_classes=8, per_class=3, seed=1)
+    model, _ = explore.load_model(cfg=cfg)
+    sim, labels = explore.batch_similarity(model, cfg, n_classes=8, per_class=3, seed=1)
     assert sim.shape == (15, 15)  # digits' train split has only 5 classes
     assert labels.tolist() == sorted(labels.tolist())
     assert torch.bincount(labels).tolist() == [3] * 5
@@ -361,8 +361,8 @@ def test_batch_similarity_is_a_pk_batch_of_the_model():
 
 def test_split_embeddings_subset_keeps_images_and_labels_aligned():
     cfg = _small_cfg()
-    model, _ = viz.load_model(cfg=cfg)
-    emb, labels, images = viz.split_embeddings(model, cfg, max_items=40, seed=3)
+    model, _ = explore.load_model(cfg=cfg)
+    emb, labels, images = explore.split_embeddings(model, cfg, max_items=40, seed=3)
     assert emb.shape == (40, 16) and len(labels) == len(images) == 40
     test = datasets.build("digits", None, "test")
     assert labels.tolist() == [int(test.labels[i]) for i in images.indices]
