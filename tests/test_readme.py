@@ -25,3 +25,13 @@ def test_linked_files_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if not target.startswith("http"):
             assert (REPO / target).exists(), f"README links to missing {target}"
+
+
+def test_environment_yml_installs_what_the_readme_installs():
+    import yaml
+
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_lines = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    install = _readme_commands()[0]
+    extras = install.split('pip install -e ".', 1)[1].split('"', 1)[0]
+    assert pip_lines == [f"-e .{extras}"]
