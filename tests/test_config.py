@@ -97,3 +97,13 @@ def test_valid_keys_cover_the_contract():
                 "train.eval_every", "train.checkpoint_every", "seed", "device"}
     assert contract <= keys
     assert all(dataclasses.is_dataclass(getattr(Config(), k.split(".")[0])) for k in keys if "." in k)
+
+
+def test_cub_recipe_is_the_released_one():
+    cfg = load_config("cub200_bninception_512")
+    assert (cfg.model.backbone, cfg.model.embedding_dim, cfg.model.freeze_bn) == ("bninception", 512, True)
+    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.lam, cfg.loss.margin) == (2.0, 40.0, 0.5, 0.1)
+    t = cfg.train
+    assert (t.batch_size, t.samples_per_class, t.lr, t.weight_decay) == (80, 5, 3e-5, 5e-4)
+    assert (t.iterations, t.lr_steps, t.lr_gamma, t.warmup) == (3000, [1200, 2400], 0.1, 0)
+    assert cfg.data.name == "cub200" and cfg.data.crop_scale is None  # the backbone's (0.16, 1)
