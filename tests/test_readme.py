@@ -35,3 +35,10 @@ def test_environment_yml_installs_what_the_readme_installs():
     install = _readme_commands()[0]
     extras = install.split('pip install -e ".', 1)[1].split('"', 1)[0]
     assert pip_lines == [f"-e .{extras}"]
+
+
+def test_python_example_runs(capsys):
+    text = (REPO / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.+?)\n```", text, flags=re.S)
+    exec(compile(example, "README.md", "exec"), {})
+    assert "{1: " in capsys.readouterr().out
