@@ -121,7 +121,8 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         slot, index = key
-        torch.manual_seed(self.seed * 1_000_003 + slot)
+        # CPU generator only: torch.manual_seed would also reseed every CUDA device, per image.
+        torch.random.default_generator.manual_seed(self.seed * 1_000_003 + slot)
         return self.dataset[index]
 
 
