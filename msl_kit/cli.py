@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     rows = []
     if not args.no_baseline:
-        model = engine.build_model(cfg)
+        model = engine.build_model(cfg, load_pretrained=False)  # only its preprocessing spec is used
         rows.append(("raw pixels", evaluation.pixel_baseline(cfg, engine.preprocessing(cfg, model))))
     rows.append((f"{cfg.model.backbone} + {cfg.loss.name} loss", results))
     split = "query/gallery" if results.get("split") == "test" and _query_gallery(cfg) else results.get("split")

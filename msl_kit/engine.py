@@ -78,13 +78,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The model a config describes, with the convnet's size options where they apply."""
+def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
+    """The model a config describes, with the convnet's size options where they apply.
+
+    `load_pretrained=False` skips reading `model.pretrained`: for a model whose weights come from
+    a checkpoint next, or that is built only for its preprocessing spec.
+    """
     m = cfg.model
     options = {}
     if m.backbone == "convnet":
         options = dict(in_channels=m.in_channels, image_size=m.image_size, resize_size=m.resize_size or m.image_size, width=m.width)
-    return models.build_model(m.backbone, m.embedding_dim, m.pretrained, freeze_bn=m.freeze_bn, **options)
+    pretrained = m.pretrained if load_pretrained else None
+    return models.build_model(m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn, **options)
 
 
 def preprocessing(cfg: Config, model: nn.Module) -> transforms.Preprocessing:
@@ -263,7 +268,8 @@ def train(
     per_rank_batch = cfg.train.batch_size
     sampler = PKSampler(train_set.labels, per_rank_batch, cfg.train.samples_per_class, cfg.seed, iterations=total,
                         start=start, num_replicas=dist.world_size, rank=dist.rank)
-    loader = make_loader(_SeededItems(train_set, cfg.seed), cfg, device, batch_sampler=_KeyedBatches(sampler, start))
+    loader = make_loader(_SeededItems(train_set, cfg.seed), cfg, device, batch_sampler=_KeyedBatches(sampler, start),
+                         persistent_workers=cfg.data.workers > 0)
     callbacks = list(callbacks)
     if cfg.train.tensorboard and main:
         callbacks.append(TensorBoardLogger(out / "tensorboard"))
@@ -351,7 +357,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str | None = None, device: s
         cfg.device = device
     dev = pick_device(cfg.device)
     set_threads(cfg)
-    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+    model = build_model(cfg, load_pretrained=False)
     _load_model_state(model, state, Path(path))
     model.to(dev)
     return evaluate(model, cfg, dev, eval_sets(cfg, preprocessing(cfg, model))), cfg

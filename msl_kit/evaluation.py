@@ -1,4 +1,4 @@
-"""Evaluation: embeddings of a split, retrieval metrics, the raw-pixel floor, saved checkpoints."""
+"""Evaluation: embeddings of a split, retrieval metrics, and the raw-pixel floor."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -12,8 +12,8 @@ from msl_kit.config import Config
 
 
 def make_loader(ds: Dataset, cfg: Config, device: torch.device, **kw: Any) -> DataLoader:
-    workers = cfg.data.workers
-    return DataLoader(ds, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0, **kw)
+    """A DataLoader with the config's workers, pinning memory for a CUDA device."""
+    return DataLoader(ds, num_workers=cfg.data.workers, pin_memory=device.type == "cuda", **kw)
 
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
 """Models and data for the notebooks: a checkpoint's model, a split's embeddings, one P x K batch."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,7 @@ def load_model(checkpoint: str | Path | None = None, cfg: Config | None = None,
         path = Path(checkpoint)
         state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
         cfg = from_dict(state["config"])
-        # the checkpoint holds every weight; cfg keeps `pretrained` for an untrained twin
-        model = engine.build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+        model = engine.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
         model.load_state_dict(state["model"])
     else:
         cfg = cfg or load_config()
