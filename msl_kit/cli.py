@@ -1,17 +1,13 @@
 """`msl-kit prepare | train | evaluate | bench`: a thin shell over the library."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-# Must precede the first torch import: OpenMP's default spin-waiting made 2 busy cores ~10x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import runpy  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import runpy
+import sys
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,18 +26,21 @@ class _Progress:
 
     def __init__(self) -> None:
         self.bar = None
+        self.last_r1: float | None = None
 
     def on_start(self, cfg, start: int, total: int) -> None:
         from tqdm.auto import tqdm
 
+        if start:
+            print(f"resuming at iteration {start} of {total} with the config stored in the run",
+                  file=sys.stderr)
         self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
     def on_step(self, record: dict) -> None:
         self.bar.update(1)
         post = {"loss": f"{record['loss']:.4f}"}
-        if "recall@1" in record:
-            self.last_r1 = record["recall@1"]
-        if getattr(self, "last_r1", None) is not None:
+        self.last_r1 = record.get("recall@1", self.last_r1)
+        if self.last_r1 is not None:
             post["R@1"] = f"{self.last_r1:.3f}"
         self.bar.set_postfix(post, refresh=False)
 
@@ -56,49 +55,62 @@ class _Progress:
             self.bar.close()
 
 
+def _set_threads(cfg) -> None:
+    """This process's torch threads: a core per DataLoader worker is left free, since
+    oversubscribing 2 cores slowed training ~10x here. Only the CLI does this, for itself."""
+    import torch
+
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) - cfg.data.workers))
+
+
 def _default_out(config_name: str | None) -> Path:
-    stem = Path(config_name).stem if config_name else "digits"
+    stem = Path(config_name).stem if config_name else "omniglot_small"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msl_kit import engine, evaluation
+    from msl_kit import engine
     from msl_kit.config import load_config
 
     if args.resume:
-        out = Path(args.resume)
-        cfg = None
+        if args.config:
+            print("error: --resume uses the config stored in the run; drop --config (only "
+                  f"{', '.join(engine.RESUME_KEYS)} may change, with --set)", file=sys.stderr)
+            return 2
+        out, cfg = Path(args.resume), None
     else:
         cfg = load_config(args.config, args.set or [])
         out = Path(args.out) if args.out else _default_out(args.config)
-        if (out / "checkpoint.pt").exists():
-            print(f"error: {out} already holds a run; continue it with `msl-kit train --resume {out}` "
-                  f"or choose another --out", file=sys.stderr)
-            return 2
+        _set_threads(cfg)
     started = time.perf_counter()
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     progress = _Progress()
     try:
-        results = engine.train(cfg, out, callbacks=[progress] if main_rank else [], resume=bool(args.resume))
+        results = engine.train(cfg, out, callbacks=[progress] if main_rank else [],
+                               resume=bool(args.resume), overrides=args.set or [] if args.resume else [])
     finally:
         progress.close()
-    seconds = time.perf_counter() - started
-    if not main_rank:
-        return 0
-    from msl_kit.config import from_dict
-    import yaml
+    if main_rank:
+        _report(out, results, time.perf_counter() - started)
+    return 0
 
-    cfg = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
-    rows = []
-    if not args.no_baseline:
-        model = engine.build_model(cfg, load_pretrained=False)  # only its preprocessing spec is used
-        rows.append(("raw pixels", evaluation.pixel_baseline(cfg, engine.preprocessing(cfg, model))))
-    rows.append((f"{cfg.model.backbone} + {cfg.loss.name} loss", results))
+
+def _report(out: Path, results: dict, seconds: float) -> None:
+    from msl_kit.config import load_config
+
+    cfg = load_config(out / "config.yaml")
+    floors = results.get("floors", {})
+    rows = [(name, floors[key]) for key, name in (("raw_pixels", "raw pixels"),
+            ("untrained", f"untrained {cfg.model.backbone}")) if key in floors]
+    rows.append((f"{cfg.model.backbone} + {cfg.loss.name} loss (final)", results))
+    best = results.get("best", {})
+    if best.get("iteration") and best.get("iteration") != results.get("iteration"):
+        rows.append((f"  best of evaluations (it {best['iteration']})", best))
     split = "query/gallery" if results.get("split") == "test" and _query_gallery(cfg) else results.get("split")
-    print(f"\n{cfg.data.name} {split} split, {cfg.train.iterations} iterations in {seconds:.0f} s:")
+    print(f"\n{cfg.data.name} {split} split (classes unseen in training), "
+          f"{results.get('iteration')} iterations in {seconds:.0f} s:")
     print(_table(rows, cfg.eval.ks))
     print(f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json)")
-    return 0
 
 
 def _query_gallery(cfg) -> bool:
@@ -108,13 +120,16 @@ def _query_gallery(cfg) -> bool:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from msl_kit import engine
+    from msl_kit import engine, rundir
     from msl_kit.checkpoint import atomic_write_text
 
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("metrics_eval.json")
+    rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
     results, cfg = engine.evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)
     print(_table([(Path(args.checkpoint).name, results)], cfg.eval.ks))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("metrics_eval.json")
-    atomic_write_text(out, json.dumps({**results, "split": cfg.eval.split}, indent=2) + "\n")
+    record = {**results, "split": cfg.eval.split, "checkpoint": str(args.checkpoint),
+              "written_by": "msl-kit evaluate"}
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"metrics written to {out}")
     return 0
 
@@ -153,12 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `msl-kit`."""
     parser = argparse.ArgumentParser(prog="msl-kit", description="Multi-Similarity loss research kit")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model (default: embedded digits demo on the CPU)")
+    p = sub.add_parser("train", help="train a model (default: embedded Omniglot demo on the CPU)")
     p.add_argument("--config", help="preset name from configs/ or a YAML path")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. loss.beta=50")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. loss.beta=50 (with --resume: train.iterations, "
+                        "train.eval_every, train.checkpoint_every, train.log_every)")
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint")
-    p.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline row")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -183,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `msl-kit` command; errors print one clear line instead of a traceback."""
+    """Entry point of `msl-kit`; every anticipated failure prints one line and returns 2."""
+    # Before torch is first imported: OpenMP's default spin-waiting made 2 busy cores ~10x slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from msl_kit.checkpoint import CheckpointError
     from msl_kit.config import ConfigError
@@ -196,14 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from msl_kit.engine import DivergenceError  # imported only here: `prepare` need not load the engine
+        from msl_kit.engine import DivergenceError  # only here: `prepare` need not load the engine
 
         if os.environ.get("MSL_KIT_DEBUG") or not isinstance(e, DivergenceError):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; resume with `msl-kit train --resume DIR`", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        out = getattr(e, "out", None)
+        if out is not None:
+            print(f"\n{e}. Continue with: msl-kit train --resume {out}", file=sys.stderr)
+        else:
+            print("\ninterrupted before training started; nothing to resume", file=sys.stderr)
         return 130
 
 

@@ -1,7 +1,9 @@
 """Run configuration: dataclasses with defaults, YAML files, and `--set key=value` overrides.
 
-The defaults are the embedded demo (scikit-learn digits, small convnet, CPU, about a minute).
-Recipes in `configs/*.yaml` override what they need; every key is dotted (`loss.beta`).
+The defaults are the embedded demo: Omniglot-small (shipped in the package), split by alphabet,
+a small convnet, on the CPU in well under a minute. Recipes in `configs/*.yaml` override what
+they need; every key is dotted (`loss.beta`). Every value is checked when the config is loaded
+(`validate`), before any data is read, so a bad value fails in one line, not mid-run.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from msl_kit.losses import PRESETS
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -22,15 +26,19 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message says how to fix it."""
 
 
+_MS = PRESETS["released"]  # the loss numbers have one home: msl_kit.losses.PRESETS
+
+
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: str = "omniglot_small"  # shipped in the package: nothing to download
     root: str = "data"
     val_fraction: float = 0.0  # >0 carves a class-disjoint validation split out of the train classes
     workers: int = 0  # DataLoader worker processes
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
     crop_scale: list[float] | None = None  # None: the backbone's spec (released recipe: 0.16-1)
     hflip: bool | None = None  # None: the backbone's spec
+    crop_mode: str | None = None  # None: the backbone's spec; "two_step" (released) or "fused"
 
 
 @dataclass
@@ -39,7 +47,7 @@ class ModelConfig:
     embedding_dim: int = 64
     pretrained: str | None = None  # path to backbone weights, or "default" for the usual cache path
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (released CUB/Cars recipe)
-    image_size: int = 8  # convnet only; bninception / resnet50 fix their own sizes
+    image_size: int = 28  # convnet only; bninception / resnet50 fix their own sizes
     resize_size: int = 0  # convnet only; 0 = image_size
     in_channels: int = 1  # convnet only
     width: int = 64  # convnet only
@@ -48,14 +56,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # alpha/beta/lam/margin parametrise MS; margin is also the triplet margin; contrastive,
-    # binomial and lifted use their own published defaults (msl_kit.losses).
+    # alpha/beta/lam/margin parametrise MS; margin is also the triplet margin and the MS-mining
+    # margin of the other losses; contrastive, binomial and lifted keep their published numbers.
     name: str = "ms"  # ms, contrastive, triplet, binomial, lifted
-    preset: str | None = None  # "released" or "paper": sets alpha/beta/lam/margin when applied
-    alpha: float = 2.0
-    beta: float = 40.0
-    lam: float = 0.5
-    margin: float = 0.1
+    preset: str | None = None  # "released" or "paper": the four numbers, unless a key sets one
+    alpha: float = _MS["alpha"]
+    beta: float = _MS["beta"]
+    lam: float = _MS["lam"]
+    margin: float = _MS["margin"]
+    mining: str | None = None  # None: the loss's own; "ms" (MS mining) or "none" (every pair)
     xbm_size: int = 0  # cross-batch memory slots; 0 turns XBM off
     xbm_start: int = 0  # iteration from which the memory term is added
     xbm_weight: float = 1.0
@@ -63,18 +72,19 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 400
-    batch_size: int = 50
-    samples_per_class: int = 10
+    iterations: int = 150
+    batch_size: int = 80
+    samples_per_class: int = 5
     lr: float = 1e-3
     weight_decay: float = 5e-4
-    lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is multiplied by lr_gamma
+    lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is x lr_gamma
     lr_gamma: float = 0.1
     warmup: int = 0  # linear warm-up iterations
     backbone_lr_mult: float = 1.0
     head_lr_mult: float = 1.0
-    eval_every: int = 100  # 0: evaluate only at the end
-    checkpoint_every: int = 100  # 0: checkpoint only at the end
+    class_draw: str = "uniform"  # PKSampler: "uniform" classes, or "released" (by floor(n/K))
+    eval_every: int = 50  # 0: evaluate only at the end
+    checkpoint_every: int = 50  # 0: checkpoint only at the end
     log_every: int = 10
     amp: str = "none"  # none, bf16, fp16
     threads: int = 0  # torch intra-op threads; 0 picks cores minus workers
@@ -86,6 +96,7 @@ class EvalConfig:
     split: str = "test"  # test or val (inshop evaluates query against gallery)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 256
+    floors: bool = True  # also score raw pixels and the untrained network (metrics.json "floors")
 
 
 @dataclass
@@ -159,7 +170,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set one dotted key with type checking; `loss.preset` also sets the preset's four numbers."""
+    """Set one dotted key with type checking (a preset's numbers are applied by `resolve`)."""
     parts = key.split(".")
     if len(parts) > 2:
         raise _unknown_key(key, cfg)
@@ -174,29 +185,57 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
         raise _unknown_key(key, cfg)
     hints = typing.get_type_hints(type(target))
-    value = _coerce(value, hints[name], key)
-    if key == "loss.preset" and value is not None:
-        from msl_kit.losses import PRESETS  # the maths defines the presets; config only applies them
-
-        if value not in PRESETS:
-            raise ConfigError(f"loss.preset must be one of {sorted(PRESETS)}, got {value!r}")
-        for k, v in PRESETS[value].items():
-            setattr(target, k, float(v))
-    setattr(target, name, value)
+    setattr(target, name, _coerce(value, hints[name], key))
 
 
-def apply_dict(cfg: Config, values: dict, prefix: str = "") -> Config:
-    """Apply a nested mapping (as read from YAML) onto `cfg`."""
+def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (as read from YAML) as {dotted key: value}, in reading order."""
     if not isinstance(values, dict):
-        raise ConfigError(f"expected a mapping of config keys at '{prefix or 'top level'}', got {values!r}")
+        raise ConfigError(f"expected a mapping of config keys at '{prefix or 'top level'}', "
+                          f"got {values!r}")
+    flat: dict[str, Any] = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            if prefix or not dataclasses.is_dataclass(getattr(cfg, k, None)):
-                raise _unknown_key(key, cfg)
-            apply_dict(cfg, v, prefix=f"{key}.")
+            if prefix:
+                raise _unknown_key(key, Config())
+            flat.update(flatten(v, prefix=f"{key}."))
         else:
-            set_key(cfg, key, v)
+            flat[key] = v
+    return flat
+
+
+def resolve(values: dict[str, Any]) -> Config:
+    """The config that dotted `values` describe: defaults, then the preset, then every key.
+
+    A preset only fills in what no key sets: `beta: 60` beside `preset: released` gives 60
+    whichever comes first, in a file or in `--set` overrides.
+    """
+    cfg = Config()
+    preset = values.get("loss.preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"loss.preset must be one of {', '.join(sorted(PRESETS))}, "
+                              f"got {preset!r}")
+        for k, v in PRESETS[preset].items():
+            setattr(cfg.loss, k, float(v))
+    for key, value in values.items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def apply_dict(cfg: Config, values: dict, prefix: str = "") -> Config:
+    """Apply a nested mapping onto `cfg` (its preset, if any, under the keys it sets)."""
+    flat = {f"{prefix}{k}": v for k, v in flatten(values).items()}
+    merged = {**flatten(to_dict(cfg)), **flat}
+    if "loss.preset" in flat:  # keys already in cfg are not explicit: let the preset set them
+        for k in PRESETS.get(flat["loss.preset"], {}):
+            if f"loss.{k}" not in flat:
+                merged.pop(f"loss.{k}", None)
+    new = resolve(merged)
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, getattr(new, f.name))
     return cfg
 
 
@@ -230,47 +269,104 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"no config file '{name_or_path}' and no preset of that name; presets: {', '.join(names) or 'none found'}")
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The dotted keys of a YAML config file (read with safe_load: no tags, no code)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return flatten(values)
+
+
+def load_config(source: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then a YAML file (path or preset name), then `key=value` overrides in order."""
-    cfg = Config()
-    if source is not None:
-        path = resolve_config_path(str(source))
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        apply_dict(cfg, values)
+    values = read_yaml(resolve_config_path(str(source))) if source is not None else {}
     for text in overrides:
-        set_key(cfg, *parse_override(text))
-    validate(cfg)
-    return cfg
+        key, value = parse_override(text)
+        values[key] = value
+    return resolve(values)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: Any, options: typing.Iterable[Any]) -> None:
+    options = list(options)
+    _check(value in options, key, value, f"use one of {', '.join(map(str, options))}")
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks whose failure would otherwise surface deep inside training."""
-    t = cfg.train
-    if t.iterations < 1:
-        raise ConfigError("train.iterations must be at least 1")
-    if t.samples_per_class < 1 or t.batch_size % t.samples_per_class:
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.samples_per_class ({t.samples_per_class})"
-        )
-    if t.amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
-    if cfg.eval.split not in ("test", "val"):
-        raise ConfigError(f"eval.split must be test or val, got {cfg.eval.split!r}")
-    if cfg.eval.split == "val" and not cfg.data.val_fraction > 0:
-        raise ConfigError("eval.split=val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)")
-    from msl_kit.losses import LOSSES
+    """Check every value, before any data is read; each failure names the key and the range."""
+    from msl_kit import datasets, losses, models  # the registries the names must come from
 
-    if cfg.loss.name not in LOSSES:
-        raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {cfg.loss.name!r}")
-    if cfg.loss.xbm_size and cfg.loss.name != "ms":
-        raise ConfigError("loss.xbm_size > 0 (cross-batch memory) works with loss.name=ms only")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError("data.val_fraction must lie in [0, 1)")
-    if cfg.data.crop_scale is not None and len(cfg.data.crop_scale) != 2:
-        raise ConfigError("data.crop_scale must be two numbers like [0.16, 1.0]")
+    d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
+    _choice("data.name", d.name, [x.name for x in datasets.list_datasets()])
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
+    _check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
+    _check(d.crop_scale is None or len(d.crop_scale) == 2 and 0 < d.crop_scale[0]
+           <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale,
+           "use two numbers 0 < low <= high <= 1, like [0.16, 1.0]")
+    _choice("data.crop_mode", d.crop_mode, [None, "two_step", "fused"])
+    _choice("model.backbone", m.backbone, models.MODEL_NAMES)
+    _check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
+    _check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
+    _check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
+    _choice("model.in_channels", m.in_channels, [1, 3])
+    _check(m.width >= 1, "model.width", m.width, "use 1 or more")
+    _choice("loss.name", lo.name, losses.LOSSES)
+    _choice("loss.mining", lo.mining, [None, "ms", "none"])
+    _check(lo.alpha > 0, "loss.alpha", lo.alpha, "use a value > 0 (released recipe: 2)")
+    _check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
+    _check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
+    _check(0 <= lo.margin < 2, "loss.margin", lo.margin, "use 0 <= value < 2 (released: 0.1)")
+    _check(lo.xbm_size >= 0 and lo.xbm_start >= 0 and lo.xbm_weight >= 0, "loss.xbm_*",
+           (lo.xbm_size, lo.xbm_start, lo.xbm_weight), "use values >= 0")
+    _check(not lo.xbm_size or lo.name == "ms", "loss.xbm_size", lo.xbm_size,
+           "cross-batch memory works with loss.name=ms only")
+    _check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
+    _check(t.samples_per_class >= 2, "train.samples_per_class", t.samples_per_class,
+           "pair losses need 2 or more images per class in a batch (released recipe: 5)")
+    _check(t.batch_size >= 2 * t.samples_per_class and t.batch_size % t.samples_per_class == 0,
+           "train.batch_size", t.batch_size, f"use a multiple of train.samples_per_class "
+           f"({t.samples_per_class}) holding 2 or more classes")
+    _check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
+    _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
+    _check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
+    _check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
+    _check(t.backbone_lr_mult >= 0 and t.head_lr_mult >= 0, "train.*_lr_mult",
+           (t.backbone_lr_mult, t.head_lr_mult), "use values >= 0")
+    _choice("train.class_draw", t.class_draw, ["uniform", "released"])
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (end only) or more")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
+           "use 0 (end only) or more")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "use 1 or more iterations")
+    _choice("train.amp", t.amp, ["none", "bf16", "fp16"])
+    _check(t.threads >= 0, "train.threads", t.threads, "use 0 (automatic) or more")
+    _choice("eval.split", e.split, ["test", "val"])
+    _check(e.split != "val" or d.val_fraction > 0, "eval.split", e.split,
+           "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)")
+    _check(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
+    _check_device(cfg.device)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError:
+        raise ConfigError(f"device = {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if name == "auto" or device.type == "cpu":
+        return
+    _check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")
+    count = torch.cuda.device_count()
+    _check(count > (device.index or 0), "device", name,
+           f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -285,6 +381,4 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def from_dict(values: dict) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a checkpoint's stored config)."""
-    cfg = apply_dict(Config(), values)
-    validate(cfg)
-    return cfg
+    return resolve(flatten(values))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from msl_kit import embedded
 from msl_kit.layouts import LayoutError, Record, read_folder, read_layout
 from msl_kit.download import TMP_MARK, download_file, is_archive, md5sum, safe_extract
 from msl_kit.transforms import CorruptImageError, load_image, to_mode
@@ -68,6 +69,11 @@ REGISTRY: dict[str, DatasetInfo] = {d.name: d for d in (
                  RemoteFile("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811",
                             (_OMNIGLOT + "images_evaluation.zip",))),
                 grey=True, split_rule="background alphabets train, evaluation alphabets test"),
+    DatasetInfo("omniglot_small", "Omniglot-small, shipped inside msl_kit: the embedded default",
+                "4,840 images, 242 characters of 8 alphabets, 105x105, no download", "MIT",
+                "https://github.com/brendenlake/omniglot (images_background_small1/2.zip)",
+                grey=True, split_rule="alphabets sorted, every second held out: 4 train (130 "
+                "characters), 4 test (112)"),
     DatasetInfo("cub200", "Caltech-UCSD Birds-200-2011, 200 bird species",
                 "11,788 images, 200 classes, 1.1 GB", "research, non-commercial (Caltech)",
                 "https://www.vision.caltech.edu/datasets/cub_200_2011/",
@@ -119,7 +125,7 @@ def dataset_dir(name: str, root: str | Path) -> Path:
 
 def is_prepared(name: str, root: str | Path) -> bool:
     """Whether `prepare(name, root)` has completed (its marker is there)."""
-    return name in ("digits", "folder") or _prepared(dataset_dir(name, root), name)
+    return name in ("digits", "folder", "omniglot_small") or _prepared(dataset_dir(name, root), name)
 
 
 def _prepared(folder: Path, name: str) -> bool:
@@ -138,8 +144,9 @@ def prepare(name: str, root: str | Path | None, *, archive: str | Path | Sequenc
     interrupted run is repaired: partial downloads resume, archives are extracted again.
     """
     meta = info(name)
-    if name == "digits":
-        print("digits ships with scikit-learn: nothing to prepare")
+    if name in ("digits", "omniglot_small"):
+        print(f"{name} ships with {'scikit-learn' if name == 'digits' else 'msl_kit'}: "
+              "nothing to prepare")
         return Path(root or ".")
     if root is None:
         raise ValueError(f"prepare {name} needs a root folder, e.g. --root data")
@@ -288,6 +295,13 @@ class DigitsDataset(ImageDataset):
         return to_mode(Image.fromarray(self.images[index], mode="L"), mode)
 
 
+class EmbeddedDataset(ImageDataset):
+    """Images decoded straight from the archives shipped in the package (msl_kit.embedded)."""
+
+    def _load(self, index: int, mode: str, min_size: int | None) -> Image.Image:
+        return to_mode(embedded.load(str(self.paths[index])), mode)
+
+
 def _digits_records() -> tuple[np.ndarray, list[Record]]:
     from sklearn.datasets import load_digits
 
@@ -348,6 +362,8 @@ def build(name: str, root: str | Path | None, split: str, transform: Callable | 
     if name == "digits":
         images, records = _digits_records()
         base = Path(".")
+    elif name == "omniglot_small":
+        base, records = Path("."), embedded.records()
     elif name == "folder":
         if root is None:
             raise ValueError("the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file")
@@ -364,7 +380,7 @@ def build(name: str, root: str | Path | None, split: str, transform: Callable | 
     if not chosen:
         have = sorted({r.split for r in records})
         raise ValueError(f"{name} has no images in split {split!r} (splits found: {', '.join(have)})")
-    if skip_corrupt and images is None:
+    if skip_corrupt and images is None and name != "omniglot_small":  # shipped, md5-checked
         chosen = _readable(base, chosen, f"{name}/{split}")
     space = chosen  # the classes that get labels; query and gallery share theirs
     if meta.query_gallery and split in ("query", "gallery"):
@@ -374,6 +390,8 @@ def build(name: str, root: str | Path | None, split: str, transform: Callable | 
     names = {r.key: r.cls for r in space}
     labels = np.array([label_of[r.key] for r in chosen], dtype=np.int64)
     classes = [names[k] for k in keys]
+    if name == "omniglot_small":
+        return EmbeddedDataset(base, [r.path for r in chosen], labels, classes, transform, "L")
     if images is not None:
         return DigitsDataset(images[[int(r.path) for r in chosen]], labels, classes, transform)
     return ImageDataset(base, [r.path for r in chosen], labels, classes, transform, "L" if meta.grey else "RGB")

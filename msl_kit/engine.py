@@ -1,32 +1,43 @@
-"""Iteration-based training, evaluation and exact resume. Reports through callbacks; never draws."""
+"""Iteration-based training with exact resume. Reports through callbacks; never draws.
+
+`train(cfg, out)` is the whole loop: set up (`Trainer`), then per iteration a step, an
+evaluation when due, a history row and a checkpoint when due. Ctrl-C / SIGTERM finish the
+current step, save a checkpoint and raise `Interrupted`, which names the resume command.
+"""
 from __future__ import annotations
 
-import csv
-import dataclasses
-import functools
-import io
+import contextlib
 import json
-import os
-import random
+import signal
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import checkpoint as ckpt
-from msl_kit import datasets, distributed, losses, models, transforms
-from msl_kit.evaluation import autocast, eval_sets, evaluate, make_loader
-from msl_kit.config import Config, save_config, to_dict
+from msl_kit import distributed, evaluation, losses, recipe, rundir
+from msl_kit.config import Config, ConfigError, flatten, from_dict, parse_override, resolve
+from msl_kit.config import save_config, to_dict
 from msl_kit.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.sampler import PKSampler
+
+# What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
+RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")
 
 
 class DivergenceError(RuntimeError):
     """Training produced NaN or inf; the step was stopped before any weight changed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: a checkpoint of the last finished step was written first."""
+
+    def __init__(self, out: Path, iteration: int) -> None:
+        super().__init__(f"interrupted at iteration {iteration}; checkpoint saved in {out}")
+        self.out, self.iteration = out, iteration
 
 
 class Callback:
@@ -39,10 +50,10 @@ class Callback:
 
 
 class TensorBoardLogger(Callback):
-    """Writes the loss, learning rate and every evaluation metric as TensorBoard scalars."""
+    """Writes the loss, learning rate, mining statistics and metrics as TensorBoard scalars."""
 
     def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # optional tensorboard package
 
         self.writer = SummaryWriter(str(log_dir))
 
@@ -53,65 +64,6 @@ class TensorBoardLogger(Callback):
 
     def on_end(self, results: dict) -> None:
         self.writer.close()
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` means CUDA when there is one; an unavailable CUDA device is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device is cuda but no CUDA GPU is visible; use --set device=cpu")
-    return device
-
-
-def set_threads(cfg: Config) -> None:
-    """Leave a core per DataLoader worker: oversubscribing 2 cores slowed training ~10x here."""
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) - cfg.data.workers)
-    torch.set_num_threads(threads)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
-    """The model a config describes, with the convnet's size options where they apply.
-
-    `load_pretrained=False` skips reading `model.pretrained`: for a model whose weights come from
-    a checkpoint next, or that is built only for its preprocessing spec.
-    """
-    m = cfg.model
-    options = {}
-    if m.backbone == "convnet":
-        options = dict(in_channels=m.in_channels, image_size=m.image_size, resize_size=m.resize_size or m.image_size, width=m.width)
-    pretrained = m.pretrained if load_pretrained else None
-    return models.build_model(m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn, **options)
-
-
-def preprocessing(cfg: Config, model: nn.Module) -> transforms.Preprocessing:
-    """The model's preprocessing spec with the config's augmentation overrides applied."""
-    spec = model.preprocessing
-    if cfg.data.crop_scale is not None:
-        spec = dataclasses.replace(spec, crop_scale=tuple(cfg.data.crop_scale))
-    if cfg.data.hflip is not None:
-        spec = dataclasses.replace(spec, hflip=cfg.data.hflip)
-    return spec
-
-
-def build_loss(cfg: Config) -> nn.Module:
-    """The loss a config names. alpha/beta/lam/margin parametrise MS; `loss.margin` is also the
-    triplet margin (both are similarity margins); contrastive, binomial and lifted keep their
-    own published defaults, which differ from MS's numbers."""
-    lc = cfg.loss
-    if lc.name == "ms":
-        return losses.MultiSimilarityLoss(lc.alpha, lc.beta, lc.lam, lc.margin)
-    if lc.name == "triplet":
-        return losses.build_loss("triplet", margin=lc.margin)
-    return losses.build_loss(lc.name)
 
 
 class _SeededItems(Dataset):
@@ -138,226 +90,327 @@ class _KeyedBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for n, batch in enumerate(self.sampler, start=self.start):
             yield [(n * len(batch) + pos, i) for pos, i in enumerate(batch)]
-
-
-def lr_factor(iteration: int, cfg: Config) -> float:
-    """Linear warm-up, then x lr_gamma at each of lr_steps (a pure function: resume needs no state)."""
-    t = cfg.train
-    warm = min(1.0, (iteration + 1) / t.warmup) if t.warmup else 1.0
-    return warm * t.lr_gamma ** sum(iteration >= s for s in t.lr_steps)
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with separate backbone and head groups, so both lr multipliers really take effect."""
-    t = cfg.train
-    groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.lr * t.backbone_lr_mult, "name": "backbone"},
-        {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": t.lr * t.head_lr_mult, "name": "head"},
-    ]
-    return torch.optim.Adam([g for g in groups if g["params"]], weight_decay=t.weight_decay)
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    ckpt.atomic_write_text(path, buf.getvalue())
-
-
-def prepare_out_dir(out: Path) -> Path:
-    """Create the run folder and prove it is writable before any training time is spent."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"cannot write to the output folder {out} ({e.strerror}); choose another with --out") from None
-    return out
 
 
 def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> None:
     if not bool(torch.isfinite(value).all()):
         # Say which checkpoint survives: a run that diverges before its first save has none.
-        kept = next((p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()), None)
+        kept = next((p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()),
+                    None)
         saved = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
         raise DivergenceError(
-            f"{what} became NaN or inf at iteration {iteration}; the step was stopped before any weight "
-            f"changed and {saved}. Try a lower train.lr, train.amp=bf16 instead "
-            f"of fp16, or check the input images."
-        )
+            f"{what} became NaN or inf at iteration {iteration}; the step was stopped before any "
+            f"weight changed and {saved}. Try a lower train.lr, train.amp=bf16 instead of fp16, "
+            "or check the input images.")
 
 
-def _load_model_state(model: nn.Module, state: dict, path: Path) -> None:
+def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
     """Load a checkpoint's weights, naming the file when they do not fit the configured model."""
     try:
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
-        raise ckpt.CheckpointError(f"{path} does not fit the model its config describes: {detail}") from None
+        raise ckpt.CheckpointError(f"{path} does not fit the model its config describes: "
+                                   f"{detail}") from None
 
 
-def train(
-    cfg: Config,
-    out: str | Path,
-    *,
-    callbacks: Iterable[Callback] = (),
-    resume: bool = False,
-    loss_fn: nn.Module | None = None,
-) -> dict:
+def stored_config(state: dict, path: Path) -> Config:
+    """The config a checkpoint was trained with; a clear error for files without one."""
+    if not isinstance(state.get("config"), dict):
+        raise ckpt.CheckpointError(f"{path} holds weights but no stored config, so msl-kit cannot "
+                                   "rebuild its model: it was not written by `msl-kit train`")
+    return from_dict(state["config"])
+
+
+def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] = ()) -> Config:
+    """The stored config of a run, refusing an edited config.yaml, with the allowed overrides."""
+    stored = flatten(to_dict(stored_config(state, path)))
+    on_disk = out / "config.yaml"
+    if on_disk.is_file():
+        from msl_kit.config import read_yaml
+
+        edited = flatten(to_dict(resolve(read_yaml(on_disk))))
+        changed = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in edited.items() if stored.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"{on_disk} was edited after the run started ({'; '.join(changed[:4])}); a resumed "
+                "run keeps the config stored in its checkpoint. Undo the edit, change only "
+                f"{', '.join(RESUME_KEYS)} with --set, or start a new run from the edited file with "
+                f"`msl-kit train --config {on_disk} --out NEW_DIR`")
+    values = dict(stored)
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"--set {key} cannot change on --resume (the run was trained with its "
+                              f"stored value); only {', '.join(RESUME_KEYS)} can. Start a new run "
+                              "to change it")
+        values[key] = value
+    cfg = resolve(values)
+    if cfg.train.iterations < state["iteration"]:
+        raise ConfigError(f"train.iterations = {cfg.train.iterations} is below the {state['iteration']} "
+                          f"iterations this run has already done; use a larger value")
+    return cfg
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict]:
+    """SIGINT / SIGTERM set a flag that the loop checks after each step (a second Ctrl-C stops
+    at once). Outside the main thread, signals are left alone."""
+    flag = {"signal": None}
+
+    def request(signum: int, frame: Any) -> None:
+        flag["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        old = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        old = {}
+    try:
+        yield flag
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config | None, out: str | Path, *, callbacks: Iterable[Callback] = (),
+          resume: bool = False, loss_fn: nn.Module | None = None,
+          overrides: Iterable[str] = ()) -> dict:
     """Train as `cfg` says, writing config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json.
 
-    With `resume=True`, continue from the last complete checkpoint in `out` with its stored config;
-    on the CPU the resumed run ends with exactly the metrics of an uninterrupted one.
-    `loss_fn` replaces the configured loss (for comparisons with other libraries).
+    `out` must be a new or empty folder; it is locked while the run writes. With `resume=True`,
+    continue from the last complete checkpoint in `out` with its stored config (`overrides` may
+    change only RESUME_KEYS); on the CPU the resumed run ends with exactly the metrics of an
+    uninterrupted one. `loss_fn` replaces the configured loss (for comparisons with other libraries).
     """
+    out, state, path = Path(out), None, None
+    if resume:  # before the folder is claimed, so that a mistyped --resume DIR is not created
+        state, path = ckpt.load_latest(out)
+        cfg = resumed_config(out, state, path, overrides)
+    assert cfg is not None, "train needs a config unless it resumes"
     dist = distributed.init_distributed()
-    main = dist.rank == 0
-    out, state, state_path = Path(out), None, None
-    if resume:  # before prepare_out_dir, so that a mistyped --resume DIR is not created empty
-        state, state_path = ckpt.load_latest(out)
-    if main:
-        prepare_out_dir(out)
-    if resume:
-        ckpt.clear_partial_writes(out)
-        if main and state_path.name != "checkpoint.pt" and (out / "checkpoint.pt").exists():
-            # Set the unreadable file aside: the next save would otherwise keep it as the fallback copy.
-            os.replace(out / "checkpoint.pt", out / "checkpoint.corrupt.pt")
-        from msl_kit.config import from_dict
-
-        cfg = from_dict(state["config"])
-    device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
-    set_threads(cfg)
-    seed_everything(cfg.seed)
-    model = build_model(cfg).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    spec = preprocessing(cfg, model)
-    train_set = datasets.build(cfg.data.name, cfg.data.root, "train", transforms.build_transform(spec, train=True),
-                               val_fraction=cfg.data.val_fraction, seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt)
-    sets = eval_sets(cfg, spec)
-    loss_fn = loss_fn or build_loss(cfg)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16" and device.type == "cuda")
-    xbm = CrossBatchMemory(cfg.loss.xbm_size, cfg.loss.xbm_start, cfg.loss.xbm_weight) if cfg.loss.xbm_size else None
-    lc = cfg.loss
-    ms_on_sim = functools.partial(losses.multi_similarity_loss, alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
-    start, history, best = 0, [], {"iteration": 0, "recall@1": -1.0}
-    if state is not None:
-        _load_model_state(model, state, state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if xbm is not None:
-            xbm.load_state_dict(state["xbm"])
-        start, history, best = state["iteration"], state["history"], state["best"]
-        ckpt.set_rng_state(state["rng"])
-    elif main:
-        save_config(cfg, out / "config.yaml")
-    net = distributed.wrap_ddp(model, dist)
-    total = cfg.train.iterations
-    per_rank_batch = cfg.train.batch_size
-    sampler = PKSampler(train_set.labels, per_rank_batch, cfg.train.samples_per_class, cfg.seed, iterations=total,
-                        start=start, num_replicas=dist.world_size, rank=dist.rank)
-    loader = make_loader(_SeededItems(train_set, cfg.seed), cfg, device, batch_sampler=_KeyedBatches(sampler, start),
-                         persistent_workers=cfg.data.workers > 0)
-    callbacks = list(callbacks)
-    if cfg.train.tensorboard and main:
-        callbacks.append(TensorBoardLogger(out / "tensorboard"))
-    for cb in callbacks:
-        cb.on_start(cfg, start, total)
-
-    def snapshot(iteration: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "xbm": xbm.state_dict() if xbm else None, "iteration": iteration,
-                "history": history, "best": best, "rng": ckpt.rng_state(), "config": to_dict(cfg)}
-
-    model.train()
-    iteration, results, tick = start, {}, time.perf_counter()
-    for images, labels, indices in loader:
-        images = images.to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
-        with autocast(cfg, device):
-            emb = net(images)
-        emb = emb.float()
-        _check_finite(iteration + 1, "the embeddings", emb, out)
-
-        def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return xbm_step_loss(xbm, iteration, loss_fn(e, y), ms_on_sim, e, y, idx)
-
-        if dist.world_size > 1:  # every rank scores the gathered global batch (and keeps the same memory)
-            global_loss = distributed.global_batch_loss(step_loss, emb, labels, indices)
-            loss, loss_value = global_loss.scaled, global_loss.value
-        else:
-            loss = step_loss(emb, labels, indices)
-            loss_value = loss.detach()
-        _check_finite(iteration + 1, "the loss", loss.detach(), out)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if not scaler.is_enabled():  # (fp16's scaler skips non-finite steps itself)
-            # One reduction over every gradient: a per-tensor check would sync the GPU ~200 times a step.
-            grad_max = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            _check_finite(iteration + 1, "a gradient", grad_max, out)
-        lr = optimizer.param_groups[-1]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        iteration += 1
-        now = time.perf_counter()
-        record = {"iteration": iteration, "loss": float(loss_value), "lr": lr,
-                  "images_per_s": len(images) / max(now - tick, 1e-9)}
-        tick = now
-        last = iteration == total
-        if cfg.train.eval_every and iteration % cfg.train.eval_every == 0 or last:
-            results = evaluate(model, cfg, device, sets)
-            record.update(results)
-            if main and results["recall@1"] > best["recall@1"]:
-                best = {"iteration": iteration, **results}
-                ckpt.save_checkpoint(snapshot(iteration), out / "best.pt", keep_previous=False)
-            for cb in callbacks:
-                cb.on_eval(iteration, results)
-        if iteration % cfg.train.log_every == 0 or "recall@1" in record or last:
-            history.append(record)
-            if main:
-                _write_history(out / "history.csv", history)
+    claim = rundir.claim(out, new=not resume) if dist.rank == 0 else contextlib.nullcontext(out)
+    with claim, _stop_requests() as stop:
+        run = Trainer(cfg, out, dist, loss_fn=loss_fn, state=state, state_path=path,
+                      overrides=list(overrides))
+        callbacks = run.callbacks(callbacks)
         for cb in callbacks:
-            cb.on_step(record)
-        if main and (cfg.train.checkpoint_every and iteration % cfg.train.checkpoint_every == 0 or last):
-            ckpt.save_checkpoint(snapshot(iteration), out / "checkpoint.pt")
-    if not results:  # resumed after the last iteration had already finished
-        results = evaluate(model, cfg, device, sets)
-    final = {**results, "iteration": iteration, "split": cfg.eval.split, "best": best}
-    if main:
-        ckpt.atomic_write_text(out / "metrics.json", json.dumps(final, indent=2) + "\n")
+            cb.on_start(run.cfg, run.iteration, run.cfg.train.iterations)
+        for images, labels, indices in run.loader:
+            record = run.step(images, labels, indices)
+            if run.due(run.cfg.train.eval_every):
+                record.update(run.evaluate())
+                for cb in callbacks:
+                    cb.on_eval(run.iteration, run.results)
+            run.log(record)
+            for cb in callbacks:
+                cb.on_step(record)
+            if run.due(run.cfg.train.checkpoint_every) or stop["signal"]:
+                run.save()
+            if stop["signal"] and not run.finished:
+                raise Interrupted(out, run.iteration)
+        final = run.finish()
     for cb in callbacks:
         cb.on_end(final)
     return final
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str | None = None, device: str | None = None) -> tuple[dict, Config]:
-    """Load a checkpoint (safely) with its stored config and evaluate it."""
-    from msl_kit.config import from_dict
+class Trainer:
+    """Everything one run holds: model, data, loss, optimizer, state; one method per phase."""
 
-    state = ckpt.load_checkpoint(Path(path))
-    cfg = from_dict(state["config"])
-    if split:
-        cfg.eval.split = split
-    if device:
-        cfg.device = device
-    dev = pick_device(cfg.device)
-    set_threads(cfg)
-    model = build_model(cfg, load_pretrained=False)
-    _load_model_state(model, state, Path(path))
+    def __init__(self, cfg: Config, out: Path, dist: distributed.DistInfo, *,
+                 loss_fn: nn.Module | None = None, state: dict | None = None,
+                 state_path: Path | None = None, overrides: list[str] | None = None) -> None:
+        self.cfg, self.out, self.dist, self.main = cfg, out, dist, dist.rank == 0
+        self.device = dist.device if dist.world_size > 1 else recipe.pick_device(cfg.device)
+        recipe.seed_everything(cfg.seed)
+        self.model = recipe.build_model(cfg, load_pretrained=state is None).to(self.device)
+        spec = recipe.preprocessing(cfg)
+        self.eval_data = recipe.eval_data(cfg, spec)
+        top = evaluation.max_rank(*self.eval_data)
+        if max(cfg.eval.ks) > top:
+            raise ConfigError(f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
+                              f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}")
+        train_set = recipe.train_data(cfg, spec)
+        self.loss_fn = loss_fn or recipe.build_loss(cfg)
+        self.optimizer = recipe.build_optimizer(self.model, cfg)
+        self.scheduler = recipe.build_schedule(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
+        lc = cfg.loss
+        self.xbm = CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
+        self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
+        self.iteration, self.history, self.results = 0, [], {}
+        self.best: dict = {"iteration": 0, "recall@1": -1.0}
+        self.floors: dict = {}
+        self.resumes: list[dict] = []
+        if state is not None:
+            self._restore(state, state_path, overrides or [])
+        else:
+            if self.main:
+                save_config(cfg, out / "config.yaml")
+            if cfg.eval.floors:
+                self.floors = self._floors()
+        self.net = distributed.wrap_ddp(self.model, dist)
+        sampler = PKSampler(train_set.labels, cfg.train.batch_size, cfg.train.samples_per_class,
+                            cfg.seed, iterations=cfg.train.iterations, start=self.iteration,
+                            num_replicas=dist.world_size, rank=dist.rank,
+                            **({"class_draw": cfg.train.class_draw}
+                               if cfg.train.class_draw != "uniform" else {}))
+        self.loader = DataLoader(_SeededItems(train_set, cfg.seed),
+                                 batch_sampler=_KeyedBatches(sampler, self.iteration),
+                                 num_workers=cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=cfg.data.workers > 0)
+        self.model.train()
+        self.tick = time.perf_counter()
+
+    def _restore(self, state: dict, path: Path, overrides: list[str]) -> None:
+        load_model_state(self.model, state, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.xbm is not None:
+            self.xbm.load_state_dict(state["xbm"])
+        self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
+        self.floors, self.resumes = state.get("floors", {}), list(state.get("resumes", []))
+        ckpt.set_rng_state(state["rng"])
+        ckpt.clear_partial_writes(self.out)
+        if self.main and path.name != "checkpoint.pt" and (self.out / "checkpoint.pt").exists():
+            # Set the unreadable file aside: the next save would keep it as the fallback copy.
+            (self.out / "checkpoint.pt").replace(self.out / "checkpoint.corrupt.pt")
+        if overrides:
+            self.resumes.append({"iteration": self.iteration, "overrides": overrides,
+                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            if self.main:  # config.yaml shows what the run now does; the change is in metrics.json
+                save_config(self.cfg, self.out / "config.yaml")
+
+    def _floors(self) -> dict:
+        """Raw pixels and the untrained network on the evaluation data: what training must beat."""
+        ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
+        return {"raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
+                "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts)}
+
+    def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
+        """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
+        extra = [TensorBoardLogger(self.out / "tensorboard")] if self.cfg.train.tensorboard else []
+        return [*given, *extra] if self.main else []
+
+    @property
+    def finished(self) -> bool:
+        return self.iteration >= self.cfg.train.iterations
+
+    def due(self, every: int) -> bool:
+        """Whether an every-N action falls on this iteration (always at the last one)."""
+        return bool(every) and self.iteration % every == 0 or self.finished
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
+        """One optimisation step; returns the history record (loss, lr, mining statistics)."""
+        cfg, device = self.cfg, self.device
+        images = images.to(device, non_blocking=True)
+        if cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+        with evaluation.autocast(cfg.train.amp, device):
+            emb = self.net(images)
+        emb = emb.float()
+        n = self.iteration + 1
+        _check_finite(n, "the embeddings", emb, self.out)
+        loss, loss_value = self._loss(emb, labels, indices)
+        _check_finite(n, "the loss", loss.detach(), self.out)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if not self.scaler.is_enabled():  # (fp16's scaler skips non-finite steps itself)
+            # One reduction over every gradient: a per-tensor check would sync the GPU ~200 times.
+            grad_max = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            _check_finite(n, "a gradient", grad_max, self.out)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration = n
+        record = {"iteration": n, "loss": float(loss_value), "lr": lr}
+        if n % cfg.train.log_every == 0 or self.finished:
+            # Mining statistics of this very batch: no second forward, one B x B product.
+            record.update(self._mining(emb.detach(), labels))
+        return record
+
+    def _loss(self, emb: torch.Tensor, labels: torch.Tensor,
+              indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            def ms_on_sim(*args: Any, **kw: Any) -> torch.Tensor:
+                return losses.multi_similarity_loss(*args, **kw, **self.ms)
+
+            return xbm_step_loss(self.xbm, self.iteration, self.loss_fn(e, y), ms_on_sim, e, y, idx)
+
+        if self.dist.world_size > 1:  # every rank scores the gathered global batch
+            global_loss = distributed.global_batch_loss(step_loss, emb, labels, indices)
+            return global_loss.scaled, global_loss.value
+        loss = step_loss(emb, labels, indices)
+        return loss, loss.detach()
+
+    def _mining(self, emb: torch.Tensor, labels: torch.Tensor) -> dict:
+        stats = getattr(losses, "mining_stats", None)
+        return stats(emb @ emb.T, labels, **self.ms) if stats else {}
+
+    def evaluate(self) -> dict:
+        """Metrics of the current model; keeps best.pt for the best R@1 so far."""
+        self.results = evaluation.evaluate(self.model, *self.eval_data, self.device,
+                                           self.cfg.eval.ks, recipe.eval_options(self.cfg))
+        if self.main and self.results["recall@1"] > self.best["recall@1"]:
+            self.best = {"iteration": self.iteration, **self.results}
+            ckpt.save_checkpoint(self.snapshot(), self.out / "best.pt", keep_previous=False)
+        return self.results
+
+    def log(self, record: dict) -> None:
+        """Append `record` to history.csv when it is due (every log_every, and evaluations)."""
+        now = time.perf_counter()
+        if self.iteration % self.cfg.train.log_every == 0 or "recall@1" in record or self.finished:
+            self.history.append(dict(record))  # no timings: same seed, same bytes
+            if self.main:
+                rundir.write_history(self.out / "history.csv", self.history)
+        record["images_per_s"] = self.cfg.train.batch_size / max(now - self.tick, 1e-9)
+        self.tick = now
+
+    def snapshot(self) -> dict:
+        """Everything exact resume needs, in types that weights-only loading accepts."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "xbm": self.xbm.state_dict() if self.xbm else None, "iteration": self.iteration,
+                "history": self.history, "best": self.best, "floors": self.floors,
+                "resumes": self.resumes, "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
+
+    def save(self) -> None:
+        """Write checkpoint.pt atomically (the one it replaces stays as checkpoint.prev.pt)."""
+        if self.main:
+            ckpt.save_checkpoint(self.snapshot(), self.out / "checkpoint.pt")
+
+    def finish(self) -> dict:
+        """Final metrics (evaluated now if the last iteration was already done) -> metrics.json."""
+        if not self.results:
+            self.evaluate()
+        final = {**self.results, "iteration": self.iteration, "split": self.cfg.eval.split,
+                 "best": self.best, "floors": self.floors}
+        if self.resumes:
+            final["resumes"] = self.resumes
+        if self.main:
+            ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(final, indent=2) + "\n")
+        return final
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str | None = None,
+                        device: str | None = None) -> tuple[dict, Config]:
+    """Load a checkpoint (safely) with its stored config and evaluate it."""
+    path = Path(path)
+    state = ckpt.load_checkpoint(path)
+    values = flatten(to_dict(stored_config(state, path)))
+    values.update({k: v for k, v in (("eval.split", split), ("device", device)) if v})
+    cfg = resolve(values)  # the changed values are validated like any others
+    dev = recipe.pick_device(cfg.device)
+    model = recipe.build_model(cfg, load_pretrained=False)
+    load_model_state(model, state, path)
     model.to(dev)
-    return evaluate(model, cfg, dev, eval_sets(cfg, preprocessing(cfg, model))), cfg
+    data = recipe.eval_data(cfg)
+    return evaluation.evaluate(model, *data, dev, cfg.eval.ks, recipe.eval_options(cfg)), cfg

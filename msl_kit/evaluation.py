@@ -1,77 +1,86 @@
-"""Evaluation: embeddings of a split, retrieval metrics, and the raw-pixel floor."""
+"""Evaluation: embeddings of a dataset, retrieval metrics, and the floors training must beat.
+
+Every function takes explicit values (an `EvalOptions`, the datasets, the ks), never a whole
+config: `msl_kit.recipe` turns a config into these.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from msl_kit import datasets, metrics, transforms
-from msl_kit.config import Config
+from msl_kit import metrics
+
+PIXEL_SIDE = 32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
 
 
-def make_loader(ds: Dataset, cfg: Config, device: torch.device, **kw: Any) -> DataLoader:
-    """A DataLoader with the config's workers, pinning memory for a CUDA device."""
-    return DataLoader(ds, num_workers=cfg.data.workers, pin_memory=device.type == "cuda", **kw)
+@dataclass(frozen=True)
+class EvalOptions:
+    """How embeddings are extracted: loader batch and workers, autocast, memory format."""
+
+    batch_size: int = 256
+    workers: int = 0
+    amp: str = "none"  # none, bf16, fp16
+    channels_last: bool = False
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast for "bf16" / "fp16", a disabled one for "none"."""
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _loader(dataset: Dataset, opts: EvalOptions, device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
+                      pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
-def extract(model: nn.Module, dataset: Dataset, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(model: nn.Module, dataset: Dataset, device: torch.device,
+            opts: EvalOptions = EvalOptions()) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a whole dataset, in dataset order, on the CPU."""
     was_training = model.training
     model.eval()
-    loader = make_loader(dataset, cfg, device, batch_size=cfg.eval.batch_size, shuffle=False)
     embs, labels = [], []
-    for images, y, _ in loader:
+    for images, y, _ in _loader(dataset, opts, device):
         images = images.to(device, non_blocking=True)
-        if cfg.model.channels_last:
+        if opts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg, device):
+        with autocast(opts.amp, device):
             embs.append(model(images).float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(embs), torch.cat(labels)
 
 
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+Embed = Callable[[Dataset], tuple[torch.Tensor, torch.Tensor]]
 
 
-def eval_sets(cfg: Config, spec: transforms.Preprocessing) -> tuple[Dataset, Dataset | None]:
-    """The evaluation data: (queries, gallery) for In-Shop, (split, None) where query = gallery."""
-    tf = transforms.build_transform(spec, train=False)
-    kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.seed, skip_corrupt=cfg.data.skip_corrupt)
-    if datasets.info(cfg.data.name).query_gallery and cfg.eval.split == "test":
-        return (datasets.build(cfg.data.name, cfg.data.root, "query", tf, **kw),
-                datasets.build(cfg.data.name, cfg.data.root, "gallery", tf, **kw))
-    return datasets.build(cfg.data.name, cfg.data.root, cfg.eval.split, tf, **kw), None
+def score(embed: Embed, query: Dataset, gallery: Dataset | None, ks: Sequence[int]) -> dict:
+    """R@K, MAP@R and R-precision of `embed`'s vectors; query = gallery where gallery is None."""
+    emb, labels = embed(query)
+    if gallery is None:
+        return metrics.retrieval_metrics(emb, labels, ks=tuple(ks))
+    g_emb, g_labels = embed(gallery)
+    return metrics.retrieval_metrics(emb, labels, ks=tuple(ks), gallery=g_emb,
+                                     gallery_labels=g_labels)
 
 
-def _score(embed: Callable[[Dataset], tuple[torch.Tensor, torch.Tensor]], cfg: Config,
-           sets: tuple[Dataset, Dataset | None]) -> dict:
-    query_set, gallery_set = sets
-    emb, labels = embed(query_set)
-    if gallery_set is None:
-        return metrics.retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks))
-    g_emb, g_labels = embed(gallery_set)
-    return metrics.retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), gallery=g_emb, gallery_labels=g_labels)
-
-
-def evaluate(model: nn.Module, cfg: Config, device: torch.device, sets: tuple[Dataset, Dataset | None]) -> dict:
+def evaluate(model: nn.Module, query: Dataset, gallery: Dataset | None, device: torch.device,
+             ks: Sequence[int], opts: EvalOptions = EvalOptions()) -> dict:
     """R@K, MAP@R and R-precision of `model` on the evaluation data."""
-    return _score(lambda ds: extract(model, ds, cfg, device), cfg, sets)
+    return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks)
 
 
-PIXEL_SIDE = 32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
-
-
-def pixel_features(dataset: Dataset, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(dataset: Dataset, opts: EvalOptions = EvalOptions()) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed eval images, pooled to at most PIXEL_SIDE, flattened and L2-normalised."""
     feats, labels = [], []
-    for images, y, _ in make_loader(dataset, cfg, torch.device("cpu"), batch_size=cfg.eval.batch_size, shuffle=False):
+    for images, y, _ in _loader(dataset, opts, torch.device("cpu")):
         side = min(images.shape[-1], PIXEL_SIDE)
         pooled = nn.functional.adaptive_avg_pool2d(images.float(), side)
         feats.append(nn.functional.normalize(pooled.flatten(1), dim=1))
@@ -79,6 +88,12 @@ def pixel_features(dataset: Dataset, cfg: Config) -> tuple[torch.Tensor, torch.T
     return torch.cat(feats), torch.cat(labels)
 
 
-def pixel_baseline(cfg: Config, spec: transforms.Preprocessing) -> dict:
+def pixel_baseline(query: Dataset, gallery: Dataset | None, ks: Sequence[int],
+                   opts: EvalOptions = EvalOptions()) -> dict:
     """The same metrics on raw pixels of the same evaluation data: the floor training must beat."""
-    return _score(lambda ds: pixel_features(ds, cfg), cfg, eval_sets(cfg, spec))
+    return score(lambda ds: pixel_features(ds, opts), query, gallery, ks)
+
+
+def max_rank(query: Dataset, gallery: Dataset | None) -> int:
+    """The largest K that R@K can use: the gallery size (minus the query itself where shared)."""
+    return len(query) - 1 if gallery is None else len(gallery)

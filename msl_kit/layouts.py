@@ -97,27 +97,45 @@ def _read_inshop(ddir: Path) -> list[Record]:
 
 
 def _read_omniglot(ddir: Path) -> list[Record]:
-    """Union of every images_background*/images_evaluation* folder by (alphabet, character).
+    """Every images_background*/images_evaluation* folder of a prepared Omniglot."""
+    tops = [p.name for p in ddir.iterdir() if p.is_dir() and p.name.startswith(_OMNIGLOT_TOPS)]
+    paths = [png.relative_to(ddir).as_posix() for top in tops for png in (ddir / top).glob("*/*/*.png")]
+    return omniglot_records(paths, where=str(ddir))
 
-    Where only one kind is present (e.g. the two small background zips), alphabets are sorted
-    by name and every second one (positions 1, 3, 5...) is held out as test.
+
+_OMNIGLOT_TOPS = ("images_background", "images_evaluation")
+
+
+def omniglot_records(paths: list[str], where: str = "the archives") -> list[Record]:
+    """Omniglot images ("top/alphabet/character/file.png") united by (alphabet, character).
+
+    A character present under several tops is taken from the first in sorted order. Background
+    alphabets train and evaluation alphabets test; where only one kind is present (e.g. the two
+    small background zips), alphabets are sorted by name and every second one (positions 1, 3,
+    5...) is held out as test.
     """
-    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (alphabet, character) -> (folder, kind)
-    for top in sorted(p for p in ddir.iterdir() if p.is_dir()):
-        kind = next((k for prefix, k in (("images_background", "train"), ("images_evaluation", "test"))
-                     if top.name.startswith(prefix)), None)
-        for char_dir in sorted(d for d in top.glob("*/*") if d.is_dir()) if kind else []:
-            seen.setdefault((char_dir.parent.name, char_dir.name), (top.name, kind))
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (alphabet, character) -> (top, kind)
+    files: dict[tuple[str, str, str], list[str]] = {}
+    for path in sorted(paths):
+        parts = path.split("/")
+        if len(parts) != 4 or not parts[0].startswith(_OMNIGLOT_TOPS):
+            continue
+        top, alphabet, char, name = parts
+        kind = "train" if top.startswith("images_background") else "test"
+        seen.setdefault((alphabet, char), (top, kind))
+        files.setdefault((top, alphabet, char), []).append(name)
     if not seen:
-        raise LayoutError(f"{ddir} has no images_background*/ or images_evaluation*/ folder; is this Omniglot?")
+        raise LayoutError(f"{where} has no images_background*/ or images_evaluation*/ folder; "
+                          "is this Omniglot?")
     if len({kind for _, kind in seen.values()}) == 1:
         alphabets = sorted({alphabet for alphabet, _ in seen})
         test = set(alphabets[1::2])
         seen = {k: (top, "test" if k[0] in test else "train") for k, (top, _) in seen.items()}
     out = []
     for (alphabet, char), (top, split) in sorted(seen.items()):
-        for png in sorted((ddir / top / alphabet / char).glob("*.png")):
-            out.append(Record(f"{top}/{alphabet}/{char}/{png.name}", (alphabet, char), f"{alphabet}/{char}", split))
+        for name in files[(top, alphabet, char)]:
+            out.append(Record(f"{top}/{alphabet}/{char}/{name}", (alphabet, char),
+                              f"{alphabet}/{char}", split))
     return out
 
 

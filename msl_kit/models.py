@@ -309,3 +309,8 @@ def download_weights(name: str, dest_dir: str | os.PathLike | None = None, *,
     dest = folder / url.rsplit("/", 1)[1]
     download_file(url, dest, md5=None, progress=progress)
     return dest
+
+
+def preprocessing_spec(name: str, **options: Any) -> Preprocessing:
+    """A backbone's preprocessing spec, without building the network or reading weights."""
+    return build_model(name, 2, None, **options).preprocessing

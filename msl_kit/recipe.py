@@ -1,0 +1,142 @@
+"""From a Config to the parts of a run: the one seam between settings and the library.
+
+Training, `msl-kit evaluate`, the notebooks and the benchmarks all build their datasets,
+model, preprocessing, loss, optimizer and evaluation options here, so a setting (say
+`data.skip_corrupt`) means the same thing everywhere. Each builder reads only the keys it
+needs and calls a library function that takes explicit values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from msl_kit import datasets, losses, models, transforms
+from msl_kit.config import Config
+from msl_kit.evaluation import EvalOptions
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` means CUDA when there is one (config validation already refused a missing GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_options(cfg: Config) -> dict:
+    """The size options of the configured backbone (only the small convnet has any)."""
+    m = cfg.model
+    if m.backbone != "convnet":
+        return {}
+    return dict(in_channels=m.in_channels, image_size=m.image_size,
+                resize_size=m.resize_size or m.image_size, width=m.width)
+
+
+def preprocessing(cfg: Config) -> transforms.Preprocessing:
+    """The backbone's preprocessing spec (no network is built) with the data overrides."""
+    spec = models.preprocessing_spec(cfg.model.backbone, **model_options(cfg))
+    changes: dict = {}
+    if cfg.data.crop_scale is not None:
+        changes["crop_scale"] = tuple(cfg.data.crop_scale)
+    if cfg.data.hflip is not None:
+        changes["hflip"] = cfg.data.hflip
+    if cfg.data.crop_mode is not None:
+        changes["crop"] = cfg.data.crop_mode
+    return dataclasses.replace(spec, **changes)
+
+
+def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
+    """The configured model. `load_pretrained=False` skips `model.pretrained`: for a model
+    whose weights come from a checkpoint next."""
+    m = cfg.model
+    pretrained = m.pretrained if load_pretrained else None
+    model = models.build_model(m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn,
+                               **model_options(cfg))
+    return model.to(memory_format=torch.channels_last) if m.channels_last else model
+
+
+def dataset(cfg: Config, split: str, transform=None) -> datasets.ImageDataset:
+    """One split of the configured dataset: the only place the config's data keys are read."""
+    d = cfg.data
+    return datasets.build(d.name, d.root, split, transform, val_fraction=d.val_fraction,
+                          seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+
+
+class EvalData(NamedTuple):
+    """Queries and gallery; `gallery` is None where the split is its own gallery."""
+
+    query: Dataset
+    gallery: Dataset | None
+
+
+def eval_data(cfg: Config, spec: transforms.Preprocessing | None = None) -> EvalData:
+    """The evaluation split (In-Shop's test: query and gallery) with the eval transform."""
+    tf = transforms.build_transform(spec or preprocessing(cfg), train=False)
+    if datasets.info(cfg.data.name).query_gallery and cfg.eval.split == "test":
+        return EvalData(dataset(cfg, "query", tf), dataset(cfg, "gallery", tf))
+    return EvalData(dataset(cfg, cfg.eval.split, tf), None)
+
+
+def train_data(cfg: Config, spec: transforms.Preprocessing | None = None) -> Dataset:
+    """The training split with the train transform (augmentation)."""
+    return dataset(cfg, "train", transforms.build_transform(spec or preprocessing(cfg), train=True))
+
+
+def eval_options(cfg: Config) -> EvalOptions:
+    """How the configured run extracts embeddings."""
+    return EvalOptions(cfg.eval.batch_size, cfg.data.workers, cfg.train.amp,
+                       cfg.model.channels_last)
+
+
+def loss_params(cfg: Config) -> dict:
+    """The parameters `losses.build_loss` gets for the configured loss."""
+    lc = cfg.loss
+    params: dict = {}
+    if lc.name == "ms":
+        params = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
+    elif lc.name == "triplet":
+        params = dict(margin=lc.margin)
+    if lc.mining is not None:
+        params["mining"] = lc.mining
+    return params
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    """The configured loss (alpha/beta/lam/margin parametrise MS; margin is also triplet's)."""
+    return losses.build_loss(cfg.loss.name, **loss_params(cfg))
+
+
+def lr_factor(iteration: int, cfg: Config) -> float:
+    """Linear warm-up, then x lr_gamma at each of lr_steps (pure: resume needs no state)."""
+    t = cfg.train
+    warm = min(1.0, (iteration + 1) / t.warmup) if t.warmup else 1.0
+    return warm * t.lr_gamma ** sum(iteration >= s for s in t.lr_steps)
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with separate backbone and head groups, so both lr multipliers take effect."""
+    t = cfg.train
+    groups = [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad],
+         "lr": t.lr * t.backbone_lr_mult, "name": "backbone"},
+        {"params": [p for p in model.head.parameters() if p.requires_grad],
+         "lr": t.lr * t.head_lr_mult, "name": "head"},
+    ]
+    return torch.optim.Adam([g for g in groups if g["params"]], weight_decay=t.weight_decay)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The configured lr schedule as a LambdaLR over `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, cfg))

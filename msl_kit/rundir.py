@@ -1,0 +1,119 @@
+"""Run folders: claimed by one writer at a time, never clobbering files the kit did not write.
+
+A run folder holds config.yaml, history.csv, checkpoint.pt (+ .prev.pt), best.pt and
+metrics.json. `claim` takes a lock file holding the writer's pid and host, created
+atomically (O_EXCL), so two `msl-kit train --out same` cannot both write; a lock whose
+process is gone (same host) is stale and taken over.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+from msl_kit.checkpoint import atomic_write_text
+
+LOCK = ".msl_kit.lock"
+RUN_FILES = ("config.yaml", "history.csv", "checkpoint.pt", "checkpoint.prev.pt", "best.pt",
+             "metrics.json")
+
+
+class RunFolderError(OSError):
+    """A run folder that cannot be used as asked; the message says what to do instead."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _take_lock(folder: Path) -> Path:
+    lock = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            same_host = owner.get("host") == me["host"]
+            if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                warnings.warn(f"{lock} was left by a process that is gone (pid {owner['pid']}); "
+                              "taking the folder over", RuntimeWarning, stacklevel=3)
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+            raise RunFolderError(f"{folder} is in use by another msl-kit run ({who}); wait for it "
+                                 f"to finish, choose another --out, or delete {lock} if that "
+                                 "process is really gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise RunFolderError(f"could not lock {folder}; try again")
+
+
+@contextlib.contextmanager
+def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
+    """Hold `folder` for one writer. `new=True` (a fresh run) needs a missing or empty folder."""
+    folder = Path(folder)
+    if new and folder.is_dir() and any(folder.iterdir()):
+        hint = (f"it holds a run: continue it with `msl-kit train --resume {folder}`"
+                if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
+                else "it holds files msl-kit did not write")
+        raise RunFolderError(f"{folder} is not empty ({hint}), or choose an empty --out")
+    if new and folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} is a file; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(folder)
+    except RunFolderError:
+        raise
+    except OSError as e:
+        raise RunFolderError(f"cannot write to the output folder {folder} ({e.strerror}); choose "
+                             "another with --out") from None
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    """history.csv (atomically): one row per logged iteration, columns in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def check_metrics_out(path: Path) -> None:
+    """`msl-kit evaluate --out`: never replace a checkpoint, a run's files or a foreign file."""
+    path = Path(path)
+    if not path.exists():
+        return
+    written_by = None
+    if path.is_file() and path.suffix == ".json":
+        try:
+            written_by = json.loads(path.read_text()).get("written_by")
+        except (OSError, ValueError, AttributeError):
+            pass
+    if written_by != "msl-kit evaluate":
+        raise RunFolderError(f"{path} exists and was not written by `msl-kit evaluate`; it is "
+                             "left alone: choose a new --out file")
