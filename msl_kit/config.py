@@ -85,6 +85,7 @@ class TrainConfig:
     class_draw: str = "uniform"  # PKSampler: "uniform" classes, or "released" (by floor(n/K))
     eval_every: int = 50  # 0: evaluate only at the end
     checkpoint_every: int = 50  # 0: checkpoint only at the end
+    keep_snapshots: bool = True  # model weights at start and each evaluation, in snapshots/
     log_every: int = 10
     amp: str = "none"  # none, bf16, fp16
     threads: int = 0  # torch intra-op threads; 0 picks cores minus workers

@@ -254,6 +254,7 @@ class Trainer:
                 save_config(cfg, out / "config.yaml")
             if cfg.eval.floors:
                 self.floors = self._floors()
+            self._snapshot_weights()
         self.net = distributed.wrap_ddp(self.model, dist)
         sampler = PKSampler(train_set.labels, cfg.train.batch_size, cfg.train.samples_per_class,
                             cfg.seed, iterations=cfg.train.iterations, start=self.iteration,
@@ -359,6 +360,7 @@ class Trainer:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
         self.results = evaluation.evaluate(self.model, *self.eval_data, self.device,
                                            self.cfg.eval.ks, recipe.eval_options(self.cfg))
+        self._snapshot_weights()
         if self.main and self.results["recall@1"] > self.best["recall@1"]:
             self.best = {"iteration": self.iteration, **self.results}
             ckpt.save_checkpoint(self.snapshot(), self.out / "best.pt", keep_previous=False)
@@ -381,6 +383,16 @@ class Trainer:
                 "xbm": self.xbm.state_dict() if self.xbm else None, "iteration": self.iteration,
                 "history": self.history, "best": self.best, "floors": self.floors,
                 "resumes": self.resumes, "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
+
+    def _snapshot_weights(self) -> None:
+        """snapshots/iter_NNNNNN.pt: the weights (and config) at this point of training, so a
+        notebook can show how the same batch looked to the model as it learned."""
+        if self.main and self.cfg.train.keep_snapshots:
+            (self.out / "snapshots").mkdir(exist_ok=True)
+            state = {"model": self.model.state_dict(), "config": to_dict(self.cfg),
+                     "iteration": self.iteration, **({"metrics": self.results} if self.results else {})}
+            path = self.out / "snapshots" / f"iter_{self.iteration:06d}.pt"
+            ckpt.save_checkpoint(state, path, keep_previous=False)
 
     def save(self) -> None:
         """Write checkpoint.pt atomically (the one it replaces stays as checkpoint.prev.pt)."""

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from msl_kit import datasets, engine, evaluation, transforms
+from msl_kit import engine, evaluation, recipe, transforms
 from msl_kit.checkpoint import load_checkpoint
-from msl_kit.config import Config, from_dict, load_config
+from msl_kit.config import Config, load_config
 from msl_kit.sampler import PKSampler
 
 
@@ -22,20 +22,27 @@ def load_model(checkpoint: str | Path | None = None, cfg: Config | None = None,
     checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-        cfg = from_dict(state["config"])
-        model = engine.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
-        model.load_state_dict(state["model"])
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        state = load_checkpoint(path)
+        cfg = engine.stored_config(state, path)
+        model = recipe.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
+        engine.load_model_state(model, state, path)
     else:
         cfg = cfg or load_config()
-        engine.seed_everything(cfg.seed)  # as engine.train does before building the model
-        model = engine.build_model(cfg)
+        recipe.seed_everything(cfg.seed)  # as engine.train does before building the model
+        model = recipe.build_model(cfg)
     return model.to(device).eval(), cfg
 
 
-def _split(cfg: Config, split: str, transform: Any = None) -> Dataset:
-    return datasets.build(cfg.data.name, cfg.data.root, split, transform,
-                          val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+def snapshots(run_dir: str | Path) -> list[Path]:
+    """A run's weight snapshots (snapshots/iter_NNNNNN.pt), in training order."""
+    return sorted(Path(run_dir).glob("snapshots/iter_*.pt"))
+
+
+def latest_run(runs_dir: str | Path = "runs") -> Path | None:
+    """The most recently finished run folder under `runs_dir` (one with metrics.json), or None."""
+    done = [p.parent for p in Path(runs_dir).glob("*/metrics.json")]
+    return max(done, key=lambda p: (p / "metrics.json").stat().st_mtime) if done else None
 
 
 class ItemImages(Sequence):
@@ -54,21 +61,21 @@ class ItemImages(Sequence):
 def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *, max_items: int | None = None,
                      seed: int = 0) -> tuple[Tensor, Tensor, ItemImages]:
     """Embeddings, labels and lazily loaded images of a split (a seeded subset of `max_items`)."""
-    spec = engine.preprocessing(cfg, model)
-    ds = _split(cfg, split, transforms.build_transform(spec, train=False))
+    ds = recipe.dataset(cfg, split, transforms.build_transform(recipe.preprocessing(cfg), train=False))
     indices = np.arange(len(ds))
     if max_items is not None and max_items < len(ds):
         indices = np.sort(np.random.default_rng(seed).choice(len(ds), max_items, replace=False))
     device = next(model.parameters()).device
-    emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), cfg, device)
-    return emb, labels, ItemImages(_split(cfg, split), indices)
+    emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), device,
+                                     recipe.eval_options(cfg))
+    return emb, labels, ItemImages(recipe.dataset(cfg, split), indices)
 
 
 @torch.no_grad()
 def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_class: int = 4,
                      split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
     """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
-    ds = _split(cfg, split, transforms.build_transform(engine.preprocessing(cfg, model), train=False))
+    ds = recipe.dataset(cfg, split, transforms.build_transform(recipe.preprocessing(cfg), train=False))
     n_classes = min(n_classes, len(np.unique(ds.labels)))
     batch = next(iter(PKSampler(ds.labels, n_classes * per_class, per_class, seed)))
     order = sorted(batch, key=lambda i: (int(ds.labels[i]), i))
