@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -31,6 +32,8 @@ from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from msl_kit.losses import PRESETS  # noqa: E402
 
 import statistics  # noqa: E402
 
@@ -41,8 +44,8 @@ DATASETS = {  # key -> (registry name, preset, archives under ../shared/data)
                  ["omniglot/images_background_small1.zip", "omniglot/images_background_small2.zip"]),
     "cub": ("cub200", "cub_subset_convnet", ["CUB_200_2011_subset100.tgz"]),
 }
-RELEASED = dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1)
-PAPER = dict(alpha=2.0, beta=50.0, lam=1.0, margin=0.1)
+RELEASED = dict(PRESETS["released"])
+PAPER = dict(PRESETS["paper"])
 
 
 class PMLMultiSimilarity(nn.Module):
@@ -156,6 +159,7 @@ def make_config(key: str, args: argparse.Namespace, seed: int, extra: list[str])
     return load_config(preset, [f"data.root={args.root}", f"data.workers={args.workers}",
                                 f"train.threads={args.threads}", f"train.iterations={args.iters[key]}",
                                 "train.eval_every=0", "train.checkpoint_every=0", "device=cpu",
+                                "eval.floors=false", "train.keep_snapshots=false",
                                 f"seed={seed}", *extra])
 
 
@@ -188,7 +192,9 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
     loss = TimedLoss(factory())
     clock = _StepClock(cfg.train.batch_size)
     start = time.perf_counter()
-    results = engine.train(cfg, Path(args.runs) / key / f"{method}-seed{seed}", callbacks=[clock], loss_fn=loss)
+    run_dir = Path(args.runs) / key / f"{method}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own scratch: a rerun starts afresh
+    results = engine.train(cfg, run_dir, callbacks=[clock], loss_fn=loss)
     wall = time.perf_counter() - start
     return {"dataset": key, "method": method, "label": label, "seed": seed, "metrics": _metrics(results),
             "iterations": cfg.train.iterations, "batch_size": cfg.train.batch_size,
@@ -200,24 +206,23 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
 
 def run_floors(key: str, seeds: list[int], args: argparse.Namespace) -> list[dict]:
     """Raw pixels (seed-free) and the untrained network (per seed) on the same test set."""
-    from msl_kit import datasets, engine, evaluation
+    from msl_kit import evaluation, recipe
 
     out = []
     for seed in seeds:
         cfg = make_config(key, args, seed, [])
-        engine.set_threads(cfg)
-        engine.seed_everything(seed)
-        model = engine.build_model(cfg)
-        spec = engine.preprocessing(cfg, model)
-        sets = evaluation.eval_sets(cfg, spec)
+        recipe.seed_everything(seed)
+        model = recipe.build_model(cfg)
+        sets = recipe.eval_data(cfg)
+        opts = recipe.eval_options(cfg)
         start = time.perf_counter()
-        results = evaluation.evaluate(model, cfg, torch.device("cpu"), sets)
+        results = evaluation.evaluate(model, *sets, torch.device("cpu"), cfg.eval.ks, opts)
         out.append({"dataset": key, "method": "random", "label": "untrained convnet (floor)", "seed": seed,
                     "iterations": 0, "metrics": _metrics(results), "wall_s": time.perf_counter() - start})
         if seed == seeds[0]:
             start = time.perf_counter()
-            results = evaluation.pixel_baseline(cfg, spec)
-            train = datasets.build(cfg.data.name, cfg.data.root, "train")
+            results = evaluation.pixel_baseline(*sets, cfg.eval.ks, opts)
+            train = recipe.dataset(cfg, "train")
             sizes = {"train_images": len(train), "train_classes": len(set(train.labels.tolist())),
                      "test_images": len(sets[0]), "test_classes": len(set(sets[0].labels.tolist()))}
             out.append({"dataset": key, "method": "pixels", "label": "raw pixels (floor)", "seed": None,

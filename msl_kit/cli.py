@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         out, cfg = Path(args.resume), None
     else:
-        cfg = load_config(args.config, args.set or [])
+        cfg = load_config(args.config, [*(args.set or []), *(["eval.floors=false"] if args.no_baseline else [])])
         out = Path(args.out) if args.out else _default_out(args.config)
         _set_threads(cfg)
     started = time.perf_counter()
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.eval_every, train.checkpoint_every, train.log_every)")
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the raw-pixel and untrained floors (= --set eval.floors=false)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -304,7 +304,10 @@ def validate(cfg: Config) -> None:
     from msl_kit import datasets, losses, models  # the registries the names must come from
 
     d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
-    _choice("data.name", d.name, [x.name for x in datasets.list_datasets()])
+    try:
+        datasets.info(d.name)
+    except ValueError as e:
+        raise ConfigError(f"data.name = {d.name!r}: {e}") from None
     _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
     _check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
     _check(d.crop_scale is None or len(d.crop_scale) == 2 and 0 < d.crop_scale[0]

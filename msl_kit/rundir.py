@@ -74,7 +74,8 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
         hint = (f"it holds a run: continue it with `msl-kit train --resume {folder}`"
                 if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
                 else "it holds files msl-kit did not write")
-        raise RunFolderError(f"{folder} is not empty ({hint}), or choose an empty --out")
+        raise RunFolderError(f"{folder} is not empty ({hint}), or choose another --out (a new or "
+                             "empty folder); nothing in it was changed")
     if new and folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file; choose a folder")
     try:

@@ -9,8 +9,8 @@ import yaml
 from msl_kit.config import CONFIG_DIR, Config, ConfigError, load_config, parse_override, save_config, valid_keys
 
 
-def test_defaults_equal_the_digits_preset():
-    assert dataclasses.replace(load_config("digits"), description="") == load_config()
+def test_defaults_equal_the_embedded_omniglot_preset():
+    assert dataclasses.replace(load_config("omniglot_small"), description="") == load_config()
 
 
 def test_every_shipped_config_loads():
@@ -69,7 +69,7 @@ def test_presets_set_the_four_numbers_and_later_keys_win():
 
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="multiple"):
-        load_config(None, ["train.batch_size=45"])
+        load_config(None, ["train.batch_size=43"])
     with pytest.raises(ConfigError, match="val_fraction"):
         load_config(None, ["eval.split=val"])
     with pytest.raises(ConfigError, match="amp"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ARGS = ["--set", "train.iterations=90", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=45",
+ARGS = ["--config", "digits", "--set", "train.iterations=90", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=45",
         "--set", "train.threads=1", "--no-baseline"]
 
 # Runs `msl-kit train` in a child process that SIGKILLs itself at a chosen moment: after a given

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from msl_kit import cli, engine
+from msl_kit import cli, engine, recipe
 from msl_kit.checkpoint import load_checkpoint
 from msl_kit.config import load_config
 
@@ -22,7 +22,7 @@ FAST = ["train.iterations=12", "train.eval_every=6", "train.checkpoint_every=6",
 
 def _train(tmp_path: Path, *overrides: str, name: str = "run", **kw) -> tuple[dict, Path]:
     out = tmp_path / name
-    return engine.train(load_config(None, [*FAST, *overrides]), out, **kw), out
+    return engine.train(load_config("digits", [*FAST, *overrides]), out, **kw), out
 
 
 def test_run_folder_holds_what_the_contract_names(tmp_path):
@@ -34,20 +34,20 @@ def test_run_folder_holds_what_the_contract_names(tmp_path):
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(r["iteration"]) for r in rows] == [3, 6, 9, 12]
     assert rows[1]["recall@1"] and not rows[0]["recall@1"], "metrics only on evaluation rows"
-    assert load_config(out / "config.yaml") == load_config(None, FAST)
+    assert load_config(out / "config.yaml") == load_config("digits", FAST)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["iteration"] == 12 and state["config"] == yaml.safe_load((out / "config.yaml").read_text())
 
 
 def test_lr_schedule_is_warmup_then_steps():
-    cfg = load_config(None, ["train.warmup=4", "train.lr_steps=[10, 20]", "train.lr_gamma=0.5"])
-    factors = [engine.lr_factor(i, cfg) for i in (0, 1, 3, 9, 10, 19, 20, 30)]
+    cfg = load_config("digits", ["train.warmup=4", "train.lr_steps=[10, 20]", "train.lr_gamma=0.5"])
+    factors = [recipe.lr_factor(i, cfg) for i in (0, 1, 3, 9, 10, 19, 20, 30)]
     assert factors == pytest.approx([0.25, 0.5, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
 
 
 def test_lr_multipliers_take_effect(tmp_path):
-    engine.seed_everything(0)  # the engine seeds the same way before it builds the model
-    init = engine.build_model(load_config(None, FAST)).state_dict()
+    recipe.seed_everything(0)  # the engine seeds the same way before it builds the model
+    init = recipe.build_model(load_config("digits", FAST)).state_dict()
     _, out = _train(tmp_path, "train.backbone_lr_mult=0.0", "train.weight_decay=0.0", "seed=0")
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     backbone = [k for k in trained if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
@@ -58,7 +58,7 @@ def test_lr_multipliers_take_effect(tmp_path):
 
 
 def test_frozen_batchnorm_keeps_running_statistics(tmp_path):
-    init = engine.build_model(load_config(None, [*FAST, "model.freeze_bn=true"])).state_dict()
+    init = recipe.build_model(load_config("digits", [*FAST, "model.freeze_bn=true"])).state_dict()
     for frozen in (True, False):
         _, out = _train(tmp_path, f"model.freeze_bn={str(frozen).lower()}", name=f"bn-{frozen}")
         trained = load_checkpoint(out / "checkpoint.pt")["model"]
@@ -90,7 +90,7 @@ def test_evaluate_command_reproduces_metrics_json(tmp_path, capsys):
 
 
 def test_cli_train_prints_table_with_pixel_baseline(tmp_path, capsys):
-    args = ["train", "--out", str(tmp_path / "cli")] + [a for o in FAST for a in ("--set", o)]
+    args = ["train", "--config", "digits", "--out", str(tmp_path / "cli")] + [a for o in FAST for a in ("--set", o)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "raw pixels" in out and "convnet + ms loss" in out and "MAP@R" in out
@@ -103,7 +103,7 @@ def test_every_loss_trains(tmp_path, name):
 
 
 def test_cross_batch_memory_run_resumes_with_its_memory(tmp_path):
-    cfg = load_config(None, [*FAST, "loss.xbm_size=200", "loss.xbm_start=3"])
+    cfg = load_config("digits", [*FAST, "loss.xbm_size=200", "loss.xbm_start=3"])
     full = engine.train(cfg, tmp_path / "full")
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     state = load_checkpoint(tmp_path / "part" / "checkpoint.prev.pt")
@@ -124,7 +124,7 @@ def test_torchrun_two_processes_train_and_report_once(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "msl_kit.cli", "train",
-           "--out", str(out), "--no-baseline"] + [a for o in [*FAST, "train.batch_size=40"] for a in ("--set", o)]
+           "--config", "digits", "--out", str(out), "--no-baseline"] + [a for o in [*FAST, "train.batch_size=40"] for a in ("--set", o)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1, "only rank 0 reports"

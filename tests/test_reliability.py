@@ -23,12 +23,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from msl_kit import checkpoint as ckpt
-from msl_kit import cli, datasets, engine, losses, metrics, models
+from msl_kit import cli, datasets, engine, losses, metrics, models, recipe
 from msl_kit.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["train.iterations=6", "train.checkpoint_every=2", "train.eval_every=0", "train.threads=1"]
-FAST_ARGS = [a for s in FAST for a in ("--set", s)] + ["--no-baseline"]
+FAST = ["train.iterations=6", "train.checkpoint_every=2", "train.eval_every=0", "train.threads=1",
+        "eval.floors=false"]
+FAST_ARGS = ["--config", "digits"] + [a for s in FAST for a in ("--set", s)] + ["--no-baseline"]
 NAN = float("nan")
 
 
@@ -87,10 +88,10 @@ def reference(tmp_path_factory) -> Path:
 def capture(monkeypatch) -> dict:
     """Record the model (and its initial weights) and the optimizer that `engine.train` builds."""
     seen: dict = {}
-    real_build, real_optimizer = engine.build_model, engine.make_optimizer
+    real_build, real_optimizer = recipe.build_model, recipe.build_optimizer
 
-    def build(cfg):
-        seen["model"] = real_build(cfg)
+    def build(cfg, **kw):
+        seen["model"] = real_build(cfg, **kw)
         seen["initial"] = _params(seen["model"])
         return seen["model"]
 
@@ -98,8 +99,8 @@ def capture(monkeypatch) -> dict:
         seen["optimizer"] = real_optimizer(model, cfg)
         return seen["optimizer"]
 
-    monkeypatch.setattr(engine, "build_model", build)
-    monkeypatch.setattr(engine, "make_optimizer", optimizer)
+    monkeypatch.setattr(recipe, "build_model", build)
+    monkeypatch.setattr(recipe, "build_optimizer", optimizer)
     return seen
 
 
@@ -129,7 +130,7 @@ class _FailingLoss(nn.Module):
 def test_divergence_stops_before_any_weight_changes_and_keeps_last_good_checkpoint(tmp_path, capture, kind, what):
     out = tmp_path / "run"
     with pytest.raises(engine.DivergenceError) as info:
-        engine.train(load_config(None, FAST), out, loss_fn=_FailingLoss(5, kind, capture))
+        engine.train(load_config("digits", FAST), out, loss_fn=_FailingLoss(5, kind, capture))
     message = str(info.value)
     assert f"{what} became NaN or inf at iteration 5" in message
     assert "train.lr" in message and f"last good checkpoint {out / 'checkpoint.pt'} is kept" in message
@@ -142,7 +143,7 @@ def test_divergence_stops_before_any_weight_changes_and_keeps_last_good_checkpoi
     state, path = ckpt.load_latest(out)
     assert path.name == "checkpoint.pt" and state["iteration"] == 4
     _assert_same_tensors({name: state["model"][name] for name in capture["before"]}, capture["before"])
-    fresh = engine.build_model(load_config(None, FAST))
+    fresh = recipe.build_model(load_config("digits", FAST))
     fresh.load_state_dict(state["model"])
     assert not (out / "metrics.json").exists() and _no_temp_files(out)
 
@@ -165,7 +166,7 @@ def test_nan_images_stop_at_the_first_step(tmp_path, capture, monkeypatch):
         _NaNImages(real_build(name, root, split, transform, **kw)) if split == "train"
         else real_build(name, root, split, transform, **kw)))
     with pytest.raises(engine.DivergenceError, match="the embeddings became NaN or inf at iteration 1") as info:
-        engine.train(load_config(None, FAST), tmp_path / "run")
+        engine.train(load_config("digits", FAST), tmp_path / "run")
     assert "no checkpoint had been written yet" in str(info.value) and "input images" in str(info.value)
     _assert_same_tensors(_params(capture["model"]), capture["initial"])
     assert capture["optimizer"].state_dict()["state"] == {}
@@ -295,11 +296,11 @@ def test_read_only_out_folder(tmp_path, capsys):
 def test_out_pointing_at_an_existing_run_is_refused(reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     rc, err = _train_cli(capsys, "--out", str(run), *FAST_ARGS)
     line = _error_line(err)
     assert rc == 2 and f"msl-kit train --resume {run}" in line and "another --out" in line
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_resume_of_a_missing_folder_does_not_create_it(tmp_path, capsys):
@@ -378,7 +379,7 @@ class _StopAt(engine.Callback):
 def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        engine.train(load_config(None, FAST), out, callbacks=[_StopAt(5)])  # checkpoints at 2 and 4
+        engine.train(load_config("digits", FAST), out, callbacks=[_StopAt(5)])  # checkpoints at 2 and 4
     latest = out / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # torn by a faulty disk or copy
     _fail_saving(monkeypatch, 4)  # and the resumed run dies while writing its next checkpoint
