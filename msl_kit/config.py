@@ -364,7 +364,7 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device("cuda" if name == "auto" else name)
     except RuntimeError:
-        raise ConfigError(f"device = {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto") from None
     if name == "auto" or device.type == "cpu":
         return
     _check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")

@@ -70,22 +70,23 @@ def _take_lock(folder: Path) -> Path:
 def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
     """Hold `folder` for one writer. `new=True` (a fresh run) needs a missing or empty folder."""
     folder = Path(folder)
-    if new and folder.is_dir() and any(folder.iterdir()):
-        hint = (f"it holds a run: continue it with `msl-kit train --resume {folder}`"
-                if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
-                else "it holds files msl-kit did not write")
-        raise RunFolderError(f"{folder} is not empty ({hint}), or choose another --out (a new or "
-                             "empty folder); nothing in it was changed")
     if new and folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file; choose a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = _take_lock(folder)
+        lock = _take_lock(folder)  # first: a folder in use is reported as such
     except RunFolderError:
         raise
     except OSError as e:
         raise RunFolderError(f"cannot write to the output folder {folder} ({e.strerror}); choose "
                              "another with --out") from None
+    if new and any(p.name != LOCK for p in folder.iterdir()):
+        lock.unlink(missing_ok=True)
+        hint = (f"it holds a run: continue it with `msl-kit train --resume {folder}`"
+                if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
+                else "it holds files msl-kit did not write")
+        raise RunFolderError(f"{folder} is not empty ({hint}), or choose another --out (a new or "
+                             "empty folder); nothing in it was changed")
     try:
         yield folder
     finally:
