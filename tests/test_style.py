@@ -1,0 +1,54 @@
+"""The codebase stays one a reader can hold in their head: ruff-clean, short functions, small modules."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "msl_kit"
+
+
+def _ruff() -> list[str]:
+    exe = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(exe).exists():
+        pytest.fail("ruff is not installed: pip install -e '.[dev]'")
+    return [exe]
+
+
+def test_ruff_check_passes():
+    done = subprocess.run([*_ruff(), "check", "msl_kit", "tests", "bench"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_ruff_format_is_applied():
+    done = subprocess.run([*_ruff(), "format", "--check", "msl_kit", "tests", "bench"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+
+
+def test_no_function_over_80_lines_and_no_module_over_400():
+    long_functions, big_modules = [], []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 400:
+            big_modules.append(f"{path.name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long_functions.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    assert not long_functions and not big_modules, long_functions + big_modules
+
+
+def test_losses_opens_with_the_readable_ms_loss():
+    tree = ast.parse((PACKAGE / "losses.py").read_text())
+    first = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+    assert first.name == "multi_similarity_loss"
+    body = first.body[1:] if isinstance(first.body[0].value, ast.Constant) else first.body
+    assert body[-1].end_lineno - body[0].lineno + 1 <= 40
