@@ -253,39 +253,46 @@ def mining_stats(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam:
     """
     labels, _ = _check_sim(sim, labels, None, None)
     masks = _stacked_masks(labels, None, None)
-    with torch.no_grad():
+    with torch.no_grad():  # few kernels, every reduction over both kinds at once
         s = sim.detach().to(_work_dtype(sim))
         core = _ms_core(s, masks, alpha, beta, lam, margin)
         kept = core.kept & (core.coef > 0)
-        weights = core.e.mul_(core.coef)
-        out: dict[str, Tensor] = {}
-        for k, kind in enumerate(("pos", "neg")):
-            n_pairs, w = masks[k].sum(), weights[k][kept[k]]
-            out[f"{kind}_kept"] = kept[k].sum() / n_pairs
-            none = torch.full((), math.nan, dtype=s.dtype, device=s.device)
-            out[f"w_{kind}_mean"] = w.mean() if w.numel() else none
-            out[f"w_{kind}_max"] = w.max() if w.numel() else none
-            qs = _quantiles(s[masks[k]], (0.1, 0.5, 0.9))
-            for q, v in zip((10, 50, 90), qs):
-                out[f"sim_{kind}_q{q}"] = v
-        values = torch.stack([v.to(s.dtype) for v in out.values()]).tolist()  # one sync
-    return dict(zip(out, values))
+        w = core.e.mul_(core.coef)                       # zero off the kept pairs
+        n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))
+        w_max = torch.where(n_kept > 0, w.amax((1, 2)), math.nan)
+        ordered = torch.where(masks, s, math.inf).flatten(1).sort(1).values
+        table = torch.cat([torch.stack([n_kept / n_pairs, w.sum((1, 2)) / n_kept, w_max], 1),
+                           _quantiles(ordered, n_pairs, (0.1, 0.5, 0.9))], 1).tolist()
+    stats = {}
+    for name, col in (("{}_kept", 0), ("w_{}_mean", 1), ("w_{}_max", 2), ("sim_{}_q10", 3),
+                      ("sim_{}_q50", 4), ("sim_{}_q90", 5)):
+        stats.update({name.format(kind): table[k][col] for k, kind in enumerate(("pos", "neg"))})
+    return stats
 
 
-def _quantiles(values: Tensor, qs: tuple[float, ...]) -> Tensor:
-    """Linear-interpolation quantiles (numpy's default) by one sort (no size limit)."""
-    v = values.sort().values
-    if v.numel() == 0:
-        return torch.full((len(qs),), math.nan, dtype=v.dtype, device=v.device)
-    pos = torch.tensor(qs, dtype=v.dtype, device=v.device) * (v.numel() - 1)
+def _quantiles(ordered: Tensor, counts: Tensor, qs: tuple[float, ...]) -> Tensor:
+    """(rows, len(qs)) linear-interpolation quantiles (numpy's default) of the first
+    counts[i] values of each sorted row; NaN for empty rows."""
+    q = torch.tensor(qs, dtype=ordered.dtype, device=ordered.device)
+    pos = (counts[:, None] - 1).clamp_min(0) * q
     lo, hi = pos.floor().long(), pos.ceil().long()
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    low, high = ordered.gather(1, lo), ordered.gather(1, hi)
+    return torch.where(counts[:, None] > 0, low + (high - low) * (pos - lo), math.nan)
 
 
 # ----------------------------------------------------------------------------- module
 class MultiSimilarityLoss(nn.Module):
-    """Multi-Similarity loss with the released code's mining; dot products, no normalisation.
+    """Multi-Similarity loss (DESIGN.md); dot products, no normalisation.
 
+    Mining is the released code's, except how an anchor is kept from being its own positive:
+    the released loss drops same-label pairs with S >= 1 - 1e-5, msl_kit drops the diagonal
+    by index. For a P x K batch of distinct images with unit embeddings the two agree unless
+    two different images embed within distance 0.0045 (S >= 1 - 1e-5): the diagonal is then
+    the only such pair. They differ for duplicate images or identical embeddings (msl_kit keeps
+    the copy as a positive of S = 1, mined only if a negative exceeds 1 - margin) and for
+    unnormalised rows (S_ii != 1). An anchor left with no positive (a one-image class, or only
+    copies) crashes the released code (min of an empty set); here a one-image class's anchor
+    does not count and copies stay ordinary positives.
     A NaN in the embeddings gives a NaN loss (never a finite number). mining="none" keeps
     every pair (the paper's ablation "MS weighting without mining"); anchors still need a
     positive and a negative pair to count.
