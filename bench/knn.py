@@ -1,10 +1,12 @@
 """Exact top-k kNN of msl_kit.metrics against faiss IndexFlatIP (the kNN behind recall_at_k).
 
     python bench/knn.py [--n 60000] [--dim 512] [--k 32] [--threads 2] [--repeats 3]
-                        [--block-sizes 2048 4096 8192]
+                        [--block-sizes 2048 4096 8192] [--inputs random|clustered]
 
-N x D random unit vectors (seed 0), query = gallery, each query's own index excluded
-(faiss searches k + 1 and drops the query, as pytorch-metric-learning does). Every timed
+N x D unit vectors (seed 0), query = gallery: "random" (isotropic) or "clustered" (classes of
+5 around shared-direction centres, as a trained model's embeddings look; the pruning of the
+running top-k depends on the score distribution, so both are worth timing), each query's own
+index excluded (faiss searches k + 1 and drops the query, as pytorch-metric-learning does). Every timed
 call runs in a fresh subprocess, contenders interleaved repeat by repeat, on the same
 thread count (torch.set_num_threads and faiss.omp_set_num_threads). Time is wall time of
 the call alone (data made and libraries warmed before). Peak memory is the rise of the
@@ -34,8 +36,23 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (this bench needs Linux)")
 
 
-def make_data(n: int, dim: int) -> np.ndarray:
-    x = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32)
+def make_labels(n: int, inputs: str) -> np.ndarray:
+    """SOP-like labels, about 5 images per class (the clusters' classes for "clustered")."""
+    if inputs == "clustered":
+        return np.arange(n) // 5
+    return np.random.default_rng(1).integers(0, max(1, n // 5), n)
+
+
+def make_data(n: int, dim: int, inputs: str = "random") -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    if inputs == "clustered":  # centres: one shared direction + a 15-d class part, plus noise
+        labels = make_labels(n, inputs)
+        basis = np.linalg.qr(rng.standard_normal((dim, 16)))[0].astype(np.float32)
+        centres = 0.5 * basis[:, 0] + rng.standard_normal((labels[-1] + 1, 15),
+                                                          dtype=np.float32) @ basis[:, 1:].T / 4
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        x = centres[labels] + 0.6 * x / np.sqrt(dim)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -48,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    x = make_data(args.n, args.dim)
+    x = make_data(args.n, args.dim, args.inputs)
     small = x[:512].copy()  # warm both libraries (thread pools, BLAS) outside the timing
 
     if args.worker == "faiss":
@@ -84,10 +101,11 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_mib, "hwm_reset": hwm_reset}))
 
 
-def check_same(k: int, n: int, paths: dict[str, str]) -> None:
+def check_same(k: int, n: int, paths: dict[str, str], inputs: str) -> None:
     """Neighbour sets and Recall@K of every contender against faiss."""
-    ref_idx, ref_sims = np.load(paths["faiss"] + "_idx.npy"), np.load(paths["faiss"] + "_sims.npy")
-    labels = np.random.default_rng(1).integers(0, max(1, n // 5), n)
+    ref_idx = np.load(paths["faiss"] + "_idx.npy")
+    ref_sims = np.load(paths["faiss"] + "_sims.npy")
+    labels = make_labels(n, inputs)
     ks = [kk for kk in (1, 2, 4, 8, 16, 32) if kk <= k]
 
     def recall(idx):
@@ -117,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[0],
                         help="ours at these block sizes (0 = the library default)")
+    parser.add_argument("--inputs", choices=["random", "clustered"], default="random")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,7 +153,7 @@ def main() -> None:
             for c in contenders:
                 cmd = [sys.executable, __file__, "--worker", c.split(",")[-1] if c != "faiss" else "faiss",
                        "--n", str(args.n), "--dim", str(args.dim), "--k", str(args.k),
-                       "--threads", str(args.threads)] + (["--save", paths[c]] if rep == 0 else [])
+                       "--threads", str(args.threads), "--inputs", args.inputs] + (["--save", paths[c]] if rep == 0 else [])
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"{c} failed:\n{out.stderr}")
@@ -142,9 +161,10 @@ def main() -> None:
                 last = results[c][-1]
                 print(f"repeat {rep}: {c:<16} {last['seconds']:8.2f} s wall {last['cpu_seconds']:8.2f} s cpu",
                       flush=True)
-        check_same(args.k, args.n, paths)
+        check_same(args.k, args.n, paths, args.inputs)
 
-    print(f"\nN={args.n} D={args.dim} k={args.k} threads={args.threads} repeats={args.repeats} "
+    print(f"\nN={args.n} D={args.dim} inputs={args.inputs} k={args.k} threads={args.threads} "
+          f"repeats={args.repeats} "
           f"(medians; cpu = process CPU time of all threads, steadier on a shared machine;\n"
           f" peak = max over repeats of the peak-RSS rise during the call)")
     print(f"{'contender':<18}{'wall s':>8}{'min s':>8}{'vs faiss':>10}{'cpu s':>8}{'vs faiss':>10}{'peak MiB':>10}")

@@ -8,10 +8,11 @@ Training step (XBM's order): compute the batch loss; once the memory is active, 
 current batch *first* and then compute the anchors-against-memory term, so the current batch
 is among the references too (as detached copies):
 
-    loss = batch_loss(emb, labels)
+    ms = losses.MultiSimilarityLoss(**params)
+    loss = ms(emb, labels)
     if xbm.active(it):
         xbm.enqueue(emb.detach(), labels, indices)
-        loss = loss + xbm.weight * xbm.loss(multi_similarity_loss, emb, labels, indices)
+        loss = loss + xbm.weight * xbm.loss(ms.from_sim, emb, labels, indices)
 
 `xbm_step_loss` does exactly that. Under DDP pass the all-gathered batch (see
 `distributed.global_batch_loss(..., indices=...)`) so every rank keeps the same memory.
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 # loss_fn(sim (B, M), labels (B,), ref_labels (M,), ignore (B, M) bool) -> 0-dim tensor,
-# e.g. losses.multi_similarity_loss called with keywords ref_labels= and ignore=.
+# called with keywords ref_labels= and ignore=: `MultiSimilarityLoss(...).from_sim` (the fast
+# path) or `losses.multi_similarity_loss` (the readable definition; same values, slower).
 SimLossFn = Callable[..., Tensor]
 
 
@@ -32,14 +34,15 @@ class CrossBatchMemory:
     """A FIFO ring buffer of detached embeddings, their labels and their dataset indices.
 
     The buffer is allocated at the first enqueue with that batch's width and device, in
-    float32 (float64 for float64 batches); later batches must have the same width. `size` is the number
-    of embeddings kept; `start_iteration` the first iteration at which the memory is used
+    float32 (float64 for float64 batches); later batches must have the same width. `size` is
+    the number of embeddings kept; `start_iteration` the first iteration at which the memory is used
     (XBM switches it on after the embeddings have settled); `weight` scales the memory term.
     """
 
     def __init__(self, size: int, start_iteration: int = 0, weight: float = 1.0) -> None:
         if size < 1:
-            raise ValueError(f"memory size must be positive, got {size}; e.g. the training set size")
+            raise ValueError(f"memory size must be positive, got {size}; "
+                             "e.g. the training set size")
         self.size = int(size)
         self.start_iteration = int(start_iteration)
         self.weight = float(weight)
@@ -85,8 +88,9 @@ class CrossBatchMemory:
             self._allocate(embeddings)
         elif embeddings.shape[1] != self.embeddings.shape[1]:
             raise ValueError(
-                f"memory holds {self.embeddings.shape[1]}-d embeddings but got {embeddings.shape[1]}-d; "
-                f"use a new CrossBatchMemory (or reset()) after changing the embedding size"
+                f"memory holds {self.embeddings.shape[1]}-d embeddings but got "
+                f"{embeddings.shape[1]}-d; use a new CrossBatchMemory (or reset()) after "
+                "changing the embedding size"
             )
         self._move_to(embeddings.device)
         device = self.embeddings.device
@@ -94,7 +98,8 @@ class CrossBatchMemory:
         labels = labels.detach().to(device=device, dtype=torch.long)
         indices = indices.detach().to(device=device, dtype=torch.long)
         if n >= self.size:  # only the newest `size` entries would survive anyway
-            embeddings, labels, indices = embeddings[-self.size :], labels[-self.size :], indices[-self.size :]
+            keep = slice(n - self.size, n)
+            embeddings, labels, indices = embeddings[keep], labels[keep], indices[keep]
             n = self.size
         slots = (self.ptr + torch.arange(n, device=device)) % self.size
         self.embeddings[slots] = embeddings
@@ -108,14 +113,8 @@ class CrossBatchMemory:
         self.embeddings = self.labels = self.indices = None
         self.ptr = self.count = 0
 
-    def contents(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The stored (embeddings, labels, indices), oldest first."""
-        if self.embeddings is None:
-            raise RuntimeError("the memory is empty; enqueue a batch first")
-        order = (self.ptr - self.count + torch.arange(self.count, device=self.embeddings.device)) % self.size
-        return self.embeddings[order], self.labels[order], self.indices[order]
-
-    def loss(self, loss_fn_sim: SimLossFn, embeddings: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
+    def loss(self, loss_fn_sim: SimLossFn, embeddings: Tensor, labels: Tensor,
+             indices: Tensor) -> Tensor:
         """The anchors-against-memory term: `loss_fn_sim(sim, labels, ref_labels=, ignore=)`.
 
         sim = embeddings @ memory^T (B, M). Every memory entry with the anchor's own dataset

@@ -11,6 +11,7 @@ index first, whatever the block size or block order.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -26,7 +27,7 @@ Array = Union[Tensor, np.ndarray]  # embeddings: (N, D) floats; labels: (N,) int
 
 
 def _as_embeddings(x: Array, name: str) -> Tensor:
-    x = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D (N, D) array; got shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
@@ -40,18 +41,35 @@ def _as_embeddings(x: Array, name: str) -> Tensor:
     return x
 
 
+def _check_norms(x: Tensor, name: str) -> None:
+    """Refuse rows whose inner products could overflow the score dtype (metrics only; `knn`
+    itself ranks whatever scores come out, inf included)."""
+    # |q . g| <= |q| |g| (also for every partial sum of the product), so rows shorter than
+    # sqrt(max) cannot overflow the scores; longer ones would rank inf / NaN silently
+    limit = math.sqrt(torch.finfo(x.dtype).max)
+    longest = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
+    if not longest < limit:
+        raise ValueError(f"{name} has rows of norm up to {longest:.3g}: inner products would "
+                         f"overflow {x.dtype} (norms must stay below {limit:.3g}); "
+                         f"L2-normalise or rescale the embeddings before evaluating")
+
+
 def _as_labels(labels: Array, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         labels = np.asarray(labels)
-        if labels.dtype.kind not in "iub":  # strings, objects: torch's own error says nothing useful
+        # strings, objects: torch's own error says nothing useful
+        if labels.dtype.kind not in "iub":
             if labels.dtype.kind != "f":
-                raise ValueError(f"{name} must be integers; got {labels.dtype} values (map class names to ints "
-                                 f"first, e.g. np.unique(labels, return_inverse=True)[1])")
+                raise ValueError(f"{name} must be integers; got {labels.dtype} values (map class "
+                                 f"names to ints first, e.g. "
+                                 f"np.unique(labels, return_inverse=True)[1])")
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one integer per item); got shape {tuple(labels.shape)}")
+        raise ValueError(f"{name} must be 1-D (one integer per item); "
+                         f"got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be integers; got {labels.dtype} (map class names to ints first)")
+        raise ValueError(f"{name} must be integers; got {labels.dtype} "
+                         f"(map class names to ints first)")
     if len(labels) != n:
         raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
     return labels.to("cpu", torch.int64)
@@ -91,7 +109,8 @@ def _merge(run_keys: Tensor, rows: Tensor, cand_keys: Tensor) -> Tensor:
     counts = torch.bincount(rows, minlength=n_rows)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    padded = torch.full((n_rows, int(counts.max())), _EMPTY_KEY, dtype=torch.int64, device=rows.device)
+    padded = torch.full((n_rows, int(counts.max())), _EMPTY_KEY, dtype=torch.int64,
+                        device=rows.device)
     padded[rows, slot] = cand_keys
     return torch.cat([run_keys, padded], 1).topk(k, dim=1).values  # keys are unique: no ties
 
@@ -117,7 +136,8 @@ def _update(run_keys: Tensor, sims: Tensor, col_offset: int, mask: Tensor, *, by
     if not by_cols:
         return _merge(run_keys, tile_rows, _keys(cand_sims, tile_cols + col_offset))
     tile_cols, order = torch.sort(tile_cols)  # regroup the candidates by column
-    cand_keys = _keys(cand_sims.index_select(0, order), tile_rows.index_select(0, order) + col_offset)
+    cand_keys = _keys(cand_sims.index_select(0, order),
+                      tile_rows.index_select(0, order) + col_offset)
     return _merge(run_keys, tile_cols, cand_keys)
 
 
@@ -162,12 +182,15 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
             s, mask = tile(a0, a0)
             if exclude_self:
                 s.diagonal().fill_(float("-inf"))
-            run[a0:a0 + b] = _update(run[a0:a0 + b], s, a0, mask, by_cols=False, diag=exclude_self, init=True)
+            run[a0:a0 + b] = _update(run[a0:a0 + b], s, a0, mask, by_cols=False,
+                                     diag=exclude_self, init=True)
         for a0 in starts_q:
             for b0 in range(a0 + b, n_query, b):
                 s, mask = tile(a0, b0)
-                run[a0:a0 + b] = _update(run[a0:a0 + b], s, b0, mask, by_cols=False, diag=False, init=False)
-                run[b0:b0 + b] = _update(run[b0:b0 + b], s, a0, mask, by_cols=True, diag=False, init=False)
+                run[a0:a0 + b] = _update(run[a0:a0 + b], s, b0, mask, by_cols=False,
+                                         diag=False, init=False)
+                run[b0:b0 + b] = _update(run[b0:b0 + b], s, a0, mask, by_cols=True,
+                                         diag=False, init=False)
     else:
         for q0 in starts_q:
             for g0 in starts_g:
@@ -175,7 +198,8 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
                 diag = exclude_self and q0 == g0  # one grid: only these tiles hold pairs (i, i)
                 if diag:
                     s.diagonal().fill_(float("-inf"))
-                run[q0:q0 + b] = _update(run[q0:q0 + b], s, g0, mask, by_cols=False, diag=diag, init=g0 == 0)
+                run[q0:q0 + b] = _update(run[q0:q0 + b], s, g0, mask, by_cols=False, diag=diag,
+                                         init=g0 == 0)
     return _decode(run)
 
 
@@ -184,6 +208,7 @@ def _neighbour_hits(embeddings: Array, labels: Array, k_needed: Callable[[Tensor
                     block_size: int | None) -> tuple[Tensor, Tensor]:
     """(Q, k) bool: does the j-th neighbour share the query's label; and each query's R."""
     x = _as_embeddings(embeddings, "embeddings")
+    _check_norms(x, "embeddings")
     q_labels = _as_labels(labels, x.shape[0], "labels")
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("pass both gallery and gallery_labels, or neither (query = gallery)")
@@ -192,11 +217,18 @@ def _neighbour_hits(embeddings: Array, labels: Array, k_needed: Callable[[Tensor
         self_count = 1
     else:
         g = _as_embeddings(gallery, "gallery")
+        _check_norms(g, "gallery")
         g_labels = _as_labels(gallery_labels, g.shape[0], "gallery_labels")
         self_count = 0
     uniq, counts = torch.unique(g_labels, return_counts=True)
     pos = torch.searchsorted(uniq, q_labels).clamp_max(len(uniq) - 1)
     r = torch.where(uniq[pos] == q_labels, counts[pos], 0) - self_count
+    lonely = int((r == 0).sum())
+    if lonely:
+        warnings.warn(f"{lonely} of {len(r)} queries have no relevant item in the gallery (their "
+                      f"class has one image, or none in the gallery): they count as misses in "
+                      f"Recall@K, which then cannot reach 1, and are left out of MAP@R and "
+                      f"R-precision (nan when no query has one)", UserWarning, stacklevel=3)
     k = k_needed(r)
     available = len(g_labels) - self_count
     if k > available:
@@ -215,27 +247,33 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def recall_at_k(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 2, 4, 8), *,
-                gallery: Array | None = None, gallery_labels: Array | None = None, block_size: int | None = None) -> dict[int, float]:
+                gallery: Array | None = None, gallery_labels: Array | None = None,
+                block_size: int | None = None) -> dict[int, float]:
     """Fraction of queries with at least one same-label item among their top-K, for each K.
 
     Query = gallery (the query itself excluded by index) unless `gallery` and
     `gallery_labels` are given (In-Shop style, nothing excluded). Ranking by inner product.
+    A query with no same-label gallery item (a one-image class) counts as a miss, so the
+    value is then at most the fraction of queries that have one; a warning gives the count.
     """
     ks = _check_ks(ks)
-    hits, _ = _neighbour_hits(embeddings, labels, lambda r: max(ks), gallery, gallery_labels, block_size)
+    hits, _ = _neighbour_hits(embeddings, labels, lambda r: max(ks), gallery, gallery_labels,
+                              block_size)
     found = hits.cumsum(1) > 0
     return {k: float(found[:, k - 1].double().mean()) for k in ks}
 
 
 def retrieval_metrics(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 2, 4, 8), *,
-                      gallery: Array | None = None, gallery_labels: Array | None = None, max_r: int | None = 1000,
+                      gallery: Array | None = None, gallery_labels: Array | None = None,
+                      max_r: int | None = 1000,
                       block_size: int | None = None) -> dict[str, float]:
     """Recall@K for each K plus "map@r" and "r_precision" (Musgrave et al., 2020).
 
     R is the number of gallery items sharing the query's label (the query itself excluded in
     the query = gallery case). R-precision = same-label items in the top R / R; MAP@R = sum of
     precision@i over the same-label ranks i <= R, divided by R. Queries with R = 0 are left
-    out of map@r and r_precision (nan if none is left) but count as misses in recall.
+    out of map@r and r_precision (nan if none is left) but count as misses in recall (a
+    warning says how many: a split of one image per class gives recall 0 and map@r nan).
     A class larger than `max_r` would make the kNN wide (Q x R keys), so R is clipped to
     `max_r` for those queries (MAP@max_r), with a warning; `max_r=None` never clips.
     """
@@ -252,7 +290,8 @@ def retrieval_metrics(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 
     hits, r = _neighbour_hits(embeddings, labels, k_needed, gallery, gallery_labels, block_size)
     if clip["r"] is not None:
         warnings.warn(f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
-                      f"use R clipped to {max_r} for those queries; pass max_r=None for exact values",
+                      f"use R clipped to {max_r} for those queries; pass max_r=None for exact "
+                      f"values",
                       stacklevel=2)
         r = r.clamp_max(int(max_r))
     found = hits.cumsum(1) > 0

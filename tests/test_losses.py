@@ -625,3 +625,184 @@ def test_mined_pairs_are_exactly_the_pairs_with_weight(seed):
     w = pair_weights(sim, labels, margin=0.1)
     assert torch.equal(kept_pos, w.pos > 0) and torch.equal(kept_neg, w.neg > 0)
     assert kept_pos.any() and kept_neg.any()
+
+
+# ----------------------------------------------------------------------------- readable vs fast
+def test_losses_module_opens_with_the_readable_definition():
+    """The first function of losses.py is multi_similarity_loss, at most 40 lines of body,
+    and MS's released numbers are written once (in PRESETS)."""
+    import ast
+    import inspect
+
+    from msl_kit import losses
+    source = inspect.getsource(losses)
+    first = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef))
+    assert first.name == "multi_similarity_loss"
+    assert first.end_lineno - first.body[0].end_lineno <= 40      # body after the docstring
+    assert source.count("40.0") == 1 and "beta=40.0" in source.split("PRESETS")[1]
+
+
+@pytest.mark.parametrize("params", PARAMS[:3] + PARAMS[4:], ids=str)
+@pytest.mark.parametrize("case", batches(), ids=lambda c: c[0])
+def test_fast_path_equals_readable_definition(case, params):
+    """Every fast entry point (from_sim, per_anchor, the embeddings module) gives the readable
+    multi_similarity_loss's value and gradient."""
+    _, x, labels = case
+    s_read, s_fast = (x @ x.T).requires_grad_(True), (x @ x.T).requires_grad_(True)
+    readable = multi_similarity_loss(s_read, labels, **params)
+    fast = MultiSimilarityLoss(**params).from_sim(s_fast, labels)
+    torch.testing.assert_close(fast, readable, rtol=1e-12, atol=1e-14)
+    readable.backward(), fast.backward()
+    torch.testing.assert_close(s_fast.grad, s_read.grad, rtol=1e-10, atol=1e-14)
+    rows = ms_per_anchor(x @ x.T, labels, **params)
+    torch.testing.assert_close(rows.sum() / len(rows), readable.detach(), rtol=1e-12, atol=1e-14)
+    x_fast, x_read = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    MultiSimilarityLoss(**params)(x_fast, labels).backward()
+    multi_similarity_loss(x_read @ x_read.T, labels, **params).backward()
+    torch.testing.assert_close(x_fast.grad, x_read.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_fast_path_equals_readable_with_references_and_ignore():
+    anchors, labels = unit(10, 6, 23), pk_labels(10, 2)
+    refs, ref_labels = unit(30, 6, 24), torch.arange(30) % 7
+    ignore = torch.rand(10, 30, generator=torch.Generator().manual_seed(2)) < 0.2
+    s_read, s_fast = (anchors @ refs.T).requires_grad_(True), (anchors @ refs.T).requires_grad_(True)
+    readable = multi_similarity_loss(s_read, labels, ref_labels, ignore=ignore)
+    fast = MultiSimilarityLoss().from_sim(s_fast, labels, ref_labels, ignore=ignore)
+    torch.testing.assert_close(fast, readable, rtol=1e-12, atol=1e-14)
+    readable.backward(), fast.backward()
+    torch.testing.assert_close(s_fast.grad, s_read.grad, rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- NaN inputs
+def test_nan_embedding_gives_nan_loss_never_a_finite_number():
+    """Choice: a NaN among an anchor's pairs makes the loss NaN (no sync, no exception, as
+    torch's own losses do); mining alone would have dropped the NaN pairs and returned 0."""
+    x, labels = unit(12, 4, 3, torch.float32), pk_labels(12, 3)
+    x[5, 1] = float("nan")
+    assert torch.isnan(MultiSimilarityLoss()(x, labels))
+    assert torch.isnan(MultiSimilarityLoss()(x.double(), labels))
+    sim = x @ x.T
+    assert torch.isnan(multi_similarity_loss(sim, labels))
+    assert torch.isnan(MultiSimilarityLoss().from_sim(sim, labels))
+    assert torch.isnan(ms_per_anchor(sim, labels)).all()     # the NaN row meets every anchor
+    x[5, 1] = float("inf")
+    assert not torch.isfinite(MultiSimilarityLoss()(x, labels))
+
+
+# ----------------------------------------------------------------------------- mining stats
+STAT_KEYS = {"pos_kept", "neg_kept", "w_pos_mean", "w_pos_max", "w_neg_mean", "w_neg_max",
+             "sim_pos_q10", "sim_pos_q50", "sim_pos_q90", "sim_neg_q10", "sim_neg_q50",
+             "sim_neg_q90"}
+
+
+@pytest.mark.parametrize("case", batches()[:5] + batches()[-2:], ids=lambda c: c[0])
+def test_mining_stats_against_pair_weights(case):
+    from msl_kit.losses import mining_stats
+    _, x, labels = case
+    sim = x @ x.T
+    for params in (DEFAULTS, PARAMS[2]):
+        stats = mining_stats(sim, labels, **params)
+        assert set(stats) == STAT_KEYS and all(isinstance(v, float) for v in stats.values())
+        w = pair_weights(sim, labels, **params)
+        kept_pos, kept_neg = mined_pairs(sim, labels, margin=params["margin"])
+        same = labels[:, None] == labels[None, :]
+        pos_mask, neg_mask = same & ~torch.eye(len(labels), dtype=torch.bool), ~same
+        for kind, kept, mask, weights in (("pos", kept_pos, pos_mask, w.pos),
+                                          ("neg", kept_neg, neg_mask, w.neg)):
+            assert stats[f"{kind}_kept"] == pytest.approx(kept.sum().item() / mask.sum().item())
+            assert stats[f"w_{kind}_mean"] == pytest.approx(weights[kept].mean().item(), rel=1e-12)
+            assert stats[f"w_{kind}_max"] == pytest.approx(weights.max().item(), rel=1e-12)
+            expected = torch.quantile(sim[mask], torch.tensor([0.1, 0.5, 0.9], dtype=sim.dtype))
+            got = [stats[f"sim_{kind}_q{q}"] for q in (10, 50, 90)]
+            assert got == pytest.approx(expected.tolist(), rel=1e-12)
+
+
+def test_mining_stats_empty_sets_are_nan():
+    from msl_kit.losses import mining_stats
+    stats = mining_stats(torch.eye(4), torch.arange(4), **DEFAULTS)   # no positive pair at all
+    assert all(math.isnan(stats[k]) for k in STAT_KEYS if "pos" in k)
+    assert stats["neg_kept"] == 0.0 and math.isnan(stats["w_neg_mean"])
+    assert stats["sim_neg_q50"] == 0.0
+
+
+# ----------------------------------------------------------------------------- mining option
+def loop_pairs(sim, labels, margin=0.1, mining="ms"):
+    """Per anchor: (kept positive, kept negative) column lists; MS mining or every pair; both
+    lists empty for anchors that lack either kind."""
+    out = []
+    for i in range(len(labels)):
+        pos = [j for j in range(len(labels)) if j != i and labels[j] == labels[i]]
+        neg = [j for j in range(len(labels)) if labels[j] != labels[i]]
+        if pos and neg and mining == "ms":
+            min_pos, max_neg = min(sim[i, j] for j in pos), max(sim[i, k] for k in neg)
+            pos = [j for j in pos if sim[i, j] - margin < max_neg]
+            neg = [k for k in neg if sim[i, k] + margin > min_pos]
+        out.append((pos, neg) if pos and neg else ([], []))
+    return out
+
+
+def loop_ms_no_mining(sim, labels, alpha=2.0, beta=40.0, lam=0.5, margin=0.1):
+    total = sim.new_zeros(())
+    for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining="none")):
+        if pos:
+            total = total + torch.log1p(sum(torch.exp(-alpha * (sim[i, j] - lam)) for j in pos)) / alpha
+            total = total + torch.log1p(sum(torch.exp(beta * (sim[i, k] - lam)) for k in neg)) / beta
+    return total / len(labels)
+
+
+def loop_binomial_ms(sim, labels, alpha=2.0, beta=50.0, lam=0.5, mining_margin=0.1):
+    total = sim.new_zeros(())
+    for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining_margin)):
+        if pos:
+            total = total + sum(F.softplus(alpha * (lam - sim[i, j])) for j in pos) / len(pos)
+            total = total + sum(F.softplus(beta * (sim[i, k] - lam)) for k in neg) / len(neg)
+    return total / len(labels)
+
+
+def loop_contrastive_ms(sim, labels, pos_margin=0.0, neg_margin=0.5, mining_margin=0.1):
+    total = sim.new_zeros(())
+    for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining_margin)):
+        total = total + sum((torch.clamp(1 - pos_margin - sim[i, j], min=0) for j in pos),
+                            sim.new_zeros(()))
+        total = total + sum((torch.clamp(sim[i, k] - neg_margin, min=0) for k in neg),
+                            sim.new_zeros(()))
+    return total / len(labels)
+
+
+MINING_CASES = [
+    ("ms", dict(mining="none"), loop_ms_no_mining),
+    ("ms", dict(mining="none", alpha=10.0, beta=100.0, lam=0.2), loop_ms_no_mining),
+    ("binomial", dict(mining="ms"), loop_binomial_ms),
+    ("binomial", dict(mining="ms", mining_margin=0.3, beta=10.0), loop_binomial_ms),
+    ("contrastive", dict(mining="ms"), loop_contrastive_ms),
+    ("contrastive", dict(mining="ms", mining_margin=0.0, neg_margin=0.1), loop_contrastive_ms),
+]
+
+
+@pytest.mark.parametrize("name,params,loop", MINING_CASES,
+                         ids=lambda v: str(v) if not callable(v) else "")
+def test_mining_option_matches_loops(name, params, loop):
+    loop_params = {k: v for k, v in params.items() if k != "mining"}
+    for seed in range(3):
+        x = unit(14, 4, 170 + seed)
+        labels = torch.cat([pk_labels(12, 3), torch.tensor([50, 51])])   # two singletons
+        assert_matches_loop(lambda e: build_loss(name, **params)(e, labels),
+                            lambda s: loop(s, labels, **loop_params), x)
+
+
+def test_mining_option_defaults_and_validation():
+    assert build_loss("ms").mining == "ms"
+    assert build_loss("binomial").mining == build_loss("contrastive").mining == "none"
+    x, labels = unit(20, 6, 5), pk_labels(20, 4)
+    # MS weighting without mining is a different loss on this batch; with mining it is MS
+    assert not torch.isclose(build_loss("ms", mining="none")(x, labels),
+                             build_loss("ms")(x, labels))
+    mined = build_loss("contrastive", mining="ms")(x, labels)
+    assert mined < build_loss("contrastive")(x, labels)
+    for name in ("ms", "binomial", "contrastive"):
+        for bad in ("MS", "all", "", None, "semihard"):
+            with pytest.raises(ValueError, match="'ms'.*'none'"):
+                build_loss(name, mining=bad)
+    with pytest.raises(ValueError, match="'ms'.*'none'"):
+        ms_per_anchor(x @ x.T, labels, mining="hard")

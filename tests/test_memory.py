@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from msl_kit.losses import MultiSimilarityLoss, multi_similarity_loss
 from msl_kit.memory import CrossBatchMemory, xbm_step_loss
-
-from msl_kit.losses import multi_similarity_loss
 
 ALPHA, BETA, LAM, MARGIN = 2.0, 40.0, 0.5, 0.1
 
@@ -39,6 +38,16 @@ def naive_memory_ms_loss(emb, labels, indices, mem_emb, mem_labels, mem_indices,
     return total / emb.shape[0], valid
 
 
+def held(memory):
+    """What the memory holds, (embeddings, labels, indices) in slot order (the loss ignores order)."""
+    n = len(memory)
+    return memory.embeddings[:n], memory.labels[:n], memory.indices[:n]
+
+
+def as_multiset(emb, labels, indices):
+    return sorted((int(i), int(l), tuple(e.tolist())) for e, l, i in zip(emb, labels, indices))
+
+
 def random_batch(gen, n, dim, num_classes, num_items, dtype=torch.float64):
     emb = F.normalize(torch.randn(n, dim, generator=gen, dtype=dtype), dim=1)
     labels = torch.randint(0, num_classes, (n,), generator=gen)
@@ -56,33 +65,38 @@ def test_fifo_order_and_wraparound_match_a_list():
         indices = torch.randint(0, 100, (n,), generator=gen)
         memory.enqueue(emb, labels, indices)
         reference.extend((e.tolist(), int(l), int(i)) for e, l, i in zip(emb, labels, indices))
-        expected = reference[-7:]
+        expected = reference[-7:]  # FIFO: the newest 7 entries, whatever slots they sit in
         assert len(memory) == len(expected)
-        stored_emb, stored_labels, stored_indices = memory.contents()
-        assert stored_emb.tolist() == [e for e, _, _ in expected]
-        assert stored_labels.tolist() == [l for _, l, _ in expected]
-        assert stored_indices.tolist() == [i for _, _, i in expected]
+        assert as_multiset(*held(memory)) == sorted((i, l, tuple(e)) for e, l, i in expected)
 
 
 def test_memory_term_matches_naive_loop_with_repeated_indices():
     gen = torch.Generator().manual_seed(1)
     memory = CrossBatchMemory(size=40)
     # Indices from a pool of 30 items, so the memory holds stale copies of current anchors too.
+    earlier = []
     for _ in range(4):
-        memory.enqueue(*random_batch(gen, 12, 6, 4, 30))
+        batch = random_batch(gen, 12, 6, 4, 30)
+        memory.enqueue(*batch)
+        earlier.append(batch[2])
     emb, labels, indices = random_batch(gen, 12, 6, 4, 30)
     emb.requires_grad_(True)
     memory.enqueue(emb.detach(), labels, indices)
     got = memory.loss(multi_similarity_loss, emb, labels, indices)
-    mem_emb, mem_labels, mem_indices = memory.contents()
+    fast = memory.loss(MultiSimilarityLoss().from_sim, emb, labels, indices)
+    mem_emb, mem_labels, mem_indices = held(memory)
     expected, valid = naive_memory_ms_loss(emb, labels, indices, mem_emb, mem_labels, mem_indices)
     assert valid >= 6, "the reference case should have many valid anchors"
     assert len(memory) == 40
-    assert torch.isin(indices, mem_indices[:-12]).any(), "the case should contain stale copies"
+    surviving_earlier = torch.cat(earlier)[-28:]  # 40 slots - the current 12
+    assert torch.isin(indices, surviving_earlier).any(), "the case should contain stale copies"
+    torch.testing.assert_close(fast, expected, rtol=1e-12, atol=1e-12)
+    (fast_grad,) = torch.autograd.grad(fast, emb)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     (grad,) = torch.autograd.grad(got, emb)
     (expected_grad,) = torch.autograd.grad(expected, emb)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast_grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_matches_pml_cross_batch_memory():
@@ -111,7 +125,7 @@ def test_matches_pml_cross_batch_memory():
         got = ours.loss(multi_similarity_loss, emb_ours, labels, indices)
         expected = theirs(emb_theirs, labels)
         if step > 0:  # the first batch alone holds only 2 positives per anchor
-            mem = ours.contents()
+            mem = held(ours)
             _, valid = naive_memory_ms_loss(emb, labels, indices, *mem)
             assert valid == 12, "the peer comparison needs every anchor valid"
         torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-9, atol=1e-12)
@@ -213,8 +227,11 @@ def test_state_dict_round_trip(tmp_path, batches):
     more = random_batch(gen, 4, 3, 4, 50, dtype=torch.float32)
     memory.enqueue(*more)
     restored.enqueue(*more)
-    for a, b in zip(memory.contents(), restored.contents()):
+    for a, b in zip(held(memory), held(restored)):
         assert torch.equal(a, b)
+    emb, labels, indices = more
+    torch.testing.assert_close(memory.loss(multi_similarity_loss, emb, labels, indices),
+                               restored.loss(multi_similarity_loss, emb, labels, indices))
     with pytest.raises(ValueError, match="set the memory size to 10"):
         CrossBatchMemory(size=11).load_state_dict(memory.state_dict())
 
@@ -222,8 +239,9 @@ def test_state_dict_round_trip(tmp_path, batches):
 def test_batch_larger_than_memory_keeps_newest():
     memory = CrossBatchMemory(size=4)
     memory.enqueue(torch.arange(6.0).view(6, 1), torch.arange(6), torch.arange(6))
-    emb, labels, indices = memory.contents()
-    assert emb.view(-1).tolist() == [2.0, 3.0, 4.0, 5.0] and indices.tolist() == [2, 3, 4, 5]
+    emb, labels, indices = held(memory)
+    assert sorted(emb.view(-1).tolist()) == [2.0, 3.0, 4.0, 5.0]
+    assert sorted(indices.tolist()) == [2, 3, 4, 5]
     assert len(memory) == 4
 
 

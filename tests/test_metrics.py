@@ -369,3 +369,31 @@ def test_input_validation(call, match):
         return
     with pytest.raises(ValueError, match=match):
         call(x, y)
+
+
+# --- overflow and queries without a relevant item (issue 12) ----------------------------------
+
+def test_norms_that_overflow_float32_inner_products_are_rejected():
+    labels = np.repeat(np.arange(3), 4)
+    x = np.eye(3, 8, dtype=np.float32)[labels] + 0.01 * np.random.default_rng(0).standard_normal(
+        (12, 8)).astype(np.float32)
+    assert recall_at_k(x, labels, (1,)) == {1: 1.0}
+    for scale in (1e20, 3e19):             # finite inputs whose products overflow float32
+        with pytest.raises(ValueError, match="norm up to .*overflow.*L2-normalise"):
+            recall_at_k(x * scale, labels, (1,))
+        with pytest.raises(ValueError, match="gallery has rows of norm"):
+            recall_at_k(x, labels, (1,), gallery=x * scale, gallery_labels=labels)
+    assert recall_at_k(x * 1e18, labels, (1,)) == {1: 1.0}   # large but safe: still exact
+
+
+def test_queries_without_relevant_items_are_reported():
+    x = np.eye(6, dtype=np.float32)
+    with pytest.warns(UserWarning, match="6 of 6 queries have no relevant item"):
+        out = retrieval_metrics(x, np.arange(6), (1,))
+    assert out["recall@1"] == 0.0 and math.isnan(out["map@r"])
+    labels = np.array([0, 0, 0, 1, 1, 2])                 # one single-image class
+    with pytest.warns(UserWarning, match="1 of 6 queries"):
+        assert recall_at_k(np.eye(3, dtype=np.float32)[labels], labels, (1,))[1] == 5 / 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recall_at_k(np.eye(3, dtype=np.float32)[labels[:5]], labels[:5], (1,))

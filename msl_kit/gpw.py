@@ -1,0 +1,199 @@
+"""The other pair losses of the MS paper's General Pair Weighting view, on similarities.
+
+Contrastive, triplet, binomial deviance and lifted structure, each a function of the
+similarity matrix S, boolean pair masks and row-wise reductions (no loop over anchors), with
+`gpw_pair_weights` giving each loss's per-pair weights by autograd. Contrastive and binomial
+take `mining="ms"` to restrict them to the pairs MS mining keeps (the paper's ablation "MS
+mining with other weightings"). `build_loss` and `LOSSES` are in `msl_kit.losses`, which
+also re-exports these names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msl_kit._inputs import (
+    _check_embeddings,
+    _check_labels,
+    _check_mining,
+    _check_sim,
+    _no_autocast,
+    _work_dtype,
+)
+from msl_kit.losses import _DEF, PairWeights, build_loss, mined_pairs, pair_masks
+
+
+def _self_sim(embeddings: Tensor) -> Tensor:
+    """S = X X^T in float32 (float64 stays), differentiable, outside autocast."""
+    with _no_autocast(embeddings.device.type):
+        x = embeddings.to(_work_dtype(embeddings))
+        return x @ x.T
+
+
+class _PairLoss(nn.Module):
+    """Base: forward(embeddings, labels) = from_sim(X X^T, labels); sum_i L_i / B by default."""
+
+    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def from_sim(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """The loss on a (B, B) similarity matrix."""
+        rows = self.per_anchor(sim, labels)
+        return rows.sum() / rows.shape[0]
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Loss of L2-normalised (B, D) embeddings with (B,) integer labels; a 0-dim tensor."""
+        _check_embeddings(embeddings)
+        labels = _check_labels(labels, embeddings.shape[0], embeddings.device)
+        return self.from_sim(_self_sim(embeddings), labels)
+
+
+def _masked_lse(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise log-sum-exp over `mask` and whether each row has any entry.
+
+    Empty rows are filled with zeros before the reduction, so neither the value nor the
+    gradient of a discarded row can be NaN.
+    """
+    has_any = mask.any(1)
+    filled = torch.where(mask, values, -math.inf)
+    filled = torch.where(has_any[:, None], filled, 0.0)
+    return torch.logsumexp(filled, 1), has_any
+
+
+def _self_masks(sim: Tensor, labels: object, mining: str = "none",
+                mining_margin: float = _DEF["margin"]) -> tuple[Tensor, Tensor, Tensor]:
+    """sim in float32/64 and its (positive, negative) masks: all pairs, or the MS-mined ones
+    (anchors without both kept sets then have no pair at all, as in the MS loss)."""
+    labels, _ = _check_sim(sim, labels, None, None)
+    if mining == "ms":
+        pos_mask, neg_mask = mined_pairs(sim, labels, margin=mining_margin)
+    else:
+        pos_mask, neg_mask = pair_masks(labels)
+    return sim.to(_work_dtype(sim)), pos_mask, neg_mask
+
+
+class ContrastiveLoss(_PairLoss):
+    """Contrastive loss on similarities (Hadsell et al. 2006, as the MS paper writes it).
+
+    L_i = sum_pos relu(1 - pos_margin - S_ij) + sum_neg relu(S_ik - neg_margin); loss =
+    sum_i L_i / B. With pos_margin = 0 and unit vectors the positive term is 1 - S_ij, so
+    every positive weighs 1 and every negative above neg_margin weighs 1 (the GPW view).
+    mining="ms" sums over the MS-mined pairs only (margin `mining_margin`).
+    """
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, mining: str = "none",
+                 mining_margin: float = _DEF["margin"]) -> None:
+        super().__init__()
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        self.mining, self.mining_margin = _check_mining(mining), mining_margin
+
+    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """Per-anchor L_i of a (B, B) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(sim, labels, self.mining, self.mining_margin)
+        pos = torch.where(pos_mask, F.relu(1.0 - self.pos_margin - sim), 0.0)
+        neg = torch.where(neg_mask, F.relu(sim - self.neg_margin), 0.0)
+        return (pos + neg).sum(1)
+
+
+_TRIPLET_MINING = ("all", "hard", "semihard")
+
+
+class TripletLoss(_PairLoss):
+    """Triplet margin loss on similarities: relu(S_ik - S_ij + margin) per (i, j, k).
+
+    Mining (per triplet, as in FaceNet / PML's TripletMarginMiner): "all" every triplet,
+    "hard" negatives at least as similar as the positive (S_ik >= S_ij), "semihard"
+    negatives less similar than the positive but within the margin
+    (S_ij - margin < S_ik < S_ij). Loss = mean over mined triplets with a positive hinge.
+    Builds a (B, B, B) tensor: meant for batches of a few hundred.
+    """
+
+    def __init__(self, margin: float = 0.1, mining: str = "semihard") -> None:
+        super().__init__()
+        if mining not in _TRIPLET_MINING:
+            raise ValueError(f"unknown triplet mining {mining!r}; choose one of {_TRIPLET_MINING}")
+        self.margin, self.mining = margin, mining
+
+    def _hinges(self, sim: Tensor, labels: Tensor) -> Tensor:
+        sim, pos_mask, neg_mask = _self_masks(sim, labels)
+        sim_ap, sim_an = sim[:, :, None], sim[:, None, :]
+        mined = pos_mask[:, :, None] & neg_mask[:, None, :]
+        if self.mining == "hard":
+            mined = mined & (sim_an >= sim_ap)
+        elif self.mining == "semihard":
+            mined = mined & (sim_an < sim_ap) & (sim_an > sim_ap - self.margin)
+        return torch.where(mined, F.relu(sim_an - sim_ap + self.margin), 0.0)
+
+    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """Per-anchor sum of mined triplet hinges (the GPW weights count active triplets)."""
+        return self._hinges(sim, labels).sum((1, 2))
+
+    def from_sim(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """Mean hinge over mined triplets with a positive hinge; 0 (with grad) if none."""
+        hinges = self._hinges(sim, labels)
+        n_active = (hinges.detach() > 0).sum().clamp_min(1)
+        return hinges.sum() / n_active
+
+
+class BinomialDevianceLoss(_PairLoss):
+    """Binomial deviance (Yi et al. 2014) in the MS paper's notation.
+
+    L_i = 1/P_i sum_pos log(1 + e^{alpha (lam - S_ij)})
+        + 1/N_i sum_neg log(1 + e^{beta (S_ik - lam)}); loss = sum_i L_i / B.
+    Defaults alpha=2, beta=50, lam=0.5 are Yi et al.'s alpha=2, beta=0.5, negative cost C=25
+    (beta here = alpha C). mining="ms" keeps only the MS-mined pairs (margin
+    `mining_margin`); P_i and N_i then count the kept pairs (a mean over what the loss sees).
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, lam: float = 0.5,
+                 mining: str = "none", mining_margin: float = _DEF["margin"]) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.lam = alpha, beta, lam
+        self.mining, self.mining_margin = _check_mining(mining), mining_margin
+
+    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """Per-anchor L_i of a (B, B) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(sim, labels, self.mining, self.mining_margin)
+        pos = torch.where(pos_mask, F.softplus(self.alpha * (self.lam - sim)), 0.0)
+        neg = torch.where(neg_mask, F.softplus(self.beta * (sim - self.lam)), 0.0)
+        n_pos = pos_mask.sum(1).clamp_min(1)
+        n_neg = neg_mask.sum(1).clamp_min(1)
+        return pos.sum(1) / n_pos + neg.sum(1) / n_neg
+
+
+class LiftedStructureLoss(_PairLoss):
+    """Generalised lifted structure loss on similarities, as the MS paper writes it.
+
+    L_i = relu(log sum_pos e^{margin - S_ij} + log sum_neg e^{S_ik}) for anchors with both
+    positives and negatives (else 0); loss = sum_i L_i / B. The weights are softmaxes:
+    w+ = softmax over positives of -S, w- = softmax over negatives of S.
+    """
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
+        """Per-anchor L_i of a (B, B) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(sim, labels)
+        pos_lse, has_pos = _masked_lse(self.margin - sim, pos_mask)
+        neg_lse, has_neg = _masked_lse(sim, neg_mask)
+        return torch.where(has_pos & has_neg, F.relu(pos_lse + neg_lse), 0.0)
+
+
+def gpw_pair_weights(name: str, sim: Tensor, labels: Tensor, **params: object) -> PairWeights:
+    """Each loss's per-pair weights by autograd on a leaf copy of a (B, B) sim.
+
+    pos = -dL/dS on positive pairs, neg = dL/dS on negative pairs, with L = sum_i L_i
+    (each row its own input), zero elsewhere; for "ms" this equals `pair_weights`.
+    """
+    loss = build_loss(name, **params)
+    labels, _ = _check_sim(sim, labels, None, None)
+    leaf = sim.detach().to(_work_dtype(sim)).requires_grad_(True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(loss.per_anchor(leaf, labels).sum(), leaf)
+    pos_mask, neg_mask = pair_masks(labels)
+    return PairWeights(torch.where(pos_mask, -grad, 0.0), torch.where(neg_mask, grad, 0.0))
