@@ -243,6 +243,7 @@ class Trainer:
         lc = cfg.loss
         self.xbm = CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
         self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
+        self.ms_on_sim = losses.MultiSimilarityLoss(**self.ms).from_sim  # XBM: the fast path
         self.iteration, self.history, self.results = 0, [], {}
         self.best: dict = {"iteration": 0, "recall@1": -1.0}
         self.floors: dict = {}
@@ -341,10 +342,8 @@ class Trainer:
     def _loss(self, emb: torch.Tensor, labels: torch.Tensor,
               indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            def ms_on_sim(*args: Any, **kw: Any) -> torch.Tensor:
-                return losses.multi_similarity_loss(*args, **kw, **self.ms)
-
-            return xbm_step_loss(self.xbm, self.iteration, self.loss_fn(e, y), ms_on_sim, e, y, idx)
+            return xbm_step_loss(self.xbm, self.iteration, self.loss_fn(e, y), self.ms_on_sim,
+                                 e, y, idx)
 
         if self.dist.world_size > 1:  # every rank scores the gathered global batch
             global_loss = distributed.global_batch_loss(step_loss, emb, labels, indices)
@@ -353,8 +352,7 @@ class Trainer:
         return loss, loss.detach()
 
     def _mining(self, emb: torch.Tensor, labels: torch.Tensor) -> dict:
-        stats = getattr(losses, "mining_stats", None)
-        return stats(emb @ emb.T, labels, **self.ms) if stats else {}
+        return losses.mining_stats(emb @ emb.T, labels, **self.ms)
 
     def evaluate(self) -> dict:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
