@@ -148,7 +148,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             print(f"{d.name:<10} {d.size:<40} {d.licence:<36} {d.source}")
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
-    path = datasets.prepare(args.name, args.root or "data", archive=archive, url=args.url)
+    max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
+    path = datasets.prepare(args.name, args.root or "data", archive=archive, url=args.url,
+                            max_bytes=max_bytes, max_members=args.max_files)
     print(f"{args.name} ready in {path}")
     return 0
 
@@ -190,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", nargs="+", help="local archive file(s) instead of downloading")
     p.add_argument("--url", help="download from this URL instead of the official one")
     p.add_argument("--list", action="store_true", help="list the datasets")
+    p.add_argument("--max-size", type=float, metavar="GB",
+                   help="refuse archives declaring more than this many GB (default 20)")
+    p.add_argument("--max-files", type=int, metavar="N",
+                   help="refuse archives of more than N members (default 500000)")
     p.add_argument("--weights", metavar="BACKBONE", help="download a backbone's ImageNet weights instead "
                    "(into --root if given, else the default cache path)")
     p.set_defaults(func=cmd_prepare)

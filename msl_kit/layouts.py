@@ -5,6 +5,7 @@ Every path read from a list file is confined to the dataset folder before it is 
 from __future__ import annotations
 
 import csv
+import os
 import posixpath
 import re
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
 
 
 class LayoutError(FileNotFoundError):
@@ -30,50 +32,213 @@ def _inside(*parts: str) -> str:
     """Join '/'-paths relative to the dataset folder; refuse any that leave it."""
     path = posixpath.normpath(posixpath.join(*(p.replace("\\", "/") for p in parts)))
     if path.startswith(("/", "../")) or path == ".." or re.match(r"[A-Za-z]:", path):
-        raise LayoutError(f"listed path {parts[-1]!r} points outside the dataset folder; the list file "
-                          "is damaged or malicious")
+        raise LayoutError(f"listed path {parts[-1]!r} points outside the dataset folder; the list "
+                          "file is damaged or malicious")
     return path
 
 
-def _find(ddir: Path, filename: str, depth: int = 3) -> str:
-    """The folder (relative to ddir) holding `filename`, searched breadth-first, sorted."""
+def _search(ddir: Path, filename: str, depth: int = 3) -> str | None:
+    """The folder (relative to ddir) holding `filename`, searched breadth-first, sorted; or None."""
     level = [ddir]
     for _ in range(depth + 1):
         for folder in level:
             if (folder / filename).is_file():
                 return folder.relative_to(ddir).as_posix()
-        level = [d for f in level for d in sorted(f.iterdir()) if d.is_dir() and d.name != "downloads"]
-    raise LayoutError(f"{ddir} has no {filename}; is this the right archive?")
+        level = [folder / name for folder in level for name in _subfolders(folder)]
+    return None
 
 
-def _rows(path: Path, skip: int = 0) -> list[list[str]]:
-    lines = path.read_text(encoding="utf-8").splitlines()[skip:]
-    return [line.split() for line in lines if line.strip()]
+def _subfolders(folder: Path) -> list[str]:
+    """Sorted names of the folders in `folder` but downloads/. scandir knows which entries are
+    folders without a stat each: Cars holds 8,144 images in one folder, SOP 120k in 12."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and e.name != "downloads")
+
+
+def _find(ddir: Path, filename: str, depth: int = 3) -> str:
+    """Like _search, but a LayoutError when `filename` is nowhere."""
+    found = _search(ddir, filename, depth)
+    if found is None:
+        raise LayoutError(f"{ddir} has no {filename}; is this the right archive?")
+    return found
+
+
+def _rows(path: Path, expected: str, skip: int = 0) -> list[list[str]]:
+    """Whitespace-separated rows with as many fields as `expected` names (blank lines skipped);
+    a LayoutError naming the file, the line and the expected fields otherwise."""
+    width = len(expected.split())
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise LayoutError(f"{path} is not a text list file ({err.reason}); expected rows of "
+                          f"'{expected}'") from None
+    rows = []
+    for number, line in enumerate(lines[skip:], start=skip + 1):
+        fields = line.split()
+        if fields and len(fields) != width:
+            raise LayoutError(f"{path}, line {number}: expected '{expected}'; got {line.strip()!r}")
+        if fields:
+            rows.append(fields)
+    return rows
+
+
+def _int(value: str, path: Path, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise LayoutError(f"{path}: {what} must be an integer; got {value!r}") from None
 
 
 def _read_cub(ddir: Path) -> list[Record]:
-    base = _find(ddir, "images.txt")
-    images = dict(_rows(ddir / base / "images.txt"))
-    labels = dict(_rows(ddir / base / "image_class_labels.txt"))
-    names = dict(_rows(ddir / base / "classes.txt"))
+    base = ddir / _find(ddir, "images.txt")
+    images = dict(_rows(base / "images.txt", "image_id path"))
+    labels = dict(_rows(base / "image_class_labels.txt", "image_id class_id"))
+    names = dict(_rows(base / "classes.txt", "class_id name"))
     out = []
+    rel_base = base.relative_to(ddir).as_posix()
     for image_id, rel in images.items():
-        cls = int(labels[image_id])
-        out.append(Record(_inside(base, "images", rel), cls, names[str(cls)], "train" if cls <= 100 else "test"))
+        if image_id not in labels:
+            raise LayoutError(f"{base / 'image_class_labels.txt'}: expected a row for image "
+                              f"{image_id} of images.txt; there is none")
+        cls = _int(labels[image_id], base / "image_class_labels.txt", "class_id")
+        if str(cls) not in names:
+            raise LayoutError(f"{base / 'classes.txt'}: expected a row for class {cls}; there is "
+                              "none")
+        split = "train" if cls <= 100 else "test"
+        out.append(Record(_inside(rel_base, "images", rel), cls, names[str(cls)], split))
     return out
 
 
+# ----------------------------------------------------------------------------- Cars196
+# Three layouts in circulation, one DML split: classes 1-98 train, 99-196 test (8,054 / 8,131),
+# whatever split a file calls train or test (that is the classification split). Class ids are
+# the 1-based ids every layout shares (cars_annos.mat = cars_meta.mat = names.csv order).
+CARS_TRAIN_CLASSES = 98
+_LEGACY = "'annotations' (relative_im_path, class) and 'class_names', as in cars_annos.mat"
+_DEVKIT = "'annotations' (fname, class), as in the devkit's cars_train_annos.mat"
+
+
 def _read_cars(ddir: Path) -> list[Record]:
+    """Cars196 from whichever layout the folder holds, detected by its annotation file."""
+    for marker, reader in (("cars_annos.mat", _cars_legacy), ("cars_train_annos.mat", _cars_devkit),
+                           ("anno_train.csv", _cars_csv)):
+        base = _search(ddir, marker)
+        if base is not None:
+            return reader(ddir, base)
+    raise LayoutError(f"{ddir} has none of cars_annos.mat (car_ims.tgz + cars_annos.mat), "
+                      "devkit/cars_train_annos.mat (torchvision's StanfordCars layout) or "
+                      "anno_train.csv (the car_data/ mirror); is this Stanford Cars?")
+
+
+def _car(path: str, cls: int, names: list[str], where: Path, names_from: str) -> Record:
+    if not 1 <= cls <= len(names):
+        raise LayoutError(f"{where}: class {cls} of {path} is not among the {len(names)} classes "
+                          f"named in {names_from}")
+    return Record(path, cls, names[cls - 1], "train" if cls <= CARS_TRAIN_CLASSES else "test")
+
+
+def _loadmat(path: Path, expected: str, names: bool, fields: tuple[str, ...] = ()
+             ) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class_names, [(fields[0], class) of each 'annotations' element]) of a MATLAB file, each
+    only where asked for; a LayoutError naming the file and `expected` where one is missing."""
     from scipy.io import loadmat  # scikit-learn's dependency; only Cars needs it
 
-    base = _find(ddir, "cars_annos.mat")
-    mat = loadmat(str(ddir / base / "cars_annos.mat"), squeeze_me=True, struct_as_record=False)
-    names = [str(n) for n in np.atleast_1d(mat["class_names"])]
+    try:  # record arrays: a field is one column, read at once (16k structs in ~0.6 s)
+        mat = loadmat(str(path), squeeze_me=True)
+    except Exception as err:  # scipy raises ValueError, TypeError, its own MatReadError...
+        raise LayoutError(f"{path} is not a readable MATLAB file ({err}); expected {expected}; "
+                          "get a complete copy") from None
+    keys = (["class_names"] if names else []) + (["annotations"] if fields else [])
+    for key in keys:
+        if key not in mat:
+            found = ", ".join(k for k in mat if not k.startswith("__")) or "none"
+            raise LayoutError(f"{path} has no '{key}' (variables: {found}); expected {expected}")
+    class_names = [str(n) for n in np.atleast_1d(mat["class_names"])] if names else []
+    if not fields:
+        return class_names, []
+    annos = np.atleast_1d(mat["annotations"])
+    have = list(annos.dtype.names or ())
+    missing = [f for f in fields if f not in have]
+    if missing:
+        hint = ""
+        if "fname" in have and "relative_im_path" in missing:
+            hint = " (fname is the devkit's field: keep devkit/ beside cars_train/ and cars_test/)"
+        raise LayoutError(f"{path}: its 'annotations' have fields {', '.join(have) or 'none'}; "
+                          f"expected {expected}{hint}")
+    try:
+        return class_names, [(str(p), int(c)) for p, c in zip(annos[fields[0]], annos["class"])]
+    except (TypeError, ValueError) as err:
+        raise LayoutError(f"{path}: an annotation is malformed ({err}); expected {expected}"
+                          ) from None
+
+
+def _cars_legacy(ddir: Path, base: str) -> list[Record]:
+    """car_ims.tgz + cars_annos.mat: car_ims/NNNNNN.jpg, one list of all 16,185 images."""
+    path = ddir / base / "cars_annos.mat"
+    names, annos = _loadmat(path, _LEGACY, names=True, fields=("relative_im_path", "class"))
+    return [_car(_inside(base, rel), cls, names, path, "its class_names") for rel, cls in annos]
+
+
+def _cars_devkit(ddir: Path, base: str) -> list[Record]:
+    """torchvision's StanfordCars: cars_{train,test}/NNNNN.jpg (the same names in both folders),
+    devkit/{cars_meta,cars_train_annos}.mat, cars_test_annos_withlabels.mat."""
+    devkit, top = ddir / base, posixpath.dirname(base) or "."
+    if not (devkit / "cars_meta.mat").is_file():
+        raise LayoutError(f"{devkit} has cars_train_annos.mat but no cars_meta.mat (the class "
+                          "names); unpack the whole car_devkit.tgz")
+    names, _ = _loadmat(devkit / "cars_meta.mat", "'class_names', as in the devkit's cars_meta.mat",
+                        names=True)
+    withlabels = "cars_test_annos_withlabels.mat"  # torchvision puts it beside devkit/
+    test_at = next((d for d in (top, base) if (ddir / d / withlabels).is_file()), None)
+    test_at = test_at if test_at is not None else _search(ddir, withlabels)
+    if test_at is None:
+        raise LayoutError(f"{ddir} has the devkit but no cars_test_annos_withlabels.mat (the "
+                          "devkit's cars_test_annos.mat has no classes); put it beside devkit/")
     out = []
-    for anno in np.atleast_1d(mat["annotations"]):
-        cls = int(getattr(anno, "class"))
-        split = "train" if cls <= 98 else "test"
-        out.append(Record(_inside(base, str(anno.relative_im_path)), cls, names[cls - 1], split))
+    for split, anno in (("train", devkit / "cars_train_annos.mat"),
+                        ("test", ddir / test_at / "cars_test_annos_withlabels.mat")):
+        _, annos = _loadmat(anno, _DEVKIT, names=False, fields=("fname", "class"))
+        # a Kaggle re-upload nests the folders: cars_train/cars_train/*.jpg
+        folders = [_inside(top, f"cars_{split}"), _inside(top, f"cars_{split}", f"cars_{split}")]
+        folder = next((f for f in folders if annos and (ddir / f / annos[0][0]).is_file()),
+                      folders[0])
+        out += [_car(_inside(folder, fname), cls, names, anno, "cars_meta.mat")
+                for fname, cls in annos]
+    return out
+
+
+def _csv_rows(path: Path, expected: str) -> list[list[str]]:
+    """Comma-separated rows (no header) with as many columns as `expected` names."""
+    width = len(expected.split(","))
+    if not path.is_file():
+        raise LayoutError(f"{path.parent} has no {path.name}; expected it beside anno_train.csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+    for number, row in rows:
+        if len(row) != width:
+            raise LayoutError(f"{path}, line {number}: expected {width} columns '{expected}'; got "
+                              f"{','.join(row)!r}")
+    return [[c.strip() for c in row] for _, row in rows]
+
+
+def _cars_csv(ddir: Path, base: str) -> list[Record]:
+    """The car_data mirror: car_data/car_data/{train,test}/<class name>/NNNNN.jpg with
+    anno_{train,test}.csv (image,x1,y1,x2,y2,class; no header) and names.csv beside car_data/."""
+    names = [row[0] for row in _csv_rows(ddir / base / "names.csv", "class name")]
+    tops = [_inside(base, "car_data", "car_data"), _inside(base, "car_data"), base or "."]
+    images = next((t for t in tops if (ddir / t / "train").is_dir()), tops[0])
+    out = []
+    for split in ("train", "test"):
+        anno = ddir / base / f"anno_{split}.csv"
+        found = {p.name: p.relative_to(ddir).as_posix()
+                 for p in (ddir / images / split).glob("*/*")}
+        for fname, *_, cls in _csv_rows(anno, "image,x1,y1,x2,y2,class"):
+            cls_id = _int(cls, anno, "class (the last column)")
+            # the folder is named after the class, '/' made '-' (Ram C/V -> Ram C-V): where a file
+            # is missing, that is the path the error names
+            name = names[cls_id - 1].replace("/", "-") if 1 <= cls_id <= len(names) else "?"
+            rel = found.get(fname) or _inside(images, split, name, fname)
+            out.append(_car(rel, cls_id, names, anno, "names.csv"))
     return out
 
 
@@ -81,14 +246,17 @@ def _read_sop(ddir: Path) -> list[Record]:
     base = _find(ddir, "Ebay_train.txt")
     out = []
     for split in ("train", "test"):  # image_id class_id super_class_id path, after a header
-        for _, cls, _, rel in _rows(ddir / base / f"Ebay_{split}.txt", skip=1):
-            out.append(Record(_inside(base, rel), int(cls), cls, split))
+        path = ddir / base / f"Ebay_{split}.txt"
+        for _, cls, _, rel in _rows(path, "image_id class_id super_class_id path", skip=1):
+            out.append(Record(_inside(base, rel), _int(cls, path, "class_id"), cls, split))
     return out
 
 
 def _read_inshop(ddir: Path) -> list[Record]:
     base = _find(ddir, "list_eval_partition.txt")
-    rows = _rows(ddir / base / "list_eval_partition.txt", skip=2)  # a count, then a header
+    # a count line, then a header line
+    rows = _rows(ddir / base / "list_eval_partition.txt", "image_name item_id evaluation_status",
+                 skip=2)
     # the images (img/...) sit beside the list file, above it, or in an Img/ folder
     parent = posixpath.dirname(base) or "."
     candidates = [base, parent, _inside(parent, "Img")]
@@ -143,13 +311,15 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
     """root/<split>/<class>/**/image, or a CSV file of path,label,split (paths relative to it)."""
     if root.is_file():
         with open(root, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-        if rows and [c.strip().lower() for c in rows[0]] == ["path", "label", "split"]:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
+        if rows and [c.strip().lower() for c in rows[0][1]] == ["path", "label", "split"]:
             rows = rows[1:]
-        bad = [r for r in rows if len(r) != 3]
+        bad = [(n, r) for n, r in rows if len(r) != 3]
         if bad:
-            raise LayoutError(f"{root}: every row must be path,label,split; got {bad[0]}")
-        out = [Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip()) for p, lab, s in rows]
+            raise LayoutError(f"{root}, line {bad[0][0]}: expected 3 columns 'path,label,split'; "
+                              f"got {','.join(bad[0][1])!r}")
+        out = [Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip())
+               for _, (p, lab, s) in rows]
         return root.parent, out
     if not root.is_dir():
         raise LayoutError(f"{root} is neither a folder of <split>/<class>/ images nor a CSV file")
@@ -159,9 +329,11 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
             for img in sorted(class_dir.rglob("*")):
                 if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file():
                     rel = img.relative_to(root).as_posix()
-                    out.append(Record(rel, _natural(class_dir.name), class_dir.name, split_dir.name))
+                    cls = class_dir.name
+                    out.append(Record(rel, _natural(cls), cls, split_dir.name))
     if not out:
-        raise LayoutError(f"{root} holds no images as <split>/<class>/<image> (e.g. train/cat/1.jpg)")
+        raise LayoutError(f"{root} holds no images as <split>/<class>/<image> "
+                          "(e.g. train/cat/1.jpg)")
     return root, out
 
 
@@ -170,10 +342,12 @@ def _natural(label: str) -> tuple:
 
 
 _READERS: dict[str, Callable[[Path], list[Record]]] = {
-    "cub200": _read_cub, "cars196": _read_cars, "sop": _read_sop, "inshop": _read_inshop, "omniglot": _read_omniglot}
+    "cub200": _read_cub, "cars196": _read_cars, "sop": _read_sop, "inshop": _read_inshop,
+    "omniglot": _read_omniglot}
 
 
 def read_layout(name: str, ddir: Path) -> list[Record]:
+    """The records of dataset `name` prepared in `ddir`, read from its official list files."""
     try:
         records = _READERS[name](ddir)
     except (KeyError, ValueError, IndexError) as err:

@@ -12,8 +12,9 @@ import torch
 from sklearn.datasets import load_digits
 
 import msl_kit.datasets as D
-from _fixtures_data import (CARS_CLASSES, CUB_CLASSES, INSHOP, SOP_TEST, SOP_TRAIN, cars_files, cub_members,
-                            inshop_files, omniglot_members, serve, sop_members, tar_bytes, zip_bytes)
+from _fixtures_data import (CARS_CLASSES, CUB_CLASSES, INSHOP, SOP_TEST, SOP_TRAIN, cars_files,
+                            cub_members, inshop_files, omniglot_members, serve, sop_members,
+                            tar_bytes, zip_bytes)
 from msl_kit.download import ChecksumError, UnsafeArchiveError
 from msl_kit.transforms import CorruptImageError, Preprocessing, build_transform
 
@@ -50,7 +51,8 @@ def test_registry_carries_what_prepare_list_shows():
 @pytest.mark.parametrize("call", [lambda: D.info("cub"), lambda: D.build("mnist", ".", "train"),
                                   lambda: D.prepare("imagenet", ".")])
 def test_unknown_names_list_the_valid_ones(call):
-    with pytest.raises(ValueError, match="unknown dataset.*digits, omniglot, cub200, cars196, sop, inshop, folder"):
+    with pytest.raises(ValueError, match="unknown dataset.*digits, omniglot, cub200, cars196, "
+                                         "sop, inshop, folder"):
         call()
 
 
@@ -68,7 +70,8 @@ def test_digits_are_8x8_grey_images_split_0_4_and_5_9(capsys):
     image, label, index = test[0]
     assert image.mode == "L" and image.size == (8, 8) and index == 0
     assert label == raw.target[first_test] - 5
-    assert np.array_equal(np.asarray(image), np.round(raw.images[first_test] * 255 / 16).astype(np.uint8))
+    expected = np.round(raw.images[first_test] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(np.asarray(image), expected)
     assert test[-1][2] == len(test) - 1
     D.prepare("digits", None)
     assert "nothing to prepare" in capsys.readouterr().out
@@ -80,7 +83,8 @@ def test_val_is_a_seeded_class_disjoint_share_of_train():
     for seed in range(6):
         tr = D.build("digits", None, "train", val_fraction=0.4, seed=seed)
         va = D.build("digits", None, "val", val_fraction=0.4, seed=seed)
-        assert len(va.classes) == 2 and len(tr.classes) == 3 and not set(tr.classes) & set(va.classes)
+        assert len(va.classes) == 2 and len(tr.classes) == 3
+        assert not set(tr.classes) & set(va.classes)
         assert len(tr) + len(va) == len(full)
         _contiguous(tr)
         _contiguous(va)
@@ -89,7 +93,8 @@ def test_val_is_a_seeded_class_disjoint_share_of_train():
     assert len(set(splits.values())) > 1  # the seed matters
     with pytest.raises(ValueError, match="val_fraction"):
         D.build("digits", None, "val")
-    assert len(D.build("digits", None, "test", val_fraction=0.4)) == len(D.build("digits", None, "test"))
+    test = D.build("digits", None, "test")
+    assert len(D.build("digits", None, "test", val_fraction=0.4)) == len(test)
 
 
 # ----------------------------------------------------------------------------- CUB over HTTP
@@ -98,10 +103,12 @@ def test_val_is_a_seeded_class_disjoint_share_of_train():
 def test_cub_from_the_official_url_with_a_dead_mirror(tmp_path, monkeypatch, capsys):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
         _official(monkeypatch, "cub200", D.RemoteFile("CUB_200_2011.tgz", CUB_MD5,
-                                                      (srv.url("gone/CUB_200_2011.tgz"), srv.url("CUB_200_2011.tgz"))))
+                                                      (srv.url("gone/CUB_200_2011.tgz"),
+                                                       srv.url("CUB_200_2011.tgz"))))
         ddir = D.prepare("cub200", tmp_path, progress=False)
         assert ddir == tmp_path / "cub200" and (ddir / "CUB_200_2011" / "images.txt").is_file()
-        assert (ddir / "attributes.txt").is_file() and json.loads((ddir / D.MARKER).read_text())["images"] == 15
+        assert (ddir / "attributes.txt").is_file()
+        assert json.loads((ddir / D.MARKER).read_text())["images"] == 15
         requests, marker_time = len(srv.requests), (ddir / D.MARKER).stat().st_mtime_ns
         capsys.readouterr()
         assert D.prepare("cub200", tmp_path, progress=False) == ddir
@@ -118,7 +125,8 @@ def test_cub_from_the_official_url_with_a_dead_mirror(tmp_path, monkeypatch, cap
 
 def test_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200", D.RemoteFile("CUB_200_2011.tgz", "f" * 32, (srv.url("CUB_200_2011.tgz"),)))
+        _official(monkeypatch, "cub200",
+                  D.RemoteFile("CUB_200_2011.tgz", "f" * 32, (srv.url("CUB_200_2011.tgz"),)))
         with pytest.raises(ChecksumError, match="expected f{32}"):
             D.prepare("cub200", tmp_path, progress=False)
     leftovers = [p for p in tmp_path.rglob("*") if not p.is_dir()]
@@ -129,7 +137,8 @@ def test_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_interrupted_download_resumes_on_the_next_prepare(tmp_path, monkeypatch):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200", D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
+        _official(monkeypatch, "cub200",
+                  D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
         part = tmp_path / "cub200" / "downloads" / "CUB_200_2011.tgz.part"
         part.parent.mkdir(parents=True)
         part.write_bytes(CUB_TGZ[:1000])
@@ -140,7 +149,8 @@ def test_interrupted_download_resumes_on_the_next_prepare(tmp_path, monkeypatch)
 
 def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, capsys):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200", D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
+        _official(monkeypatch, "cub200",
+                  D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
         ddir = D.prepare("cub200", tmp_path, progress=False)
         # a run killed mid-extraction: no marker, a missing image, a temp folder lying about
         (ddir / D.MARKER).unlink()
@@ -195,12 +205,14 @@ def test_corrupt_images_raise_naming_the_file_or_are_skipped(tmp_path):
 def test_loader_with_workers_yields_batches_and_indices(tmp_path):
     (tmp_path / "a.tgz").write_bytes(CUB_TGZ)
     D.prepare("cub200", tmp_path, archive=tmp_path / "a.tgz", progress=False)
-    spec = Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
+    spec = Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0),
+                         std=(1.0, 1.0, 1.0),
                          input_size=32, resize_size=36)
     ds = D.build("cub200", tmp_path, "train", build_transform(spec, train=True))
     batches = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2))
     images = torch.cat([b[0] for b in batches])
-    assert images.shape == (9, 3, 32, 32) and torch.cat([b[2] for b in batches]).tolist() == list(range(9))
+    assert images.shape == (9, 3, 32, 32)
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(9))
     assert torch.cat([b[1] for b in batches]).tolist() == ds.labels.tolist()
 
 
@@ -213,15 +225,17 @@ def test_manual_datasets_say_where_to_get_the_files(tmp_path, name):
         D.prepare(name, tmp_path, progress=False)
 
 
-def test_cars_from_archive_and_devkit_mat(tmp_path, capsys):
+def test_cars_from_car_ims_and_cars_annos_mat(tmp_path, capsys):
     files = cars_files(tmp_path / "given")
     ddir = D.prepare("cars196", tmp_path / "data", archive=files, progress=False)
-    train, test = D.build("cars196", tmp_path / "data", "train"), D.build("cars196", tmp_path / "data", "test")
-    assert train.classes == [f"Maker Model {c} 2012" for c in CARS_CLASSES if c <= 98] and len(train) == 6
+    train, test = (D.build("cars196", tmp_path / "data", s) for s in ("train", "test"))
+    assert train.classes == [f"Maker Model {c} 2012" for c in CARS_CLASSES if c <= 98]
+    assert len(train) == 6
     assert test.classes == ["Maker Model 99 2012", "Maker Model 196 2012"] and len(test) == 4
     _contiguous(train)
     assert test[3][0].size == (30, 20)
-    # the marker alone lost (killed just before it was written): verified in place, no archive needed
+    # the marker alone lost (killed just before it was written): verified in place, no archive
+    # needed
     (ddir / D.MARKER).unlink()
     capsys.readouterr()
     D.prepare("cars196", tmp_path / "data", progress=False)
@@ -232,7 +246,8 @@ def test_cars_from_archive_and_devkit_mat(tmp_path, capsys):
         D.prepare("cars196", tmp_path / "data", progress=False)
 
 
-@pytest.mark.parametrize("path", ["mirror/Stanford_Online_Products.zip", "drive/uc?export=download&id=x"])
+@pytest.mark.parametrize("path", ["mirror/Stanford_Online_Products.zip",
+                                  "drive/uc?export=download&id=x"])
 def test_sop_from_a_user_url(tmp_path, path):
     served = path.split("?")[0]  # an archive is recognised by its content, not its name
     with serve({served: zip_bytes(sop_members())}) as srv:
@@ -246,14 +261,16 @@ def test_sop_from_a_user_url(tmp_path, path):
 def test_inshop_query_and_gallery_share_labels(tmp_path):
     img_zip, partition = inshop_files()
     with serve({"img.zip": img_zip, "list_eval_partition.txt": partition}) as srv:
-        D.prepare("inshop", tmp_path, url=[srv.url("img.zip"), srv.url("list_eval_partition.txt")], progress=False)
+        D.prepare("inshop", tmp_path, url=[srv.url("img.zip"), srv.url("list_eval_partition.txt")],
+                  progress=False)
     sets = {s: D.build("inshop", tmp_path, s) for s in ("train", "query", "gallery")}
     for split, ds in sets.items():
         expected = {item: sum(s == split for s in splits) for item, splits in INSHOP.items()}
         assert len(ds) == sum(expected.values()), split
-        assert {c: int((ds.labels == i).sum()) for i, c in enumerate(ds.classes) if (ds.labels == i).any()} == \
-            {item: n for item, n in expected.items() if n}
-    assert sets["query"].classes == sets["gallery"].classes == ["id_00000002", "id_00000004", "id_00000005"]
+        counts = {c: int((ds.labels == i).sum()) for i, c in enumerate(ds.classes)}
+        assert {c: n for c, n in counts.items() if n} == {i: n for i, n in expected.items() if n}
+    assert sets["query"].classes == sets["gallery"].classes == ["id_00000002", "id_00000004",
+                                                                "id_00000005"]
     assert sets["train"].classes == ["id_00000001", "id_00000007"]
     with pytest.raises(ValueError, match="query, gallery"):
         D.build("inshop", tmp_path, "test")
@@ -267,26 +284,31 @@ def test_omniglot_official_zips_split_background_and_evaluation(tmp_path, monkey
     evaluation = zip_bytes(omniglot_members("images_evaluation", {"Atlantean": 2}, seed=7))
     files = {"images_background.zip": background, "images_evaluation.zip": evaluation}
     with serve(files) as srv:
-        _official(monkeypatch, "omniglot", *(D.RemoteFile(n, hashlib.md5(b).hexdigest(), (srv.url(n),))
-                                             for n, b in files.items()))
+        _official(monkeypatch, "omniglot",
+                  *(D.RemoteFile(n, hashlib.md5(b).hexdigest(), (srv.url(n),))
+                    for n, b in files.items()))
         D.prepare("omniglot", tmp_path, progress=False)
     train, test = D.build("omniglot", tmp_path, "train"), D.build("omniglot", tmp_path, "test")
     assert train.classes == ["Greek/character01", "Greek/character02", "Greek/character03",
                              "Latin/character01", "Latin/character02"] and len(train) == 10
     assert test.classes == ["Atlantean/character01", "Atlantean/character02"]
     image = test[0][0]
-    assert image.mode == "L" and image.size == (12, 12) and set(np.unique(np.asarray(image))) <= {0, 255}
+    assert image.mode == "L" and image.size == (12, 12)
+    assert set(np.unique(np.asarray(image))) <= {0, 255}
 
 
 def test_omniglot_background_only_zips_union_and_hold_out_alphabets(tmp_path):
     small1 = zip_bytes(omniglot_members("images_background_small1", {"Alpha": 2, "Greek": 3}))
-    small2 = zip_bytes(omniglot_members("images_background_small2", {"Greek": 3, "Omega": 1, "Beta": 2}))
+    small2 = zip_bytes(omniglot_members("images_background_small2",
+                                        {"Greek": 3, "Omega": 1, "Beta": 2}))
     (tmp_path / "s1.zip").write_bytes(small1)
     (tmp_path / "s2.zip").write_bytes(small2)
-    D.prepare("omniglot", tmp_path / "data", archive=[tmp_path / "s1.zip", tmp_path / "s2.zip"], progress=False)
-    train, test = D.build("omniglot", tmp_path / "data", "train"), D.build("omniglot", tmp_path / "data", "test")
+    D.prepare("omniglot", tmp_path / "data", archive=[tmp_path / "s1.zip", tmp_path / "s2.zip"],
+              progress=False)
+    train, test = (D.build("omniglot", tmp_path / "data", s) for s in ("train", "test"))
     # sorted alphabets Alpha, Beta, Greek, Omega: positions 1 and 3 (Beta, Omega) are test
-    assert {c.split("/")[0] for c in train.classes} == {"Alpha", "Greek"} and len(train.classes) == 5
+    assert {c.split("/")[0] for c in train.classes} == {"Alpha", "Greek"}
+    assert len(train.classes) == 5
     assert {c.split("/")[0] for c in test.classes} == {"Beta", "Omega"} and len(test.classes) == 3
     assert len(train) == 10 and len(test) == 6  # Greek counted once
 
@@ -313,8 +335,8 @@ def test_folder_tree_with_mixed_modes(tmp_path):
     train = D.build("folder", root, "train")
     assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 0, 1, 1, 1]
     assert all(train[i][0].mode == "RGB" for i in range(len(train)))
-    grey = D.build("folder", root, "train", build_transform(Preprocessing(color="L", mean=(0.0,), std=(1.0,),
-                                                                          input_size=8, resize_size=8), False))
+    spec = Preprocessing(color="L", mean=(0.0,), std=(1.0,), input_size=8, resize_size=8)
+    grey = D.build("folder", root, "train", build_transform(spec, False))
     assert all(grey[i][0].shape == (1, 8, 8) for i in range(len(grey)))
     assert D.build("folder", root, "test").classes == ["bird"]
     D.prepare("folder", root)
@@ -327,7 +349,8 @@ def test_folder_csv_is_confined_to_its_folder(tmp_path):
     csv.write_text("path,label,split\nimgs/0.png,10,train\nimgs/1.png,2,train\nimgs/2.png,10,train\n"
                    "imgs/3.png,7,test\n")
     train = D.build("folder", csv, "train")
-    assert train.classes == ["2", "10"] and train.labels.tolist() == [1, 0, 1]  # numeric labels sort as numbers
+    # numeric labels sort as numbers
+    assert train.classes == ["2", "10"] and train.labels.tolist() == [1, 0, 1]
     csv.write_text("imgs/0.png,a,train\n../outside.png,b,train\n")
     with pytest.raises(D.LayoutError, match="outside the dataset folder"):
         D.build("folder", csv, "train")

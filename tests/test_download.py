@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from _fixtures_data import serve, tar_bytes, zip_bytes
-from msl_kit.download import ChecksumError, DownloadError, UnsafeArchiveError, download_file, md5sum, safe_extract
+from _fixtures_data import bomb_tgz, serve, tar_bytes, zip_bytes
+from msl_kit.download import (ArchiveLimitError, ChecksumError, DamagedArchiveError, DownloadError,
+                              UnsafeArchiveError, download_file, md5sum, safe_extract)
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)  # several 1 MiB chunks and a ragged end
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -68,7 +69,8 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path):
 
 def test_complete_part_with_416_is_kept(tmp_path):
     dest = tmp_path / "file.bin"
-    (tmp_path / "file.bin.part").write_bytes(PAYLOAD)  # killed after the last byte, before the rename
+    # killed after the last byte, before the rename
+    (tmp_path / "file.bin.part").write_bytes(PAYLOAD)
     with serve({"file.bin": PAYLOAD}) as srv:
         download_file(srv.url("file.bin"), dest, md5=PAYLOAD_MD5, progress=False)
     assert dest.read_bytes() == PAYLOAD
@@ -102,7 +104,8 @@ def test_missing_file_says_what_to_do(tmp_path):
 
 def _tar(path: Path, entries: list[tuple[str, str, str | bytes]]) -> Path:
     """entries: (kind, name, data-or-link): kind in file, dir, sym, hard, chr, fifo."""
-    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE,
+             "hard": tarfile.LNKTYPE,
              "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}
     with tarfile.open(path, "w") as tar:
         for kind, name, data in entries:
@@ -155,11 +158,13 @@ def _evil_tars(outside: Path) -> dict[str, list]:
         "symlink out": [("sym", "link", "../../outside"), ("file", "link/evil.txt", b"x")],
         "symlink out alone": [("sym", "data/link", "../../outside/keep.txt")],
         "absolute symlink": [("sym", "link", str(outside))],
-        "symlink chain": [("sym", "a", "."), ("sym", "b", "a/..")],  # lexically inside; really the parent
+        # lexically inside; really the parent
+        "symlink chain": [("sym", "a", "."), ("sym", "b", "a/..")],
         "hardlink out": [("hard", "h", "../outside/keep.txt")],
         "absolute hardlink": [("hard", "h", str(outside / "keep.txt"))],
         "hardlink through symlink": [("sym", "up", ".."), ("hard", "h", "up/outside/keep.txt")],
-        "under inside symlink": [("dir", "sub", b""), ("sym", "s", "sub"), ("file", "s/x.txt", b"x")],
+        "under inside symlink": [("dir", "sub", b""), ("sym", "s", "sub"),
+                                 ("file", "s/x.txt", b"x")],
         "device file": [("chr", "dev/evil", b"")],
         "fifo": [("fifo", "pipe", b"")],
     }
@@ -196,19 +201,23 @@ def test_malicious_zip_is_refused_before_writing(sandbox, case, entries):
 def test_tar_with_inside_links_extracts(sandbox):
     archives, root, _ = sandbox
     archive = _tar(archives / "ok.tar", [("dir", "top", b""), ("file", "top/a.txt", b"alpha"),
-                                         ("sym", "top/link.txt", "a.txt"), ("hard", "top/hard.txt", "top/a.txt"),
+                                         ("sym", "top/link.txt", "a.txt"),
+                                         ("hard", "top/hard.txt", "top/a.txt"),
                                          ("sym", "top/self", "../top")])
     safe_extract(archive, root)
-    assert (root / "top" / "link.txt").is_symlink() and (root / "top" / "link.txt").read_text() == "alpha"
+    link = root / "top" / "link.txt"
+    assert link.is_symlink() and link.read_text() == "alpha"
     assert (root / "top" / "hard.txt").read_text() == "alpha"
     assert [p.name for p in root.parent.iterdir()] == ["root"]  # the temp folder is gone
 
 
 def test_zip_with_inside_symlink_extracts_as_a_link(sandbox):
     archives, root, _ = sandbox
-    archive = _zip(archives / "ok.zip", [("file", "d/a.txt", b"alpha"), ("sym", "d/link.txt", "a.txt")])
+    archive = _zip(archives / "ok.zip", [("file", "d/a.txt", b"alpha"),
+                                         ("sym", "d/link.txt", "a.txt")])
     safe_extract(archive, root)
-    assert (root / "d" / "link.txt").is_symlink() and (root / "d" / "link.txt").read_text() == "alpha"
+    link = root / "d" / "link.txt"
+    assert link.is_symlink() and link.read_text() == "alpha"
 
 
 @pytest.mark.parametrize("maker,ext", [(tar_bytes, "tgz"), (zip_bytes, "zip")])
@@ -225,12 +234,65 @@ def test_extraction_replaces_same_named_entries_and_keeps_others(tmp_path, maker
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"a.{ext}", "root"]
 
 
-def test_truncated_or_foreign_archive_writes_nothing(tmp_path):
-    good = tar_bytes({f"d/{i}.bin": os.urandom(50_000) for i in range(4)})
-    (tmp_path / "cut.tgz").write_bytes(good[: len(good) // 2])
-    with pytest.raises((tarfile.TarError, EOFError, OSError)):
-        safe_extract(tmp_path / "cut.tgz", tmp_path / "root")
+def _cut(data: bytes, at: int | None = None) -> bytes:
+    return data[: len(data) // 2 if at is None else at]
+
+
+_FILES = {f"d/{i}.bin": os.urandom(50_000) for i in range(4)}
+
+
+@pytest.mark.parametrize("case,data", [
+    ("tgz cut in half", lambda: _cut(tar_bytes(_FILES))),
+    ("tgz cut inside its first header", lambda: _cut(tar_bytes(_FILES), 100)),
+    ("tar cut inside a member", lambda: _cut(tar_bytes(_FILES, mode="w"), 600 + 25_000)),
+    ("zip cut in half", lambda: _cut(zip_bytes(_FILES))),
+    ("zip with a corrupt member", lambda: zip_bytes(_FILES).replace(_FILES["d/1.bin"][:64],
+                                                                    bytes(64), 1)),
+])
+def test_truncated_archive_is_one_damaged_archive_error_and_writes_nothing(tmp_path, case, data):
+    (tmp_path / "a.archive").write_bytes(data())
+    with pytest.raises(DamagedArchiveError, match=r"a.archive is truncated or damaged .*; "
+                       r"nothing was extracted. Delete it and download it again"):
+        safe_extract(tmp_path / "a.archive", tmp_path / "root")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.archive"]
+    assert isinstance(DamagedArchiveError(), OSError)  # the CLI's one line and exit 2
+
+
+def test_foreign_file_is_not_an_archive(tmp_path):
     (tmp_path / "notes.txt").write_text("not an archive")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):
         safe_extract(tmp_path / "notes.txt", tmp_path / "root")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tgz", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("maker", [tar_bytes, zip_bytes])
+@pytest.mark.parametrize("limit,pattern", [
+    ({"max_members": 3}, r"holds more than 3 members; refusing to extract .*--max-files N"),
+    ({"max_bytes": 150_000}, r"declares more than 150.0 kB of files; refusing .*--max-size GB"),
+])
+def test_archive_limits_refuse_before_writing(sandbox, maker, limit, pattern):
+    archives, root, outside = sandbox
+    archive = archives / "big.archive"
+    archive.write_bytes(maker(_FILES))  # 4 files of 50 kB (+ their folder in the tar)
+    with pytest.raises(ArchiveLimitError, match=pattern):
+        safe_extract(archive, root, **limit)
+    _assert_untouched(root, outside)
+    safe_extract(archive, root, max_members=5, max_bytes=200_000)  # exactly at the limits
+    assert len(list((root / "d").iterdir())) == 4
+
+
+def test_bomb_is_refused_at_its_first_header_unless_a_size_is_given(sandbox):
+    archives, root, outside = sandbox
+    bomb = archives / "bomb.tgz"
+    bomb.write_bytes(bomb_tgz())  # 3 MB declaring 3 GiB
+    with pytest.raises(ArchiveLimitError, match=r"bomb.tgz \(3.0 MB\) declares 3.2 GB of files, "
+                                                r"over 100x its size as a decompression bomb"):
+        safe_extract(bomb, root)
+    _assert_untouched(root, outside)
+    with pytest.raises(ArchiveLimitError, match="declares more than 1.0 GB"):
+        safe_extract(bomb, root, max_bytes=10**9)
+    _assert_untouched(root, outside)
+    # allowed explicitly, its missing bytes show as damage; what was written is removed
+    with pytest.raises(DamagedArchiveError, match="truncated or damaged"):
+        safe_extract(bomb, root, max_bytes=4 * 10**9)
+    _assert_untouched(root, outside)
