@@ -37,7 +37,8 @@ def _official(monkeypatch, name: str, *files: D.RemoteFile) -> None:
 
 def test_registry_carries_what_prepare_list_shows():
     names = [d.name for d in D.list_datasets()]
-    assert names == ["digits", "omniglot", "cub200", "cars196", "sop", "inshop", "folder"]
+    assert names == ["digits", "omniglot", "omniglot_small", "cub200", "cars196", "sop", "inshop",
+                     "folder"]
     for d in D.list_datasets():
         assert d.size and d.licence and d.source and d.description, d.name
         assert d.query_gallery == (d.name == "inshop")
@@ -51,8 +52,8 @@ def test_registry_carries_what_prepare_list_shows():
 @pytest.mark.parametrize("call", [lambda: D.info("cub"), lambda: D.build("mnist", ".", "train"),
                                   lambda: D.prepare("imagenet", ".")])
 def test_unknown_names_list_the_valid_ones(call):
-    with pytest.raises(ValueError, match="unknown dataset.*digits, omniglot, cub200, cars196, "
-                                         "sop, inshop, folder"):
+    with pytest.raises(ValueError, match="unknown dataset.*digits, omniglot, omniglot_small, "
+                                         "cub200, cars196, sop, inshop, folder"):
         call()
 
 
