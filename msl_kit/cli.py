@@ -110,7 +110,8 @@ def _report(out: Path, results: dict, seconds: float) -> None:
     print(f"\n{cfg.data.name} {split} split (classes unseen in training), "
           f"{results.get('iteration')} iterations in {seconds:.0f} s:")
     print(_table(rows, cfg.eval.ks))
-    print(f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json)")
+    print(f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json, "
+          "snapshots/)")
 
 
 def _query_gallery(cfg) -> bool:
