@@ -8,7 +8,6 @@ import ast
 import nbformat
 import pandas as pd
 import pytest
-
 from test_notebooks import NOTEBOOKS, execute, mimes, outputs
 
 NAME = "06_sensitivity"
