@@ -167,6 +167,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_cell(run: dict) -> None:
+    """One line per finished sweep cell (module-level: --jobs workers receive it pickled)."""
+    print(f"{Path(run['run']).name}: R@1 {100 * run['recall@1']:.1f}  MAP@R "
+          f"{100 * run['map@r']:.1f}  {run['wall_s']:.1f} s", flush=True)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`msl-kit sweep`: a grid or TPE search over dotted keys on Optuna (msl_kit.sweep)."""
+    from msl_kit import sweep
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise sweep.SweepError(f"--seeds must be integers like 0,1,2, got {args.seeds!r}") from None
+    if args.jobs < 1:
+        raise sweep.SweepError(f"--jobs must be at least 1, got {args.jobs}")
+    spec = sweep.make_spec(args.grid or [], args.range or [], seeds, args.config, args.set or [],
+                           args.trials, args.study)
+    out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = sweep.run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
+    print("\n" + sweep.markdown(result["summary"], result["keys"]))
+    for params in result["failed"]:
+        print(f"failed: {params} (see the log above; rerun the command to retry)", file=sys.stderr)
+    print(f"sweep folder: {out}  (sweep.csv, summary.csv, summary.md, optuna.db, runs/)")
+    return 1 if result["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `msl-kit`."""
     parser = argparse.ArgumentParser(prog="msl-kit", description="Multi-Similarity loss research kit")
@@ -204,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="loss, knn, data, train_step, quality")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("sweep", help="grid or search over config keys (Optuna; resumable)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="e.g. loss.beta=10,40,160")
+    p.add_argument("--range", action="append", metavar="KEY=LO:HI[:log]", help="with --trials")
+    p.add_argument("--trials", type=int, default=0, help="TPE search of N trials over --range")
+    p.add_argument("--study", help="a named sweep set from configs/sweeps/, e.g. batch-size")
+    p.add_argument("--seeds", help="comma-separated seeds per cell (default 0)")
+    p.add_argument("--config", help="base config: preset name from configs/ or a YAML path")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every cell")
+    p.add_argument("--out", help="sweep folder (default runs/sweep-<time>)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--storage", help="Optuna storage URL shared by several machines "
+                   "(default sqlite:///OUT/optuna.db)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
