@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class Lab:
@@ -62,7 +64,10 @@ def jupyter_lab(root: Path, state: Path, timeout: float = 90.0) -> Iterator[Lab]
            f"--LabApp.workspaces_dir={state / 'workspaces'}", "--ServerApp.terminals_enabled=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(state / "config"), "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
+    # Kernels import this checkout, whichever msl_kit the environment has installed.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(state / "config"),
+           "JUPYTER_RUNTIME_DIR": str(state / "runtime"), "PYTHONPATH": path,
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = state / "jupyterlab.log"
     with open(log, "wb") as log_file:
