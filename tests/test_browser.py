@@ -21,7 +21,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KERNEL_IDLE = """() => {
   const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  const session = panel && panel.sessionContext && panel.sessionContext.session;
+  const kernel = session && session.kernel;
   return !!kernel && kernel.status === 'idle' && kernel.connectionStatus === 'connected';
 }"""
 ALL_RUN = """() => {
@@ -32,21 +33,27 @@ ALL_RUN = """() => {
 }"""
 ERRORS = """() => window.jupyterapp.shell.currentWidget.content.widgets
   .filter(c => c.model.type === 'code')
-  .flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue))"""
-SRC_CHANGED = "([selector, old]) => { const el = document.querySelector(selector); return el && el.src !== old; }"
+  .flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'error')
+    .map(o => o.ename + ': ' + o.evalue))"""
+SRC_CHANGED = ("([selector, old]) => { const el = document.querySelector(selector); "
+               "return el && el.src !== old; }")
 
 
 def _browser() -> str:
-    """Path of chromium; skip (or fail under CI) with the reason when the browser stack is missing."""
+    """Path of chromium; skip (or fail under CI) with the reason when the browser stack is
+    missing."""
     reason = None
-    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    debian = Path("/usr/bin/chromium")
+    exe = shutil.which("chromium") or (str(debian) if debian.exists() else None)
     if exe is None:
-        reason = "chromium is not installed (Debian: apt-get install chromium); the browser test needs it"
+        reason = ("chromium is not installed (Debian: apt-get install chromium); the browser "
+                  "test needs it")
     else:
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            reason = "the playwright Python package is missing (pip install playwright; no browser download needed)"
+            reason = ("the playwright Python package is missing (pip install playwright; no "
+                      "browser download needed)")
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {reason}")
@@ -114,10 +121,12 @@ def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_pa
             before_src, before_png = image.get_attribute("src"), image.screenshot()
 
             _drag(page, ".msl-slider-beta .noUi-handle", 90)
-            page.wait_for_function(SRC_CHANGED, arg=["img.msl-pair-weights", before_src], timeout=120_000)
+            page.wait_for_function(SRC_CHANGED, arg=["img.msl-pair-weights", before_src],
+                                   timeout=120_000)
             beta = float(readout.inner_text())
             assert beta > 40.0, f"the slider did not move (beta readout {beta})"
-            assert page.locator(".msl-explorer select").input_value() == "custom"  # preset menu follows
+            # the preset menu follows
+            assert page.locator(".msl-explorer select").input_value() == "custom"
             page.wait_for_timeout(300)  # let the new image decode before capturing it
             after_png = image.screenshot()
             assert after_png != before_png, "the figure did not change after moving beta"
@@ -133,7 +142,8 @@ def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_pa
             assert readout == "0", f"the snapshot slider reads {readout}, not iteration 0"
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            print(f"JupyterLab log tail:\n{lab.log.read_text()[-3000:]}\nscreenshot: {tmp_path / 'failure.png'}")
+            print(f"JupyterLab log tail:\n{lab.log.read_text()[-3000:]}\n"
+                  f"screenshot: {tmp_path / 'failure.png'}")
             raise
         finally:
             context.close()

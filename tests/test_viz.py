@@ -23,7 +23,8 @@ def batch():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g)
     labels = torch.arange(4).repeat_interleave(4)
-    emb = torch.nn.functional.normalize(centres[labels] + 0.9 * torch.randn(16, 8, generator=g), dim=1)
+    noise = 0.9 * torch.randn(16, 8, generator=g)
+    emb = torch.nn.functional.normalize(centres[labels] + noise, dim=1)
     return emb @ emb.T, labels
 
 
@@ -46,7 +47,7 @@ def scatter_points(ax):
     return [c.get_offsets().data for c in ax.collections if isinstance(c, PathCollection)]
 
 
-# ----------------------------------------------------------------------------- similarities and weights
+# ------------------------------------------------------------------------ similarities and weights
 @pytest.mark.parametrize("margin", [0.0, 0.1, 0.3])
 def test_mined_pairs_follow_the_design_rule(batch, margin):
     sim, labels = batch
@@ -54,7 +55,8 @@ def test_mined_pairs_follow_the_design_rule(batch, margin):
     ref_pos, ref_neg = naive_mining(sim.numpy(), labels.numpy(), margin)
     np.testing.assert_array_equal(kept_pos.numpy(), ref_pos)
     np.testing.assert_array_equal(kept_neg.numpy(), ref_neg)
-    w = losses.pair_weights(sim, labels, **{**RELEASED, "margin": margin})  # the loss weighs exactly these
+    # the loss weighs exactly these
+    w = losses.pair_weights(sim, labels, **{**RELEASED, "margin": margin})
     np.testing.assert_array_equal((w.pos > 0).numpy(), ref_pos)
     np.testing.assert_array_equal((w.neg > 0).numpy(), ref_neg)
 
@@ -74,7 +76,8 @@ def test_similarity_histograms_count_pairs_and_draw_thresholds(batch):
     ref_pos, ref_neg = naive_mining(s, y, 0.1)
     pos = (y[:, None] == y[None]) & ~np.eye(16, dtype=bool)
     outlines = [p for p in ax.patches if p.get_fill() is False]  # all positives, all negatives
-    assert [p.get_edgecolor()[:3] for p in outlines] == [to_rgba(viz.POS_COLOR)[:3], to_rgba(viz.NEG_COLOR)[:3]]
+    assert [p.get_edgecolor()[:3] for p in outlines] == [to_rgba(viz.POS_COLOR)[:3],
+                                                         to_rgba(viz.NEG_COLOR)[:3]]
     mined_pos, mined_neg = ax.containers  # filled bars: the mined pairs
     assert sum(r.get_height() for r in mined_pos) == ref_pos.sum()
     assert sum(r.get_height() for r in mined_neg) == ref_neg.sum()
@@ -91,8 +94,8 @@ def test_weight_scatter_plots_each_pairs_weight_against_its_similarity(batch):
     pos_pts, neg_pts = scatter_points(viz_mining.weight_scatter(sim, labels, w).axes[0])
     pos = (labels[:, None] == labels[None]) & ~torch.eye(16, dtype=torch.bool)
     np.testing.assert_allclose(pos_pts, np.stack([sim[pos], w.pos[pos]], 1), rtol=1e-6)
-    np.testing.assert_allclose(neg_pts, np.stack([sim[~pos & ~torch.eye(16, dtype=torch.bool)],
-                                                  w.neg[~pos & ~torch.eye(16, dtype=torch.bool)]], 1), rtol=1e-6)
+    neg = ~pos & ~torch.eye(16, dtype=torch.bool)
+    np.testing.assert_allclose(neg_pts, np.stack([sim[neg], w.neg[neg]], 1), rtol=1e-6)
 
 
 def test_weight_scatter_says_when_nothing_is_mined():
@@ -124,10 +127,12 @@ def test_gpw_figure_shows_every_loss_with_its_own_weights(batch):
     for name, ax in zip(names, scatter_axes):
         params = RELEASED if name == "ms" else {}
         w = losses.gpw_pair_weights(name, sim, labels, **params)
-        np.testing.assert_allclose(scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5,
+                                   atol=1e-7)
     # the MS column is the closed-form pair_weights, not only an autograd result
     np.testing.assert_allclose(scatter_points(scatter_axes[0])[1][:, 1],
-                               losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[~pos & ~np.eye(16, dtype=bool)],
+                               losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[
+                                   ~pos & ~np.eye(16, dtype=bool)],
                                rtol=1e-5, atol=1e-7)
 
 
@@ -201,7 +206,8 @@ def test_live_curves_update_one_display_in_place(monkeypatch):
             updates.append(obj)
 
     shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or Handle())
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, display_id=False: shown.append(obj) or Handle())
     live = widgets.LiveCurves(display=True, min_interval=3600)
     live.on_start(None, 0, 4)
     for i in range(1, 5):
@@ -226,13 +232,14 @@ def test_live_curves_follow_a_real_training_run(tmp_path):
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata()[-1], 100 * results["recall@1"])
 
 
-# ----------------------------------------------------------------------------- embeddings and retrieval
+# ------------------------------------------------------------------------ embeddings and retrieval
 def test_pca_projection_matches_scikit_learn():
     x = np.random.default_rng(0).normal(size=(50, 6)) * [5, 3, 1, 1, 1, 1]
     ours = viz.embedding_2d(torch.as_tensor(x, dtype=torch.float32), "pca")
     ref = PCA(2).fit_transform(x)
     for c in range(2):  # equal up to the sign of each component
-        assert min(np.abs(ours[:, c] - ref[:, c]).max(), np.abs(ours[:, c] + ref[:, c]).max()) < 1e-3
+        same, flipped = np.abs(ours[:, c] - ref[:, c]).max(), np.abs(ours[:, c] + ref[:, c]).max()
+        assert min(same, flipped) < 1e-3
     with pytest.raises(ValueError, match="umap"):
         viz.embedding_2d(x, "tsne")
 
@@ -279,11 +286,12 @@ def test_embedding_figure_colours_by_class_and_places_thumbnails():
 def test_retrieval_grid_frames_match_brute_force_neighbours():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(5), 6)
-    emb = torch.nn.functional.normalize(torch.as_tensor(np.eye(8)[labels] + rng.normal(size=(30, 8)) * 0.6,
-                                                        dtype=torch.float32), dim=1)
+    x = np.eye(8)[labels] + rng.normal(size=(30, 8)) * 0.6
+    emb = torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1)
     images = [np.full((4, 4), i, np.uint8) for i in range(30)]
     queries, k = [0, 7, 13, 29], 4
-    axes = np.array(viz.retrieval_grid(emb, torch.as_tensor(labels), images, queries=queries, k=k).axes)
+    fig = viz.retrieval_grid(emb, torch.as_tensor(labels), images, queries=queries, k=k)
+    axes = np.array(fig.axes)
     axes = axes.reshape(len(queries), k + 1)
     s = (emb @ emb.T).numpy()
     np.fill_diagonal(s, -np.inf)
@@ -308,16 +316,18 @@ def test_as_image_array_scales_pil_and_tensors():
     assert a.shape == (1, 2, 3) and a.min() == 0 and a.max() == 1
 
 
-# ----------------------------------------------------------------------------- data, models, batches (digits)
+# ------------------------------------------------------------------ data, models, batches (digits)
 def test_class_counts_and_sample_grid_on_digits():
     splits = {s: datasets.build("digits", None, s) for s in ("train", "test")}
     counts = viz.class_counts(splits)
     for _, row in counts.iterrows():
         bc = np.bincount(splits[row["split"]].labels)
-        assert (row["images"], row["classes"], row["min/class"], row["max/class"]) == (bc.sum(), 5, bc.min(), bc.max())
+        got = (row["images"], row["classes"], row["min/class"], row["max/class"])
+        assert got == (bc.sum(), 5, bc.min(), bc.max())
     fig = viz.sample_grid(splits, per_class=3, max_classes=2)
     axes = np.array(fig.axes).reshape(4, 3)
-    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == ["train", "train", "test", "test"]
+    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == ["train", "train", "test",
+                                                                     "test"]
     first_test = splits["test"][int(np.flatnonzero(splits["test"].labels == 0)[0])][0]
     np.testing.assert_allclose(axes[2, 0].images[0].get_array(), np.asarray(first_test) / 255.0)
     assert "digits" in set(viz.dataset_overview()["name"])
@@ -335,7 +345,8 @@ def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
-    save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)}, tmp_path / "checkpoint.pt")
+    save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)},
+                    tmp_path / "checkpoint.pt")
     x = torch.randn(3, 1, 8, 8)
     loaded, loaded_cfg = explore.load_model(tmp_path)  # a run folder
     assert loaded_cfg.model.embedding_dim == 16

@@ -35,7 +35,8 @@ def batch():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g)
     labels = torch.arange(4).repeat_interleave(4)
-    emb = torch.nn.functional.normalize(centres[labels] + 0.9 * torch.randn(16, 8, generator=g), dim=1)
+    noise = 0.9 * torch.randn(16, 8, generator=g)
+    emb = torch.nn.functional.normalize(centres[labels] + noise, dim=1)
     return emb @ emb.T, labels
 
 
@@ -85,7 +86,8 @@ def test_mining_history_reads_run_folders_and_refuses_histories_without_mining(h
 def test_weights_over_training_shows_each_snapshot_with_its_mined_share(batch):
     sims, labels = _snapshots(batch), batch[1]
     fig = viz_mining.weights_over_training(sims, labels, **RELEASED)
-    scatter_axes = [ax for ax in fig.axes if any(isinstance(c, PathCollection) for c in ax.collections)]
+    scatter_axes = [ax for ax in fig.axes
+                    if any(isinstance(c, PathCollection) for c in ax.collections)]
     assert len(scatter_axes) == 3 and sum(bool(ax.images) for ax in fig.axes) == 3
     for ax, (iteration, sim) in zip(scatter_axes, sorted(sims.items())):
         pos, neg = viz_mining.mined_fractions(sim, labels, RELEASED["margin"])
@@ -204,9 +206,11 @@ def test_class_groups_and_one_class_per_alphabet_in_the_grid():
     splits = {s: datasets.build("omniglot_small", None, s) for s in ("train", "test")}
     groups = viz.class_groups(splits)
     per_split = groups.groupby("split")[["classes", "images"]].sum()
-    assert per_split.loc["train"].tolist() == [130, 2600] and per_split.loc["test"].tolist() == [112, 2240]
+    assert per_split.loc["train"].tolist() == [130, 2600]
+    assert per_split.loc["test"].tolist() == [112, 2240]
     assert groups.groupby("split").size().tolist() == [4, 4]  # alphabets, never shared
-    assert not set(groups[groups.split == "train"].group) & set(groups[groups.split == "test"].group)
+    train, test = (set(groups[groups.split == s].group) for s in ("train", "test"))
+    assert not train & test
     fig = viz.sample_grid(splits, per_class=2, max_classes=4, one_per_group=True)
     names = [ax.get_ylabel().split("\n")[1] for ax in fig.axes[::2]]
     assert len(names) == 8 and len({n.split()[0] for n in names}) == 8  # 8 different alphabets
