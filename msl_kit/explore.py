@@ -1,9 +1,10 @@
-"""Models and data for the notebooks: a checkpoint's model, a split's embeddings, one P x K batch."""
+"""Models and data for the notebooks: a run's model, a split's embeddings, one P x K batch."""
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,54 @@ def latest_run(runs_dir: str | Path = "runs") -> Path | None:
     return max(done, key=lambda p: (p / "metrics.json").stat().st_mtime) if done else None
 
 
+class Picked(NamedTuple):
+    """The model a notebook shows, the config it was built from, its run folder (None for a
+    fresh model) and one line saying which model it is."""
+
+    model: nn.Module
+    cfg: Config
+    run: Path | None
+    note: str
+
+
+def pick_model(checkpoint: str | Path | None = None, runs: str | Path = "runs",
+               cfg: Config | None = None) -> Picked:
+    """`checkpoint` (a run folder or file) if given, else the latest finished run under `runs`,
+    else a fresh model of `cfg` (the default config when None); `note` says which."""
+    path = Path(checkpoint) if checkpoint is not None else latest_run(runs)
+    if path is None:
+        model, cfg = load_model(cfg=cfg)
+        return Picked(model, cfg, None, f"no finished run under {Path(runs).resolve()}: showing "
+                      f"a FRESH, untrained {cfg.model.backbone} on {cfg.data.name} "
+                      "(run 02_train first to see a trained model)")
+    model, cfg = load_model(path)
+    run = path if path.is_dir() else path.parent
+    metrics = run / "metrics.json"
+    score = ""
+    if metrics.is_file():
+        final = json.loads(metrics.read_text())
+        score = f", iteration {final.get('iteration')}, R@1 {100 * final.get('recall@1', 0):.1f}%"
+    return Picked(model, cfg, run, f"trained model from {path.resolve()}{score}")
+
+
+def ms_params(cfg: Config) -> dict[str, float]:
+    """The MS loss numbers of a config: alpha, beta, lam, margin."""
+    return {k: float(getattr(cfg.loss, k)) for k in ("alpha", "beta", "lam", "margin")}
+
+
+def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, Tensor], Tensor]:
+    """The same P x K batch (`batch_similarity` keywords) under each weight snapshot of a run:
+    {iteration: S} and the batch's labels."""
+    sims, labels = {}, None
+    for path in snapshots(run_dir):
+        model, cfg = load_model(path)
+        sims[int(path.stem.split("_")[1])], labels = batch_similarity(model, cfg, **batch)
+    if labels is None:
+        raise FileNotFoundError(f"{run_dir} has no snapshots/iter_*.pt: train it with "
+                                "train.keep_snapshots=true")
+    return sims, labels
+
+
 class ItemImages(Sequence):
     """The untransformed images of `dataset[indices[i]]`, loaded only when indexed."""
 
@@ -58,13 +107,21 @@ class ItemImages(Sequence):
         return self.dataset[self.indices[i]][0]
 
 
-def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *, max_items: int | None = None,
+def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *,
+                     max_items: int | None = None, max_classes: int | None = None,
                      seed: int = 0) -> tuple[Tensor, Tensor, ItemImages]:
-    """Embeddings, labels and lazily loaded images of a split (a seeded subset of `max_items`)."""
-    ds = recipe.dataset(cfg, split, transforms.build_transform(recipe.preprocessing(cfg), train=False))
+    """Embeddings, labels and lazily loaded images of a split: the items of `max_classes`
+    seeded classes (all classes when None), then a seeded subset of `max_items` of them."""
+    tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
+    ds = recipe.dataset(cfg, split, tf)
+    rng = np.random.default_rng(seed)
     indices = np.arange(len(ds))
-    if max_items is not None and max_items < len(ds):
-        indices = np.sort(np.random.default_rng(seed).choice(len(ds), max_items, replace=False))
+    classes = np.unique(ds.labels)
+    if max_classes is not None and max_classes < len(classes):
+        chosen = rng.choice(classes, max_classes, replace=False)
+        indices = np.flatnonzero(np.isin(ds.labels, chosen))
+    if max_items is not None and max_items < len(indices):
+        indices = np.sort(rng.choice(indices, max_items, replace=False))
     device = next(model.parameters()).device
     emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), device,
                                      recipe.eval_options(cfg))
@@ -75,7 +132,8 @@ def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *, max_
 def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_class: int = 4,
                      split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
     """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
-    ds = recipe.dataset(cfg, split, transforms.build_transform(recipe.preprocessing(cfg), train=False))
+    tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
+    ds = recipe.dataset(cfg, split, tf)
     n_classes = min(n_classes, len(np.unique(ds.labels)))
     batch = next(iter(PKSampler(ds.labels, n_classes * per_class, per_class, seed)))
     order = sorted(batch, key=lambda i: (int(ds.labels[i]), i))

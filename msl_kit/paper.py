@@ -10,7 +10,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import yaml
 
@@ -26,7 +26,8 @@ PAPER_RESULTS: list[dict] = [
      "recall": {1: 65.7, 2: 77.0, 4: 86.3, 8: 91.2, 16: 95.0, 32: 97.3}},
     {"method": "MS (paper)", "dataset": "cars196", "dim": 512,
      "recall": {1: 84.1, 2: 90.4, 4: 94.0, 8: 96.5}},
-    {"method": "MS (paper)", "dataset": "sop", "dim": 512, "recall": {1: 78.2, 10: 90.5, 100: 96.0}},
+    {"method": "MS (paper)", "dataset": "sop", "dim": 512,
+     "recall": {1: 78.2, 10: 90.5, 100: 96.0}},
     {"method": "MS (paper)", "dataset": "inshop", "dim": 512,
      "recall": {1: 89.7, 10: 97.9, 20: 98.5, 30: 98.8}},
     {"method": "Proxy-Anchor", "dataset": "cub200", "dim": 512, "recall": {1: 68.4}},
@@ -37,6 +38,15 @@ PAPER_RESULTS: list[dict] = [
     {"method": "Contrastive + XBM", "dataset": "sop", "dim": 512, "recall": {1: 79.5}},
 ]
 
+# Which numbers a table row holds. The released trainer evaluates R@1 on the test set every
+# 200 iterations and reports the best of those evaluations (its last update is never
+# evaluated), so the paper's MS numbers are "best"; a run has both (metrics.json "best").
+PROTOCOLS = {
+    "best": "best R@1 of the evaluations during training (the released trainer's protocol)",
+    "final": "the model after the last update",
+    "reported": "as the paper reports it",
+}
+
 # registry names and the spellings people use for them
 _ALIASES = {"cub": "cub200", "cub200": "cub200", "cub2002011": "cub200", "cars": "cars196",
             "cars196": "cars196", "sop": "sop", "stanfordonlineproducts": "sop", "products": "sop",
@@ -44,7 +54,8 @@ _ALIASES = {"cub": "cub200", "cub200": "cub200", "cub2002011": "cub200", "cars":
 
 
 def canonical_dataset(name: str) -> str:
-    """The paper table's key for a dataset name ("CUB-200-2011" -> "cub200"); unknown names as given."""
+    """The paper table's key for a dataset name ("CUB-200-2011" -> "cub200"); unknown names as
+    given."""
     key = re.sub(r"[^a-z0-9]", "", str(name).lower())
     return _ALIASES.get(key, str(name))
 
@@ -59,8 +70,10 @@ def paper_table(dataset: str | None = None, dim: int | None = None) -> "pd.DataF
             continue
         if dim is not None and entry["dim"] != int(dim):
             continue
-        row = {"run": entry["method"], "source": "paper" if "paper" in entry["method"] else "reference",
-               "dataset": entry["dataset"], "dim": entry["dim"]}
+        ours = "paper" in entry["method"]  # MS as released: best of its test evaluations
+        row = {"run": entry["method"], "source": "paper" if ours else "reference",
+               "protocol": "best" if ours else "reported", "dataset": entry["dataset"],
+               "dim": entry["dim"]}
         row.update({f"R@{k}": v for k, v in entry["recall"].items()})
         rows.append(row)
     return _order_columns(pd.DataFrame(rows))
@@ -82,43 +95,76 @@ def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def load_run(run_dir: str | Path) -> dict:
-    """One run's table row: run, source, dataset, dim, backbone, loss, iterations, R@K, MAP@R (%)."""
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: the run has not finished "
-                                "(resume it with msl-kit train --resume DIR)")
-    metrics = json.loads(metrics_path.read_text())
-    cfg_path = run_dir / "config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-    data, model, loss = cfg.get("data", {}), cfg.get("model", {}), cfg.get("loss", {})
-    row = {"run": run_dir.name, "source": "run", "dataset": canonical_dataset(data.get("name", "?")),
-           "dim": model.get("embedding_dim"), "backbone": model.get("backbone"),
-           "loss": loss.get("name"), "iterations": metrics.get("iteration"),
-           "split": metrics.get("split")}
-    for key, value in metrics.items():
-        if key.startswith("recall@"):
-            row[f"R@{key.split('@')[1]}"] = round(100.0 * value, 2)
+def _percent(metrics: dict) -> dict:
+    """R@K, MAP@R and RP columns (%) of a metrics mapping."""
+    row = {f"R@{k.split('@')[1]}": round(100.0 * v, 2) for k, v in metrics.items()
+           if k.startswith("recall@")}
     for key, col in (("map@r", "MAP@R"), ("r_precision", "RP")):
         if key in metrics:
             row[col] = round(100.0 * metrics[key], 2)
     return row
 
 
-def collect_runs(paths: str | Path | Iterable[str | Path]) -> "pd.DataFrame":
-    """Every run under `paths` as one table, one row per run (metrics in %)."""
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run has not finished "
+                                "(resume it with msl-kit train --resume DIR)")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: str | Path, protocol: str = "final") -> dict:
+    """One run's table row (metrics in %) under `protocol` (see PROTOCOLS): run, source,
+    protocol, at (the iteration the numbers are from), dataset, dim, backbone, loss,
+    iterations (of the whole run), split, R@K, MAP@R, RP. ValueError for "best" where the
+    run recorded no best (runs from before metrics.json had one)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
+    run_dir = Path(run_dir)
+    metrics = _read_metrics(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    data, model, loss = cfg.get("data", {}), cfg.get("model", {}), cfg.get("loss", {})
+    numbers, at = metrics, metrics.get("iteration")
+    if protocol == "best":
+        if not isinstance(metrics.get("best"), dict) or "recall@1" not in metrics["best"]:
+            raise ValueError(f"{run_dir / 'metrics.json'} records no best evaluation")
+        numbers, at = metrics["best"], metrics["best"].get("iteration")
+    row = {"run": run_dir.name, "source": "run", "protocol": protocol, "at": at,
+           "dataset": canonical_dataset(data.get("name", "?")), "dim": model.get("embedding_dim"),
+           "backbone": model.get("backbone"), "loss": loss.get("name"),
+           "iterations": metrics.get("iteration"), "split": metrics.get("split")}
+    return {**row, **_percent(numbers)}
+
+
+def collect_runs(paths: str | Path | Iterable[str | Path],
+                 protocols: Sequence[str] = ("final",)) -> "pd.DataFrame":
+    """Every run under `paths` as one table (metrics in %), one row per run and protocol
+    (`("best", "final")`: both, best first); a run without a recorded best has no best row."""
     import pandas as pd
 
     runs = find_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no run folder (with metrics.json) under {paths}; "
                                 "train one first (msl-kit train --out DIR)")
-    return _order_columns(pd.DataFrame([load_run(r) for r in runs]))
+    rows = []
+    for run in runs:
+        for protocol in protocols:
+            try:
+                rows.append(load_run(run, protocol))
+            except ValueError:
+                if protocol != "best":
+                    raise
+    return _order_columns(pd.DataFrame(rows))
 
 
 def compare_with_paper(runs: "pd.DataFrame") -> "pd.DataFrame":
-    """The runs followed, per (dataset, dim) they cover, by the reported numbers for it."""
+    """The runs followed, per (dataset, dim) they cover, by the reported numbers for it.
+
+    The paper's MS numbers follow the "best" protocol (the released trainer's best test
+    evaluation), so compare them with the runs' "best" rows; give `collect_runs` both
+    protocols to keep each run's final value beside its best.
+    """
     import pandas as pd
 
     parts = [runs]
@@ -128,13 +174,31 @@ def compare_with_paper(runs: "pd.DataFrame") -> "pd.DataFrame":
     return _order_columns(table)
 
 
+def results_table(run_dir: str | Path) -> "pd.DataFrame":
+    """One run's evaluation beside its floors (metrics.json), in %: raw pixels, the untrained
+    network, the final model and the best of the evaluations, with the iteration of each."""
+    import pandas as pd
+
+    metrics = _read_metrics(Path(run_dir))
+    floors, best = metrics.get("floors") or {}, metrics.get("best") or {}
+    rows = [{"model": "raw pixels", "at": None, **_percent(floors.get("raw_pixels", {}))},
+            {"model": "untrained network", "at": 0, **_percent(floors.get("untrained", {}))},
+            {"model": "trained: final", "at": metrics.get("iteration"), **_percent(metrics)},
+            {"model": "trained: best of evaluations", "at": best.get("iteration"),
+             **_percent(best)}]
+    rows = [r for r in rows if "R@1" in r]  # floors are off for some datasets (eval.floors)
+    table = pd.DataFrame(rows)
+    table["at"] = table["at"].astype("Int64")
+    return table.set_index("model")
+
+
 def _order_columns(table: "pd.DataFrame") -> "pd.DataFrame":
     recall = sorted((c for c in table.columns if c.startswith("R@")), key=lambda c: int(c[2:]))
-    first = [c for c in ("run", "source", "dataset", "dim", "backbone", "loss", "iterations", "split")
-             if c in table.columns]
+    first = [c for c in ("run", "source", "protocol", "at", "dataset", "dim", "backbone", "loss",
+                         "iterations", "split") if c in table.columns]
     rest = [c for c in table.columns if c not in first and c not in recall]
     table = table[first + recall + rest].copy()
-    for col in ("dim", "iterations"):  # integers with gaps where the paper has no value
+    for col in ("at", "dim", "iterations"):  # integers with gaps where the paper has no value
         if col in table:
             table[col] = table[col].astype("Int64")
     return table
@@ -149,7 +213,8 @@ def export_table(table: "pd.DataFrame", stem: str | Path, *, digits: int = 1) ->
     md.write_text(blanks.to_markdown(index=False, floatfmt=f".{digits}f", missingval="") + "\n")
 
     def fmt(value: float) -> str:
-        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        return "" if missing else f"{value:.{digits}f}"
 
     tex.write_text(table.to_latex(index=False, float_format=fmt, na_rep="", escape=True))
     return md, tex

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from msl_kit import datasets, losses, metrics
+from msl_kit import datasets, metrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 
 POS_COLOR, NEG_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#222222"
 SPLIT_COLORS = {"train": "#2166ac", "val": "#762a83", "test": "#b35806", "query": "#b35806"}
-LOSS_TITLES = {"ms": "Multi-Similarity", "contrastive": "Contrastive", "triplet": "Triplet (semi-hard)",
-               "binomial": "Binomial deviance", "lifted": "Lifted structure"}
 
 
 # ----------------------------------------------------------------------------- basics
@@ -92,9 +89,13 @@ def dataset_overview() -> "pd.DataFrame":
     """Every registered dataset: name, what it is, size, licence, split rule, where from."""
     import pandas as pd
 
+    local = ("digits", "folder", "omniglot_small")  # nothing to download
+
+    def where(d: datasets.DatasetInfo) -> str:
+        return d.url or ("none needed" if d.name in local else "bring your own")
+
     return pd.DataFrame([{"name": d.name, "description": d.description, "size": d.size,
-                          "licence": d.licence, "split": d.split_rule,
-                          "download": d.url or ("none needed" if d.name in ("digits", "folder") else "bring your own")}
+                          "licence": d.licence, "split": d.split_rule, "download": where(d)}
                          for d in datasets.list_datasets()])
 
 
@@ -112,12 +113,41 @@ def class_counts(splits: dict[str, Dataset]) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: int = 5) -> "Figure":
-    """Rows of sample images per class, the first `max_classes` classes of each split, labelled by split."""
+def class_group(name: str) -> str:
+    """The group a class name belongs to: Omniglot's alphabet ("Greek/character03" -> "Greek");
+    a name without "/" is its own group."""
+    return str(name).split("/", 1)[0]
+
+
+def class_groups(splits: dict[str, Dataset]) -> "pd.DataFrame":
+    """Per split and class group (Omniglot: alphabet): how many classes and images it holds."""
+    import pandas as pd
+
+    rows = []
+    for split, ds in splits.items():
+        counts = np.bincount(np.asarray(ds.labels), minlength=len(ds.classes))
+        for c, n in enumerate(counts):
+            rows.append({"split": split, "group": class_group(ds.classes[c]), "images": int(n)})
+    table = pd.DataFrame(rows)
+    return (table.assign(classes=1).groupby(["split", "group"], sort=False)[["classes", "images"]]
+            .sum().reset_index())
+
+
+def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: int = 5,
+                one_per_group: bool = False) -> "Figure":
+    """Rows of sample images per class, the first `max_classes` classes of each split, labelled
+    by split. `one_per_group` takes each row's class from a different group (Omniglot: one
+    character per alphabet), so the grid shows how the train and test alphabets differ."""
     rows = []
     for split, ds in splits.items():
         labels = np.asarray(ds.labels)
-        for c in np.unique(labels)[:max_classes]:
+        classes = np.unique(labels)
+        if one_per_group:  # the first class of each group, in class order
+            seen: dict[str, int] = {}
+            for c in classes:
+                seen.setdefault(class_group(ds.classes[c]), int(c))
+            classes = np.array(list(seen.values()))
+        for c in classes[:max_classes]:
             rows.append((split, ds, int(c), np.flatnonzero(labels == c)[:per_class]))
     fig = new_figure(1.1 * per_class + 1.2, 1.1 * len(rows))
     axes = fig.subplots(len(rows), per_class, squeeze=False)
@@ -133,117 +163,6 @@ def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: 
     return fig
 
 
-# ----------------------------------------------------------------------------- similarities and weights (03)
-def mining_masks(sim: Tensor, labels: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    """The pairs MS mining keeps: (positives, negatives) (B, B) bool, anchors without both dropped."""
-    return losses.mined_pairs(torch.as_tensor(sim), torch.as_tensor(labels), margin=margin)
-
-
-def _class_lines(ax: "Axes", labels: Any) -> None:
-    """White lines between class blocks; the class ids as ticks at block centres."""
-    y = _np(labels)
-    starts = np.r_[0, np.flatnonzero(np.diff(y)) + 1, len(y)]
-    for e in starts[1:-1] - 0.5:
-        ax.axhline(e, color="w", lw=0.6), ax.axvline(e, color="w", lw=0.6)
-    centres = (starts[:-1] + starts[1:] - 1) / 2
-    names = [str(v) for v in y[starts[:-1]]] if len(centres) <= 20 else []
-    ax.set_xticks(centres[:len(names)], names, fontsize=7), ax.set_yticks(centres[:len(names)], names, fontsize=7)
-
-
-def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: "Axes | None" = None) -> "Figure":
-    """The (B, B) similarity matrix with class blocks outlined (labels sorted)."""
-    fig, ax = _fig_ax(ax, 4.4, 3.8)
-    im = ax.imshow(_np(sim), cmap="viridis", vmin=-1, vmax=1)
-    _class_lines(ax, labels)
-    ax.set_title("similarity S = X Xᵀ", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    return fig
-
-
-def similarity_histograms(sim: Tensor, labels: Tensor, *, lam: float = 0.5, margin: float = 0.1,
-                          ax: "Axes | None" = None) -> "Figure":
-    """Positive and negative similarities (all pairs outlined, mined pairs filled) with the
-    MS thresholds: lambda and the median per-anchor mining bounds."""
-    fig, ax = _fig_ax(ax, 5.0, 3.4)
-    s = _np(sim)
-    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
-    kept_pos, kept_neg = (m.numpy() for m in mining_masks(torch.as_tensor(s), labels, margin))
-    bins = np.linspace(min(s.min(), lam) - 0.05, max(s.max(), lam) + 0.05, 41)
-    for mask, kept, color, name in ((pos_mask, kept_pos, POS_COLOR, "positive"),
-                                    (neg_mask, kept_neg, NEG_COLOR, "negative")):
-        ax.hist(s[mask], bins, color=color, histtype="step", lw=1.5, label=f"{name} pairs")
-        ax.hist(s[kept], bins, color=color, alpha=0.35, label=f"mined {name}s")
-    with np.errstate(all="ignore"):
-        min_pos = np.where(pos_mask, s, np.inf).min(1)
-        max_neg = np.where(neg_mask, s, -np.inf).max(1)
-    ax.axvline(lam, color="k", ls="--", label=f"λ = {lam:g}")
-    if np.isfinite(min_pos).any() and np.isfinite(max_neg).any():  # a batch with both kinds of pair
-        ax.axvline(np.median(min_pos[np.isfinite(min_pos)]) - margin, color=NEG_COLOR, ls=":",
-                   label="negatives kept above\n(median min S⁺ − ε)")
-        ax.axvline(np.median(max_neg[np.isfinite(max_neg)]) + margin, color=POS_COLOR, ls=":",
-                   label="positives kept below\n(median max S⁻ + ε)")
-    ax.set_yscale("log"), ax.set_xlabel("similarity"), ax.set_ylabel("pairs")
-    ax.legend(fontsize=6.5, loc="upper left")
-    return fig
-
-
-def weight_scatter(sim: Tensor, labels: Tensor, weights: losses.PairWeights, *, title: str = "",
-                   ax: "Axes | None" = None) -> "Figure":
-    """Each pair's weight against its similarity: w+ of positives (green), w- of negatives (red)."""
-    fig, ax = _fig_ax(ax, 4.0, 3.2)
-    s = _np(sim)
-    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
-    ax.scatter(s[pos_mask], _np(weights.pos)[pos_mask], s=9, c=POS_COLOR, label="positive w⁺")
-    ax.scatter(s[neg_mask], _np(weights.neg)[neg_mask], s=9, c=NEG_COLOR, marker="x", label="negative w⁻")
-    if not (weights.pos.any() or weights.neg.any()):
-        ax.text(0.5, 0.5, "no pair mined: every anchor's pairs\nare already separated (weights 0)",
-                transform=ax.transAxes, ha="center", va="center", fontsize=8)
-    ax.set_xlabel("similarity"), ax.set_ylabel("pair weight")
-    ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
-    return fig
-
-
-def weight_heatmap(weights: losses.PairWeights, labels: Tensor | None = None, *, title: str = "",
-                   ax: "Axes | None" = None) -> "Figure":
-    """w+ - w- as a (B, B) image: green pulls a pair together, red pushes it apart, white is unmined."""
-    from matplotlib.colors import LinearSegmentedColormap
-
-    fig, ax = _fig_ax(ax, 4.0, 3.6)
-    signed = _np(weights.pos) - _np(weights.neg)
-    vmax = float(np.abs(signed).max()) or 1.0
-    cmap = LinearSegmentedColormap.from_list("gpw", [NEG_COLOR, "white", POS_COLOR])
-    ax.imshow(signed, cmap=cmap, vmin=-vmax, vmax=vmax)
-    if labels is not None:
-        _class_lines(ax, labels)
-    ax.set_title(title or f"w⁺ − w⁻ (max {vmax:.2g})", fontsize=9)
-    return fig
-
-
-def pair_weight_figure(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float,
-                       margin: float) -> "Figure":
-    """The MS view of one batch: similarity histograms with thresholds, w vs S, weight matrix."""
-    fig = new_figure(13, 3.6)
-    axes = fig.subplots(1, 3, width_ratios=[1.3, 1, 0.9])
-    weights = losses.pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
-    similarity_histograms(sim, labels, lam=lam, margin=margin, ax=axes[0])
-    weight_scatter(sim, labels, weights, title="MS pair weights", ax=axes[1])
-    weight_heatmap(weights, labels, ax=axes[2])
-    fig.suptitle(f"α={alpha:g}  β={beta:g}  λ={lam:g}  ε={margin:g}", fontsize=10)
-    return fig
-
-
-def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None = None) -> "Figure":
-    """General Pair Weighting side by side: per loss, weight vs similarity above, weight matrix below."""
-    loss_params = loss_params or {"ms": losses.PRESETS["released"], **{n: {} for n in LOSS_TITLES if n != "ms"}}
-    fig = new_figure(3.2 * len(loss_params), 6.2)
-    axes = fig.subplots(2, len(loss_params), squeeze=False)
-    for col, (name, params) in enumerate(loss_params.items()):
-        weights = losses.gpw_pair_weights(name, sim, labels, **params)
-        weight_scatter(sim, labels, weights, title=LOSS_TITLES.get(name, name), ax=axes[0, col])
-        weight_heatmap(weights, labels, ax=axes[1, col])
-    return fig
-
-
 # ----------------------------------------------------------------------------- training curves (05)
 def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall@1", *,
                   ax: "Axes | None" = None) -> "Figure":
@@ -254,7 +173,8 @@ def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall
 
     fig, ax = _fig_ax(ax, 6, 3.6)
     for run in find_runs(runs):
-        history = pd.read_csv(run / "history.csv") if (run / "history.csv").is_file() else pd.DataFrame()
+        path = run / "history.csv"
+        history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
         if metric in history:
             points = history.dropna(subset=[metric])
             ax.plot(points["iteration"], 100 * points[metric], marker="o", label=run.name)
@@ -266,7 +186,8 @@ def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall
 
 
 # ----------------------------------------------------------------------------- embeddings (04)
-def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0, **umap_options: Any) -> np.ndarray:
+def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0,
+                 **umap_options: Any) -> np.ndarray:
     """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import)."""
     x = _np(emb).astype(np.float32)
     if method == "pca":
@@ -278,7 +199,8 @@ def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0, **umap_option
 
         options = {"n_neighbors": min(15, len(x) - 1), "min_dist": 0.1, "metric": "cosine",
                    "random_state": seed, **umap_options}
-        with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so each time
+        # a seed makes UMAP single-threaded, and it says so each time
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
             return umap.UMAP(n_components=2, **options).fit_transform(x)
     raise ValueError(f"method must be 'umap' or 'pca', not {method!r}")
@@ -291,11 +213,13 @@ def spread_points(points: np.ndarray, n: int, seed: int = 0) -> list[int]:
     order = np.random.default_rng(seed).permutation(len(points))
     span = float(np.ptp(points, 0).max()) or 1.0
     chosen: list[int] = []
-    for min_dist in (0.15 * span, 0.08 * span):  # wide spacing first, then as close as thumbnails allow
+    # wide spacing first, then as close as thumbnails allow
+    for min_dist in (0.15 * span, 0.08 * span):
         for i in order:
             if len(chosen) >= n:
                 return chosen
-            if i not in chosen and (not chosen or np.hypot(*(points[chosen] - points[i]).T).min() > min_dist):
+            far = not chosen or np.hypot(*(points[chosen] - points[i]).T).min() > min_dist
+            if i not in chosen and far:
                 chosen.append(int(i))
     return chosen
 
@@ -303,7 +227,8 @@ def spread_points(points: np.ndarray, n: int, seed: int = 0) -> list[int]:
 def embedding_figure(points: np.ndarray, labels: Any, images: Sequence | None = None, *,
                      n_thumbnails: int = 40, title: str = "", seed: int = 0,
                      ax: "Axes | None" = None) -> "Figure":
-    """2-D points coloured by class, with image thumbnails (framed in the class colour) at some points."""
+    """2-D points coloured by class, with image thumbnails (framed in the class colour) at some
+    points."""
     import matplotlib
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
@@ -316,19 +241,23 @@ def embedding_figure(points: np.ndarray, labels: Any, images: Sequence | None = 
     for i in spread_points(points, n_thumbnails if images is not None else 0, seed):
         img = as_image_array(images[i])
         box = OffsetImage(img, zoom=28 / max(img.shape[:2]), cmap="gray" if img.ndim == 2 else None)
-        ax.add_artist(AnnotationBbox(box, points[i], pad=0.1, bboxprops={"edgecolor": colors[i], "lw": 1.5}))
+        frame = {"edgecolor": colors[i], "lw": 1.5}
+        ax.add_artist(AnnotationBbox(box, points[i], pad=0.1, bboxprops=frame))
     ax.set_xticks([]), ax.set_yticks([])
     ax.set_title(title, fontsize=10)
     return fig
 
 
-def embeddings_before_after(before: Tensor, after: Tensor, labels: Tensor, images: Sequence | None = None,
-                            *, method: str = "umap", n_thumbnails: int = 30, seed: int = 0) -> "Figure":
+def embeddings_before_after(before: Tensor, after: Tensor, labels: Tensor,
+                            images: Sequence | None = None, *, method: str = "umap",
+                            n_thumbnails: int = 30, seed: int = 0) -> "Figure":
     """Two 2-D maps of the same items, untrained model (left) and trained (right), with R@1."""
     fig = new_figure(12, 6)
-    for ax, emb, name in zip(fig.subplots(1, 2), (before, after), ("before training", "after training")):
+    names = ("before training", "after training")
+    for ax, emb, name in zip(fig.subplots(1, 2), (before, after), names):
         r1 = metrics.recall_at_k(emb, labels, ks=(1,))[1]
-        embedding_figure(embedding_2d(emb, method, seed=seed), labels, images, n_thumbnails=n_thumbnails,
+        embedding_figure(embedding_2d(emb, method, seed=seed), labels, images,
+                         n_thumbnails=n_thumbnails,
                          title=f"{name} ({method.upper()}, R@1 {100 * r1:.1f}%)", seed=seed, ax=ax)
     return fig
 
@@ -339,14 +268,16 @@ def retrieval_grid(emb: Tensor, labels: Tensor, images: Sequence, *, n_queries: 
     _, neighbours = metrics.knn(emb, k)  # query = gallery, the query itself excluded
     labels = _np(labels)
     if queries is None:
-        queries = sorted(np.random.default_rng(seed).choice(len(labels), min(n_queries, len(labels)), replace=False))
+        rng = np.random.default_rng(seed)
+        queries = sorted(rng.choice(len(labels), min(n_queries, len(labels)), replace=False))
     fig = new_figure(1.25 * (k + 1), 1.35 * len(queries))
     axes = fig.subplots(len(queries), k + 1, squeeze=False)
     for row, q in enumerate(queries):
         _show(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
         for col, j in enumerate(neighbours[q].tolist(), start=1):
             hit = labels[j] == labels[q]
-            _show(axes[row, col], images[j], POS_COLOR if hit else NEG_COLOR, f"top {col}" if row == 0 else "")
+            _show(axes[row, col], images[j], POS_COLOR if hit else NEG_COLOR,
+                  f"top {col}" if row == 0 else "")
     return fig
 
 

@@ -1,13 +1,17 @@
 """The five notebooks: stored clean, and executed headless with papermill in order on the CPU.
 
-02 trains a small digits run; 03 and 04 read its checkpoint; 05 gathers it with a run folder
-that claims the CUB 512-d setting, so the paper's rows must appear beside it.
+All run with their default parameters on the embedded Omniglot-small set, only the folders
+changed to a temporary one: 02 trains into `runs/`; 03 and 04 find that run as the latest one
+there (03 also steps through its snapshots); 05 gathers it with a run folder that claims the
+CUB 512-d setting, so the paper's rows must appear beside it.
 """
 from __future__ import annotations
 
 import ast
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -15,7 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 NAMES = ["01_prepare_data", "02_train", "03_pair_weights", "04_embeddings_umap", "05_recall_tables"]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -35,6 +40,7 @@ def test_notebook_is_stored_clean_with_parameters_and_kernelspec(name):
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0]
     ast.parse(tagged[0].source)  # plain assignments papermill can override
+    assert all(len(line) <= 100 for c in code for line in c.source.splitlines())
     assert any("from msl_kit import" in c.source for c in code)
 
 
@@ -60,6 +66,10 @@ def execute(name: str, work: Path, **parameters) -> nbformat.NotebookNode:
     import papermill
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the kernel inherits it; 2 shared cores here
+    # The kernel imports this checkout, whichever msl_kit the environment has installed.
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
     out = work / f"{name}.out.ipynb"
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
                                kernel_name="python3", cwd=str(work), progress_bar=False,
@@ -80,92 +90,131 @@ def mimes(outs: list) -> set[str]:
     return {m for o in outs for m in o.get("data", {})}
 
 
-@pytest.fixture(scope="module")
-def run_dir(work):
-    return work / "runs" / "digits_ms"
+def text(outs: list) -> str:
+    return "".join(o.get("text", "") for o in outs)
 
 
 @pytest.fixture(scope="module")
-def nb02(work, run_dir):
-    return execute("02_train", work, iterations=30, eval_every=10, run_dir=str(run_dir))
+def runs(work):
+    return work / "runs"
+
+
+@pytest.fixture(scope="module")
+def nb02(work, runs):
+    nb = execute("02_train", work, runs=str(runs))  # default size: 60 iterations
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    return nb, run_dir
 
 
 @pytest.mark.slow
 def test_01_prepare_data(work):
-    nb = execute("01_prepare_data", work, out_dir=str(work / "01"), per_class=3, max_classes=2)
+    nb = execute("01_prepare_data", work, out_dir=str(work / "01"))
     counts = pd.read_csv(work / "01" / "class_counts.csv")
-    assert list(counts.columns) == ["split", "images", "classes", "min/class", "median/class", "max/class"]
-    assert counts.set_index("split")["classes"].to_dict() == {"train": 5, "test": 5}
-    assert counts["images"].sum() == 1797  # every digit, in exactly one split
-    assert (work / "01" / "samples.png").stat().st_size > 1000
+    assert list(counts.columns) == ["split", "images", "classes", "min/class", "median/class",
+                                    "max/class"]
+    assert counts.set_index("split")["classes"].to_dict() == {"train": 130, "test": 112}
+    assert counts["images"].sum() == 4840  # every image of the embedded set, in one split
+    groups = pd.read_csv(work / "01" / "class_groups.csv")
+    assert groups.groupby("split").size().to_dict() == {"test": 4, "train": 4}  # alphabets
+    assert (work / "01" / "samples.png").stat().st_size > 10_000
     assert "image/png" in mimes(outputs(nb, "viz.sample_grid"))
     assert "text/html" in mimes(outputs(nb, "viz.dataset_overview()"))  # the registry table
+    assert text(outputs(nb, "datasets.prepare(")).startswith("omniglot_small ·")  # nothing to do
 
 
 @pytest.mark.slow
 def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
     archive = shared_data / "CUB_200_2011_subset100.tgz"
-    nb = execute("01_prepare_data", work, dataset="cub200", root=str(work / "data"), archive=str(archive),
-                 out_dir=str(work / "01cub"), per_class=3, max_classes=2)
+    nb = execute("01_prepare_data", work, dataset="cub200", root=str(work / "data"),
+                 archive=str(archive), out_dir=str(work / "01cub"), per_class=3, max_classes=2)
     counts = pd.read_csv(work / "01cub" / "class_counts.csv").set_index("split")
     assert counts["classes"].to_dict() == {"train": 58, "test": 42}  # species 1-100 / 101-200
     assert counts["images"].sum() == 5902
-    assert "prepared cub200" in "".join(o.get("text", "") for o in outputs(nb, "datasets.prepare("))
+    assert "prepared cub200" in text(outputs(nb, "datasets.prepare("))
     assert (work / "01cub" / "samples.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_02_train_writes_a_run_and_draws_live_curves(nb02, run_dir):
-    for name in ("config.yaml", "history.csv", "checkpoint.pt", "best.pt", "metrics.json", "curves.png"):
+def test_02_trains_the_embedded_default_with_live_panels(nb02):
+    nb, run_dir = nb02
+    for name in ("config.yaml", "history.csv", "checkpoint.pt", "best.pt", "metrics.json",
+                 "curves.png", "mining.png"):
         assert (run_dir / name).is_file(), name
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["iterations"] == 30
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["data"]["name"] == "omniglot_small" and cfg["train"]["iterations"] == 60
     history = pd.read_csv(run_dir / "history.csv")
-    assert history.dropna(subset=["recall@1"])["iteration"].tolist() == [10, 20, 30]
-    live = outputs(nb02, "LiveCurves()")
-    assert [o.output_type for o in live] == ["display_data"] and "image/png" in mimes(live)  # one, updated
-    table = outputs(nb02, "paper.collect_runs(run_dir)")[0]["data"]["text/html"]
-    for col in ("R@1", "R@8", "MAP@R", "RP", "dataset", "dim"):
-        assert f">{col}<" in table
+    assert history.dropna(subset=["recall@1"])["iteration"].tolist() == [20, 40, 60]
+    assert [p.name for p in sorted((run_dir / "snapshots").iterdir())] == [
+        f"iter_{i:06d}.pt" for i in (0, 20, 40, 60)]
+    live = outputs(nb, "LiveCurves()")  # two outputs, each updated in place
+    assert [o.output_type for o in live] == ["display_data"] * 2
+    assert all("image/png" in o["data"] for o in live)
+    if "pos_kept" in history:  # the engine records mining statistics: the panel draws them
+        assert (run_dir / "mining.png").stat().st_size > 20_000
+    table = outputs(nb, "paper.results_table(run_dir)")[0]["data"]["text/html"]
+    for row in ("raw pixels", "untrained network", "trained: final",
+                "trained: best of evaluations"):
+        assert row in table
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["recall@1"] > metrics["floors"]["raw_pixels"]["recall@1"] + 0.2
 
 
 @pytest.mark.slow
-def test_03_pair_weights(nb02, work, run_dir):
-    nb = execute("03_pair_weights", work, checkpoint=str(run_dir), out_dir=str(work / "03"))
-    for name in ("ms_weights.png", "gpw.png"):
+def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
+    _, run_dir = nb02
+    nb = execute("03_pair_weights", work, runs=str(runs), out_dir=str(work / "03"))
+    head = text(outputs(nb, "explore.pick_model"))
+    assert f"trained model from {run_dir.resolve()}" in head
+    mined = re.search(r"MS mines (\d+)% of its positive and (\d+)% of its negative", head)
+    assert int(mined[1]) > 0 and int(mined[2]) > 0  # a trained model that still mines pairs
+    assert "batch of 32: 8 classes x 4" in head
+    for name in ("ms_weights.png", "gpw.png", "weights_over_training.png"):
         assert (work / "03" / name).stat().st_size > 1000
-    assert "image/png" in mimes(outputs(nb, "viz.similarity_heatmap"))
-    assert "image/png" in mimes(outputs(nb, "viz.similarity_histograms"))
+    assert "image/png" in mimes(outputs(nb, "viz_mining.similarity_heatmap"))
+    assert "image/png" in mimes(outputs(nb, "viz_mining.similarity_histograms"))
+    snapshots = outputs(nb, "widgets.SnapshotExplorer")
+    assert "image/png" in mimes(snapshots) and WIDGET_VIEW in mimes(snapshots)
     assert WIDGET_VIEW in mimes(outputs(nb, "widgets.pair_weight_explorer"))  # the sliders
-    assert "image/png" in mimes(outputs(nb, "viz.gpw_figure"))
-    # digits' train split has 5 classes, so P = 8 becomes 5
-    assert "batch of 20: 5 classes x 4" in outputs(nb, "explore.load_model")[0]["text"]
+    assert "image/png" in mimes(outputs(nb, "viz_mining.gpw_figure"))
 
 
 @pytest.mark.slow
-def test_04_embeddings_umap(nb02, work, run_dir):
-    nb = execute("04_embeddings_umap", work, checkpoint=str(run_dir), max_items=300, n_thumbnails=15,
-                 out_dir=str(work / "04"))
+def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
+    nb = execute("04_embeddings_umap", work, runs=str(runs), out_dir=str(work / "04"))
     for name in ("embeddings.png", "retrieval.png"):
         assert (work / "04" / name).stat().st_size > 1000
-    assert "300 test items of 5 classes" in outputs(nb, "explore.split_embeddings")[0]["text"]
+    head = text(outputs(nb, "explore.split_embeddings"))
+    assert "240 test items of 12 classes, omniglot_small" in head
+    r1 = re.search(r"before ([\d.]+)%, after ([\d.]+)%", head)
+    assert float(r1[2]) > float(r1[1]) + 15  # the trained map separates the characters
     assert "image/png" in mimes(outputs(nb, "viz.embeddings_before_after"))
     assert "image/png" in mimes(outputs(nb, "viz.retrieval_grid"))
 
 
 @pytest.mark.slow
-def test_05_recall_tables(nb02, work, run_dir):
-    cub = work / "runs" / "cub512"  # a finished run in the paper's setting, written by hand
+def test_05_recall_tables_name_their_protocol(nb02, work, runs):
+    _, run_dir = nb02
+    cub = work / "more_runs" / "cub512"  # a finished run in the paper's setting, written by hand
     cub.mkdir(parents=True, exist_ok=True)
-    (cub / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "cub200"}, "model": {"embedding_dim": 512}}))
-    (cub / "metrics.json").write_text(json.dumps({"recall@1": 0.6, "recall@2": 0.7, "map@r": 0.2, "iteration": 20}))
-    (cub / "history.csv").write_text("iteration,loss,recall@1\n10,1.0,0.5\n20,0.9,0.6\n")
-    nb = execute("05_recall_tables", work, runs=str(work / "runs"), out_dir=str(work / "05"))
+    (cub / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "cub200"},
+                                                     "model": {"embedding_dim": 512}}))
+    (cub / "metrics.json").write_text(json.dumps({
+        "recall@1": 0.6, "recall@2": 0.7, "map@r": 0.2, "iteration": 20,
+        "best": {"iteration": 10, "recall@1": 0.62, "recall@2": 0.71, "map@r": 0.21}}))
+    (cub / "history.csv").write_text("iteration,loss,recall@1\n10,1.0,0.62\n20,0.9,0.6\n")
+    shutil.copytree(run_dir, work / "more_runs" / run_dir.name)
+    nb = execute("05_recall_tables", work, runs=str(work / "more_runs"), out_dir=str(work / "05"))
     md = (work / "05" / "recall_table.md").read_text().splitlines()
     header = [c.strip() for c in md[0].strip("|").split("|")]
-    assert header[:4] == ["run", "source", "dataset", "dim"] and {"R@1", "R@2", "MAP@R"} <= set(header)
-    rows = {r.split("|")[1].strip(): r for r in md[2:]}
-    assert set(rows) == {"digits_ms", "cub512", "MS (paper)", "Proxy-Anchor", "Contrastive + XBM"}
-    assert "65.7" in rows["MS (paper)"] and "97.3" in rows["MS (paper)"]
+    assert header[:6] == ["run", "source", "protocol", "at", "dataset", "dim"]
+    assert {"R@1", "R@2", "MAP@R"} <= set(header)
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in md[2:]]
+    named = [(r[0], r[2]) for r in rows]
+    assert named[:4] == [("cub512", "best"), ("cub512", "final"), (run_dir.name, "best"),
+                         (run_dir.name, "final")]
+    assert ("MS (paper)", "best") in named and ("Proxy-Anchor", "reported") in named
+    ms = next(r for r in rows if r[0] == "MS (paper)")
+    assert "65.7" in ms and "97.3" in ms
     tex = (work / "05" / "recall_table.tex").read_text()
     assert "\\begin{tabular}" in tex and "MS (paper)" in tex
     assert (work / "05" / "recall_curves.png").stat().st_size > 1000

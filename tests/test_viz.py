@@ -1,20 +1,16 @@
-"""Unit tests of msl_kit.viz, msl_kit.widgets and msl_kit.paper: figures hold the data they claim."""
+"""Unit tests of msl_kit.viz, viz_mining, widgets and explore: figures hold the data they claim."""
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from matplotlib.collections import PathCollection
 from matplotlib.colors import to_rgba
 from matplotlib.offsetbox import AnnotationBbox
 from sklearn.decomposition import PCA
 
-from msl_kit import datasets, engine, explore, losses, paper, viz, widgets
+from msl_kit import datasets, engine, explore, losses, recipe, viz, viz_mining, widgets
 from msl_kit.checkpoint import save_checkpoint
 from msl_kit.config import load_config, to_dict
 
@@ -27,7 +23,8 @@ def batch():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 8, generator=g)
     labels = torch.arange(4).repeat_interleave(4)
-    emb = torch.nn.functional.normalize(centres[labels] + 0.9 * torch.randn(16, 8, generator=g), dim=1)
+    noise = 0.9 * torch.randn(16, 8, generator=g)
+    emb = torch.nn.functional.normalize(centres[labels] + noise, dim=1)
     return emb @ emb.T, labels
 
 
@@ -50,22 +47,23 @@ def scatter_points(ax):
     return [c.get_offsets().data for c in ax.collections if isinstance(c, PathCollection)]
 
 
-# ----------------------------------------------------------------------------- similarities and weights
+# ------------------------------------------------------------------------ similarities and weights
 @pytest.mark.parametrize("margin", [0.0, 0.1, 0.3])
-def test_mining_masks_follow_the_design_rule(batch, margin):
+def test_mined_pairs_follow_the_design_rule(batch, margin):
     sim, labels = batch
-    kept_pos, kept_neg = viz.mining_masks(sim, labels, margin)
+    kept_pos, kept_neg = losses.mined_pairs(sim, labels, margin=margin)  # what the histograms fill
     ref_pos, ref_neg = naive_mining(sim.numpy(), labels.numpy(), margin)
     np.testing.assert_array_equal(kept_pos.numpy(), ref_pos)
     np.testing.assert_array_equal(kept_neg.numpy(), ref_neg)
-    w = losses.pair_weights(sim, labels, **{**RELEASED, "margin": margin})  # the loss weighs exactly these
+    # the loss weighs exactly these
+    w = losses.pair_weights(sim, labels, **{**RELEASED, "margin": margin})
     np.testing.assert_array_equal((w.pos > 0).numpy(), ref_pos)
     np.testing.assert_array_equal((w.neg > 0).numpy(), ref_neg)
 
 
 def test_similarity_heatmap_shows_the_matrix_with_class_ticks(batch):
     sim, labels = batch
-    ax = viz.similarity_heatmap(sim, labels).axes[0]
+    ax = viz_mining.similarity_heatmap(sim, labels).axes[0]
     np.testing.assert_allclose(ax.images[0].get_array(), sim.numpy())
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
     np.testing.assert_allclose(ax.get_xticks(), [1.5, 5.5, 9.5, 13.5])
@@ -74,11 +72,12 @@ def test_similarity_heatmap_shows_the_matrix_with_class_ticks(batch):
 def test_similarity_histograms_count_pairs_and_draw_thresholds(batch):
     sim, labels = batch
     s, y = sim.numpy(), labels.numpy()
-    ax = viz.similarity_histograms(sim, labels, lam=0.5, margin=0.1).axes[0]
+    ax = viz_mining.similarity_histograms(sim, labels, lam=0.5, margin=0.1).axes[0]
     ref_pos, ref_neg = naive_mining(s, y, 0.1)
     pos = (y[:, None] == y[None]) & ~np.eye(16, dtype=bool)
     outlines = [p for p in ax.patches if p.get_fill() is False]  # all positives, all negatives
-    assert [p.get_edgecolor()[:3] for p in outlines] == [to_rgba(viz.POS_COLOR)[:3], to_rgba(viz.NEG_COLOR)[:3]]
+    assert [p.get_edgecolor()[:3] for p in outlines] == [to_rgba(viz.POS_COLOR)[:3],
+                                                         to_rgba(viz.NEG_COLOR)[:3]]
     mined_pos, mined_neg = ax.containers  # filled bars: the mined pairs
     assert sum(r.get_height() for r in mined_pos) == ref_pos.sum()
     assert sum(r.get_height() for r in mined_neg) == ref_neg.sum()
@@ -92,25 +91,25 @@ def test_similarity_histograms_count_pairs_and_draw_thresholds(batch):
 def test_weight_scatter_plots_each_pairs_weight_against_its_similarity(batch):
     sim, labels = batch
     w = losses.pair_weights(sim, labels, **RELEASED)
-    pos_pts, neg_pts = scatter_points(viz.weight_scatter(sim, labels, w).axes[0])
+    pos_pts, neg_pts = scatter_points(viz_mining.weight_scatter(sim, labels, w).axes[0])
     pos = (labels[:, None] == labels[None]) & ~torch.eye(16, dtype=torch.bool)
     np.testing.assert_allclose(pos_pts, np.stack([sim[pos], w.pos[pos]], 1), rtol=1e-6)
-    np.testing.assert_allclose(neg_pts, np.stack([sim[~pos & ~torch.eye(16, dtype=torch.bool)],
-                                                  w.neg[~pos & ~torch.eye(16, dtype=torch.bool)]], 1), rtol=1e-6)
+    neg = ~pos & ~torch.eye(16, dtype=torch.bool)
+    np.testing.assert_allclose(neg_pts, np.stack([sim[neg], w.neg[neg]], 1), rtol=1e-6)
 
 
 def test_weight_scatter_says_when_nothing_is_mined():
     emb = torch.eye(4)[[0, 0, 1, 1]]  # classes perfectly apart: MS mines nothing
     sim, labels = emb @ emb.T, torch.tensor([0, 0, 1, 1])
     w = losses.pair_weights(sim, labels, **RELEASED)
-    ax = viz.weight_scatter(sim, labels, w).axes[0]
+    ax = viz_mining.weight_scatter(sim, labels, w).axes[0]
     assert any("no pair mined" in t.get_text() for t in ax.texts)
 
 
 def test_weight_heatmap_is_pos_minus_neg(batch):
     sim, labels = batch
     w = losses.pair_weights(sim, labels, **RELEASED)
-    image = viz.weight_heatmap(w, labels).axes[0].images[0]
+    image = viz_mining.weight_heatmap(w, labels).axes[0].images[0]
     np.testing.assert_allclose(image.get_array(), (w.pos - w.neg).numpy())
     vmin, vmax = image.get_clim()
     assert vmin == -vmax == -float((w.pos - w.neg).abs().max())
@@ -118,20 +117,22 @@ def test_weight_heatmap_is_pos_minus_neg(batch):
 
 def test_gpw_figure_shows_every_loss_with_its_own_weights(batch):
     sim, labels = batch
-    fig = viz.gpw_figure(sim, labels)
-    names = list(viz.LOSS_TITLES)
+    fig = viz_mining.gpw_figure(sim, labels)
+    names = list(viz_mining.LOSS_TITLES)
     scatter_axes = [ax for ax in fig.axes if scatter_points(ax)]
     heat_axes = [ax for ax in fig.axes if ax.images]
-    assert [ax.get_title() for ax in scatter_axes] == [viz.LOSS_TITLES[n] for n in names]
+    assert [ax.get_title() for ax in scatter_axes] == [viz_mining.LOSS_TITLES[n] for n in names]
     assert len(heat_axes) == len(names)
     pos = ((labels[:, None] == labels[None]) & ~torch.eye(16, dtype=torch.bool)).numpy()
     for name, ax in zip(names, scatter_axes):
         params = RELEASED if name == "ms" else {}
         w = losses.gpw_pair_weights(name, sim, labels, **params)
-        np.testing.assert_allclose(scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5,
+                                   atol=1e-7)
     # the MS column is the closed-form pair_weights, not only an autograd result
     np.testing.assert_allclose(scatter_points(scatter_axes[0])[1][:, 1],
-                               losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[~pos & ~np.eye(16, dtype=bool)],
+                               losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[
+                                   ~pos & ~np.eye(16, dtype=bool)],
                                rtol=1e-5, atol=1e-7)
 
 
@@ -166,7 +167,7 @@ def test_explorer_widget_redraws_in_place_when_a_slider_moves(batch):
     assert ui["image"].value != before
     assert ui["compare"].value == before_compare  # the other losses do not depend on MS's sliders
     assert [ax.get_title() for ax in explorer.compare_figure.axes if scatter_points(ax)] == [
-        viz.LOSS_TITLES[n] for n in ("contrastive", "triplet", "binomial", "lifted")]
+        viz_mining.LOSS_TITLES[n] for n in ("contrastive", "triplet", "binomial", "lifted")]
     assert ui["image"].value[:8] == b"\x89PNG\r\n\x1a\n"
     assert ui["preset"].value == "custom"
     ui["preset"].value = "paper"  # one redraw for four parameters; sliders follow
@@ -205,7 +206,8 @@ def test_live_curves_update_one_display_in_place(monkeypatch):
             updates.append(obj)
 
     shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or Handle())
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, display_id=False: shown.append(obj) or Handle())
     live = widgets.LiveCurves(display=True, min_interval=3600)
     live.on_start(None, 0, 4)
     for i in range(1, 5):
@@ -230,13 +232,14 @@ def test_live_curves_follow_a_real_training_run(tmp_path):
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata()[-1], 100 * results["recall@1"])
 
 
-# ----------------------------------------------------------------------------- embeddings and retrieval
+# ------------------------------------------------------------------------ embeddings and retrieval
 def test_pca_projection_matches_scikit_learn():
     x = np.random.default_rng(0).normal(size=(50, 6)) * [5, 3, 1, 1, 1, 1]
     ours = viz.embedding_2d(torch.as_tensor(x, dtype=torch.float32), "pca")
     ref = PCA(2).fit_transform(x)
     for c in range(2):  # equal up to the sign of each component
-        assert min(np.abs(ours[:, c] - ref[:, c]).max(), np.abs(ours[:, c] + ref[:, c]).max()) < 1e-3
+        same, flipped = np.abs(ours[:, c] - ref[:, c]).max(), np.abs(ours[:, c] + ref[:, c]).max()
+        assert min(same, flipped) < 1e-3
     with pytest.raises(ValueError, match="umap"):
         viz.embedding_2d(x, "tsne")
 
@@ -283,11 +286,12 @@ def test_embedding_figure_colours_by_class_and_places_thumbnails():
 def test_retrieval_grid_frames_match_brute_force_neighbours():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(5), 6)
-    emb = torch.nn.functional.normalize(torch.as_tensor(np.eye(8)[labels] + rng.normal(size=(30, 8)) * 0.6,
-                                                        dtype=torch.float32), dim=1)
+    x = np.eye(8)[labels] + rng.normal(size=(30, 8)) * 0.6
+    emb = torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1)
     images = [np.full((4, 4), i, np.uint8) for i in range(30)]
     queries, k = [0, 7, 13, 29], 4
-    axes = np.array(viz.retrieval_grid(emb, torch.as_tensor(labels), images, queries=queries, k=k).axes)
+    fig = viz.retrieval_grid(emb, torch.as_tensor(labels), images, queries=queries, k=k)
+    axes = np.array(fig.axes)
     axes = axes.reshape(len(queries), k + 1)
     s = (emb @ emb.T).numpy()
     np.fill_diagonal(s, -np.inf)
@@ -312,34 +316,37 @@ def test_as_image_array_scales_pil_and_tensors():
     assert a.shape == (1, 2, 3) and a.min() == 0 and a.max() == 1
 
 
-# ----------------------------------------------------------------------------- data, models, batches (digits)
+# ------------------------------------------------------------------ data, models, batches (digits)
 def test_class_counts_and_sample_grid_on_digits():
     splits = {s: datasets.build("digits", None, s) for s in ("train", "test")}
     counts = viz.class_counts(splits)
     for _, row in counts.iterrows():
         bc = np.bincount(splits[row["split"]].labels)
-        assert (row["images"], row["classes"], row["min/class"], row["max/class"]) == (bc.sum(), 5, bc.min(), bc.max())
+        got = (row["images"], row["classes"], row["min/class"], row["max/class"])
+        assert got == (bc.sum(), 5, bc.min(), bc.max())
     fig = viz.sample_grid(splits, per_class=3, max_classes=2)
     axes = np.array(fig.axes).reshape(4, 3)
-    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == ["train", "train", "test", "test"]
+    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == ["train", "train", "test",
+                                                                     "test"]
     first_test = splits["test"][int(np.flatnonzero(splits["test"].labels == 0)[0])][0]
     np.testing.assert_allclose(axes[2, 0].images[0].get_array(), np.asarray(first_test) / 255.0)
     assert "digits" in set(viz.dataset_overview()["name"])
 
 
 def _small_cfg():
-    return load_config(None, ["model.embedding_dim=16", "model.width=16"])
+    return load_config("digits", ["model.embedding_dim=16", "model.width=16"])
 
 
 def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
     cfg = _small_cfg()
-    engine.seed_everything(cfg.seed)
-    start = engine.build_model(cfg)  # what engine.train starts from
-    trained = engine.build_model(cfg)
+    recipe.seed_everything(cfg.seed)
+    start = recipe.build_model(cfg)  # what engine.train starts from
+    trained = recipe.build_model(cfg)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
-    save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)}, tmp_path / "checkpoint.pt")
+    save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)},
+                    tmp_path / "checkpoint.pt")
     x = torch.randn(3, 1, 8, 8)
     loaded, loaded_cfg = explore.load_model(tmp_path)  # a run folder
     assert loaded_cfg.model.embedding_dim == 16
@@ -367,67 +374,3 @@ def test_split_embeddings_subset_keeps_images_and_labels_aligned():
     test = datasets.build("digits", None, "test")
     assert labels.tolist() == [int(test.labels[i]) for i in images.indices]
     np.testing.assert_array_equal(np.asarray(images[5]), np.asarray(test[images.indices[5]][0]))
-
-
-# ----------------------------------------------------------------------------- tables
-def _fake_run(folder: Path, dataset: str, dim: int, r1: float, ks=(1, 2, 4, 8)) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"data": {"name": dataset}, "model": {
-        "embedding_dim": dim, "backbone": "bninception"}, "loss": {"name": "ms"}}))
-    metrics = {f"recall@{k}": min(1.0, r1 + 0.05 * i) for i, k in enumerate(ks)}
-    metrics.update({"map@r": r1 / 2, "r_precision": r1 / 1.5, "iteration": 3000, "split": "test"})
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "history.csv").write_text("iteration,loss,recall@1\n10,1.0,\n20,0.9,0.5\n30,0.8,%s\n" % r1)
-    return folder
-
-
-def test_collect_runs_and_compare_with_the_papers_numbers(tmp_path):
-    _fake_run(tmp_path / "a" / "cub512", "cub200", 512, 0.66)
-    _fake_run(tmp_path / "b", "digits", 64, 0.93)
-    table = paper.collect_runs(tmp_path)
-    assert list(table["run"]) == ["cub512", "b"]  # sorted by folder path
-    cub = table.set_index("run").loc["cub512"]
-    assert cub["R@1"] == pytest.approx(66.0) and cub["MAP@R"] == pytest.approx(33.0)
-    full = paper.compare_with_paper(table)
-    reported = full[full["source"] == "paper"]
-    assert list(reported["dataset"]) == ["cub200"] and list(reported["dim"]) == [512]  # not digits, not 64-d
-    assert reported.iloc[0]["R@32"] == 97.3 and math.isnan(reported.iloc[0]["MAP@R"])
-    assert set(full[full["source"] == "reference"]["run"]) == {"Proxy-Anchor", "Contrastive + XBM"}
-    cols = list(full.columns)
-    assert cols[:4] == ["run", "source", "dataset", "dim"]
-    assert [c for c in cols if c.startswith("R@")] == ["R@1", "R@2", "R@4", "R@8", "R@16", "R@32"]
-
-
-def test_export_table_writes_markdown_and_latex(tmp_path):
-    _fake_run(tmp_path / "runs" / "cub512", "CUB-200-2011", 512, 0.66)
-    full = paper.compare_with_paper(paper.collect_runs(tmp_path / "runs"))
-    md, tex = paper.export_table(full, tmp_path / "out" / "table")
-    lines = md.read_text().splitlines()
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == list(full.columns) and len(lines) == 2 + len(full)
-    first_row = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert first_row[header.index("R@1")] == "66.0" and first_row[header.index("dim")] == "512"
-    text = tex.read_text()
-    assert "\\begin{tabular}" in text and "\\bottomrule" in text
-    body = [l for l in text.splitlines() if l.endswith("\\\\")]
-    assert all(l.count("&") == len(full.columns) - 1 for l in body) and len(body) == 1 + len(full)
-    assert "MS (paper)" in text and "nan" not in text and "<NA>" not in md.read_text()
-
-
-def test_paper_table_holds_the_design_numbers():
-    t = paper.paper_table("CUB-200-2011", 512)
-    ms = t[t["run"] == "MS (paper)"].iloc[0]
-    assert [ms[f"R@{k}"] for k in (1, 2, 4, 8, 16, 32)] == [65.7, 77.0, 86.3, 91.2, 95.0, 97.3]
-    assert paper.paper_table("sop", 512).iloc[0][["R@1", "R@10", "R@100"]].tolist() == [78.2, 90.5, 96.0]
-    assert paper.canonical_dataset("Cars196") == "cars196" and paper.canonical_dataset("In-Shop") == "inshop"
-    assert len(paper.paper_table("digits")) == 0
-
-
-def test_missing_runs_say_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="msl-kit train"):
-        paper.collect_runs(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="msl-kit train"):
-        paper.collect_runs(tmp_path)
-    _fake_run(tmp_path / "r", "digits", 64, 0.9)
-    with pytest.raises(ValueError, match="map@r"):
-        viz.recall_curves(tmp_path, "map@r")
