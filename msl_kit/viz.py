@@ -19,7 +19,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from msl_kit import datasets, metrics
+from msl_kit import datasets, losses, metrics
 
 if TYPE_CHECKING:
     import pandas as pd
