@@ -1,8 +1,9 @@
 """The GPU checks of issue 4 in one script: loss fp32 vs bf16, BN-Inception train images/s, kNN at SOP size.
 
-    python bench/gpu_check.py                      # on a CUDA machine; about 2-3 minutes on one H100
-    python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
+python bench/gpu_check.py                      # on a CUDA machine; about 2-3 minutes on one H100
+python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,15 @@ def loss_agreement(device: torch.device, batch: int, dim: int) -> None:
         results[name] = (loss.detach().double(), emb.grad.double().flatten())
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
     cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
-    print(f"loss {batch}x{dim}: fp32 {l32.item():.6f}  bf16 {l16.item():.6f}  rel diff "
-          f"{abs(l16 - l32).item() / max(abs(l32.item()), 1e-12):.2e}  grad cosine {cos:.6f}  finite {bool(torch.isfinite(g16).all())}")
+    print(
+        f"loss {batch}x{dim}: fp32 {l32.item():.6f}  bf16 {l16.item():.6f}  rel diff "
+        f"{abs(l16 - l32).item() / max(abs(l32.item()), 1e-12):.2e}  grad cosine {cos:.6f}  finite {bool(torch.isfinite(g16).all())}"
+    )
 
 
-def train_throughput(device: torch.device, batch: int, size: int, steps: int, amp: bool, warmup: int = 3) -> float:
+def train_throughput(
+    device: torch.device, batch: int, size: int, steps: int, amp: bool, warmup: int = 3
+) -> float:
     """BN-Inception + MS loss + Adam, random images, frozen BN: images per second."""
     model = models.build_model("bninception", 512, freeze_bn=True).to(device)
     if amp:
@@ -83,22 +88,30 @@ def knn_timing(device: torch.device, n: int, dim: int) -> None:
 
 def main() -> None:
     """Run the three checks and print their figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the script, measures nothing"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device visible; use --device cpu --quick to check the script only")
+            raise SystemExit(
+                "no CUDA device visible; use --device cpu --quick to check the script only"
+            )
         torch.backends.cudnn.benchmark = True
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     batch, size, steps, n = (5, 227, 1, 2000) if args.quick else (80, 227, 20, 60000)
     loss_agreement(device, 80 if args.quick else 1024, 512)
     for amp in (False, True):
         label = "AMP bf16 + channels_last" if amp else "fp32"
-        print(f"BN-Inception train batch {batch} at {size} px, {label}: "
-              f"{train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3):.1f} images/s")
+        print(
+            f"BN-Inception train batch {batch} at {size} px, {label}: "
+            f"{train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3):.1f} images/s"
+        )
     knn_timing(device, n, 512)
 
 

@@ -15,6 +15,7 @@ its RSS just before the call. The first repeat also checks that both return the 
 neighbour sets (rows may differ only where scores tie within float rounding) and the same
 Recall@K for SOP-like labels (about 5 images per class).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def make_data(n: int, dim: int, inputs: str = "random") -> np.ndarray:
     if inputs == "clustered":  # centres: one shared direction + a 15-d class part, plus noise
         labels = make_labels(n, inputs)
         basis = np.linalg.qr(rng.standard_normal((dim, 16)))[0].astype(np.float32)
-        centres = 0.5 * basis[:, 0] + rng.standard_normal((labels[-1] + 1, 15),
-                                                          dtype=np.float32) @ basis[:, 1:].T / 4
+        centres = (
+            0.5 * basis[:, 0]
+            + rng.standard_normal((labels[-1] + 1, 15), dtype=np.float32) @ basis[:, 1:].T / 4
+        )
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
         x = centres[labels] + 0.6 * x / np.sqrt(dim)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -69,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     small = x[:512].copy()  # warm both libraries (thread pools, BLAS) outside the timing
 
     if args.worker == "faiss":
+
         def run(data):
             index = faiss.IndexFlatIP(data.shape[1])
             index.add(data)
@@ -98,7 +102,16 @@ def worker(args: argparse.Namespace) -> None:
     if args.save:
         np.save(args.save + "_idx.npy", idx)
         np.save(args.save + "_sims.npy", sims)
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak_mib, "hwm_reset": hwm_reset}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_mib": peak_mib,
+                "hwm_reset": hwm_reset,
+            }
+        )
+    )
 
 
 def check_same(k: int, n: int, paths: dict[str, str], inputs: str) -> None:
@@ -121,20 +134,29 @@ def check_same(k: int, n: int, paths: dict[str, str], inputs: str) -> None:
         # a differing row is fine only if its k-th scores tie within float rounding
         kth_gap = np.abs(sims[~same_rows, -1] - ref_sims[~same_rows, -1])
         ok = sim_gap < 1e-5 and (kth_gap < 1e-5).all() and recall(idx) == recall(ref_idx)
-        print(f"check {name}: {(~same_rows).sum()} of {n} rows differ from faiss's neighbour set "
-              f"(k-th scores within {kth_gap.max(initial=0):.1e} there: ties), max |sorted sims - faiss's| "
-              f"{sim_gap:.1e}, Recall@{ks} equal: {recall(idx) == recall(ref_idx)} -> {'OK' if ok else 'MISMATCH'}")
+        print(
+            f"check {name}: {(~same_rows).sum()} of {n} rows differ from faiss's neighbour set "
+            f"(k-th scores within {kth_gap.max(initial=0):.1e} there: ties), max |sorted sims - faiss's| "
+            f"{sim_gap:.1e}, Recall@{ks} equal: {recall(idx) == recall(ref_idx)} -> {'OK' if ok else 'MISMATCH'}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=60000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--block-sizes", type=int, nargs="*", default=[0],
-                        help="ours at these block sizes (0 = the library default)")
+    parser.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="ours at these block sizes (0 = the library default)",
+    )
     parser.add_argument("--inputs", choices=["random", "clustered"], default="random")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -151,23 +173,42 @@ def main() -> None:
         paths = {c: str(Path(tmp) / c.replace(",", "_").replace("=", "")) for c in contenders}
         for rep in range(args.repeats):
             for c in contenders:
-                cmd = [sys.executable, __file__, "--worker", c.split(",")[-1] if c != "faiss" else "faiss",
-                       "--n", str(args.n), "--dim", str(args.dim), "--k", str(args.k),
-                       "--threads", str(args.threads), "--inputs", args.inputs] + (["--save", paths[c]] if rep == 0 else [])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    c.split(",")[-1] if c != "faiss" else "faiss",
+                    "--n",
+                    str(args.n),
+                    "--dim",
+                    str(args.dim),
+                    "--k",
+                    str(args.k),
+                    "--threads",
+                    str(args.threads),
+                    "--inputs",
+                    args.inputs,
+                ] + (["--save", paths[c]] if rep == 0 else [])
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"{c} failed:\n{out.stderr}")
                 results[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 last = results[c][-1]
-                print(f"repeat {rep}: {c:<16} {last['seconds']:8.2f} s wall {last['cpu_seconds']:8.2f} s cpu",
-                      flush=True)
+                print(
+                    f"repeat {rep}: {c:<16} {last['seconds']:8.2f} s wall {last['cpu_seconds']:8.2f} s cpu",
+                    flush=True,
+                )
         check_same(args.k, args.n, paths, args.inputs)
 
-    print(f"\nN={args.n} D={args.dim} inputs={args.inputs} k={args.k} threads={args.threads} "
-          f"repeats={args.repeats} "
-          f"(medians; cpu = process CPU time of all threads, steadier on a shared machine;\n"
-          f" peak = max over repeats of the peak-RSS rise during the call)")
-    print(f"{'contender':<18}{'wall s':>8}{'min s':>8}{'vs faiss':>10}{'cpu s':>8}{'vs faiss':>10}{'peak MiB':>10}")
+    print(
+        f"\nN={args.n} D={args.dim} inputs={args.inputs} k={args.k} threads={args.threads} "
+        f"repeats={args.repeats} "
+        f"(medians; cpu = process CPU time of all threads, steadier on a shared machine;\n"
+        f" peak = max over repeats of the peak-RSS rise during the call)"
+    )
+    print(
+        f"{'contender':<18}{'wall s':>8}{'min s':>8}{'vs faiss':>10}{'cpu s':>8}{'vs faiss':>10}{'peak MiB':>10}"
+    )
     faiss_wall = float(np.median([r["seconds"] for r in results["faiss"]]))
     faiss_cpu = float(np.median([r["cpu_seconds"] for r in results["faiss"]]))
     for c in contenders:
@@ -175,8 +216,10 @@ def main() -> None:
         cpu = float(np.median([r["cpu_seconds"] for r in results[c]]))
         peak = max(r["peak_mib"] for r in results[c])
         flag = "" if all(r["hwm_reset"] for r in results[c]) else " (peak since start)"
-        print(f"{c:<18}{np.median(wall):8.2f}{min(wall):8.2f}{np.median(wall) / faiss_wall:9.2f}x"
-              f"{cpu:8.2f}{cpu / faiss_cpu:9.2f}x{peak:10.0f}{flag}")
+        print(
+            f"{c:<18}{np.median(wall):8.2f}{min(wall):8.2f}{np.median(wall) / faiss_wall:9.2f}x"
+            f"{cpu:8.2f}{cpu / faiss_cpu:9.2f}x{peak:10.0f}{flag}"
+        )
 
 
 if __name__ == "__main__":

@@ -13,35 +13,40 @@ with the seed) so machine noise hits both.
 One JSON per run goes to --results (a finished cell is skipped on a rerun unless --force), and
 the markdown (--out, default docs/results.md) is rebuilt from those files (`--report-only`).
 """
+
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve a busy 2-core box
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # spinning OpenMP threads starve a busy 2-core box
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from msl_kit.losses import PRESETS  # noqa: E402
 
-import statistics  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 DATASETS = {  # key -> (registry name, preset, archives under ../shared/data)
-    "omniglot": ("omniglot", "omniglot_convnet",
-                 ["omniglot/images_background_small1.zip", "omniglot/images_background_small2.zip"]),
+    "omniglot": (
+        "omniglot",
+        "omniglot_convnet",
+        ["omniglot/images_background_small1.zip", "omniglot/images_background_small2.zip"],
+    ),
     "cub": ("cub200", "cub_subset_convnet", ["CUB_200_2011_subset100.tgz"]),
 }
 RELEASED = dict(PRESETS["released"])
@@ -66,7 +71,7 @@ class _BackwardEnd(torch.autograd.Function):
     """Identity whose backward stamps the end of the wrapped loss's backward pass."""
 
     @staticmethod
-    def forward(ctx, embeddings: torch.Tensor, timer: "TimedLoss") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, embeddings: torch.Tensor, timer: TimedLoss) -> torch.Tensor:  # type: ignore[override]
         ctx.timer = timer
         return embeddings.view_as(embeddings)
 
@@ -95,7 +100,9 @@ class TimedLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        value = self.loss(_BackwardEnd.apply(embeddings, self) if embeddings.requires_grad else embeddings, labels)
+        value = self.loss(
+            _BackwardEnd.apply(embeddings, self) if embeddings.requires_grad else embeddings, labels
+        )
         self.seconds += time.perf_counter() - start
         self.calls += 1
         if value.requires_grad:
@@ -125,12 +132,36 @@ def methods(iterations: int) -> dict[str, tuple[str, list[str], Callable[[], nn.
     ms_keys = [f"loss.{k}={v}" for k, v in RELEASED.items()]
     return {
         "ms": ("msl_kit MS (released 2/40/0.5/0.1)", ["loss.name=ms", *ms_keys], _ms(RELEASED)),
-        "pml_ms": ("PML MS miner + loss (same)", ["loss.name=ms", *ms_keys], lambda: PMLMultiSimilarity(**RELEASED)),
-        "ms_paper": ("msl_kit MS (paper 2/50/1/0.1)", ["loss.name=ms", "loss.preset=paper"], _ms(PAPER)),
-        "contrastive": ("contrastive (neg margin 0.5)", ["loss.name=contrastive"], _gpw("contrastive", pos_margin=0.0, neg_margin=0.5)),
-        "triplet": ("triplet, semi-hard (margin 0.1)", ["loss.name=triplet", "loss.margin=0.1"], _gpw("triplet", margin=0.1, mining="semihard")),
-        "ms_xbm": ("msl_kit MS + XBM", ["loss.name=ms", *ms_keys, "loss.xbm_size=1600",
-                                        f"loss.xbm_start={int(0.4 * iterations)}"], _ms(RELEASED)),
+        "pml_ms": (
+            "PML MS miner + loss (same)",
+            ["loss.name=ms", *ms_keys],
+            lambda: PMLMultiSimilarity(**RELEASED),
+        ),
+        "ms_paper": (
+            "msl_kit MS (paper 2/50/1/0.1)",
+            ["loss.name=ms", "loss.preset=paper"],
+            _ms(PAPER),
+        ),
+        "contrastive": (
+            "contrastive (neg margin 0.5)",
+            ["loss.name=contrastive"],
+            _gpw("contrastive", pos_margin=0.0, neg_margin=0.5),
+        ),
+        "triplet": (
+            "triplet, semi-hard (margin 0.1)",
+            ["loss.name=triplet", "loss.margin=0.1"],
+            _gpw("triplet", margin=0.1, mining="semihard"),
+        ),
+        "ms_xbm": (
+            "msl_kit MS + XBM",
+            [
+                "loss.name=ms",
+                *ms_keys,
+                "loss.xbm_size=1600",
+                f"loss.xbm_start={int(0.4 * iterations)}",
+            ],
+            _ms(RELEASED),
+        ),
     }
 
 
@@ -147,20 +178,38 @@ def prepare_data(key: str, root: Path) -> None:
     paths = [SHARED / a for a in archives]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(missing)} not found: this bench needs the team's ../shared/data "
-                                f"(or prepare {name} into --root yourself with `msl-kit prepare`)")
-    datasets.prepare(name, root, archive=[str(p) for p in paths] if len(paths) > 1 else str(paths[0]), progress=False)
+        raise FileNotFoundError(
+            f"{', '.join(missing)} not found: this bench needs the team's ../shared/data "
+            f"(or prepare {name} into --root yourself with `msl-kit prepare`)"
+        )
+    datasets.prepare(
+        name,
+        root,
+        archive=[str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+        progress=False,
+    )
 
 
 def make_config(key: str, args: argparse.Namespace, seed: int, extra: list[str]):
     from msl_kit.config import load_config
 
     _, preset, _ = DATASETS[key]
-    return load_config(preset, [f"data.root={args.root}", f"data.workers={args.workers}",
-                                f"train.threads={args.threads}", f"train.iterations={args.iters[key]}",
-                                "train.eval_every=0", "train.checkpoint_every=0", "device=cpu",
-                                "eval.floors=false", "train.keep_snapshots=false",
-                                f"seed={seed}", *extra])
+    return load_config(
+        preset,
+        [
+            f"data.root={args.root}",
+            f"data.workers={args.workers}",
+            f"train.threads={args.threads}",
+            f"train.iterations={args.iters[key]}",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "device=cpu",
+            "eval.floors=false",
+            "train.keep_snapshots=false",
+            f"seed={seed}",
+            *extra,
+        ],
+    )
 
 
 class _StepClock:
@@ -179,7 +228,11 @@ class _StepClock:
 
 
 def _metrics(results: dict) -> dict:
-    return {k: float(v) for k, v in results.items() if k.startswith("recall@") or k in ("map@r", "r_precision")}
+    return {
+        k: float(v)
+        for k, v in results.items()
+        if k.startswith("recall@") or k in ("map@r", "r_precision")
+    }
 
 
 def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -188,7 +241,9 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
 
     label, overrides, factory = methods(args.iters[key])[method]
     cfg = make_config(key, args, seed, overrides)
-    torch.manual_seed(seed)  # losses hold no parameters; keep any construction RNG use identical anyway
+    torch.manual_seed(
+        seed
+    )  # losses hold no parameters; keep any construction RNG use identical anyway
     loss = TimedLoss(factory())
     clock = _StepClock(cfg.train.batch_size)
     start = time.perf_counter()
@@ -196,12 +251,24 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own scratch: a rerun starts afresh
     results = engine.train(cfg, run_dir, callbacks=[clock], loss_fn=loss)
     wall = time.perf_counter() - start
-    return {"dataset": key, "method": method, "label": label, "seed": seed, "metrics": _metrics(results),
-            "iterations": cfg.train.iterations, "batch_size": cfg.train.batch_size,
-            "samples_per_class": cfg.train.samples_per_class, "lr": cfg.train.lr,
-            "image_size": cfg.model.image_size, "embedding_dim": cfg.model.embedding_dim,
-            "wall_s": wall, "train_s": clock.seconds, "images_per_s": clock.images / max(clock.seconds, 1e-9),
-            "loss_s": loss.seconds, "overrides": overrides}
+    return {
+        "dataset": key,
+        "method": method,
+        "label": label,
+        "seed": seed,
+        "metrics": _metrics(results),
+        "iterations": cfg.train.iterations,
+        "batch_size": cfg.train.batch_size,
+        "samples_per_class": cfg.train.samples_per_class,
+        "lr": cfg.train.lr,
+        "image_size": cfg.model.image_size,
+        "embedding_dim": cfg.model.embedding_dim,
+        "wall_s": wall,
+        "train_s": clock.seconds,
+        "images_per_s": clock.images / max(clock.seconds, 1e-9),
+        "loss_s": loss.seconds,
+        "overrides": overrides,
+    }
 
 
 def run_floors(key: str, seeds: list[int], args: argparse.Namespace) -> list[dict]:
@@ -217,17 +284,40 @@ def run_floors(key: str, seeds: list[int], args: argparse.Namespace) -> list[dic
         opts = recipe.eval_options(cfg)
         start = time.perf_counter()
         results = evaluation.evaluate(model, *sets, torch.device("cpu"), cfg.eval.ks, opts)
-        out.append({"dataset": key, "method": "random", "label": "untrained convnet (floor)", "seed": seed,
-                    "iterations": 0, "metrics": _metrics(results), "wall_s": time.perf_counter() - start})
+        out.append(
+            {
+                "dataset": key,
+                "method": "random",
+                "label": "untrained convnet (floor)",
+                "seed": seed,
+                "iterations": 0,
+                "metrics": _metrics(results),
+                "wall_s": time.perf_counter() - start,
+            }
+        )
         if seed == seeds[0]:
             start = time.perf_counter()
             results = evaluation.pixel_baseline(*sets, cfg.eval.ks, opts)
             train = recipe.dataset(cfg, "train")
-            sizes = {"train_images": len(train), "train_classes": len(set(train.labels.tolist())),
-                     "test_images": len(sets[0]), "test_classes": len(set(sets[0].labels.tolist()))}
-            out.append({"dataset": key, "method": "pixels", "label": "raw pixels (floor)", "seed": None,
-                        "iterations": 0, "metrics": _metrics(results), "wall_s": time.perf_counter() - start,
-                        "sizes": sizes, "pixel_side": min(cfg.model.image_size, evaluation.PIXEL_SIDE)})
+            sizes = {
+                "train_images": len(train),
+                "train_classes": len(set(train.labels.tolist())),
+                "test_images": len(sets[0]),
+                "test_classes": len(set(sets[0].labels.tolist())),
+            }
+            out.append(
+                {
+                    "dataset": key,
+                    "method": "pixels",
+                    "label": "raw pixels (floor)",
+                    "seed": None,
+                    "iterations": 0,
+                    "metrics": _metrics(results),
+                    "wall_s": time.perf_counter() - start,
+                    "sizes": sizes,
+                    "pixel_side": min(cfg.model.image_size, evaluation.PIXEL_SIDE),
+                }
+            )
     return out
 
 
@@ -242,9 +332,17 @@ def _done(results_dir: Path, key: str, method: str, seed: int | None, iterations
 
 
 def _save(rec: dict, results_dir: Path, command: str) -> None:
-    rec = {**rec, "command": command, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
-    record_path(results_dir, rec["dataset"], rec["method"], rec["seed"]).write_text(json.dumps(rec, indent=1) + "\n")
+    rec = {
+        **rec,
+        "command": command,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    record_path(results_dir, rec["dataset"], rec["method"], rec["seed"]).write_text(
+        json.dumps(rec, indent=1) + "\n"
+    )
 
 
 def load_records(results_dir: Path) -> list[dict]:
@@ -254,7 +352,10 @@ def load_records(results_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
-NAMES = {"omniglot": "Omniglot, 28 px, split by alphabet", "cub": "CUB-200-2011 subset, 64 px, classes 1-100 / 101-200"}
+NAMES = {
+    "omniglot": "Omniglot, 28 px, split by alphabet",
+    "cub": "CUB-200-2011 subset, 64 px, classes 1-100 / 101-200",
+}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -271,22 +372,32 @@ def _verdict(key: str, runs: dict[str, list[dict]]) -> str:
     ours, pml = runs.get("ms", []), runs.get("pml_ms", [])
     if not ours or not pml:
         return f"{NAMES[key]}: ours vs PML not available (a cell is missing)."
-    r1 = {n: [r["metrics"]["recall@1"] * 100 for r in rs] for n, rs in (("ours", ours), ("pml", pml))}
+    r1 = {
+        n: [r["metrics"]["recall@1"] * 100 for r in rs] for n, rs in (("ours", ours), ("pml", pml))
+    }
     (m_o, s_o), (m_p, s_p) = _mean_std(r1["ours"]), _mean_std(r1["pml"])
     paired = {r["seed"]: r["metrics"]["recall@1"] * 100 for r in ours}
     diffs = [paired[r["seed"]] - r["metrics"]["recall@1"] * 100 for r in pml if r["seed"] in paired]
     spread = max(s_o, s_p)
     matched = abs(m_o - m_p) <= spread if len(r1["ours"]) > 1 else None
-    word = {True: "**matched** PML within the seeds' spread", False: "did **not** match PML within the seeds' spread",
-            None: "cannot be judged against the seeds' spread (one seed)"}[matched]
+    word = {
+        True: "**matched** PML within the seeds' spread",
+        False: "did **not** match PML within the seeds' spread",
+        None: "cannot be judged against the seeds' spread (one seed)",
+    }[matched]
     # medians: one run hit by a burst of other work on the shared box would swing a mean
     t = {n: statistics.median(r["train_s"] for r in rs) for n, rs in (("ours", ours), ("pml", pml))}
-    loss = {n: statistics.median(r["loss_s"] / r["iterations"] * 1e3 for r in rs) for n, rs in (("ours", ours), ("pml", pml))}
-    return (f"{NAMES[key]}: ours {word}: R@1 {m_o:.1f} ± {s_o:.1f} vs {m_p:.1f} ± {s_p:.1f} "
-            f"(mean difference {m_o - m_p:+.1f} points; per seed {', '.join(f'{d:+.1f}' for d in diffs)}; "
-            f"spread = the larger std, {spread:.1f}). {_faster('Training steps', t['ours'], t['pml'], 's per run')}, "
-            f"the convnet's forward and backward dominating both; "
-            f"{_faster('the loss alone (forward + backward)', loss['ours'], loss['pml'], 'ms per iteration')}.")
+    loss = {
+        n: statistics.median(r["loss_s"] / r["iterations"] * 1e3 for r in rs)
+        for n, rs in (("ours", ours), ("pml", pml))
+    }
+    return (
+        f"{NAMES[key]}: ours {word}: R@1 {m_o:.1f} ± {s_o:.1f} vs {m_p:.1f} ± {s_p:.1f} "
+        f"(mean difference {m_o - m_p:+.1f} points; per seed {', '.join(f'{d:+.1f}' for d in diffs)}; "
+        f"spread = the larger std, {spread:.1f}). {_faster('Training steps', t['ours'], t['pml'], 's per run')}, "
+        f"the convnet's forward and backward dominating both; "
+        f"{_faster('the loss alone (forward + backward)', loss['ours'], loss['pml'], 'ms per iteration')}."
+    )
 
 
 def _faster(what: str, ours: float, pml: float, unit: str) -> str:
@@ -302,7 +413,7 @@ ROW_NOTES = [
     "- PML MS: pytorch-metric-learning's `MultiSimilarityMiner(epsilon=0.1)` then `MultiSimilarityLoss(alpha=2, "
     "beta=40, base=0.5)`, wrapped in an `nn.Module` and passed to `msl_kit.engine.train(..., loss_fn=...)`.",
     "- contrastive: `ContrastiveLoss(pos_margin=0, neg_margin=0.5)` on cosine similarities, summed over pairs / B.",
-    "- triplet: `TripletLoss(margin=0.1, mining=\"semihard\")`, mean over the active semi-hard triplets of the batch.",
+    '- triplet: `TripletLoss(margin=0.1, mining="semihard")`, mean over the active semi-hard triplets of the batch.',
     "- MS + XBM: the released MS loss plus the same loss of each anchor against a cross-batch memory of 1,600 "
     "detached embeddings (20 batches), switched on at 40 % of the run (embeddings drift fast from scratch), weight 1.",
     "- untrained convnet: the same network at its seed's initialisation, evaluated like the trained ones.",
@@ -312,24 +423,33 @@ ROW_NOTES = [
 ]
 
 
-def render(invocations: list[dict], records: list[dict], results_dir: str = "docs/results/quality") -> str:
+def render(
+    invocations: list[dict], records: list[dict], results_dir: str = "docs/results/quality"
+) -> str:
     """The markdown report: one table per dataset, floors, the verdict, budgets, missing cells."""
     labels = {m: lab for m, (lab, _, _) in methods(0).items()}
     by = {}
     for r in records:
         by.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r)
-    lines = ["# Retrieval quality on real data: MS loss against PML and other losses", "",
-             f"Produced on the CPU by (each run's JSON is in `{results_dir}/`; "
-             "`python bench/quality.py --report-only` with the same --out rebuilds this page from them):", ""]
+    lines = [
+        "# Retrieval quality on real data: MS loss against PML and other losses",
+        "",
+        f"Produced on the CPU by (each run's JSON is in `{results_dir}/`; "
+        "`python bench/quality.py --report-only` with the same --out rebuilds this page from them):",
+        "",
+    ]
     lines += [f"    {c}" for c in sorted({r["command"] for r in records})] + [""]
     machine = invocations[-1]["machine"] if invocations else "?"
-    lines += [f"Machine: {machine}; torch threads {invocations[-1]['threads'] if invocations else '?'}, "
-              f"DataLoader workers {invocations[-1]['workers'] if invocations else '?'}. Figures are provisional: "
-              "the machine was shared with other work while this ran, so times are noisy (quality is not).",
-              "Same seed = same initial weights and the same P x K batches for every loss; only the loss differs. "
-              "Numbers are R@K and MAP@R in % on the test classes (never seen in training), mean ± sample std over "
-              "seeds. Times are medians over seeds: `wall s` is the whole run (data set-up, training, final evaluation); `img/s` counts training "
-              "steps only; `loss ms/it` is the loss's forward + backward per iteration (for XBM the batch term only).", ""]
+    lines += [
+        f"Machine: {machine}; torch threads {invocations[-1]['threads'] if invocations else '?'}, "
+        f"DataLoader workers {invocations[-1]['workers'] if invocations else '?'}. Figures are provisional: "
+        "the machine was shared with other work while this ran, so times are noisy (quality is not).",
+        "Same seed = same initial weights and the same P x K batches for every loss; only the loss differs. "
+        "Numbers are R@K and MAP@R in % on the test classes (never seen in training), mean ± sample std over "
+        "seeds. Times are medians over seeds: `wall s` is the whole run (data set-up, training, final evaluation); `img/s` counts training "
+        "steps only; `loss ms/it` is the loss's forward + backward per iteration (for XBM the batch term only).",
+        "",
+    ]
     verdicts = []
     for key in [k for k in DATASETS if k in by]:
         runs = by[key]
@@ -338,20 +458,29 @@ def render(invocations: list[dict], records: list[dict], results_dir: str = "doc
         trained = [r for m in METHOD_ORDER for r in runs.get(m, [])]
         lines += [f"## {NAMES[key]}", ""]
         if sizes:
-            lines.append(f"Train {sizes['train_images']} images of {sizes['train_classes']} classes; "
-                         f"test {sizes['test_images']} images of {sizes['test_classes']} unseen classes.")
+            lines.append(
+                f"Train {sizes['train_images']} images of {sizes['train_classes']} classes; "
+                f"test {sizes['test_images']} images of {sizes['test_classes']} unseen classes."
+            )
         if trained:
             r = trained[0]
-            lines.append(f"Budget per run: {r['iterations']} iterations x batch {r['batch_size']} "
-                         f"({r['batch_size'] // r['samples_per_class']} classes x {r['samples_per_class']}) = "
-                         f"{r['iterations'] * r['batch_size']} images, Adam lr {r['lr']:g}, small convnet, "
-                         f"{r['image_size']} px, {r['embedding_dim']}-d embedding, evaluated once at the end.")
+            lines.append(
+                f"Budget per run: {r['iterations']} iterations x batch {r['batch_size']} "
+                f"({r['batch_size'] // r['samples_per_class']} classes x {r['samples_per_class']}) = "
+                f"{r['iterations'] * r['batch_size']} images, Adam lr {r['lr']:g}, small convnet, "
+                f"{r['image_size']} px, {r['embedding_dim']}-d embedding, evaluated once at the end."
+            )
             budgets = sorted({t["iterations"] for t in trained})
             if len(budgets) > 1:
-                lines.append(f"**Warning: cells of this table ran at different budgets ({budgets} iterations); "
-                             "rerun with --force for a fair comparison.**")
-        lines += ["", "| method | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | wall s | img/s | loss ms/it |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"**Warning: cells of this table ran at different budgets ({budgets} iterations); "
+                    "rerun with --force for a fair comparison.**"
+                )
+        lines += [
+            "",
+            "| method | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | wall s | img/s | loss ms/it |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for m in [*METHOD_ORDER, "random", "pixels"]:
             rs = runs.get(m, [])
             if not rs:
@@ -359,10 +488,15 @@ def render(invocations: list[dict], records: list[dict], results_dir: str = "doc
             seeds = ",".join(str(r["seed"]) for r in rs) if rs[0]["seed"] is not None else "-"
             vals = [_cell([r["metrics"][c] for r in rs]) for c in COLUMNS]
             train = m not in ("random", "pixels")
-            extra = ([f"{statistics.median(r['wall_s'] for r in rs):.0f}",
-                      f"{statistics.median(r['images_per_s'] for r in rs):.0f}",
-                      f"{statistics.median(r['loss_s'] / r['iterations'] * 1e3 for r in rs):.2f}"]
-                     if train else ["-", "-", "-"])
+            extra = (
+                [
+                    f"{statistics.median(r['wall_s'] for r in rs):.0f}",
+                    f"{statistics.median(r['images_per_s'] for r in rs):.0f}",
+                    f"{statistics.median(r['loss_s'] / r['iterations'] * 1e3 for r in rs):.2f}",
+                ]
+                if train
+                else ["-", "-", "-"]
+            )
             label = labels.get(m) or rs[0]["label"]
             if m == "ms_xbm":
                 xbm = dict(o.split("=", 1) for o in rs[0]["overrides"])
@@ -372,23 +506,46 @@ def render(invocations: list[dict], records: list[dict], results_dir: str = "doc
             lines.append(f"| {label} | {seeds} | " + " | ".join(vals + extra) + " |")
         lines.append("")
         verdicts.append(_verdict(key, runs))
-    lines += ["## What each row is", "", *ROW_NOTES, "", "## msl_kit's MS loss against pytorch-metric-learning's", ""]
+    lines += [
+        "## What each row is",
+        "",
+        *ROW_NOTES,
+        "",
+        "## msl_kit's MS loss against pytorch-metric-learning's",
+        "",
+    ]
     lines += [f"- {v}" for v in verdicts] or ["- no results yet"]
-    lines += ["", "Matched means |mean R@1 difference| <= the larger of the two seed std devs. The speed-up of a "
-              "whole run is small because the convnet's forward and backward dominate a step; the loss-only "
-              "figure isolates the part that differs.", ""]
+    lines += [
+        "",
+        "Matched means |mean R@1 difference| <= the larger of the two seed std devs. The speed-up of a "
+        "whole run is small because the convnet's forward and backward dominate a step; the loss-only "
+        "figure isolates the part that differs.",
+        "",
+    ]
     missing = []
     for inv in invocations:
-        plan = inv["methods"] if isinstance(inv["methods"], dict) else dict.fromkeys(inv["datasets"], inv["methods"])
+        plan = (
+            inv["methods"]
+            if isinstance(inv["methods"], dict)
+            else dict.fromkeys(inv["datasets"], inv["methods"])
+        )
         for key, planned in plan.items():
             for m in planned:
                 have = {r["seed"] for r in by.get(key, {}).get(m, [])}
                 missing += [f"{key} / {m} / seed {s}" for s in inv["seeds"] if s not in have]
     missing = sorted(set(missing))
-    lines += ["## Missing cells", "", *([f"- {c}" for c in missing] or ["None: every planned cell finished."]), ""]
+    lines += [
+        "## Missing cells",
+        "",
+        *([f"- {c}" for c in missing] or ["None: every planned cell finished."]),
+        "",
+    ]
     total = sum(r["wall_s"] for r in records)  # the runs shown, however many invocations made them
-    lines += [f"Wall time of the grid: {total / 60:.1f} min (the sum over the runs and floors above; "
-              "data preparation not included).", ""]
+    lines += [
+        f"Wall time of the grid: {total / 60:.1f} min (the sum over the runs and floors above; "
+        "data preparation not included).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -397,15 +554,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=METHOD_ORDER)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--iters", nargs="+", default=[], metavar="DATASET=N", help="iterations per run, e.g. cub=200")
-    p.add_argument("--root", default="data", help="where datasets are prepared (a cache; default data/)")
-    p.add_argument("--out", help="markdown file (default docs/results.md; --quick: a new temp folder)")
-    p.add_argument("--results", help="folder of per-run JSON (default results/quality beside --out)")
+    p.add_argument(
+        "--iters",
+        nargs="+",
+        default=[],
+        metavar="DATASET=N",
+        help="iterations per run, e.g. cub=200",
+    )
+    p.add_argument(
+        "--root", default="data", help="where datasets are prepared (a cache; default data/)"
+    )
+    p.add_argument(
+        "--out", help="markdown file (default docs/results.md; --quick: a new temp folder)"
+    )
+    p.add_argument(
+        "--results", help="folder of per-run JSON (default results/quality beside --out)"
+    )
     p.add_argument("--runs", help="run folders with checkpoints (default runs/quality)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers; 0 and 1 gave the same img/s here within noise")
-    p.add_argument("--quick", action="store_true", help="smoke size: 1 seed, Omniglot ms/pml_ms/triplet x 40 it, CUB ms x 5 it, temp output")
-    p.add_argument("--report-only", action="store_true", help="rebuild the markdown from the saved JSON")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader workers; 0 and 1 gave the same img/s here within noise",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke size: 1 seed, Omniglot ms/pml_ms/triplet x 40 it, CUB ms x 5 it, temp output",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild the markdown from the saved JSON"
+    )
     p.add_argument("--force", action="store_true", help="rerun cells that already have a JSON")
     args = p.parse_args(argv)
     iters = {"omniglot": 80, "cub": 50}  # fits ~45 min for the full grid on the shared 2-core box
@@ -420,12 +600,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.iters:
         key, _, n = item.partition("=")
         if key not in DATASETS or not n.isdigit() or int(n) < 1:
-            p.error(f"--iters takes DATASET=N with DATASET in {list(DATASETS)} and N >= 1, got {item!r}")
+            p.error(
+                f"--iters takes DATASET=N with DATASET in {list(DATASETS)} and N >= 1, got {item!r}"
+            )
         iters[key] = int(n)
     args.iters = iters
     args.out = Path(args.out or REPO / "docs" / "results.md")
     args.results = Path(args.results or args.out.parent / "results" / "quality")
-    args.runs = Path(args.runs or (args.out.parent / "runs" if args.quick else REPO / "runs" / "quality"))
+    args.runs = Path(
+        args.runs or (args.out.parent / "runs" if args.quick else REPO / "runs" / "quality")
+    )
     return args
 
 
@@ -436,13 +620,24 @@ def main(argv: list[str] | None = None) -> int:
     grid_file = args.results / "grid.json"
     invocations = json.loads(grid_file.read_text()) if grid_file.is_file() else []
     if args.report_only and not invocations:
-        print(f"error: {grid_file} not found; run the grid first (without --report-only)", file=sys.stderr)
+        print(
+            f"error: {grid_file} not found; run the grid first (without --report-only)",
+            file=sys.stderr,
+        )
         return 2
     if not args.report_only:
         args.results.mkdir(parents=True, exist_ok=True)
-        inv = {"datasets": args.datasets, "methods": args.plan, "seeds": args.seeds, "iterations": args.iters,
-               "threads": args.threads, "workers": args.workers, "command": command, "total_wall_s": 0.0,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+        inv = {
+            "datasets": args.datasets,
+            "methods": args.plan,
+            "seeds": args.seeds,
+            "iterations": args.iters,
+            "threads": args.threads,
+            "workers": args.workers,
+            "command": command,
+            "total_wall_s": 0.0,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        }
         invocations.append(inv)
         torch.set_num_threads(args.threads)
         started = time.perf_counter()
@@ -454,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                     _save(rec, args.results, command)
             for seed in args.seeds:
                 order = list(args.plan[key])
-                if seed % 2 and {"ms", "pml_ms"} <= set(order):  # alternate which of the pair runs first
+                if seed % 2 and {"ms", "pml_ms"} <= set(
+                    order
+                ):  # alternate which of the pair runs first
                     i, j = order.index("ms"), order.index("pml_ms")
                     order[i], order[j] = order[j], order[i]
                 for method in order:
@@ -463,11 +660,16 @@ def main(argv: list[str] | None = None) -> int:
                     rec = run_cell(key, method, seed, args)
                     _save(rec, args.results, command)
                     m = rec["metrics"]
-                    print(f"[{time.perf_counter() - started:6.0f} s] {key:<8} {method:<11} seed {seed}: R@1 "
-                          f"{m['recall@1']:.3f} MAP@R {m['map@r']:.3f}  {rec['wall_s']:.0f} s, "
-                          f"{rec['images_per_s']:.0f} img/s, loss {rec['loss_s']:.2f} s", flush=True)
+                    print(
+                        f"[{time.perf_counter() - started:6.0f} s] {key:<8} {method:<11} seed {seed}: R@1 "
+                        f"{m['recall@1']:.3f} MAP@R {m['map@r']:.3f}  {rec['wall_s']:.0f} s, "
+                        f"{rec['images_per_s']:.0f} img/s, loss {rec['loss_s']:.2f} s",
+                        flush=True,
+                    )
                     inv["total_wall_s"] = time.perf_counter() - started
-                    grid_file.write_text(json.dumps(invocations, indent=1) + "\n")  # a killed run still reports
+                    grid_file.write_text(
+                        json.dumps(invocations, indent=1) + "\n"
+                    )  # a killed run still reports
         inv["total_wall_s"] = time.perf_counter() - started
         grid_file.write_text(json.dumps(invocations, indent=1) + "\n")
     shown = args.results.resolve()

@@ -2,4 +2,5 @@
 
 Submodules are imported lazily so that `import msl_kit` stays cheap (no umap, no matplotlib).
 """
+
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Input checks shared by the pair losses (msl_kit.losses, msl_kit.gpw), and the float32
 working precision they compute in. Errors name the argument and say what to do next."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,15 @@ from torch import Tensor
 
 MINING = ("ms", "none")  # MS mining with margin eps, or every pair
 
+
 def _check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
     if not isinstance(embeddings, Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"{name} must be a floating-point torch tensor of shape (B, D)")
     if embeddings.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (B, D), got shape {tuple(embeddings.shape)}; "
-                         "flatten or pool the features first")
+        raise ValueError(
+            f"{name} must be 2-D (B, D), got shape {tuple(embeddings.shape)}; "
+            "flatten or pool the features first"
+        )
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch; the loss needs at least one sample")
 
@@ -29,16 +33,19 @@ def _check_labels(labels: object, n: int, device: torch.device, name: str = "lab
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{name} must be integer class ids; {_LABEL_HINT}") from None
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be integer class ids, got dtype {labels.dtype}; "
-                        f"{_LABEL_HINT}")
+        raise TypeError(
+            f"{name} must be integer class ids, got dtype {labels.dtype}; {_LABEL_HINT}"
+        )
     if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per row), "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D with {n} entries (one per row), got shape {tuple(labels.shape)}"
+        )
     return labels if labels.device == device else labels.to(device)
 
 
-def _check_sim(sim: Tensor, labels: object, ref_labels: object,
-               ignore: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _check_sim(
+    sim: Tensor, labels: object, ref_labels: object, ignore: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     if not isinstance(sim, Tensor) or not sim.is_floating_point() or sim.dim() != 2:
         raise TypeError("sim must be a 2-D floating-point tensor (anchors x references)")
     if sim.shape[0] == 0:
@@ -46,8 +53,10 @@ def _check_sim(sim: Tensor, labels: object, ref_labels: object,
     labels = _check_labels(labels, sim.shape[0], sim.device)
     if ref_labels is None:
         if sim.shape[0] != sim.shape[1]:
-            raise ValueError(f"sim is {tuple(sim.shape)} but ref_labels is None; pass "
-                             "ref_labels for a non-square (anchors x references) matrix")
+            raise ValueError(
+                f"sim is {tuple(sim.shape)} but ref_labels is None; pass "
+                "ref_labels for a non-square (anchors x references) matrix"
+            )
     else:
         ref_labels = _check_labels(ref_labels, sim.shape[1], sim.device, "ref_labels")
     if ignore is not None and (ignore.dtype != torch.bool or ignore.shape != sim.shape):
@@ -58,8 +67,7 @@ def _check_sim(sim: Tensor, labels: object, ref_labels: object,
 def _check_mining(mining: object) -> str:
     """`mining` must be exactly "ms" (MS mining) or "none" (every pair)."""
     if not isinstance(mining, str) or mining not in MINING:
-        raise ValueError(f"mining must be 'ms' (MS mining) or 'none' (all pairs), "
-                         f"got {mining!r}")
+        raise ValueError(f"mining must be 'ms' (MS mining) or 'none' (all pairs), got {mining!r}")
     return mining
 
 
@@ -68,8 +76,9 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
-        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
-                   else torch.is_autocast_enabled())
+        enabled = (
+            torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        )
     if enabled:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

@@ -1,4 +1,5 @@
 """`msl-kit prepare | train | evaluate | bench`: a thin shell over the library."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ class _Progress:
         from tqdm.auto import tqdm
 
         if start:
-            print(f"resuming at iteration {start} of {total} with the config stored in the run",
-                  file=sys.stderr)
+            print(
+                f"resuming at iteration {start} of {total} with the config stored in the run",
+                file=sys.stderr,
+            )
         self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
     def on_step(self, record: dict) -> None:
@@ -74,20 +77,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config:
-            print("error: --resume uses the config stored in the run; drop --config (only "
-                  f"{', '.join(engine.RESUME_KEYS)} may change, with --set)", file=sys.stderr)
+            print(
+                "error: --resume uses the config stored in the run; drop --config (only "
+                f"{', '.join(engine.RESUME_KEYS)} may change, with --set)",
+                file=sys.stderr,
+            )
             return 2
         out, cfg = Path(args.resume), None
     else:
-        cfg = load_config(args.config, [*(args.set or []), *(["eval.floors=false"] if args.no_baseline else [])])
+        cfg = load_config(
+            args.config, [*(args.set or []), *(["eval.floors=false"] if args.no_baseline else [])]
+        )
         out = Path(args.out) if args.out else _default_out(args.config)
         _set_threads(cfg)
     started = time.perf_counter()
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     progress = _Progress()
     try:
-        results = engine.train(cfg, out, callbacks=[progress] if main_rank else [],
-                               resume=bool(args.resume), overrides=args.set or [] if args.resume else [])
+        results = engine.train(
+            cfg,
+            out,
+            callbacks=[progress] if main_rank else [],
+            resume=bool(args.resume),
+            overrides=args.set or [] if args.resume else [],
+        )
     finally:
         progress.close()
     if main_rank:
@@ -100,18 +113,32 @@ def _report(out: Path, results: dict, seconds: float) -> None:
 
     cfg = load_config(out / "config.yaml")
     floors = results.get("floors", {})
-    rows = [(name, floors[key]) for key, name in (("raw_pixels", "raw pixels"),
-            ("untrained", f"untrained {cfg.model.backbone}")) if key in floors]
+    rows = [
+        (name, floors[key])
+        for key, name in (
+            ("raw_pixels", "raw pixels"),
+            ("untrained", f"untrained {cfg.model.backbone}"),
+        )
+        if key in floors
+    ]
     rows.append((f"{cfg.model.backbone} + {cfg.loss.name} loss (final)", results))
     best = results.get("best", {})
     if best.get("iteration") and best.get("iteration") != results.get("iteration"):
         rows.append((f"  best of evaluations (it {best['iteration']})", best))
-    split = "query/gallery" if results.get("split") == "test" and _query_gallery(cfg) else results.get("split")
-    print(f"\n{cfg.data.name} {split} split (classes unseen in training), "
-          f"{results.get('iteration')} iterations in {seconds:.0f} s:")
+    split = (
+        "query/gallery"
+        if results.get("split") == "test" and _query_gallery(cfg)
+        else results.get("split")
+    )
+    print(
+        f"\n{cfg.data.name} {split} split (classes unseen in training), "
+        f"{results.get('iteration')} iterations in {seconds:.0f} s:"
+    )
     print(_table(rows, cfg.eval.ks))
-    print(f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json, "
-          "snapshots/)")
+    print(
+        f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json, "
+        "snapshots/)"
+    )
 
 
 def _query_gallery(cfg) -> bool:
@@ -128,8 +155,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
     results, cfg = engine.evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)
     print(_table([(Path(args.checkpoint).name, results)], cfg.eval.ks))
-    record = {**results, "split": cfg.eval.split, "checkpoint": str(args.checkpoint),
-              "written_by": "msl-kit evaluate"}
+    record = {
+        **results,
+        "split": cfg.eval.split,
+        "checkpoint": str(args.checkpoint),
+        "written_by": "msl-kit evaluate",
+    }
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"metrics written to {out}")
     return 0
@@ -150,8 +181,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
     max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
-    path = datasets.prepare(args.name, args.root or "data", archive=archive, url=args.url,
-                            max_bytes=max_bytes, max_members=args.max_files)
+    path = datasets.prepare(
+        args.name,
+        args.root or "data",
+        archive=archive,
+        url=args.url,
+        max_bytes=max_bytes,
+        max_members=args.max_files,
+    )
     print(f"{args.name} ready in {path}")
     return 0
 
@@ -169,8 +206,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_cell(run: dict) -> None:
     """One line per finished sweep cell (module-level: --jobs workers receive it pickled)."""
-    print(f"{Path(run['run']).name}: R@1 {100 * run['recall@1']:.1f}  MAP@R "
-          f"{100 * run['map@r']:.1f}  {run['wall_s']:.1f} s", flush=True)
+    print(
+        f"{Path(run['run']).name}: R@1 {100 * run['recall@1']:.1f}  MAP@R "
+        f"{100 * run['map@r']:.1f}  {run['wall_s']:.1f} s",
+        flush=True,
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -183,8 +223,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise sweep.SweepError(f"--seeds must be integers like 0,1,2, got {args.seeds!r}") from None
     if args.jobs < 1:
         raise sweep.SweepError(f"--jobs must be at least 1, got {args.jobs}")
-    spec = sweep.make_spec(args.grid or [], args.range or [], seeds, args.config, args.set or [],
-                           args.trials, args.study)
+    spec = sweep.make_spec(
+        args.grid or [],
+        args.range or [],
+        seeds,
+        args.config,
+        args.set or [],
+        args.trials,
+        args.study,
+    )
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     result = sweep.run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
     print("\n" + sweep.markdown(result["summary"], result["keys"]))
@@ -196,17 +243,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `msl-kit`."""
-    parser = argparse.ArgumentParser(prog="msl-kit", description="Multi-Similarity loss research kit")
+    parser = argparse.ArgumentParser(
+        prog="msl-kit", description="Multi-Similarity loss research kit"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (default: embedded Omniglot demo on the CPU)")
     p.add_argument("--config", help="preset name from configs/ or a YAML path")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. loss.beta=50 (with --resume: train.iterations, "
-                        "train.eval_every, train.checkpoint_every, train.log_every)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. loss.beta=50 (with --resume: train.iterations, "
+        "train.eval_every, train.checkpoint_every, train.log_every)",
+    )
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="skip the raw-pixel and untrained floors (= --set eval.floors=false)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint"
+    )
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the raw-pixel and untrained floors (= --set eval.floors=false)",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -220,12 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", nargs="+", help="local archive file(s) instead of downloading")
     p.add_argument("--url", help="download from this URL instead of the official one")
     p.add_argument("--list", action="store_true", help="list the datasets")
-    p.add_argument("--max-size", type=float, metavar="GB",
-                   help="refuse archives declaring more than this many GB (default 20)")
-    p.add_argument("--max-files", type=int, metavar="N",
-                   help="refuse archives of more than N members (default 500000)")
-    p.add_argument("--weights", metavar="BACKBONE", help="download a backbone's ImageNet weights instead "
-                   "(into --root if given, else the default cache path)")
+    p.add_argument(
+        "--max-size",
+        type=float,
+        metavar="GB",
+        help="refuse archives declaring more than this many GB (default 20)",
+    )
+    p.add_argument(
+        "--max-files",
+        type=int,
+        metavar="N",
+        help="refuse archives of more than N members (default 500000)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="BACKBONE",
+        help="download a backbone's ImageNet weights instead "
+        "(into --root if given, else the default cache path)",
+    )
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("bench", help="run a benchmark script from bench/")
     p.add_argument("name", help="loss, knn, data, train_step, quality")
@@ -241,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every cell")
     p.add_argument("--out", help="sweep folder (default runs/sweep-<time>)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--storage", help="Optuna storage URL shared by several machines "
-                   "(default sqlite:///OUT/optuna.db)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL shared by several machines (default sqlite:///OUT/optuna.db)",
+    )
     p.set_defaults(func=cmd_sweep)
     return parser
 

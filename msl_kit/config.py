@@ -5,6 +5,7 @@ a small convnet, on the CPU in well under a minute. Recipes in `configs/*.yaml` 
 they need; every key is dotted (`loss.beta`). Every value is checked when the config is loaded
 (`validate`), before any data is read, so a bad value fails in one line, not mid-run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ _MS = PRESETS["released"]  # the loss numbers have one home: msl_kit.losses.PRES
 class DataConfig:
     name: str = "omniglot_small"  # shipped in the package: nothing to download
     root: str = "data"
-    val_fraction: float = 0.0  # >0 carves a class-disjoint validation split out of the train classes
+    val_fraction: float = (
+        0.0  # >0 carves a class-disjoint validation split out of the train classes
+    )
     workers: int = 0  # DataLoader worker processes
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
     crop_scale: list[float] | None = None  # None: the backbone's spec (released recipe: 0.16-1)
@@ -192,8 +195,9 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
 def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     """A nested mapping (as read from YAML) as {dotted key: value}, in reading order."""
     if not isinstance(values, dict):
-        raise ConfigError(f"expected a mapping of config keys at '{prefix or 'top level'}', "
-                          f"got {values!r}")
+        raise ConfigError(
+            f"expected a mapping of config keys at '{prefix or 'top level'}', got {values!r}"
+        )
     flat: dict[str, Any] = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
@@ -216,8 +220,9 @@ def resolve(values: dict[str, Any]) -> Config:
     preset = values.get("loss.preset")
     if preset is not None:
         if preset not in PRESETS:
-            raise ConfigError(f"loss.preset must be one of {', '.join(sorted(PRESETS))}, "
-                              f"got {preset!r}")
+            raise ConfigError(
+                f"loss.preset must be one of {', '.join(sorted(PRESETS))}, got {preset!r}"
+            )
         for k, v in PRESETS[preset].items():
             setattr(cfg.loss, k, float(v))
     for key, value in values.items():
@@ -243,7 +248,9 @@ def apply_dict(cfg: Config, values: dict, prefix: str = "") -> Config:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is read as YAML so `1e-4`, `true`, `[1, 2]` and `null` work."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. --set loss.beta=50)")
+        raise ConfigError(
+            f"override '{text}' is not of the form key=value (e.g. --set loss.beta=50)"
+        )
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -267,7 +274,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise ConfigError(f"no config file '{name_or_path}' and no preset of that name; presets: {', '.join(names) or 'none found'}")
+    raise ConfigError(
+        f"no config file '{name_or_path}' and no preset of that name; presets: {', '.join(names) or 'none found'}"
+    )
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -279,8 +288,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return flatten(values)
 
 
-def load_config(source: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Defaults, then a YAML file (path or preset name), then `key=value` overrides in order."""
     values = read_yaml(resolve_config_path(str(source))) if source is not None else {}
     for text in overrides:
@@ -310,9 +320,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.name = {d.name!r}: {e}") from None
     _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
     _check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
-    _check(d.crop_scale is None or len(d.crop_scale) == 2 and 0 < d.crop_scale[0]
-           <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale,
-           "use two numbers 0 < low <= high <= 1, like [0.16, 1.0]")
+    _check(
+        d.crop_scale is None
+        or len(d.crop_scale) == 2
+        and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        "data.crop_scale",
+        d.crop_scale,
+        "use two numbers 0 < low <= high <= 1, like [0.16, 1.0]",
+    )
     _choice("data.crop_mode", d.crop_mode, [None, "two_step", "fused"])
     _choice("model.backbone", m.backbone, models.MODEL_NAMES)
     _check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
@@ -326,33 +341,61 @@ def validate(cfg: Config) -> None:
     _check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
     _check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
     _check(0 <= lo.margin < 2, "loss.margin", lo.margin, "use 0 <= value < 2 (released: 0.1)")
-    _check(lo.xbm_size >= 0 and lo.xbm_start >= 0 and lo.xbm_weight >= 0, "loss.xbm_*",
-           (lo.xbm_size, lo.xbm_start, lo.xbm_weight), "use values >= 0")
-    _check(not lo.xbm_size or lo.name == "ms", "loss.xbm_size", lo.xbm_size,
-           "cross-batch memory works with loss.name=ms only")
+    _check(
+        lo.xbm_size >= 0 and lo.xbm_start >= 0 and lo.xbm_weight >= 0,
+        "loss.xbm_*",
+        (lo.xbm_size, lo.xbm_start, lo.xbm_weight),
+        "use values >= 0",
+    )
+    _check(
+        not lo.xbm_size or lo.name == "ms",
+        "loss.xbm_size",
+        lo.xbm_size,
+        "cross-batch memory works with loss.name=ms only",
+    )
     _check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
-    _check(t.samples_per_class >= 2, "train.samples_per_class", t.samples_per_class,
-           "pair losses need 2 or more images per class in a batch (released recipe: 5)")
-    _check(t.batch_size >= 2 * t.samples_per_class and t.batch_size % t.samples_per_class == 0,
-           "train.batch_size", t.batch_size, f"use a multiple of train.samples_per_class "
-           f"({t.samples_per_class}) holding 2 or more classes")
+    _check(
+        t.samples_per_class >= 2,
+        "train.samples_per_class",
+        t.samples_per_class,
+        "pair losses need 2 or more images per class in a batch (released recipe: 5)",
+    )
+    _check(
+        t.batch_size >= 2 * t.samples_per_class and t.batch_size % t.samples_per_class == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"use a multiple of train.samples_per_class "
+        f"({t.samples_per_class}) holding 2 or more classes",
+    )
     _check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
     _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
     _check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
     _check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
-    _check(t.backbone_lr_mult >= 0 and t.head_lr_mult >= 0, "train.*_lr_mult",
-           (t.backbone_lr_mult, t.head_lr_mult), "use values >= 0")
+    _check(
+        t.backbone_lr_mult >= 0 and t.head_lr_mult >= 0,
+        "train.*_lr_mult",
+        (t.backbone_lr_mult, t.head_lr_mult),
+        "use values >= 0",
+    )
     _choice("train.class_draw", t.class_draw, ["uniform", "released"])
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (end only) or more")
-    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
-           "use 0 (end only) or more")
+    _check(
+        t.checkpoint_every >= 0,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        "use 0 (end only) or more",
+    )
     _check(t.log_every >= 1, "train.log_every", t.log_every, "use 1 or more iterations")
     _choice("train.amp", t.amp, ["none", "bf16", "fp16"])
     _check(t.threads >= 0, "train.threads", t.threads, "use 0 (automatic) or more")
     _choice("eval.split", e.split, ["test", "val"])
-    _check(e.split != "val" or d.val_fraction > 0, "eval.split", e.split,
-           "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)")
+    _check(
+        e.split != "val" or d.val_fraction > 0,
+        "eval.split",
+        e.split,
+        "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)",
+    )
     _check(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
     _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
     _check_device(cfg.device)
@@ -364,13 +407,19 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device("cuda" if name == "auto" else name)
     except RuntimeError:
-        raise ConfigError(f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(
+            f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto"
+        ) from None
     if name == "auto" or device.type == "cpu":
         return
     _check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")
     count = torch.cuda.device_count()
-    _check(count > (device.index or 0), "device", name,
-           f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)")
+    _check(
+        count > (device.index or 0),
+        "device",
+        name,
+        f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)",
+    )
 
 
 def to_dict(cfg: Config) -> dict:

@@ -4,24 +4,31 @@ A prepared dataset lives in `root/<name>/` exactly as its official archives unpa
 `downloads/` and a marker file written last. `build(name, root, split, transform)` reads the
 official list files and returns items `(image, label, index)`; labels are contiguous per split.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from msl_kit import embedded
-from msl_kit.download import (TMP_MARK, DownloadError, download_file, is_archive, md5sum,
-                              safe_extract)
+from msl_kit.download import (
+    TMP_MARK,
+    DownloadError,
+    download_file,
+    is_archive,
+    md5sum,
+    safe_extract,
+)
 from msl_kit.layouts import LayoutError, Record, read_folder, read_layout
 from msl_kit.transforms import CorruptImageError, load_image, to_mode
 
@@ -60,59 +67,118 @@ class DatasetInfo:
 
 
 _OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-REGISTRY: dict[str, DatasetInfo] = {d.name: d for d in (
-    DatasetInfo("digits", "scikit-learn's 8x8 handwritten digits (ships with scikit-learn)",
-                "1,797 images, 10 classes, no download", "BSD-3 (sklearn), CC BY 4.0 (UCI)",
-                "sklearn.datasets.load_digits", grey=True, split_rule="digits 0-4 train, 5-9 test"),
-    DatasetInfo("omniglot", "Omniglot handwritten characters of 50 alphabets (Lake et al. 2015)",
-                "32,460 images, 1,623 characters, 16 MB", "MIT", "https://github.com/brendenlake/omniglot",
-                (RemoteFile("images_background.zip", "68d2efa1b9178cc56df9314c21c6e718",
-                            (_OMNIGLOT + "images_background.zip",)),
-                 RemoteFile("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811",
-                            (_OMNIGLOT + "images_evaluation.zip",))),
-                grey=True, split_rule="background alphabets train, evaluation alphabets test"),
-    DatasetInfo("omniglot_small", "Omniglot-small, shipped inside msl_kit: the embedded default",
-                "4,840 images, 242 characters of 8 alphabets, 105x105, no download", "MIT",
-                "https://github.com/brendenlake/omniglot (images_background_small1/2.zip)",
-                grey=True, split_rule="alphabets sorted, every second held out: 4 train (130 "
-                "characters), 4 test (112)"),
-    DatasetInfo("cub200", "Caltech-UCSD Birds-200-2011, 200 bird species",
-                "11,788 images, 200 classes, 1.1 GB", "research, non-commercial (Caltech)",
-                "https://www.vision.caltech.edu/datasets/cub_200_2011/",
-                (RemoteFile("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78", (
-                    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
-                    "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz")),),
-                split_rule="classes 1-100 train (5,864), 101-200 test (5,924)"),
-    DatasetInfo("cars196", "Stanford Cars, 196 car models (Krause et al. 2013)",
-                "16,185 images, 196 classes, 1.9 GB", "non-commercial research only",
-                "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (moved; use a mirror)",
-                (RemoteFile("car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14"),
-                 RemoteFile("cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc")),
-                split_rule="classes 1-98 train (8,054), 99-196 test (8,131)",
-                file_sets=("car_ims.tgz + cars_annos.mat (the DML papers' copy)",
-                           "cars_train.tgz + cars_test.tgz + car_devkit.tgz + "
-                           "cars_test_annos_withlabels.mat (torchvision's StanfordCars, see "
-                           "github.com/pytorch/vision/issues/7545)",
-                           "the zip of kaggle.com/datasets/jutrera/stanford-car-dataset-by-classes-"
-                           "folder (car_data/, anno_train.csv, anno_test.csv, names.csv)")),
-    DatasetInfo("sop", "Stanford Online Products, 22,634 eBay products in 12 categories",
-                "120,053 images, 22,634 classes, 2.9 GB", "research use (Stanford CVGL)",
-                "https://cvgl.stanford.edu/projects/lifted_struct/",
-                (RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),),
-                split_rule="Ebay_train.txt (11,318 classes) / Ebay_test.txt (11,316 classes)"),
-    DatasetInfo("inshop", "DeepFashion In-Shop Clothes Retrieval, 7,982 clothing items",
-                "52,712 images, 7,982 classes", "non-commercial (DeepFashion terms)",
-                "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html "
-                "(Google Drive, manual)",
-                (RemoteFile("img.zip"), RemoteFile("list_eval_partition.txt")), query_gallery=True,
-                splits=("train", "val", "query", "gallery"),
-                split_rule="list_eval_partition.txt: train 3,997 items; query / gallery "
-                "3,985 items"),
-    DatasetInfo("folder",
-                "your own images: root/<split>/<class>/*.jpg, or a CSV of path,label,split",
-                "yours", "yours", "local folder or CSV file",
-                split_rule="the split folders or the CSV's split column"),
-)}
+REGISTRY: dict[str, DatasetInfo] = {
+    d.name: d
+    for d in (
+        DatasetInfo(
+            "digits",
+            "scikit-learn's 8x8 handwritten digits (ships with scikit-learn)",
+            "1,797 images, 10 classes, no download",
+            "BSD-3 (sklearn), CC BY 4.0 (UCI)",
+            "sklearn.datasets.load_digits",
+            grey=True,
+            split_rule="digits 0-4 train, 5-9 test",
+        ),
+        DatasetInfo(
+            "omniglot",
+            "Omniglot handwritten characters of 50 alphabets (Lake et al. 2015)",
+            "32,460 images, 1,623 characters, 16 MB",
+            "MIT",
+            "https://github.com/brendenlake/omniglot",
+            (
+                RemoteFile(
+                    "images_background.zip",
+                    "68d2efa1b9178cc56df9314c21c6e718",
+                    (_OMNIGLOT + "images_background.zip",),
+                ),
+                RemoteFile(
+                    "images_evaluation.zip",
+                    "6b91aef0f799c5bb55b94e3f2daec811",
+                    (_OMNIGLOT + "images_evaluation.zip",),
+                ),
+            ),
+            grey=True,
+            split_rule="background alphabets train, evaluation alphabets test",
+        ),
+        DatasetInfo(
+            "omniglot_small",
+            "Omniglot-small, shipped inside msl_kit: the embedded default",
+            "4,840 images, 242 characters of 8 alphabets, 105x105, no download",
+            "MIT",
+            "https://github.com/brendenlake/omniglot (images_background_small1/2.zip)",
+            grey=True,
+            split_rule="alphabets sorted, every second held out: 4 train (130 "
+            "characters), 4 test (112)",
+        ),
+        DatasetInfo(
+            "cub200",
+            "Caltech-UCSD Birds-200-2011, 200 bird species",
+            "11,788 images, 200 classes, 1.1 GB",
+            "research, non-commercial (Caltech)",
+            "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+            (
+                RemoteFile(
+                    "CUB_200_2011.tgz",
+                    "97eceeb196236b17998738112f37df78",
+                    (
+                        "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+                        "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz",
+                    ),
+                ),
+            ),
+            split_rule="classes 1-100 train (5,864), 101-200 test (5,924)",
+        ),
+        DatasetInfo(
+            "cars196",
+            "Stanford Cars, 196 car models (Krause et al. 2013)",
+            "16,185 images, 196 classes, 1.9 GB",
+            "non-commercial research only",
+            "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (moved; use a mirror)",
+            (
+                RemoteFile("car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14"),
+                RemoteFile("cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc"),
+            ),
+            split_rule="classes 1-98 train (8,054), 99-196 test (8,131)",
+            file_sets=(
+                "car_ims.tgz + cars_annos.mat (the DML papers' copy)",
+                "cars_train.tgz + cars_test.tgz + car_devkit.tgz + "
+                "cars_test_annos_withlabels.mat (torchvision's StanfordCars, see "
+                "github.com/pytorch/vision/issues/7545)",
+                "the zip of kaggle.com/datasets/jutrera/stanford-car-dataset-by-classes-"
+                "folder (car_data/, anno_train.csv, anno_test.csv, names.csv)",
+            ),
+        ),
+        DatasetInfo(
+            "sop",
+            "Stanford Online Products, 22,634 eBay products in 12 categories",
+            "120,053 images, 22,634 classes, 2.9 GB",
+            "research use (Stanford CVGL)",
+            "https://cvgl.stanford.edu/projects/lifted_struct/",
+            (RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),),
+            split_rule="Ebay_train.txt (11,318 classes) / Ebay_test.txt (11,316 classes)",
+        ),
+        DatasetInfo(
+            "inshop",
+            "DeepFashion In-Shop Clothes Retrieval, 7,982 clothing items",
+            "52,712 images, 7,982 classes",
+            "non-commercial (DeepFashion terms)",
+            "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html "
+            "(Google Drive, manual)",
+            (RemoteFile("img.zip"), RemoteFile("list_eval_partition.txt")),
+            query_gallery=True,
+            splits=("train", "val", "query", "gallery"),
+            split_rule="list_eval_partition.txt: train 3,997 items; query / gallery 3,985 items",
+        ),
+        DatasetInfo(
+            "folder",
+            "your own images: root/<split>/<class>/*.jpg, or a CSV of path,label,split",
+            "yours",
+            "yours",
+            "local folder or CSV file",
+            split_rule="the split folders or the CSV's split column",
+        ),
+    )
+}
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -139,7 +205,9 @@ def dataset_dir(name: str, root: str | Path) -> Path:
 
 def is_prepared(name: str, root: str | Path) -> bool:
     """Whether `prepare(name, root)` has completed (its marker is there)."""
-    return name in ("digits", "folder", "omniglot_small") or _prepared(dataset_dir(name, root), name)
+    return name in ("digits", "folder", "omniglot_small") or _prepared(
+        dataset_dir(name, root), name
+    )
 
 
 def _prepared(folder: Path, name: str) -> bool:
@@ -149,11 +217,17 @@ def _prepared(folder: Path, name: str) -> bool:
         return False
 
 
-def prepare(name: str, root: str | Path | None, *,
-            archive: str | Path | Sequence[str | Path] | None = None,
-            url: str | Sequence[str] | None = None, progress: bool = True,
-            md5: str | Sequence[str] | None = None, max_bytes: int | None = None,
-            max_members: int | None = None) -> Path:
+def prepare(
+    name: str,
+    root: str | Path | None,
+    *,
+    archive: str | Path | Sequence[str | Path] | None = None,
+    url: str | Sequence[str] | None = None,
+    progress: bool = True,
+    md5: str | Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    max_members: int | None = None,
+) -> Path:
     """Make `name` ready under `root` from local archives, a given URL, or the official URLs.
 
     Returns the dataset folder. Idempotent (a prepared folder is left alone); a folder left by an
@@ -164,8 +238,10 @@ def prepare(name: str, root: str | Path | None, *,
     """
     meta = info(name)
     if name in ("digits", "omniglot_small"):
-        print(f"{name} ships with {'scikit-learn' if name == 'digits' else 'msl_kit'}: "
-              "nothing to prepare")
+        print(
+            f"{name} ships with {'scikit-learn' if name == 'digits' else 'msl_kit'}: "
+            "nothing to prepare"
+        )
         return Path(root or ".")
     if root is None:
         raise ValueError(f"prepare {name} needs a root folder, e.g. --root data")
@@ -174,8 +250,10 @@ def prepare(name: str, root: str | Path | None, *,
             raise ValueError(f"{what} must be positive, not {value}")
     if name == "folder":
         base, records = read_folder(Path(root))
-        print(f"folder needs no preparation: {len(records)} images of "
-              f"{len({r.key for r in records})} classes under {base}")
+        print(
+            f"folder needs no preparation: {len(records)} images of "
+            f"{len({r.key for r in records})} classes under {base}"
+        )
         return Path(root)
     ddir = dataset_dir(name, root)
     if _prepared(ddir, name):
@@ -206,8 +284,10 @@ def prepare(name: str, root: str | Path | None, *,
 
 def _remove_leftovers(ddir: Path) -> None:
     """Remove the temporary files and folders of a killed run."""
-    leftovers = [*ddir.parent.glob(f".{ddir.name}{TMP_MARK}*"),
-                 *(ddir.glob(f".*{TMP_MARK}*") if ddir.is_dir() else [])]
+    leftovers = [
+        *ddir.parent.glob(f".{ddir.name}{TMP_MARK}*"),
+        *(ddir.glob(f".*{TMP_MARK}*") if ddir.is_dir() else []),
+    ]
     for leftover in leftovers:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -215,8 +295,9 @@ def _remove_leftovers(ddir: Path) -> None:
             leftover.unlink()
 
 
-def _unpack(sources: list[Path], ddir: Path, max_bytes: int | None,
-            max_members: int | None) -> None:
+def _unpack(
+    sources: list[Path], ddir: Path, max_bytes: int | None, max_members: int | None
+) -> None:
     """Extract archives into ddir; copy other files (a .mat, a list file) in atomically."""
     for src in sources:
         if is_archive(src):
@@ -254,11 +335,18 @@ def _finish(name: str, ddir: Path, sources: list[str]) -> Path:
     records = read_layout(name, ddir)
     missing = [r.path for r in records if not (ddir / r.path).is_file()]
     if missing:
-        raise LayoutError(f"{ddir}: {len(missing)} of the {len(records)} listed images are "
-                          f"missing (first: {missing[0]}); the archive is incomplete: prepare it "
-                          "again from a full copy")
-    marker = {"name": name, "format": 1, "images": len(records),
-              "classes": len({r.key for r in records}), "sources": sources}
+        raise LayoutError(
+            f"{ddir}: {len(missing)} of the {len(records)} listed images are "
+            f"missing (first: {missing[0]}); the archive is incomplete: prepare it "
+            "again from a full copy"
+        )
+    marker = {
+        "name": name,
+        "format": 1,
+        "images": len(records),
+        "classes": len({r.key for r in records}),
+        "sources": sources,
+    }
     tmp = ddir / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, ddir / MARKER)  # written last: its presence means the folder is complete
@@ -270,8 +358,10 @@ def _where_to_get(meta: DatasetInfo, root: str | Path) -> str:
     files = " and ".join(f.filename for f in meta.files)
     if meta.file_sets:
         files = "one of: " + "; ".join(meta.file_sets)
-    return (f"{meta.name} needs {files}. Get them from {meta.source}, then run "
-            f"`msl-kit prepare {meta.name} --root {root} --archive FILE [FILE ...]` (or --url URL)")
+    return (
+        f"{meta.name} needs {files}. Get them from {meta.source}, then run "
+        f"`msl-kit prepare {meta.name} --root {root} --archive FILE [FILE ...]` (or --url URL)"
+    )
 
 
 def _as_list(value) -> list:
@@ -285,19 +375,25 @@ def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, roo
     archives = [Path(a).expanduser() for a in _as_list(archive)]
     for path in archives:
         if not path.is_file():
-            raise FileNotFoundError(f"archive {path} is not a file; give the downloaded archive "
-                                    "itself")
+            raise FileNotFoundError(
+                f"archive {path} is not a file; give the downloaded archive itself"
+            )
         official = next((f for f in meta.files if f.filename == path.name and f.md5), None)
         if official and md5sum(path) != official.md5:
-            warnings.warn(f"{path} differs from the published {official.filename} (md5 "
-                          f"{official.md5}); using it anyway since you gave it", stacklevel=3)
+            warnings.warn(
+                f"{path} differs from the published {official.filename} (md5 "
+                f"{official.md5}); using it anyway since you gave it",
+                stacklevel=3,
+            )
     if archives:
         return archives
     urls, md5s = _as_list(url), _as_list(md5)
     if urls:
         names = [Path(u.split("?")[0]).name or f"download{i}" for i, u in enumerate(urls)]
-        wanted = [RemoteFile(n, md5s[i] if i < len(md5s) else None, (u,))
-                  for i, (n, u) in enumerate(zip(names, urls))]
+        wanted = [
+            RemoteFile(n, md5s[i] if i < len(md5s) else None, (u,))
+            for i, (n, u) in enumerate(zip(names, urls))
+        ]
     elif meta.url:
         wanted = list(meta.files)
     else:
@@ -312,8 +408,10 @@ def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, roo
             except OSError as err:  # DownloadError, URLError...: try the next mirror
                 errors.append(str(err))  # (a ChecksumError is a ValueError: final)
         else:  # one line for the CLI: every mirror's reason, then where else to get the files
-            raise DownloadError(f"could not download {remote.filename}: {' | '.join(errors)}. "
-                                f"{_where_to_get(meta, root)}")
+            raise DownloadError(
+                f"could not download {remote.filename}: {' | '.join(errors)}. "
+                f"{_where_to_get(meta, root)}"
+            )
     return paths
 
 
@@ -327,8 +425,15 @@ class ImageDataset(torch.utils.data.Dataset):
     dataset's native mode ("RGB", or "L" for digits and Omniglot).
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], labels: np.ndarray, classes: list[str],
-                 transform: Callable | None = None, mode: str = "RGB"):
+    def __init__(
+        self,
+        root: Path,
+        paths: Sequence[str],
+        labels: np.ndarray,
+        classes: list[str],
+        transform: Callable | None = None,
+        mode: str = "RGB",
+    ):
         self.root = Path(root)
         self.paths = np.array(paths, dtype=str)  # one numpy array: no per-item refcounts in workers
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -375,7 +480,10 @@ def _digits_records() -> tuple[np.ndarray, list[Record]]:
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     splits = ["train" if t < 5 else "test" for t in digits.target]
-    return images, [Record(str(i), int(t), str(int(t)), s) for i, (t, s) in enumerate(zip(digits.target, splits))]
+    return images, [
+        Record(str(i), int(t), str(int(t)), s)
+        for i, (t, s) in enumerate(zip(digits.target, splits))
+    ]
 
 
 def _select(records: list[Record], split: str, val_fraction: float, seed: int) -> list[Record]:
@@ -387,8 +495,10 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
             raise ValueError("this dataset has its own val split; leave val_fraction at 0")
         return [r for r in records if r.split == split]
     if not 0 < val_fraction < 1:
-        raise ValueError(f"split 'val' is carved from the training classes: pass 0 < val_fraction < 1 "
-                         f"(e.g. 0.2), not {val_fraction}")
+        raise ValueError(
+            f"split 'val' is carved from the training classes: pass 0 < val_fraction < 1 "
+            f"(e.g. 0.2), not {val_fraction}"
+        )
     keys = sorted({r.key for r in records if r.split == "train"})
     n_val = min(max(1, round(val_fraction * len(keys))), len(keys) - 1)
     order = np.random.default_rng(seed).permutation(len(keys))
@@ -398,6 +508,7 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
 
 def _readable(root: Path, records: list[Record], where: str) -> list[Record]:
     """Records whose image decodes; the others are counted in a warning."""
+
     def ok(rec: Record) -> bool:
         try:
             load_image(root / rec.path, None, 1)  # 1/8-scale JPEG decode still reads every byte
@@ -405,17 +516,31 @@ def _readable(root: Path, records: list[Record], where: str) -> list[Record]:
         except CorruptImageError:
             return False
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+    with ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 1)
+    ) as pool:  # PIL decodes without the GIL
         keep = list(pool.map(ok, records, chunksize=64))
     bad = [r.path for r, k in zip(records, keep) if not k]
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(records)} in {where} "
-                      f"(first: {', '.join(bad[:3])})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image(s) of {len(records)} in {where} "
+            f"(first: {', '.join(bad[:3])})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return [r for r, k in zip(records, keep) if k]
 
 
-def build(name: str, root: str | Path | None, split: str, transform: Callable | None = None, *,
-          val_fraction: float = 0.0, seed: int = 0, skip_corrupt: bool = False) -> ImageDataset:
+def build(
+    name: str,
+    root: str | Path | None,
+    split: str,
+    transform: Callable | None = None,
+    *,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_corrupt: bool = False,
+) -> ImageDataset:
     """The `split` of a prepared dataset as a torch Dataset of (image, label, index).
 
     `.labels` (int64, contiguous 0..C-1 in this split; In-Shop query and gallery share one label
@@ -433,20 +558,26 @@ def build(name: str, root: str | Path | None, split: str, transform: Callable | 
         base, records = Path("."), embedded.records()
     elif name == "folder":
         if root is None:
-            raise ValueError("the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file")
+            raise ValueError(
+                "the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file"
+            )
         base, records = read_folder(Path(root).expanduser())
     else:
         if root is None:
             raise ValueError(f"{name} needs root, the folder it was prepared in")
         base = dataset_dir(name, root)
         if not _prepared(base, name):
-            raise LayoutError(f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
-                              f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))")
+            raise LayoutError(
+                f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
+                f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"
+            )
         records = read_layout(name, base)
     chosen = _select(records, split, val_fraction, seed)
     if not chosen:
         have = sorted({r.split for r in records})
-        raise ValueError(f"{name} has no images in split {split!r} (splits found: {', '.join(have)})")
+        raise ValueError(
+            f"{name} has no images in split {split!r} (splits found: {', '.join(have)})"
+        )
     if skip_corrupt and images is None and name != "omniglot_small":  # shipped, md5-checked
         chosen = _readable(base, chosen, f"{name}/{split}")
     space = chosen  # the classes that get labels; query and gallery share theirs
@@ -461,4 +592,6 @@ def build(name: str, root: str | Path | None, split: str, transform: Callable | 
         return EmbeddedDataset(base, [r.path for r in chosen], labels, classes, transform, "L")
     if images is not None:
         return DigitsDataset(images[[int(r.path) for r in chosen]], labels, classes, transform)
-    return ImageDataset(base, [r.path for r in chosen], labels, classes, transform, "L" if meta.grey else "RGB")
+    return ImageDataset(
+        base, [r.path for r in chosen], labels, classes, transform, "L" if meta.grey else "RGB"
+    )

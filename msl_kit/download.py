@@ -6,6 +6,7 @@ checked member by member before a byte is written, extracted into a temporary fo
 the destination, and its top-level entries are then renamed into place. An archive whose
 declared size or member count passes the limits is refused before anything is written too.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -67,8 +68,15 @@ def md5sum(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download_file(url: str, dest: Path, *, md5: str | None = None, progress: bool = True,
-                  retries: int = 3, timeout: float = 60.0) -> Path:
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    md5: str | None = None,
+    progress: bool = True,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
     """Download `url` to `dest`, resuming a previous partial download, and return `dest`.
 
     Bytes go to `dest + ".part"`; a cut connection is resumed with an HTTP Range request (up
@@ -77,8 +85,10 @@ def download_file(url: str, dest: Path, *, md5: str | None = None, progress: boo
     """
     dest = Path(dest)
     if urllib.parse.urlparse(url).scheme.lower() not in ("http", "https", "ftp", "file"):
-        raise DownloadError(f"{url!r} is not an http(s) URL; give a full URL (https://...) or a "
-                            "local copy with --archive")
+        raise DownloadError(
+            f"{url!r} is not an http(s) URL; give a full URL (https://...) or a "
+            "local copy with --archive"
+        )
     if dest.exists():
         if md5 is None or md5sum(dest) == md5.lower():
             return dest
@@ -91,24 +101,29 @@ def download_file(url: str, dest: Path, *, md5: str | None = None, progress: boo
             break
         except urllib.error.HTTPError as err:
             if err.code < 500 and err.code != 429:  # 404, 403...: retrying will not help
-                raise DownloadError(f"{url} answered HTTP {err.code} {err.reason}; check the "
-                                    "URL, or download the file yourself and pass it as --archive"
-                                    ) from err
+                raise DownloadError(
+                    f"{url} answered HTTP {err.code} {err.reason}; check the "
+                    "URL, or download the file yourself and pass it as --archive"
+                ) from err
             failure: Exception = err
         except (OSError, _Incomplete) as err:  # URLError, resets and timeouts are OSErrors
             failure = err
         if attempt == retries:
             got = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"download of {url} stopped after {got} bytes ({failure}); run "
-                                f"the same command again to resume from {part}") from failure
+            raise DownloadError(
+                f"download of {url} stopped after {got} bytes ({failure}); run "
+                f"the same command again to resume from {part}"
+            ) from failure
         time.sleep(min(0.5 * 2**attempt, 10.0))
     if md5 is not None:
         got_md5 = md5sum(part)
         if got_md5 != md5.lower():
             part.unlink()
-            raise ChecksumError(f"{url} downloaded with md5 {got_md5}, expected {md5.lower()}; the "
-                                "file was deleted. The server's copy changed or is damaged: try "
-                                "another mirror (--url) or a copy you trust (--archive)")
+            raise ChecksumError(
+                f"{url} downloaded with md5 {got_md5}, expected {md5.lower()}; the "
+                "file was deleted. The server's copy changed or is damaged: try "
+                "another mirror (--url) or a copy you trust (--archive)"
+            )
     os.replace(part, dest)
     return dest
 
@@ -134,17 +149,29 @@ def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> None:
         raise _Incomplete("the server's file is shorter than the partial download; restarting")
     with resp:
         content_range = resp.headers.get("Content-Range", "")
-        resumed = (have and getattr(resp, "status", None) == 206
-                   and content_range.startswith(f"bytes {have}-"))
+        resumed = (
+            have
+            and getattr(resp, "status", None) == 206
+            and content_range.startswith(f"bytes {have}-")
+        )
         if not resumed:
             have = 0  # the server sent the whole file: start over
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         name = Path(urllib.parse.urlparse(url).path).name or url
         received = 0
-        with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=name, disable=not progress) as bar:
+        with (
+            open(part, "ab" if resumed else "wb") as f,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=name,
+                disable=not progress,
+            ) as bar,
+        ):
             while block := resp.read(CHUNK):
                 f.write(block)
                 received += len(block)
@@ -154,8 +181,9 @@ def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> None:
         raise _Incomplete(f"connection closed after {have + received} of {total} bytes")
 
 
-def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None,
-                 max_members: int | None = None) -> None:
+def safe_extract(
+    archive: Path, dest: Path, *, max_bytes: int | None = None, max_members: int | None = None
+) -> None:
     """Extract a tar (any compression) or zip archive into `dest`, refusing unsafe members.
 
     Refused before anything is written: absolute paths, `..`, symlinks or hardlinks whose
@@ -178,16 +206,26 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None,
                 links = _check_tar(opened, archive, limits)
             _extract(opened, links, dest)
     except _DAMAGE as err:
-        raise DamagedArchiveError(f"{archive} is truncated or damaged ({type(err).__name__}: "
-                                  f"{err}); nothing was extracted. Delete it and download it "
-                                  "again") from err
+        raise DamagedArchiveError(
+            f"{archive} is truncated or damaged ({type(err).__name__}: "
+            f"{err}); nothing was extracted. Delete it and download it "
+            "again"
+        ) from err
     except tarfile.FilterError as err:  # tarfile's own check, behind ours
         raise UnsafeArchiveError(f"{archive}: {err}; refusing to extract") from err
 
 
 # What a truncated or corrupt archive raises while being read (but never a full disk's OSError).
-_DAMAGE = (EOFError, tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError,
-           zipfile.BadZipFile, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+_DAMAGE = (
+    EOFError,
+    tarfile.ReadError,
+    tarfile.CompressionError,
+    tarfile.HeaderError,
+    zipfile.BadZipFile,
+    zlib.error,
+    gzip.BadGzipFile,
+    lzma.LZMAError,
+)
 
 
 def _extract(opened: zipfile.ZipFile | tarfile.TarFile, links: dict[str, str], dest: Path) -> None:
@@ -234,29 +272,36 @@ class _Limits:
         self.members += 1
         self.bytes += max(int(size), 0)
         if self.members > self.max_members:
-            raise ArchiveLimitError(f"{self.archive} holds more than {self.max_members:,} members; "
-                                    "refusing to extract (if you trust it, raise the limit with "
-                                    "--max-files N, or max_members=)")
+            raise ArchiveLimitError(
+                f"{self.archive} holds more than {self.max_members:,} members; "
+                "refusing to extract (if you trust it, raise the limit with "
+                "--max-files N, or max_members=)"
+            )
         if self.bytes > self.max_bytes:
-            raise ArchiveLimitError(f"{self.archive} declares more than {_size(self.max_bytes)} of "
-                                    "files; refusing to extract (if you trust it, raise the limit "
-                                    "with --max-size GB, or max_bytes=)")
+            raise ArchiveLimitError(
+                f"{self.archive} declares more than {_size(self.max_bytes)} of "
+                "files; refusing to extract (if you trust it, raise the limit "
+                "with --max-size GB, or max_bytes=)"
+            )
         if self.bomb_check and self.bytes > BOMB_BYTES and self.bytes > BOMB_RATIO * self.size:
-            raise ArchiveLimitError(f"{self.archive} ({_size(self.size)}) declares "
-                                    f"{_size(self.bytes)} of files, over {BOMB_RATIO}x its size "
-                                    "as a decompression bomb does; refusing to extract (if you "
-                                    "trust it, allow it with --max-size GB, or max_bytes=)")
+            raise ArchiveLimitError(
+                f"{self.archive} ({_size(self.size)}) declares "
+                f"{_size(self.bytes)} of files, over {BOMB_RATIO}x its size "
+                "as a decompression bomb does; refusing to extract (if you "
+                "trust it, allow it with --max-size GB, or max_bytes=)"
+            )
 
 
 def _size(n: int) -> str:
     """Bytes in decimal units, as --max-size takes them (GB = 10^9 bytes)."""
-    unit, scale = next((u, d) for u, d in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("bytes", 1))
-                       if n >= d or d == 1)
+    unit, scale = next(
+        (u, d) for u, d in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("bytes", 1)) if n >= d or d == 1
+    )
     return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} bytes"
 
 
 def _archive_kind(path: Path) -> str | None:
-    """"zip", "tar" (plain or gzip / bzip2 / xz compressed) or None, by content, not name.
+    """ "zip", "tar" (plain or gzip / bzip2 / xz compressed) or None, by content, not name.
 
     A compressed file counts as a tar by its magic bytes alone, so that a truncated .tgz is
     reported as damaged rather than taken for some other kind of file.
@@ -291,12 +336,14 @@ def _parts(name: str, archive: Path) -> tuple[str, ...]:
     """A member name as path components; raises on absolute paths and `..`."""
     norm = name.replace("\\", "/")
     if norm.startswith("/") or re.match(r"[A-Za-z]:", norm) or "\0" in norm:
-        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; "
-                                 "refusing to extract")
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} has an absolute path; refusing to extract"
+        )
     parts = tuple(p for p in norm.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise UnsafeArchiveError(f"{archive}: member {name!r} climbs out with '..'; "
-                                 "refusing to extract")
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} climbs out with '..'; refusing to extract"
+        )
     return parts
 
 
@@ -330,12 +377,16 @@ def _check_links(archive: Path, names: list[tuple[str, ...]], links: _Links) -> 
     for parts in names:
         for i in range(1, len(parts)):
             if parts[:i] in links:
-                raise UnsafeArchiveError(f"{archive}: member {'/'.join(parts)!r} lies under the "
-                                         f"symlink {'/'.join(parts[:i])!r}; refusing to extract")
+                raise UnsafeArchiveError(
+                    f"{archive}: member {'/'.join(parts)!r} lies under the "
+                    f"symlink {'/'.join(parts[:i])!r}; refusing to extract"
+                )
     for parts, target in links.items():
         if target.startswith("/") or _resolve(parts[:-1] + tuple(target.split("/")), links) is None:
-            raise UnsafeArchiveError(f"{archive}: symlink {'/'.join(parts)!r} -> {target!r} points "
-                                     "outside the archive; refusing to extract")
+            raise UnsafeArchiveError(
+                f"{archive}: symlink {'/'.join(parts)!r} -> {target!r} points "
+                "outside the archive; refusing to extract"
+            )
 
 
 def _check_tar(tar: tarfile.TarFile, archive: Path, limits: _Limits) -> dict[str, str]:
@@ -344,16 +395,19 @@ def _check_tar(tar: tarfile.TarFile, archive: Path, limits: _Limits) -> dict[str
         limits.add(m.size if m.isfile() else 0)
         parts = _parts(m.name, archive)
         if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-            raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device file or FIFO; "
-                                     "refusing to extract")
+            raise UnsafeArchiveError(
+                f"{archive}: member {m.name!r} is a device file or FIFO; refusing to extract"
+            )
         if m.issym():
             links[parts] = m.linkname.replace("\\", "/")
         if m.islnk():  # its target is an archive path: the same rules as a member name
             try:
                 _parts(m.linkname, archive)
             except UnsafeArchiveError:
-                raise UnsafeArchiveError(f"{archive}: hardlink {m.name!r} -> {m.linkname!r} points "
-                                         "outside the archive; refusing to extract") from None
+                raise UnsafeArchiveError(
+                    f"{archive}: hardlink {m.name!r} -> {m.linkname!r} points "
+                    "outside the archive; refusing to extract"
+                ) from None
         names.append(parts)
     _check_links(archive, names, links)  # a hardlink can only leave through a symlink checked here
     return {"/".join(p): t for p, t in links.items()}
@@ -366,8 +420,9 @@ def _check_zip(zf: zipfile.ZipFile, archive: Path, limits: _Limits) -> dict[str,
         parts = _parts(info.filename, archive)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if kind not in (0, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
-            raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a device file or "
-                                     "FIFO; refusing to extract")
+            raise UnsafeArchiveError(
+                f"{archive}: member {info.filename!r} is a device file or FIFO; refusing to extract"
+            )
         if kind == stat.S_IFLNK:
             links[parts] = zf.read(info).decode("utf-8").replace("\\", "/")
         names.append(parts)

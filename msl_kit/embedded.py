@@ -11,6 +11,7 @@ and 4,840 images of 105x105. The split is the rule `msl-kit prepare omniglot` ap
 same archives: alphabets sorted by name, every second one held out, so the test characters
 come from alphabets never seen in training (4 / 4 alphabets, 130 / 112 characters).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,12 +43,16 @@ def archive_paths() -> list[Path]:
         path = DATA_DIR / name
         if path not in _verified:
             if not path.is_file():
-                raise FileNotFoundError(f"the embedded Omniglot archive {path} is missing: "
-                                        "reinstall msl_kit (pip install -e .)")
+                raise FileNotFoundError(
+                    f"the embedded Omniglot archive {path} is missing: "
+                    "reinstall msl_kit (pip install -e .)"
+                )
             digest = hashlib.md5(path.read_bytes()).hexdigest()
             if digest != md5:
-                raise OSError(f"the embedded Omniglot archive {path} is damaged (md5 {digest}, "
-                              f"expected {md5}): reinstall msl_kit")
+                raise OSError(
+                    f"the embedded Omniglot archive {path} is damaged (md5 {digest}, "
+                    f"expected {md5}): reinstall msl_kit"
+                )
             _verified.add(path)
         paths.append(path)
     return paths
@@ -76,6 +81,7 @@ def load(member: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
     except (KeyError, OSError, zipfile.BadZipFile) as err:
-        raise CorruptImageError(f"cannot read {member} from the embedded Omniglot archives: {err}; "
-                                "reinstall msl_kit") from err
+        raise CorruptImageError(
+            f"cannot read {member} from the embedded Omniglot archives: {err}; reinstall msl_kit"
+        ) from err
     return img

@@ -4,14 +4,16 @@
 evaluation when due, a history row and a checkpoint when due. Ctrl-C / SIGTERM finish the
 current step, save a checkpoint and raise `Interrupted`, which names the resume command.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,8 +21,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import checkpoint as ckpt
 from msl_kit import distributed, evaluation, losses, recipe, rundir
-from msl_kit.config import Config, ConfigError, flatten, from_dict, parse_override, resolve
-from msl_kit.config import save_config, to_dict
+from msl_kit.config import (
+    Config,
+    ConfigError,
+    flatten,
+    from_dict,
+    parse_override,
+    resolve,
+    save_config,
+    to_dict,
+)
 from msl_kit.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.sampler import PKSampler
 
@@ -98,13 +108,19 @@ class _KeyedBatches:
 def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> None:
     if not bool(torch.isfinite(value).all()):
         # Say which checkpoint survives: a run that diverges before its first save has none.
-        kept = next((p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()),
-                    None)
-        saved = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
+        kept = next(
+            (p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()), None
+        )
+        saved = (
+            f"the last good checkpoint {kept} is kept"
+            if kept
+            else "no checkpoint had been written yet"
+        )
         raise DivergenceError(
             f"{what} became NaN or inf at iteration {iteration}; the step was stopped before any "
             f"weight changed and {saved}. Try a lower train.lr, train.amp=bf16 instead of fp16, "
-            "or check the input images.")
+            "or check the input images."
+        )
 
 
 def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
@@ -113,15 +129,18 @@ def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
-        raise ckpt.CheckpointError(f"{path} does not fit the model its config describes: "
-                                   f"{detail}") from None
+        raise ckpt.CheckpointError(
+            f"{path} does not fit the model its config describes: {detail}"
+        ) from None
 
 
 def stored_config(state: dict, path: Path) -> Config:
     """The config a checkpoint was trained with; a clear error for files without one."""
     if not isinstance(state.get("config"), dict):
-        raise ckpt.CheckpointError(f"{path} holds weights but no stored config, so msl-kit cannot "
-                                   "rebuild its model: it was not written by `msl-kit train`")
+        raise ckpt.CheckpointError(
+            f"{path} holds weights but no stored config, so msl-kit cannot "
+            "rebuild its model: it was not written by `msl-kit train`"
+        )
     return from_dict(state["config"])
 
 
@@ -133,25 +152,32 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
         from msl_kit.config import read_yaml
 
         edited = flatten(to_dict(resolve(read_yaml(on_disk))))
-        changed = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in edited.items() if stored.get(k) != v]
+        changed = [
+            f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in edited.items() if stored.get(k) != v
+        ]
         if changed:
             raise ConfigError(
                 f"{on_disk} was edited after the run started ({'; '.join(changed[:4])}); a resumed "
                 "run keeps the config stored in its checkpoint. Undo the edit, change only "
                 f"{', '.join(RESUME_KEYS)} with --set, or start a new run from the edited file with "
-                f"`msl-kit train --config {on_disk} --out NEW_DIR`")
+                f"`msl-kit train --config {on_disk} --out NEW_DIR`"
+            )
     values = dict(stored)
     for text in overrides:
         key, value = parse_override(text)
         if key not in RESUME_KEYS:
-            raise ConfigError(f"--set {key} cannot change on --resume (the run was trained with its "
-                              f"stored value); only {', '.join(RESUME_KEYS)} can. Start a new run "
-                              "to change it")
+            raise ConfigError(
+                f"--set {key} cannot change on --resume (the run was trained with its "
+                f"stored value); only {', '.join(RESUME_KEYS)} can. Start a new run "
+                "to change it"
+            )
         values[key] = value
     cfg = resolve(values)
     if cfg.train.iterations < state["iteration"]:
-        raise ConfigError(f"train.iterations = {cfg.train.iterations} is below the {state['iteration']} "
-                          f"iterations this run has already done; use a larger value")
+        raise ConfigError(
+            f"train.iterations = {cfg.train.iterations} is below the {state['iteration']} "
+            f"iterations this run has already done; use a larger value"
+        )
     return cfg
 
 
@@ -176,9 +202,15 @@ def _stop_requests() -> Iterator[dict]:
             signal.signal(s, handler)
 
 
-def train(cfg: Config | None, out: str | Path, *, callbacks: Iterable[Callback] = (),
-          resume: bool = False, loss_fn: nn.Module | None = None,
-          overrides: Iterable[str] = ()) -> dict:
+def train(
+    cfg: Config | None,
+    out: str | Path,
+    *,
+    callbacks: Iterable[Callback] = (),
+    resume: bool = False,
+    loss_fn: nn.Module | None = None,
+    overrides: Iterable[str] = (),
+) -> dict:
     """Train as `cfg` says, writing config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json.
 
     `out` must be a new or empty folder; it is locked while the run writes. With `resume=True`,
@@ -194,8 +226,9 @@ def train(cfg: Config | None, out: str | Path, *, callbacks: Iterable[Callback] 
     dist = distributed.init_distributed()
     claim = rundir.claim(out, new=not resume) if dist.rank == 0 else contextlib.nullcontext(out)
     with claim, _stop_requests() as stop:
-        run = Trainer(cfg, out, dist, loss_fn=loss_fn, state=state, state_path=path,
-                      overrides=list(overrides))
+        run = Trainer(
+            cfg, out, dist, loss_fn=loss_fn, state=state, state_path=path, overrides=list(overrides)
+        )
         callbacks = run.callbacks(callbacks)
         for cb in callbacks:
             cb.on_start(run.cfg, run.iteration, run.cfg.train.iterations)
@@ -221,9 +254,17 @@ def train(cfg: Config | None, out: str | Path, *, callbacks: Iterable[Callback] 
 class Trainer:
     """Everything one run holds: model, data, loss, optimizer, state; one method per phase."""
 
-    def __init__(self, cfg: Config, out: Path, dist: distributed.DistInfo, *,
-                 loss_fn: nn.Module | None = None, state: dict | None = None,
-                 state_path: Path | None = None, overrides: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        dist: distributed.DistInfo,
+        *,
+        loss_fn: nn.Module | None = None,
+        state: dict | None = None,
+        state_path: Path | None = None,
+        overrides: list[str] | None = None,
+    ) -> None:
         self.cfg, self.out, self.dist, self.main = cfg, out, dist, dist.rank == 0
         self.device = dist.device if dist.world_size > 1 else recipe.pick_device(cfg.device)
         recipe.seed_everything(cfg.seed)
@@ -232,16 +273,21 @@ class Trainer:
         self.eval_data = recipe.eval_data(cfg, spec)
         top = evaluation.max_rank(*self.eval_data)
         if max(cfg.eval.ks) > top:
-            raise ConfigError(f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
-                              f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}")
+            raise ConfigError(
+                f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
+                f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
+            )
         train_set = recipe.train_data(cfg, spec)
         self.loss_fn = loss_fn or recipe.build_loss(cfg)
         self.optimizer = recipe.build_optimizer(self.model, cfg)
         self.scheduler = recipe.build_schedule(self.optimizer, cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=cfg.train.amp == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.train.amp == "fp16" and self.device.type == "cuda"
+        )
         lc = cfg.loss
-        self.xbm = CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
+        self.xbm = (
+            CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
+        )
         self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
         self.ms_on_sim = losses.MultiSimilarityLoss(**self.ms).from_sim  # XBM: the fast path
         self.iteration, self.history, self.results = 0, [], {}
@@ -257,15 +303,24 @@ class Trainer:
                 self.floors = self._floors()
             self._snapshot_weights()
         self.net = distributed.wrap_ddp(self.model, dist)
-        sampler = PKSampler(train_set.labels, cfg.train.batch_size, cfg.train.samples_per_class,
-                            cfg.seed, iterations=cfg.train.iterations, start=self.iteration,
-                            num_replicas=dist.world_size, rank=dist.rank,
-                            **({"class_draw": cfg.train.class_draw}
-                               if cfg.train.class_draw != "uniform" else {}))
-        self.loader = DataLoader(_SeededItems(train_set, cfg.seed),
-                                 batch_sampler=_KeyedBatches(sampler, self.iteration),
-                                 num_workers=cfg.data.workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=cfg.data.workers > 0)
+        sampler = PKSampler(
+            train_set.labels,
+            cfg.train.batch_size,
+            cfg.train.samples_per_class,
+            cfg.seed,
+            iterations=cfg.train.iterations,
+            start=self.iteration,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+            **({"class_draw": cfg.train.class_draw} if cfg.train.class_draw != "uniform" else {}),
+        )
+        self.loader = DataLoader(
+            _SeededItems(train_set, cfg.seed),
+            batch_sampler=_KeyedBatches(sampler, self.iteration),
+            num_workers=cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.data.workers > 0,
+        )
         self.model.train()
         self.tick = time.perf_counter()
 
@@ -276,7 +331,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.xbm is not None:
             self.xbm.load_state_dict(state["xbm"])
-        self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
+        self.iteration, self.history, self.best = (
+            state["iteration"],
+            state["history"],
+            state["best"],
+        )
         self.floors, self.resumes = state.get("floors", {}), list(state.get("resumes", []))
         ckpt.set_rng_state(state["rng"])
         ckpt.clear_partial_writes(self.out)
@@ -284,16 +343,23 @@ class Trainer:
             # Set the unreadable file aside: the next save would keep it as the fallback copy.
             (self.out / "checkpoint.pt").replace(self.out / "checkpoint.corrupt.pt")
         if overrides:
-            self.resumes.append({"iteration": self.iteration, "overrides": overrides,
-                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self.resumes.append(
+                {
+                    "iteration": self.iteration,
+                    "overrides": overrides,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
             if self.main:  # config.yaml shows what the run now does; the change is in metrics.json
                 save_config(self.cfg, self.out / "config.yaml")
 
     def _floors(self) -> dict:
         """Raw pixels and the untrained network on the evaluation data: what training must beat."""
         ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
-        return {"raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
-                "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts)}
+        return {
+            "raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
+            "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts),
+        }
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
         """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
@@ -314,7 +380,10 @@ class Trainer:
         images = images.to(device, non_blocking=True)
         if cfg.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+        labels, indices = (
+            labels.to(device, non_blocking=True),
+            indices.to(device, non_blocking=True),
+        )
         with evaluation.autocast(cfg.train.amp, device):
             emb = self.net(images)
         emb = emb.float()
@@ -339,11 +408,13 @@ class Trainer:
             record.update(self._mining(emb.detach(), labels))
         return record
 
-    def _loss(self, emb: torch.Tensor, labels: torch.Tensor,
-              indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return xbm_step_loss(self.xbm, self.iteration, self.loss_fn(e, y), self.ms_on_sim,
-                                 e, y, idx)
+            return xbm_step_loss(
+                self.xbm, self.iteration, self.loss_fn(e, y), self.ms_on_sim, e, y, idx
+            )
 
         if self.dist.world_size > 1:  # every rank scores the gathered global batch
             global_loss = distributed.global_batch_loss(step_loss, emb, labels, indices)
@@ -356,8 +427,13 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
-        self.results = evaluation.evaluate(self.model, *self.eval_data, self.device,
-                                           self.cfg.eval.ks, recipe.eval_options(self.cfg))
+        self.results = evaluation.evaluate(
+            self.model,
+            *self.eval_data,
+            self.device,
+            self.cfg.eval.ks,
+            recipe.eval_options(self.cfg),
+        )
         self._snapshot_weights()
         if self.main and self.results["recall@1"] > self.best["recall@1"]:
             self.best = {"iteration": self.iteration, **self.results}
@@ -376,19 +452,32 @@ class Trainer:
 
     def snapshot(self) -> dict:
         """Everything exact resume needs, in types that weights-only loading accepts."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "xbm": self.xbm.state_dict() if self.xbm else None, "iteration": self.iteration,
-                "history": self.history, "best": self.best, "floors": self.floors,
-                "resumes": self.resumes, "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "xbm": self.xbm.state_dict() if self.xbm else None,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best": self.best,
+            "floors": self.floors,
+            "resumes": self.resumes,
+            "rng": ckpt.rng_state(),
+            "config": to_dict(self.cfg),
+        }
 
     def _snapshot_weights(self) -> None:
         """snapshots/iter_NNNNNN.pt: the weights (and config) at this point of training, so a
         notebook can show how the same batch looked to the model as it learned."""
         if self.main and self.cfg.train.keep_snapshots:
             (self.out / "snapshots").mkdir(exist_ok=True)
-            state = {"model": self.model.state_dict(), "config": to_dict(self.cfg),
-                     "iteration": self.iteration, **({"metrics": self.results} if self.results else {})}
+            state = {
+                "model": self.model.state_dict(),
+                "config": to_dict(self.cfg),
+                "iteration": self.iteration,
+                **({"metrics": self.results} if self.results else {}),
+            }
             path = self.out / "snapshots" / f"iter_{self.iteration:06d}.pt"
             ckpt.save_checkpoint(state, path, keep_previous=False)
 
@@ -401,8 +490,13 @@ class Trainer:
         """Final metrics (evaluated now if the last iteration was already done) -> metrics.json."""
         if not self.results:
             self.evaluate()
-        final = {**self.results, "iteration": self.iteration, "split": self.cfg.eval.split,
-                 "best": self.best, "floors": self.floors}
+        final = {
+            **self.results,
+            "iteration": self.iteration,
+            "split": self.cfg.eval.split,
+            "best": self.best,
+            "floors": self.floors,
+        }
         if self.resumes:
             final["resumes"] = self.resumes
         if self.main:
@@ -410,8 +504,9 @@ class Trainer:
         return final
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str | None = None,
-                        device: str | None = None) -> tuple[dict, Config]:
+def evaluate_checkpoint(
+    path: str | Path, *, split: str | None = None, device: str | None = None
+) -> tuple[dict, Config]:
     """Load a checkpoint (safely) with its stored config and evaluate it."""
     path = Path(path)
     state = ckpt.load_checkpoint(path)

@@ -3,11 +3,12 @@
 Every function takes explicit values (an `EvalOptions`, the datasets, the ks), never a whole
 config: `msl_kit.recipe` turns a config into these.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import metrics
 
-PIXEL_SIDE = 32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
+PIXEL_SIDE = (
+    32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,19 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
 
 
 def _loader(dataset: Dataset, opts: EvalOptions, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        shuffle=False,
+        num_workers=opts.workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 @torch.no_grad()
-def extract(model: nn.Module, dataset: Dataset, device: torch.device,
-            opts: EvalOptions = EvalOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    model: nn.Module, dataset: Dataset, device: torch.device, opts: EvalOptions = EvalOptions()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a whole dataset, in dataset order, on the CPU."""
     was_training = model.training
     model.eval()
@@ -67,17 +76,26 @@ def score(embed: Embed, query: Dataset, gallery: Dataset | None, ks: Sequence[in
     if gallery is None:
         return metrics.retrieval_metrics(emb, labels, ks=tuple(ks))
     g_emb, g_labels = embed(gallery)
-    return metrics.retrieval_metrics(emb, labels, ks=tuple(ks), gallery=g_emb,
-                                     gallery_labels=g_labels)
+    return metrics.retrieval_metrics(
+        emb, labels, ks=tuple(ks), gallery=g_emb, gallery_labels=g_labels
+    )
 
 
-def evaluate(model: nn.Module, query: Dataset, gallery: Dataset | None, device: torch.device,
-             ks: Sequence[int], opts: EvalOptions = EvalOptions()) -> dict:
+def evaluate(
+    model: nn.Module,
+    query: Dataset,
+    gallery: Dataset | None,
+    device: torch.device,
+    ks: Sequence[int],
+    opts: EvalOptions = EvalOptions(),
+) -> dict:
     """R@K, MAP@R and R-precision of `model` on the evaluation data."""
     return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks)
 
 
-def pixel_features(dataset: Dataset, opts: EvalOptions = EvalOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(
+    dataset: Dataset, opts: EvalOptions = EvalOptions()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed eval images, pooled to at most PIXEL_SIDE, flattened and L2-normalised."""
     feats, labels = [], []
     for images, y, _ in _loader(dataset, opts, torch.device("cpu")):
@@ -88,8 +106,9 @@ def pixel_features(dataset: Dataset, opts: EvalOptions = EvalOptions()) -> tuple
     return torch.cat(feats), torch.cat(labels)
 
 
-def pixel_baseline(query: Dataset, gallery: Dataset | None, ks: Sequence[int],
-                   opts: EvalOptions = EvalOptions()) -> dict:
+def pixel_baseline(
+    query: Dataset, gallery: Dataset | None, ks: Sequence[int], opts: EvalOptions = EvalOptions()
+) -> dict:
     """The same metrics on raw pixels of the same evaluation data: the floor training must beat."""
     return score(lambda ds: pixel_features(ds, opts), query, gallery, ks)
 

@@ -1,4 +1,5 @@
 """Models and data for the notebooks: a run's model, a split's embeddings, one P x K batch."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from msl_kit.config import Config, load_config
 from msl_kit.sampler import PKSampler
 
 
-def load_model(checkpoint: str | Path | None = None, cfg: Config | None = None,
-               device: str = "cpu") -> tuple[nn.Module, Config]:
+def load_model(
+    checkpoint: str | Path | None = None, cfg: Config | None = None, device: str = "cpu"
+) -> tuple[nn.Module, Config]:
     """A trained model and its stored config from a checkpoint file or run folder, or, with no
     checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
     if checkpoint is not None:
@@ -56,16 +58,22 @@ class Picked(NamedTuple):
     note: str
 
 
-def pick_model(checkpoint: str | Path | None = None, runs: str | Path = "runs",
-               cfg: Config | None = None) -> Picked:
+def pick_model(
+    checkpoint: str | Path | None = None, runs: str | Path = "runs", cfg: Config | None = None
+) -> Picked:
     """`checkpoint` (a run folder or file) if given, else the latest finished run under `runs`,
     else a fresh model of `cfg` (the default config when None); `note` says which."""
     path = Path(checkpoint) if checkpoint is not None else latest_run(runs)
     if path is None:
         model, cfg = load_model(cfg=cfg)
-        return Picked(model, cfg, None, f"no finished run under {Path(runs).resolve()}: showing "
-                      f"a FRESH, untrained {cfg.model.backbone} on {cfg.data.name} "
-                      "(run 02_train first to see a trained model)")
+        return Picked(
+            model,
+            cfg,
+            None,
+            f"no finished run under {Path(runs).resolve()}: showing "
+            f"a FRESH, untrained {cfg.model.backbone} on {cfg.data.name} "
+            "(run 02_train first to see a trained model)",
+        )
     model, cfg = load_model(path)
     run = path if path.is_dir() else path.parent
     metrics = run / "metrics.json"
@@ -89,8 +97,9 @@ def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, 
         model, cfg = load_model(path)
         sims[int(path.stem.split("_")[1])], labels = batch_similarity(model, cfg, **batch)
     if labels is None:
-        raise FileNotFoundError(f"{run_dir} has no snapshots/iter_*.pt: train it with "
-                                "train.keep_snapshots=true")
+        raise FileNotFoundError(
+            f"{run_dir} has no snapshots/iter_*.pt: train it with train.keep_snapshots=true"
+        )
     return sims, labels
 
 
@@ -107,9 +116,15 @@ class ItemImages(Sequence):
         return self.dataset[self.indices[i]][0]
 
 
-def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *,
-                     max_items: int | None = None, max_classes: int | None = None,
-                     seed: int = 0) -> tuple[Tensor, Tensor, ItemImages]:
+def split_embeddings(
+    model: nn.Module,
+    cfg: Config,
+    split: str = "test",
+    *,
+    max_items: int | None = None,
+    max_classes: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, ItemImages]:
     """Embeddings, labels and lazily loaded images of a split: the items of `max_classes`
     seeded classes (all classes when None), then a seeded subset of `max_items` of them."""
     tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
@@ -123,14 +138,22 @@ def split_embeddings(model: nn.Module, cfg: Config, split: str = "test", *,
     if max_items is not None and max_items < len(indices):
         indices = np.sort(rng.choice(indices, max_items, replace=False))
     device = next(model.parameters()).device
-    emb, labels = evaluation.extract(model, Subset(ds, indices.tolist()), device,
-                                     recipe.eval_options(cfg))
+    emb, labels = evaluation.extract(
+        model, Subset(ds, indices.tolist()), device, recipe.eval_options(cfg)
+    )
     return emb, labels, ItemImages(recipe.dataset(cfg, split), indices)
 
 
 @torch.no_grad()
-def batch_similarity(model: nn.Module, cfg: Config, *, n_classes: int = 8, per_class: int = 4,
-                     split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
+def batch_similarity(
+    model: nn.Module,
+    cfg: Config,
+    *,
+    n_classes: int = 8,
+    per_class: int = 4,
+    split: str = "train",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
     """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
     tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
     ds = recipe.dataset(cfg, split, tf)

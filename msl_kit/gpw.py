@@ -7,6 +7,7 @@ take `mining="ms"` to restrict them to the pairs MS mining keeps (the paper's ab
 mining with other weightings"). `build_loss` and `LOSSES` are in `msl_kit.losses`, which
 also re-exports these names.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def _masked_lse(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.logsumexp(filled, 1), has_any
 
 
-def _self_masks(sim: Tensor, labels: object, mining: str = "none",
-                mining_margin: float = _DEF["margin"]) -> tuple[Tensor, Tensor, Tensor]:
+def _self_masks(
+    sim: Tensor, labels: object, mining: str = "none", mining_margin: float = _DEF["margin"]
+) -> tuple[Tensor, Tensor, Tensor]:
     """sim in float32/64 and its (positive, negative) masks: all pairs, or the MS-mined ones
     (anchors without both kept sets then have no pair at all, as in the MS loss)."""
     labels, _ = _check_sim(sim, labels, None, None)
@@ -84,8 +86,13 @@ class ContrastiveLoss(_PairLoss):
     mining="ms" sums over the MS-mined pairs only (margin `mining_margin`).
     """
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, mining: str = "none",
-                 mining_margin: float = _DEF["margin"]) -> None:
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 0.5,
+        mining: str = "none",
+        mining_margin: float = _DEF["margin"],
+    ) -> None:
         super().__init__()
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
         self.mining, self.mining_margin = _check_mining(mining), mining_margin
@@ -148,8 +155,14 @@ class BinomialDevianceLoss(_PairLoss):
     `mining_margin`); P_i and N_i then count the kept pairs (a mean over what the loss sees).
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, lam: float = 0.5,
-                 mining: str = "none", mining_margin: float = _DEF["margin"]) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        lam: float = 0.5,
+        mining: str = "none",
+        mining_margin: float = _DEF["margin"],
+    ) -> None:
         super().__init__()
         self.alpha, self.beta, self.lam = alpha, beta, lam
         self.mining, self.mining_margin = _check_mining(mining), mining_margin
@@ -194,6 +207,6 @@ def gpw_pair_weights(name: str, sim: Tensor, labels: Tensor, **params: object) -
     labels, _ = _check_sim(sim, labels, None, None)
     leaf = sim.detach().to(_work_dtype(sim)).requires_grad_(True)
     with torch.enable_grad():
-        grad, = torch.autograd.grad(loss.per_anchor(leaf, labels).sum(), leaf)
+        (grad,) = torch.autograd.grad(loss.per_anchor(leaf, labels).sum(), leaf)
     pos_mask, neg_mask = pair_masks(labels)
     return PairWeights(torch.where(pos_mask, -grad, 0.0), torch.where(neg_mask, grad, 0.0))

@@ -2,19 +2,31 @@
 
 Every path read from a list file is confined to the dataset folder before it is used.
 """
+
 from __future__ import annotations
 
 import csv
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-                    ".gif")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+)
 
 
 class LayoutError(FileNotFoundError):
@@ -32,8 +44,10 @@ def _inside(*parts: str) -> str:
     """Join '/'-paths relative to the dataset folder; refuse any that leave it."""
     path = posixpath.normpath(posixpath.join(*(p.replace("\\", "/") for p in parts)))
     if path.startswith(("/", "../")) or path == ".." or re.match(r"[A-Za-z]:", path):
-        raise LayoutError(f"listed path {parts[-1]!r} points outside the dataset folder; the list "
-                          "file is damaged or malicious")
+        raise LayoutError(
+            f"listed path {parts[-1]!r} points outside the dataset folder; the list "
+            "file is damaged or malicious"
+        )
     return path
 
 
@@ -70,8 +84,9 @@ def _rows(path: Path, expected: str, skip: int = 0) -> list[list[str]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise LayoutError(f"{path} is not a text list file ({err.reason}); expected rows of "
-                          f"'{expected}'") from None
+        raise LayoutError(
+            f"{path} is not a text list file ({err.reason}); expected rows of '{expected}'"
+        ) from None
     rows = []
     for number, line in enumerate(lines[skip:], start=skip + 1):
         fields = line.split()
@@ -98,12 +113,15 @@ def _read_cub(ddir: Path) -> list[Record]:
     rel_base = base.relative_to(ddir).as_posix()
     for image_id, rel in images.items():
         if image_id not in labels:
-            raise LayoutError(f"{base / 'image_class_labels.txt'}: expected a row for image "
-                              f"{image_id} of images.txt; there is none")
+            raise LayoutError(
+                f"{base / 'image_class_labels.txt'}: expected a row for image "
+                f"{image_id} of images.txt; there is none"
+            )
         cls = _int(labels[image_id], base / "image_class_labels.txt", "class_id")
         if str(cls) not in names:
-            raise LayoutError(f"{base / 'classes.txt'}: expected a row for class {cls}; there is "
-                              "none")
+            raise LayoutError(
+                f"{base / 'classes.txt'}: expected a row for class {cls}; there is none"
+            )
         split = "train" if cls <= 100 else "test"
         out.append(Record(_inside(rel_base, "images", rel), cls, names[str(cls)], split))
     return out
@@ -120,25 +138,33 @@ _DEVKIT = "'annotations' (fname, class), as in the devkit's cars_train_annos.mat
 
 def _read_cars(ddir: Path) -> list[Record]:
     """Cars196 from whichever layout the folder holds, detected by its annotation file."""
-    for marker, reader in (("cars_annos.mat", _cars_legacy), ("cars_train_annos.mat", _cars_devkit),
-                           ("anno_train.csv", _cars_csv)):
+    for marker, reader in (
+        ("cars_annos.mat", _cars_legacy),
+        ("cars_train_annos.mat", _cars_devkit),
+        ("anno_train.csv", _cars_csv),
+    ):
         base = _search(ddir, marker)
         if base is not None:
             return reader(ddir, base)
-    raise LayoutError(f"{ddir} has none of cars_annos.mat (car_ims.tgz + cars_annos.mat), "
-                      "devkit/cars_train_annos.mat (torchvision's StanfordCars layout) or "
-                      "anno_train.csv (the car_data/ mirror); is this Stanford Cars?")
+    raise LayoutError(
+        f"{ddir} has none of cars_annos.mat (car_ims.tgz + cars_annos.mat), "
+        "devkit/cars_train_annos.mat (torchvision's StanfordCars layout) or "
+        "anno_train.csv (the car_data/ mirror); is this Stanford Cars?"
+    )
 
 
 def _car(path: str, cls: int, names: list[str], where: Path, names_from: str) -> Record:
     if not 1 <= cls <= len(names):
-        raise LayoutError(f"{where}: class {cls} of {path} is not among the {len(names)} classes "
-                          f"named in {names_from}")
+        raise LayoutError(
+            f"{where}: class {cls} of {path} is not among the {len(names)} classes "
+            f"named in {names_from}"
+        )
     return Record(path, cls, names[cls - 1], "train" if cls <= CARS_TRAIN_CLASSES else "test")
 
 
-def _loadmat(path: Path, expected: str, names: bool, fields: tuple[str, ...] = ()
-             ) -> tuple[list[str], list[tuple[str, int]]]:
+def _loadmat(
+    path: Path, expected: str, names: bool, fields: tuple[str, ...] = ()
+) -> tuple[list[str], list[tuple[str, int]]]:
     """(class_names, [(fields[0], class) of each 'annotations' element]) of a MATLAB file, each
     only where asked for; a LayoutError naming the file and `expected` where one is missing."""
     from scipy.io import loadmat  # scikit-learn's dependency; only Cars needs it
@@ -146,8 +172,10 @@ def _loadmat(path: Path, expected: str, names: bool, fields: tuple[str, ...] = (
     try:  # record arrays: a field is one column, read at once (16k structs in ~0.6 s)
         mat = loadmat(str(path), squeeze_me=True)
     except Exception as err:  # scipy raises ValueError, TypeError, its own MatReadError...
-        raise LayoutError(f"{path} is not a readable MATLAB file ({err}); expected {expected}; "
-                          "get a complete copy") from None
+        raise LayoutError(
+            f"{path} is not a readable MATLAB file ({err}); expected {expected}; "
+            "get a complete copy"
+        ) from None
     keys = (["class_names"] if names else []) + (["annotations"] if fields else [])
     for key in keys:
         if key not in mat:
@@ -163,13 +191,16 @@ def _loadmat(path: Path, expected: str, names: bool, fields: tuple[str, ...] = (
         hint = ""
         if "fname" in have and "relative_im_path" in missing:
             hint = " (fname is the devkit's field: keep devkit/ beside cars_train/ and cars_test/)"
-        raise LayoutError(f"{path}: its 'annotations' have fields {', '.join(have) or 'none'}; "
-                          f"expected {expected}{hint}")
+        raise LayoutError(
+            f"{path}: its 'annotations' have fields {', '.join(have) or 'none'}; "
+            f"expected {expected}{hint}"
+        )
     try:
         return class_names, [(str(p), int(c)) for p, c in zip(annos[fields[0]], annos["class"])]
     except (TypeError, ValueError) as err:
-        raise LayoutError(f"{path}: an annotation is malformed ({err}); expected {expected}"
-                          ) from None
+        raise LayoutError(
+            f"{path}: an annotation is malformed ({err}); expected {expected}"
+        ) from None
 
 
 def _cars_legacy(ddir: Path, base: str) -> list[Record]:
@@ -184,26 +215,35 @@ def _cars_devkit(ddir: Path, base: str) -> list[Record]:
     devkit/{cars_meta,cars_train_annos}.mat, cars_test_annos_withlabels.mat."""
     devkit, top = ddir / base, posixpath.dirname(base) or "."
     if not (devkit / "cars_meta.mat").is_file():
-        raise LayoutError(f"{devkit} has cars_train_annos.mat but no cars_meta.mat (the class "
-                          "names); unpack the whole car_devkit.tgz")
-    names, _ = _loadmat(devkit / "cars_meta.mat", "'class_names', as in the devkit's cars_meta.mat",
-                        names=True)
+        raise LayoutError(
+            f"{devkit} has cars_train_annos.mat but no cars_meta.mat (the class "
+            "names); unpack the whole car_devkit.tgz"
+        )
+    names, _ = _loadmat(
+        devkit / "cars_meta.mat", "'class_names', as in the devkit's cars_meta.mat", names=True
+    )
     withlabels = "cars_test_annos_withlabels.mat"  # torchvision puts it beside devkit/
     test_at = next((d for d in (top, base) if (ddir / d / withlabels).is_file()), None)
     test_at = test_at if test_at is not None else _search(ddir, withlabels)
     if test_at is None:
-        raise LayoutError(f"{ddir} has the devkit but no cars_test_annos_withlabels.mat (the "
-                          "devkit's cars_test_annos.mat has no classes); put it beside devkit/")
+        raise LayoutError(
+            f"{ddir} has the devkit but no cars_test_annos_withlabels.mat (the "
+            "devkit's cars_test_annos.mat has no classes); put it beside devkit/"
+        )
     out = []
-    for split, anno in (("train", devkit / "cars_train_annos.mat"),
-                        ("test", ddir / test_at / "cars_test_annos_withlabels.mat")):
+    for split, anno in (
+        ("train", devkit / "cars_train_annos.mat"),
+        ("test", ddir / test_at / "cars_test_annos_withlabels.mat"),
+    ):
         _, annos = _loadmat(anno, _DEVKIT, names=False, fields=("fname", "class"))
         # a Kaggle re-upload nests the folders: cars_train/cars_train/*.jpg
         folders = [_inside(top, f"cars_{split}"), _inside(top, f"cars_{split}", f"cars_{split}")]
-        folder = next((f for f in folders if annos and (ddir / f / annos[0][0]).is_file()),
-                      folders[0])
-        out += [_car(_inside(folder, fname), cls, names, anno, "cars_meta.mat")
-                for fname, cls in annos]
+        folder = next(
+            (f for f in folders if annos and (ddir / f / annos[0][0]).is_file()), folders[0]
+        )
+        out += [
+            _car(_inside(folder, fname), cls, names, anno, "cars_meta.mat") for fname, cls in annos
+        ]
     return out
 
 
@@ -216,8 +256,10 @@ def _csv_rows(path: Path, expected: str) -> list[list[str]]:
         rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
     for number, row in rows:
         if len(row) != width:
-            raise LayoutError(f"{path}, line {number}: expected {width} columns '{expected}'; got "
-                              f"{','.join(row)!r}")
+            raise LayoutError(
+                f"{path}, line {number}: expected {width} columns '{expected}'; got "
+                f"{','.join(row)!r}"
+            )
     return [[c.strip() for c in row] for _, row in rows]
 
 
@@ -230,8 +272,9 @@ def _cars_csv(ddir: Path, base: str) -> list[Record]:
     out = []
     for split in ("train", "test"):
         anno = ddir / base / f"anno_{split}.csv"
-        found = {p.name: p.relative_to(ddir).as_posix()
-                 for p in (ddir / images / split).glob("*/*")}
+        found = {
+            p.name: p.relative_to(ddir).as_posix() for p in (ddir / images / split).glob("*/*")
+        }
         for fname, *_, cls in _csv_rows(anno, "image,x1,y1,x2,y2,class"):
             cls_id = _int(cls, anno, "class (the last column)")
             # the folder is named after the class, '/' made '-' (Ram C/V -> Ram C-V): where a file
@@ -255,8 +298,9 @@ def _read_sop(ddir: Path) -> list[Record]:
 def _read_inshop(ddir: Path) -> list[Record]:
     base = _find(ddir, "list_eval_partition.txt")
     # a count line, then a header line
-    rows = _rows(ddir / base / "list_eval_partition.txt", "image_name item_id evaluation_status",
-                 skip=2)
+    rows = _rows(
+        ddir / base / "list_eval_partition.txt", "image_name item_id evaluation_status", skip=2
+    )
     # the images (img/...) sit beside the list file, above it, or in an Img/ folder
     parent = posixpath.dirname(base) or "."
     candidates = [base, parent, _inside(parent, "Img")]
@@ -267,7 +311,9 @@ def _read_inshop(ddir: Path) -> list[Record]:
 def _read_omniglot(ddir: Path) -> list[Record]:
     """Every images_background*/images_evaluation* folder of a prepared Omniglot."""
     tops = [p.name for p in ddir.iterdir() if p.is_dir() and p.name.startswith(_OMNIGLOT_TOPS)]
-    paths = [png.relative_to(ddir).as_posix() for top in tops for png in (ddir / top).glob("*/*/*.png")]
+    paths = [
+        png.relative_to(ddir).as_posix() for top in tops for png in (ddir / top).glob("*/*/*.png")
+    ]
     return omniglot_records(paths, where=str(ddir))
 
 
@@ -293,8 +339,9 @@ def omniglot_records(paths: list[str], where: str = "the archives") -> list[Reco
         seen.setdefault((alphabet, char), (top, kind))
         files.setdefault((top, alphabet, char), []).append(name)
     if not seen:
-        raise LayoutError(f"{where} has no images_background*/ or images_evaluation*/ folder; "
-                          "is this Omniglot?")
+        raise LayoutError(
+            f"{where} has no images_background*/ or images_evaluation*/ folder; is this Omniglot?"
+        )
     if len({kind for _, kind in seen.values()}) == 1:
         alphabets = sorted({alphabet for alphabet, _ in seen})
         test = set(alphabets[1::2])
@@ -302,8 +349,11 @@ def omniglot_records(paths: list[str], where: str = "the archives") -> list[Reco
     out = []
     for (alphabet, char), (top, split) in sorted(seen.items()):
         for name in files[(top, alphabet, char)]:
-            out.append(Record(f"{top}/{alphabet}/{char}/{name}", (alphabet, char),
-                              f"{alphabet}/{char}", split))
+            out.append(
+                Record(
+                    f"{top}/{alphabet}/{char}/{name}", (alphabet, char), f"{alphabet}/{char}", split
+                )
+            )
     return out
 
 
@@ -316,10 +366,14 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
             rows = rows[1:]
         bad = [(n, r) for n, r in rows if len(r) != 3]
         if bad:
-            raise LayoutError(f"{root}, line {bad[0][0]}: expected 3 columns 'path,label,split'; "
-                              f"got {','.join(bad[0][1])!r}")
-        out = [Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip())
-               for _, (p, lab, s) in rows]
+            raise LayoutError(
+                f"{root}, line {bad[0][0]}: expected 3 columns 'path,label,split'; "
+                f"got {','.join(bad[0][1])!r}"
+            )
+        out = [
+            Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip())
+            for _, (p, lab, s) in rows
+        ]
         return root.parent, out
     if not root.is_dir():
         raise LayoutError(f"{root} is neither a folder of <split>/<class>/ images nor a CSV file")
@@ -332,8 +386,9 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
                     cls = class_dir.name
                     out.append(Record(rel, _natural(cls), cls, split_dir.name))
     if not out:
-        raise LayoutError(f"{root} holds no images as <split>/<class>/<image> "
-                          "(e.g. train/cat/1.jpg)")
+        raise LayoutError(
+            f"{root} holds no images as <split>/<class>/<image> (e.g. train/cat/1.jpg)"
+        )
     return root, out
 
 
@@ -342,8 +397,12 @@ def _natural(label: str) -> tuple:
 
 
 _READERS: dict[str, Callable[[Path], list[Record]]] = {
-    "cub200": _read_cub, "cars196": _read_cars, "sop": _read_sop, "inshop": _read_inshop,
-    "omniglot": _read_omniglot}
+    "cub200": _read_cub,
+    "cars196": _read_cars,
+    "sop": _read_sop,
+    "inshop": _read_inshop,
+    "omniglot": _read_omniglot,
+}
 
 
 def read_layout(name: str, ddir: Path) -> list[Record]:
@@ -351,8 +410,10 @@ def read_layout(name: str, ddir: Path) -> list[Record]:
     try:
         records = _READERS[name](ddir)
     except (KeyError, ValueError, IndexError) as err:
-        raise LayoutError(f"{ddir}: a list file of {name} is malformed ({err!r}); "
-                          "prepare it again from a full copy") from err
+        raise LayoutError(
+            f"{ddir}: a list file of {name} is malformed ({err!r}); "
+            "prepare it again from a full copy"
+        ) from err
     if not records:
         raise LayoutError(f"{ddir}: the {name} list files name no images")
     return records

@@ -7,6 +7,7 @@ uses it (the batch loss, `from_sim` for cross-batch memory, per-anchor losses, p
 mined pairs, mining stats).
 The other pair losses of the paper's General Pair Weighting view live in `msl_kit.gpw`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,16 +27,23 @@ from msl_kit._inputs import (  # input checks and float32 working precision, sha
 )
 
 PRESETS: dict[str, dict[str, float]] = {
-    "released": dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1),   # the released code
-    "paper": dict(alpha=2.0, beta=50.0, lam=1.0, margin=0.1),      # the paper's text
+    "released": dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1),  # the released code
+    "paper": dict(alpha=2.0, beta=50.0, lam=1.0, margin=0.1),  # the paper's text
 }
 _DEF = PRESETS["released"]  # every default below comes from here
 
 
-def multi_similarity_loss(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *,
-                          alpha: float = _DEF["alpha"], beta: float = _DEF["beta"],
-                          lam: float = _DEF["lam"], margin: float = _DEF["margin"],
-                          ignore: Tensor | None = None) -> Tensor:
+def multi_similarity_loss(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = _DEF["alpha"],
+    beta: float = _DEF["beta"],
+    lam: float = _DEF["lam"],
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+) -> Tensor:
     """MS loss of a (B, M) similarity matrix, sum_i L_i / B: the readable definition.
 
     ref_labels (M,) label the columns; when None, sim is the batch against itself and the
@@ -44,15 +52,15 @@ def multi_similarity_loss(sim: Tensor, labels: Tensor, ref_labels: Tensor | None
     pairs makes the loss NaN. Training code uses `MultiSimilarityLoss` (same numbers, faster).
     """
     labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    sim = sim.to(_work_dtype(sim))                     # fp16 / bf16 inputs: float32 maths
+    sim = sim.to(_work_dtype(sim))  # fp16 / bf16 inputs: float32 maths
     pos, neg = pair_masks(labels, ref_labels, ignore)  # same label / different label
     # Mining (no gradient flows through it): compare each pair with the anchor's hardest
     # pair of the other kind, both taken from the un-mined sets.
     min_pos = torch.where(pos, sim, math.inf).amin(1, keepdim=True).detach()
     max_neg = torch.where(neg, sim, -math.inf).amax(1, keepdim=True).detach()
-    kept_pos = pos & (sim - margin < max_neg)          # positives not far above every negative
-    kept_neg = neg & (sim + margin > min_pos)          # negatives close to the hardest positive
-    valid = kept_pos.any(1) & kept_neg.any(1)          # an anchor counts only with both kinds
+    kept_pos = pos & (sim - margin < max_neg)  # positives not far above every negative
+    kept_neg = neg & (sim + margin > min_pos)  # negatives close to the hardest positive
+    valid = kept_pos.any(1) & kept_neg.any(1)  # an anchor counts only with both kinds
     # 1/a log(1 + sum e^(a z)) as a log-sum-exp with an extra zero: finite for any beta
     pos_term = _log1p_sum_exp(-alpha * (sim - lam), kept_pos) / alpha
     neg_term = _log1p_sum_exp(beta * (sim - lam), kept_neg) / beta
@@ -74,8 +82,9 @@ class PairWeights(NamedTuple):
     neg: Tensor
 
 
-def pair_masks(labels: Tensor, ref_labels: Tensor | None = None,
-               ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def pair_masks(
+    labels: Tensor, ref_labels: Tensor | None = None, ignore: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(B, M) positive and negative masks; the diagonal is no pair when ref_labels is None."""
     masks = _stacked_masks(labels, ref_labels, ignore)
     return masks[0], masks[1]
@@ -88,8 +97,9 @@ def pair_masks(labels: Tensor, ref_labels: Tensor | None = None,
 # one amin gives (min_pos, -max_neg) and each later op serves both kinds, which halves the
 # number of kernels (the B = 80 call is mostly per-kernel overhead).
 @functools.lru_cache(maxsize=64)
-def _constants(device: torch.device, dtype: torch.dtype, alpha: float, beta: float, lam: float
-               ) -> tuple[Tensor, Tensor, Tensor]:
+def _constants(
+    device: torch.device, dtype: torch.dtype, alpha: float, beta: float, lam: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Cached (2, 1, 1) per-kind sign, exponent scale and shift: exponents are
     scale * (shift - u), i.e. alpha (lam - S) and beta (S - lam). Cached because building
     small tensors costs as much as a kernel at B = 80."""
@@ -114,18 +124,25 @@ def _stacked_masks(labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | N
 
 
 class _Core(NamedTuple):
-    rows: Tensor   # (B,) L_i; 0 for anchors without both kept sets, NaN if a pair is NaN
-    e: Tensor      # (2, B, M) shifted exponentials; the weights are e * coef
-    coef: Tensor   # (2, B, 1) 1 / denominator for valid anchors, 0 otherwise
-    kept: Tensor   # (2, B, M) bool: the pairs kept by mining (before the validity rule)
+    rows: Tensor  # (B,) L_i; 0 for anchors without both kept sets, NaN if a pair is NaN
+    e: Tensor  # (2, B, M) shifted exponentials; the weights are e * coef
+    coef: Tensor  # (2, B, 1) 1 / denominator for valid anchors, 0 otherwise
+    kept: Tensor  # (2, B, M) bool: the pairs kept by mining (before the validity rule)
 
 
-def _ms_core(sim: Tensor, masks: Tensor, alpha: float, beta: float, lam: float, margin: float,
-             mining: str = "ms") -> _Core:
+def _ms_core(
+    sim: Tensor,
+    masks: Tensor,
+    alpha: float,
+    beta: float,
+    lam: float,
+    margin: float,
+    mining: str = "ms",
+) -> _Core:
     """The MS loss of each anchor and the weights of its pairs, no autograd."""
     sign, scale, shift = _constants(sim.device, sim.dtype, alpha, beta, lam)
     u = torch.where(masks, sim * sign, math.inf)
-    bound = u.amin(-1, keepdim=True)                 # (min_pos, -max_neg)
+    bound = u.amin(-1, keepdim=True)  # (min_pos, -max_neg)
     # margin - u is -(S - margin) for positives and S + margin for negatives, exactly as in
     # floating point: the released comparisons S - eps < max_neg and S + eps > min_pos.
     kept = (margin - u) > bound.flip(0) if mining == "ms" else masks
@@ -135,7 +152,7 @@ def _ms_core(sim: Tensor, masks: Tensor, alpha: float, beta: float, lam: float, 
     top = row_max.clamp_min(0)
     e = expo.sub_(top).exp_()
     denom = e.sum(-1, keepdim=True).add_((-top).exp_())
-    valid = (row_max > -math.inf).all(0)             # both kept sets non-empty
+    valid = (row_max > -math.inf).all(0)  # both kept sets non-empty
     coef = valid / denom
     rows = ((denom.log_().add_(top) / scale) * valid).sum(0).squeeze(-1)
     # a NaN pair fails every comparison and would vanish from the loss: surface it
@@ -153,15 +170,23 @@ class _MSRowsFn(torch.autograd.Function):
     """Per-anchor losses L_i of a given sim (B, M), gradient from the pair weights."""
 
     @staticmethod
-    def forward(ctx, sim: Tensor, masks: Tensor, alpha: float, beta: float, lam: float,
-                margin: float, mining: str) -> Tensor:
+    def forward(
+        ctx,
+        sim: Tensor,
+        masks: Tensor,
+        alpha: float,
+        beta: float,
+        lam: float,
+        margin: float,
+        mining: str,
+    ) -> Tensor:
         core = _ms_core(sim, masks, alpha, beta, lam, margin, mining)
         ctx.save_for_backward(_signed_grad(core, sim))
         return core.rows
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
-        grad_sim, = ctx.saved_tensors
+        (grad_sim,) = ctx.saved_tensors
         return grad_sim * grad_rows[:, None], None, None, None, None, None, None
 
 
@@ -170,8 +195,17 @@ class _MSEmbeddingsFn(torch.autograd.Function):
     dL/dX = G R (+ G^T X when R = X), dL/dR = G^T X; no (B, M) autograd graph."""
 
     @staticmethod
-    def forward(ctx, emb: Tensor, ref: Tensor | None, masks: Tensor, alpha: float, beta: float,
-                lam: float, margin: float, mining: str) -> Tensor:
+    def forward(
+        ctx,
+        emb: Tensor,
+        ref: Tensor | None,
+        masks: Tensor,
+        alpha: float,
+        beta: float,
+        lam: float,
+        margin: float,
+        mining: str,
+    ) -> Tensor:
         dtype = _work_dtype(emb)
         with _no_autocast(emb.device.type):
             x = emb if emb.dtype == dtype else emb.to(dtype)
@@ -201,21 +235,37 @@ class _MSEmbeddingsFn(torch.autograd.Function):
         return grad_emb, grad_ref, None, None, None, None, None, None
 
 
-def ms_per_anchor(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *,
-                  alpha: float = _DEF["alpha"], beta: float = _DEF["beta"],
-                  lam: float = _DEF["lam"], margin: float = _DEF["margin"],
-                  ignore: Tensor | None = None, mining: str = "ms") -> Tensor:
+def ms_per_anchor(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = _DEF["alpha"],
+    beta: float = _DEF["beta"],
+    lam: float = _DEF["lam"],
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+    mining: str = "ms",
+) -> Tensor:
     """Per-anchor MS losses L_i, shape (B,), zero for anchors without both kept sets."""
     labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
     masks = _stacked_masks(labels, ref_labels, ignore)
-    return _MSRowsFn.apply(sim.to(_work_dtype(sim)), masks, alpha, beta, lam, margin,
-                           _check_mining(mining))
+    return _MSRowsFn.apply(
+        sim.to(_work_dtype(sim)), masks, alpha, beta, lam, margin, _check_mining(mining)
+    )
 
 
-def pair_weights(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *,
-                 alpha: float = _DEF["alpha"], beta: float = _DEF["beta"],
-                 lam: float = _DEF["lam"], margin: float = _DEF["margin"],
-                 ignore: Tensor | None = None) -> PairWeights:
+def pair_weights(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = _DEF["alpha"],
+    beta: float = _DEF["beta"],
+    lam: float = _DEF["lam"],
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+) -> PairWeights:
     """The paper's w+ and w- for every mined pair, in closed form (no autograd).
 
     `.pos[i, j]` = -dL/dS_ij and `.neg[i, j]` = dL/dS_ij with L = sum_i L_i, each row its
@@ -229,9 +279,14 @@ def pair_weights(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, 
     return PairWeights(weights[0], weights[1])
 
 
-def mined_pairs(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *,
-                margin: float = _DEF["margin"], ignore: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+def mined_pairs(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The pairs MS mining keeps, (kept_pos, kept_neg) as (B, M) bool; rows of anchors that
     lack either kept set are all False (those anchors do not count in the loss)."""
     labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
@@ -242,8 +297,9 @@ def mined_pairs(sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None, *
     return kept[0], kept[1]
 
 
-def mining_stats(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float,
-                 margin: float) -> dict[str, float]:
+def mining_stats(
+    sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float, margin: float
+) -> dict[str, float]:
     """What MS mining does to one batch's (B, B) similarity matrix, for training logs.
 
     pos_kept / neg_kept: fraction of all positive / negative pairs that mining keeps (pairs
@@ -257,15 +313,26 @@ def mining_stats(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam:
         s = sim.detach().to(_work_dtype(sim))
         core = _ms_core(s, masks, alpha, beta, lam, margin)
         kept = core.kept & (core.coef > 0)
-        w = core.e.mul_(core.coef)                       # zero off the kept pairs
+        w = core.e.mul_(core.coef)  # zero off the kept pairs
         n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))
         w_max = torch.where(n_kept > 0, w.amax((1, 2)), math.nan)
         ordered = torch.where(masks, s, math.inf).flatten(1).sort(1).values
-        table = torch.cat([torch.stack([n_kept / n_pairs, w.sum((1, 2)) / n_kept, w_max], 1),
-                           _quantiles(ordered, n_pairs, (0.1, 0.5, 0.9))], 1).tolist()
+        table = torch.cat(
+            [
+                torch.stack([n_kept / n_pairs, w.sum((1, 2)) / n_kept, w_max], 1),
+                _quantiles(ordered, n_pairs, (0.1, 0.5, 0.9)),
+            ],
+            1,
+        ).tolist()
     stats = {}
-    for name, col in (("{}_kept", 0), ("w_{}_mean", 1), ("w_{}_max", 2), ("sim_{}_q10", 3),
-                      ("sim_{}_q50", 4), ("sim_{}_q90", 5)):
+    for name, col in (
+        ("{}_kept", 0),
+        ("w_{}_mean", 1),
+        ("w_{}_max", 2),
+        ("sim_{}_q10", 3),
+        ("sim_{}_q50", 4),
+        ("sim_{}_q90", 5),
+    ):
         stats.update({name.format(kind): table[k][col] for k, kind in enumerate(("pos", "neg"))})
     return stats
 
@@ -298,42 +365,60 @@ class MultiSimilarityLoss(nn.Module):
     positive and a negative pair to count.
     """
 
-    def __init__(self, alpha: float = _DEF["alpha"], beta: float = _DEF["beta"],
-                 lam: float = _DEF["lam"], margin: float = _DEF["margin"],
-                 mining: str = "ms") -> None:
+    def __init__(
+        self,
+        alpha: float = _DEF["alpha"],
+        beta: float = _DEF["beta"],
+        lam: float = _DEF["lam"],
+        margin: float = _DEF["margin"],
+        mining: str = "ms",
+    ) -> None:
         super().__init__()
         self.alpha, self.beta, self.lam, self.margin = alpha, beta, lam, margin
         self.mining = _check_mining(mining)
 
     @classmethod
-    def from_preset(cls, name: str) -> "MultiSimilarityLoss":
+    def from_preset(cls, name: str) -> MultiSimilarityLoss:
         """Build from a named preset: "released" (default recipe) or "paper"."""
         if name not in PRESETS:
             raise ValueError(f"unknown MS preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, margin={self.margin}"
-                + (f", mining={self.mining!r}" if self.mining != "ms" else ""))
+        return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, margin={self.margin}" + (
+            f", mining={self.mining!r}" if self.mining != "ms" else ""
+        )
 
     def _params(self) -> dict:
-        return dict(alpha=self.alpha, beta=self.beta, lam=self.lam, margin=self.margin,
-                    mining=self.mining)
+        return dict(
+            alpha=self.alpha, beta=self.beta, lam=self.lam, margin=self.margin, mining=self.mining
+        )
 
     def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
         """Per-anchor L_i of a (B, B) similarity matrix."""
         return ms_per_anchor(sim, labels, **self._params())
 
-    def from_sim(self, sim: Tensor, labels: Tensor, ref_labels: Tensor | None = None,
-                 ignore: Tensor | None = None) -> Tensor:
+    def from_sim(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
         """The loss of a (B, M) similarity matrix (with `ref_labels` when M is a memory bank,
         e.g. `CrossBatchMemory.loss(ms.from_sim, ...)`); the fast path of
         `multi_similarity_loss`."""
         rows = ms_per_anchor(sim, labels, ref_labels, ignore=ignore, **self._params())
         return rows.sum() / rows.shape[0]
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
-                ref_labels: Tensor | None = None, ignore: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
         """Loss of (B, D) embeddings against themselves or against (M, D) ref_embeddings."""
         _check_embeddings(embeddings)
         labels = _check_labels(labels, embeddings.shape[0], embeddings.device)
@@ -342,32 +427,54 @@ class MultiSimilarityLoss(nn.Module):
         if ref_embeddings is not None:
             _check_embeddings(ref_embeddings, "ref_embeddings")
             if ref_embeddings.shape[1] != embeddings.shape[1]:
-                raise ValueError(f"ref_embeddings has dim {ref_embeddings.shape[1]}, "
-                                 f"embeddings {embeddings.shape[1]}; they must match")
-            ref_labels = _check_labels(ref_labels, ref_embeddings.shape[0], embeddings.device,
-                                       "ref_labels")
+                raise ValueError(
+                    f"ref_embeddings has dim {ref_embeddings.shape[1]}, "
+                    f"embeddings {embeddings.shape[1]}; they must match"
+                )
+            ref_labels = _check_labels(
+                ref_labels, ref_embeddings.shape[0], embeddings.device, "ref_labels"
+            )
         n_refs = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
-        if ignore is not None and (ignore.dtype != torch.bool
-                                   or ignore.shape != (embeddings.shape[0], n_refs)):
-            raise ValueError(f"ignore must be a bool tensor of shape ({embeddings.shape[0]}, "
-                             f"{n_refs})")
+        if ignore is not None and (
+            ignore.dtype != torch.bool or ignore.shape != (embeddings.shape[0], n_refs)
+        ):
+            raise ValueError(
+                f"ignore must be a bool tensor of shape ({embeddings.shape[0]}, {n_refs})"
+            )
         masks = _stacked_masks(labels, ref_labels, ignore)
-        return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, self.alpha, self.beta,
-                                     self.lam, self.margin, self.mining)
+        return _MSEmbeddingsFn.apply(
+            embeddings,
+            ref_embeddings,
+            masks,
+            self.alpha,
+            self.beta,
+            self.lam,
+            self.margin,
+            self.mining,
+        )
 
 
 # ----------------------------------------------------------------------------- registry
-_GPW_NAMES = ("ContrastiveLoss", "TripletLoss", "BinomialDevianceLoss", "LiftedStructureLoss",
-              "gpw_pair_weights")
+_GPW_NAMES = (
+    "ContrastiveLoss",
+    "TripletLoss",
+    "BinomialDevianceLoss",
+    "LiftedStructureLoss",
+    "gpw_pair_weights",
+)
 
 
 def _registry() -> dict[str, type[nn.Module]]:
     # msl_kit.gpw builds on this module, so it is imported on first use (no import cycle)
     from msl_kit import gpw
 
-    return {"ms": MultiSimilarityLoss, "contrastive": gpw.ContrastiveLoss,
-            "triplet": gpw.TripletLoss, "binomial": gpw.BinomialDevianceLoss,
-            "lifted": gpw.LiftedStructureLoss}
+    return {
+        "ms": MultiSimilarityLoss,
+        "contrastive": gpw.ContrastiveLoss,
+        "triplet": gpw.TripletLoss,
+        "binomial": gpw.BinomialDevianceLoss,
+        "lifted": gpw.LiftedStructureLoss,
+    }
 
 
 def __getattr__(name: str) -> object:

@@ -17,9 +17,10 @@ is among the references too (as detached copies):
 `xbm_step_loss` does exactly that. Under DDP pass the all-gathered batch (see
 `distributed.global_batch_loss(..., indices=...)`) so every rank keeps the same memory.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,8 +42,9 @@ class CrossBatchMemory:
 
     def __init__(self, size: int, start_iteration: int = 0, weight: float = 1.0) -> None:
         if size < 1:
-            raise ValueError(f"memory size must be positive, got {size}; "
-                             "e.g. the training set size")
+            raise ValueError(
+                f"memory size must be positive, got {size}; e.g. the training set size"
+            )
         self.size = int(size)
         self.start_iteration = int(start_iteration)
         self.weight = float(weight)
@@ -113,8 +115,9 @@ class CrossBatchMemory:
         self.embeddings = self.labels = self.indices = None
         self.ptr = self.count = 0
 
-    def loss(self, loss_fn_sim: SimLossFn, embeddings: Tensor, labels: Tensor,
-             indices: Tensor) -> Tensor:
+    def loss(
+        self, loss_fn_sim: SimLossFn, embeddings: Tensor, labels: Tensor, indices: Tensor
+    ) -> Tensor:
         """The anchors-against-memory term: `loss_fn_sim(sim, labels, ref_labels=, ignore=)`.
 
         sim = embeddings @ memory^T (B, M). Every memory entry with the anchor's own dataset

@@ -9,6 +9,7 @@ Ranking is exact and deterministic: a running top-k entry is one int64 key that 
 (score descending, gallery index ascending), so equal scores always put the lower gallery
 index first, whatever the block size or block order.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ def _as_embeddings(x: Array, name: str) -> Tensor:
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()
     if not bool(torch.isfinite(x.sum(1, dtype=torch.float32)).all()):  # one pass over x
-        raise ValueError(f"{name} contains NaN, inf or values near the float32 limit; "
-                         f"fix (or rescale) the model output before evaluating")
+        raise ValueError(
+            f"{name} contains NaN, inf or values near the float32 limit; "
+            f"fix (or rescale) the model output before evaluating"
+        )
     return x
 
 
@@ -49,9 +52,11 @@ def _check_norms(x: Tensor, name: str) -> None:
     limit = math.sqrt(torch.finfo(x.dtype).max)
     longest = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
     if not longest < limit:
-        raise ValueError(f"{name} has rows of norm up to {longest:.3g}: inner products would "
-                         f"overflow {x.dtype} (norms must stay below {limit:.3g}); "
-                         f"L2-normalise or rescale the embeddings before evaluating")
+        raise ValueError(
+            f"{name} has rows of norm up to {longest:.3g}: inner products would "
+            f"overflow {x.dtype} (norms must stay below {limit:.3g}); "
+            f"L2-normalise or rescale the embeddings before evaluating"
+        )
 
 
 def _as_labels(labels: Array, n: int, name: str) -> Tensor:
@@ -60,16 +65,20 @@ def _as_labels(labels: Array, n: int, name: str) -> Tensor:
         # strings, objects: torch's own error says nothing useful
         if labels.dtype.kind not in "iub":
             if labels.dtype.kind != "f":
-                raise ValueError(f"{name} must be integers; got {labels.dtype} values (map class "
-                                 f"names to ints first, e.g. "
-                                 f"np.unique(labels, return_inverse=True)[1])")
+                raise ValueError(
+                    f"{name} must be integers; got {labels.dtype} values (map class "
+                    f"names to ints first, e.g. "
+                    f"np.unique(labels, return_inverse=True)[1])"
+                )
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one integer per item); "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D (one integer per item); got shape {tuple(labels.shape)}"
+        )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must be integers; got {labels.dtype} "
-                         f"(map class names to ints first)")
+        raise ValueError(
+            f"{name} must be integers; got {labels.dtype} (map class names to ints first)"
+        )
     if len(labels) != n:
         raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
     return labels.to("cpu", torch.int64)
@@ -109,14 +118,23 @@ def _merge(run_keys: Tensor, rows: Tensor, cand_keys: Tensor) -> Tensor:
     counts = torch.bincount(rows, minlength=n_rows)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    padded = torch.full((n_rows, int(counts.max())), _EMPTY_KEY, dtype=torch.int64,
-                        device=rows.device)
+    padded = torch.full(
+        (n_rows, int(counts.max())), _EMPTY_KEY, dtype=torch.int64, device=rows.device
+    )
     padded[rows, slot] = cand_keys
     return torch.cat([run_keys, padded], 1).topk(k, dim=1).values  # keys are unique: no ties
 
 
-def _update(run_keys: Tensor, sims: Tensor, col_offset: int, mask: Tensor, *, by_cols: bool,
-            diag: bool, init: bool) -> Tensor:
+def _update(
+    run_keys: Tensor,
+    sims: Tensor,
+    col_offset: int,
+    mask: Tensor,
+    *,
+    by_cols: bool,
+    diag: bool,
+    init: bool,
+) -> Tensor:
     """Fold tile `sims` into the running keys of its rows (or of its columns if by_cols)."""
     k = run_keys.shape[1]
     run_sims, _ = _decode(run_keys[:, -1])
@@ -136,13 +154,20 @@ def _update(run_keys: Tensor, sims: Tensor, col_offset: int, mask: Tensor, *, by
     if not by_cols:
         return _merge(run_keys, tile_rows, _keys(cand_sims, tile_cols + col_offset))
     tile_cols, order = torch.sort(tile_cols)  # regroup the candidates by column
-    cand_keys = _keys(cand_sims.index_select(0, order),
-                      tile_rows.index_select(0, order) + col_offset)
+    cand_keys = _keys(
+        cand_sims.index_select(0, order), tile_rows.index_select(0, order) + col_offset
+    )
     return _merge(run_keys, tile_cols, cand_keys)
 
 
-def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: bool | None = None,
-        block_size: int | None = None) -> tuple[Tensor, Tensor]:
+def knn(
+    query: Array,
+    k: int,
+    gallery: Array | None = None,
+    *,
+    exclude_self: bool | None = None,
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Exact top-k gallery items by inner product for each query: (Q, k) sims and indices.
 
     `gallery=None` means the queries are the gallery; then `exclude_self` (default True) drops
@@ -160,8 +185,10 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
     n_query, n_gallery = x.shape[0], g.shape[0]
     available = n_gallery - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
-        raise ValueError(f"k must be an int in [1, {available}] (gallery size"
-                         f"{' minus the query itself' if exclude_self else ''}); got {k!r}")
+        raise ValueError(
+            f"k must be an int in [1, {available}] (gallery size"
+            f"{' minus the query itself' if exclude_self else ''}); got {k!r}"
+        )
     b = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     if b < 1:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
@@ -173,7 +200,7 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
     mask_buf = torch.empty(tile_numel, dtype=torch.bool, device=x.device)
 
     def tile(q0: int, g0: int) -> tuple[Tensor, Tensor]:
-        xq, xg = x[q0:q0 + b], g[g0:g0 + b]
+        xq, xg = x[q0 : q0 + b], g[g0 : g0 + b]
         sims = torch.mm(xq, xg.T, out=tile_buf[: len(xq) * len(xg)].view(len(xq), len(xg)))
         return sims.float(), mask_buf[: sims.numel()].view(sims.shape)
 
@@ -182,15 +209,18 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
             s, mask = tile(a0, a0)
             if exclude_self:
                 s.diagonal().fill_(float("-inf"))
-            run[a0:a0 + b] = _update(run[a0:a0 + b], s, a0, mask, by_cols=False,
-                                     diag=exclude_self, init=True)
+            run[a0 : a0 + b] = _update(
+                run[a0 : a0 + b], s, a0, mask, by_cols=False, diag=exclude_self, init=True
+            )
         for a0 in starts_q:
             for b0 in range(a0 + b, n_query, b):
                 s, mask = tile(a0, b0)
-                run[a0:a0 + b] = _update(run[a0:a0 + b], s, b0, mask, by_cols=False,
-                                         diag=False, init=False)
-                run[b0:b0 + b] = _update(run[b0:b0 + b], s, a0, mask, by_cols=True,
-                                         diag=False, init=False)
+                run[a0 : a0 + b] = _update(
+                    run[a0 : a0 + b], s, b0, mask, by_cols=False, diag=False, init=False
+                )
+                run[b0 : b0 + b] = _update(
+                    run[b0 : b0 + b], s, a0, mask, by_cols=True, diag=False, init=False
+                )
     else:
         for q0 in starts_q:
             for g0 in starts_g:
@@ -198,14 +228,20 @@ def knn(query: Array, k: int, gallery: Array | None = None, *, exclude_self: boo
                 diag = exclude_self and q0 == g0  # one grid: only these tiles hold pairs (i, i)
                 if diag:
                     s.diagonal().fill_(float("-inf"))
-                run[q0:q0 + b] = _update(run[q0:q0 + b], s, g0, mask, by_cols=False, diag=diag,
-                                         init=g0 == 0)
+                run[q0 : q0 + b] = _update(
+                    run[q0 : q0 + b], s, g0, mask, by_cols=False, diag=diag, init=g0 == 0
+                )
     return _decode(run)
 
 
-def _neighbour_hits(embeddings: Array, labels: Array, k_needed: Callable[[Tensor], int],
-                    gallery: Array | None, gallery_labels: Array | None,
-                    block_size: int | None) -> tuple[Tensor, Tensor]:
+def _neighbour_hits(
+    embeddings: Array,
+    labels: Array,
+    k_needed: Callable[[Tensor], int],
+    gallery: Array | None,
+    gallery_labels: Array | None,
+    block_size: int | None,
+) -> tuple[Tensor, Tensor]:
     """(Q, k) bool: does the j-th neighbour share the query's label; and each query's R."""
     x = _as_embeddings(embeddings, "embeddings")
     _check_norms(x, "embeddings")
@@ -225,15 +261,20 @@ def _neighbour_hits(embeddings: Array, labels: Array, k_needed: Callable[[Tensor
     r = torch.where(uniq[pos] == q_labels, counts[pos], 0) - self_count
     lonely = int((r == 0).sum())
     if lonely:
-        warnings.warn(f"{lonely} of {len(r)} queries have no relevant item in the gallery (their "
-                      f"class has one image, or none in the gallery): they count as misses in "
-                      f"Recall@K, which then cannot reach 1, and are left out of MAP@R and "
-                      f"R-precision (nan when no query has one)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{lonely} of {len(r)} queries have no relevant item in the gallery (their "
+            f"class has one image, or none in the gallery): they count as misses in "
+            f"Recall@K, which then cannot reach 1, and are left out of MAP@R and "
+            f"R-precision (nan when no query has one)",
+            UserWarning,
+            stacklevel=3,
+        )
     k = k_needed(r)
     available = len(g_labels) - self_count
     if k > available:
-        raise ValueError(f"k={k} exceeds the {available} gallery items each query can retrieve; "
-                         f"use smaller ks")
+        raise ValueError(
+            f"k={k} exceeds the {available} gallery items each query can retrieve; use smaller ks"
+        )
     _, idx = knn(x, k, None if gallery is None else g, block_size=block_size)
     hits = g_labels[idx.cpu()] == q_labels[:, None]
     return hits, r
@@ -246,9 +287,15 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
     return [int(k) for k in ks]
 
 
-def recall_at_k(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 2, 4, 8), *,
-                gallery: Array | None = None, gallery_labels: Array | None = None,
-                block_size: int | None = None) -> dict[int, float]:
+def recall_at_k(
+    embeddings: Array,
+    labels: Array,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    gallery: Array | None = None,
+    gallery_labels: Array | None = None,
+    block_size: int | None = None,
+) -> dict[int, float]:
     """Fraction of queries with at least one same-label item among their top-K, for each K.
 
     Query = gallery (the query itself excluded by index) unless `gallery` and
@@ -257,16 +304,23 @@ def recall_at_k(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 2, 4, 
     value is then at most the fraction of queries that have one; a warning gives the count.
     """
     ks = _check_ks(ks)
-    hits, _ = _neighbour_hits(embeddings, labels, lambda r: max(ks), gallery, gallery_labels,
-                              block_size)
+    hits, _ = _neighbour_hits(
+        embeddings, labels, lambda r: max(ks), gallery, gallery_labels, block_size
+    )
     found = hits.cumsum(1) > 0
     return {k: float(found[:, k - 1].double().mean()) for k in ks}
 
 
-def retrieval_metrics(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 2, 4, 8), *,
-                      gallery: Array | None = None, gallery_labels: Array | None = None,
-                      max_r: int | None = 1000,
-                      block_size: int | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    embeddings: Array,
+    labels: Array,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    gallery: Array | None = None,
+    gallery_labels: Array | None = None,
+    max_r: int | None = 1000,
+    block_size: int | None = None,
+) -> dict[str, float]:
     """Recall@K for each K plus "map@r" and "r_precision" (Musgrave et al., 2020).
 
     R is the number of gallery items sharing the query's label (the query itself excluded in
@@ -289,10 +343,12 @@ def retrieval_metrics(embeddings: Array, labels: Array, ks: Sequence[int] = (1, 
 
     hits, r = _neighbour_hits(embeddings, labels, k_needed, gallery, gallery_labels, block_size)
     if clip["r"] is not None:
-        warnings.warn(f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
-                      f"use R clipped to {max_r} for those queries; pass max_r=None for exact "
-                      f"values",
-                      stacklevel=2)
+        warnings.warn(
+            f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
+            f"use R clipped to {max_r} for those queries; pass max_r=None for exact "
+            f"values",
+            stacklevel=2,
+        )
         r = r.clamp_max(int(max_r))
     found = hits.cumsum(1) > 0
     out = {f"recall@{k}": float(found[:, k - 1].double().mean()) for k in ks}

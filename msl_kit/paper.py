@@ -4,13 +4,15 @@ A run folder is what `engine.train` writes (config.yaml, metrics.json, history.c
 are pandas DataFrames in percent, so runs and the paper's numbers share one scale.
 pandas is imported inside the functions: `import msl_kit.paper` stays cheap.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -20,16 +22,36 @@ if TYPE_CHECKING:
 # BN-Inception backbone, Recall@K in %, as reported (MS: Wang et al., CVPR 2019, tables 1-4;
 # Proxy-Anchor: Kim et al., CVPR 2020; contrastive + XBM: Wang et al., CVPR 2020).
 PAPER_RESULTS: list[dict] = [
-    {"method": "MS (paper)", "dataset": "cub200", "dim": 64,
-     "recall": {1: 57.4, 2: 69.8, 4: 80.0, 8: 87.8, 16: 93.2, 32: 96.4}},
-    {"method": "MS (paper)", "dataset": "cub200", "dim": 512,
-     "recall": {1: 65.7, 2: 77.0, 4: 86.3, 8: 91.2, 16: 95.0, 32: 97.3}},
-    {"method": "MS (paper)", "dataset": "cars196", "dim": 512,
-     "recall": {1: 84.1, 2: 90.4, 4: 94.0, 8: 96.5}},
-    {"method": "MS (paper)", "dataset": "sop", "dim": 512,
-     "recall": {1: 78.2, 10: 90.5, 100: 96.0}},
-    {"method": "MS (paper)", "dataset": "inshop", "dim": 512,
-     "recall": {1: 89.7, 10: 97.9, 20: 98.5, 30: 98.8}},
+    {
+        "method": "MS (paper)",
+        "dataset": "cub200",
+        "dim": 64,
+        "recall": {1: 57.4, 2: 69.8, 4: 80.0, 8: 87.8, 16: 93.2, 32: 96.4},
+    },
+    {
+        "method": "MS (paper)",
+        "dataset": "cub200",
+        "dim": 512,
+        "recall": {1: 65.7, 2: 77.0, 4: 86.3, 8: 91.2, 16: 95.0, 32: 97.3},
+    },
+    {
+        "method": "MS (paper)",
+        "dataset": "cars196",
+        "dim": 512,
+        "recall": {1: 84.1, 2: 90.4, 4: 94.0, 8: 96.5},
+    },
+    {
+        "method": "MS (paper)",
+        "dataset": "sop",
+        "dim": 512,
+        "recall": {1: 78.2, 10: 90.5, 100: 96.0},
+    },
+    {
+        "method": "MS (paper)",
+        "dataset": "inshop",
+        "dim": 512,
+        "recall": {1: 89.7, 10: 97.9, 20: 98.5, 30: 98.8},
+    },
     {"method": "Proxy-Anchor", "dataset": "cub200", "dim": 512, "recall": {1: 68.4}},
     {"method": "Proxy-Anchor", "dataset": "cars196", "dim": 512, "recall": {1: 86.1}},
     {"method": "Proxy-Anchor", "dataset": "sop", "dim": 512, "recall": {1: 79.1}},
@@ -48,9 +70,18 @@ PROTOCOLS = {
 }
 
 # registry names and the spellings people use for them
-_ALIASES = {"cub": "cub200", "cub200": "cub200", "cub2002011": "cub200", "cars": "cars196",
-            "cars196": "cars196", "sop": "sop", "stanfordonlineproducts": "sop", "products": "sop",
-            "inshop": "inshop", "deepfashioninshop": "inshop"}
+_ALIASES = {
+    "cub": "cub200",
+    "cub200": "cub200",
+    "cub2002011": "cub200",
+    "cars": "cars196",
+    "cars196": "cars196",
+    "sop": "sop",
+    "stanfordonlineproducts": "sop",
+    "products": "sop",
+    "inshop": "inshop",
+    "deepfashioninshop": "inshop",
+}
 
 
 def canonical_dataset(name: str) -> str:
@@ -60,7 +91,7 @@ def canonical_dataset(name: str) -> str:
     return _ALIASES.get(key, str(name))
 
 
-def paper_table(dataset: str | None = None, dim: int | None = None) -> "pd.DataFrame":
+def paper_table(dataset: str | None = None, dim: int | None = None) -> pd.DataFrame:
     """The reported numbers as rows (source, method, dataset, dim, R@K...), optionally filtered."""
     import pandas as pd
 
@@ -71,9 +102,13 @@ def paper_table(dataset: str | None = None, dim: int | None = None) -> "pd.DataF
         if dim is not None and entry["dim"] != int(dim):
             continue
         ours = "paper" in entry["method"]  # MS as released: best of its test evaluations
-        row = {"run": entry["method"], "source": "paper" if ours else "reference",
-               "protocol": "best" if ours else "reported", "dataset": entry["dataset"],
-               "dim": entry["dim"]}
+        row = {
+            "run": entry["method"],
+            "source": "paper" if ours else "reference",
+            "protocol": "best" if ours else "reported",
+            "dataset": entry["dataset"],
+            "dim": entry["dim"],
+        }
         row.update({f"R@{k}": v for k, v in entry["recall"].items()})
         rows.append(row)
     return _order_columns(pd.DataFrame(rows))
@@ -90,15 +125,20 @@ def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             found.update(p.parent for p in path.rglob("metrics.json"))
         else:
-            raise FileNotFoundError(f"{path} is neither a run folder nor a folder of runs; "
-                                    "train one first (msl-kit train --out DIR)")
+            raise FileNotFoundError(
+                f"{path} is neither a run folder nor a folder of runs; "
+                "train one first (msl-kit train --out DIR)"
+            )
     return sorted(found)
 
 
 def _percent(metrics: dict) -> dict:
     """R@K, MAP@R and RP columns (%) of a metrics mapping."""
-    row = {f"R@{k.split('@')[1]}": round(100.0 * v, 2) for k, v in metrics.items()
-           if k.startswith("recall@")}
+    row = {
+        f"R@{k.split('@')[1]}": round(100.0 * v, 2)
+        for k, v in metrics.items()
+        if k.startswith("recall@")
+    }
     for key, col in (("map@r", "MAP@R"), ("r_precision", "RP")):
         if key in metrics:
             row[col] = round(100.0 * metrics[key], 2)
@@ -108,8 +148,10 @@ def _percent(metrics: dict) -> dict:
 def _read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run has not finished "
-                                "(resume it with msl-kit train --resume DIR)")
+        raise FileNotFoundError(
+            f"{path} is missing: the run has not finished "
+            "(resume it with msl-kit train --resume DIR)"
+        )
     return json.loads(path.read_text())
 
 
@@ -130,23 +172,34 @@ def load_run(run_dir: str | Path, protocol: str = "final") -> dict:
         if not isinstance(metrics.get("best"), dict) or "recall@1" not in metrics["best"]:
             raise ValueError(f"{run_dir / 'metrics.json'} records no best evaluation")
         numbers, at = metrics["best"], metrics["best"].get("iteration")
-    row = {"run": run_dir.name, "source": "run", "protocol": protocol, "at": at,
-           "dataset": canonical_dataset(data.get("name", "?")), "dim": model.get("embedding_dim"),
-           "backbone": model.get("backbone"), "loss": loss.get("name"),
-           "iterations": metrics.get("iteration"), "split": metrics.get("split")}
+    row = {
+        "run": run_dir.name,
+        "source": "run",
+        "protocol": protocol,
+        "at": at,
+        "dataset": canonical_dataset(data.get("name", "?")),
+        "dim": model.get("embedding_dim"),
+        "backbone": model.get("backbone"),
+        "loss": loss.get("name"),
+        "iterations": metrics.get("iteration"),
+        "split": metrics.get("split"),
+    }
     return {**row, **_percent(numbers)}
 
 
-def collect_runs(paths: str | Path | Iterable[str | Path],
-                 protocols: Sequence[str] = ("final",)) -> "pd.DataFrame":
+def collect_runs(
+    paths: str | Path | Iterable[str | Path], protocols: Sequence[str] = ("final",)
+) -> pd.DataFrame:
     """Every run under `paths` as one table (metrics in %), one row per run and protocol
     (`("best", "final")`: both, best first); a run without a recorded best has no best row."""
     import pandas as pd
 
     runs = find_runs(paths)
     if not runs:
-        raise FileNotFoundError(f"no run folder (with metrics.json) under {paths}; "
-                                "train one first (msl-kit train --out DIR)")
+        raise FileNotFoundError(
+            f"no run folder (with metrics.json) under {paths}; "
+            "train one first (msl-kit train --out DIR)"
+        )
     rows = []
     for run in runs:
         for protocol in protocols:
@@ -158,7 +211,7 @@ def collect_runs(paths: str | Path | Iterable[str | Path],
     return _order_columns(pd.DataFrame(rows))
 
 
-def compare_with_paper(runs: "pd.DataFrame") -> "pd.DataFrame":
+def compare_with_paper(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs followed, per (dataset, dim) they cover, by the reported numbers for it.
 
     The paper's MS numbers follow the "best" protocol (the released trainer's best test
@@ -174,28 +227,43 @@ def compare_with_paper(runs: "pd.DataFrame") -> "pd.DataFrame":
     return _order_columns(table)
 
 
-def results_table(run_dir: str | Path) -> "pd.DataFrame":
+def results_table(run_dir: str | Path) -> pd.DataFrame:
     """One run's evaluation beside its floors (metrics.json), in %: raw pixels, the untrained
     network, the final model and the best of the evaluations, with the iteration of each."""
     import pandas as pd
 
     metrics = _read_metrics(Path(run_dir))
     floors, best = metrics.get("floors") or {}, metrics.get("best") or {}
-    rows = [{"model": "raw pixels", "at": None, **_percent(floors.get("raw_pixels", {}))},
-            {"model": "untrained network", "at": 0, **_percent(floors.get("untrained", {}))},
-            {"model": "trained: final", "at": metrics.get("iteration"), **_percent(metrics)},
-            {"model": "trained: best of evaluations", "at": best.get("iteration"),
-             **_percent(best)}]
+    rows = [
+        {"model": "raw pixels", "at": None, **_percent(floors.get("raw_pixels", {}))},
+        {"model": "untrained network", "at": 0, **_percent(floors.get("untrained", {}))},
+        {"model": "trained: final", "at": metrics.get("iteration"), **_percent(metrics)},
+        {"model": "trained: best of evaluations", "at": best.get("iteration"), **_percent(best)},
+    ]
     rows = [r for r in rows if "R@1" in r]  # floors are off for some datasets (eval.floors)
     table = pd.DataFrame(rows)
     table["at"] = table["at"].astype("Int64")
     return table.set_index("model")
 
 
-def _order_columns(table: "pd.DataFrame") -> "pd.DataFrame":
+def _order_columns(table: pd.DataFrame) -> pd.DataFrame:
     recall = sorted((c for c in table.columns if c.startswith("R@")), key=lambda c: int(c[2:]))
-    first = [c for c in ("run", "source", "protocol", "at", "dataset", "dim", "backbone", "loss",
-                         "iterations", "split") if c in table.columns]
+    first = [
+        c
+        for c in (
+            "run",
+            "source",
+            "protocol",
+            "at",
+            "dataset",
+            "dim",
+            "backbone",
+            "loss",
+            "iterations",
+            "split",
+        )
+        if c in table.columns
+    ]
     rest = [c for c in table.columns if c not in first and c not in recall]
     table = table[first + recall + rest].copy()
     for col in ("at", "dim", "iterations"):  # integers with gaps where the paper has no value
@@ -204,7 +272,7 @@ def _order_columns(table: "pd.DataFrame") -> "pd.DataFrame":
     return table
 
 
-def export_table(table: "pd.DataFrame", stem: str | Path, *, digits: int = 1) -> tuple[Path, Path]:
+def export_table(table: pd.DataFrame, stem: str | Path, *, digits: int = 1) -> tuple[Path, Path]:
     """Write `stem`.md (Markdown) and `stem`.tex (LaTeX booktabs) with `digits` decimals."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)

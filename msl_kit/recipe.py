@@ -5,6 +5,7 @@ model, preprocessing, loss, optimizer and evaluation options here, so a setting 
 `data.skip_corrupt`) means the same thing everywhere. Each builder reads only the keys it
 needs and calls a library function that takes explicit values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,12 @@ def model_options(cfg: Config) -> dict:
     m = cfg.model
     if m.backbone != "convnet":
         return {}
-    return dict(in_channels=m.in_channels, image_size=m.image_size,
-                resize_size=m.resize_size or m.image_size, width=m.width)
+    return dict(
+        in_channels=m.in_channels,
+        image_size=m.image_size,
+        resize_size=m.resize_size or m.image_size,
+        width=m.width,
+    )
 
 
 def preprocessing(cfg: Config) -> transforms.Preprocessing:
@@ -62,16 +67,24 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
     whose weights come from a checkpoint next."""
     m = cfg.model
     pretrained = m.pretrained if load_pretrained else None
-    model = models.build_model(m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn,
-                               **model_options(cfg))
+    model = models.build_model(
+        m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn, **model_options(cfg)
+    )
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
 
 def dataset(cfg: Config, split: str, transform=None) -> datasets.ImageDataset:
     """One split of the configured dataset: the only place the config's data keys are read."""
     d = cfg.data
-    return datasets.build(d.name, d.root, split, transform, val_fraction=d.val_fraction,
-                          seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    return datasets.build(
+        d.name,
+        d.root,
+        split,
+        transform,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed,
+        skip_corrupt=d.skip_corrupt,
+    )
 
 
 class EvalData(NamedTuple):
@@ -96,8 +109,9 @@ def train_data(cfg: Config, spec: transforms.Preprocessing | None = None) -> Dat
 
 def eval_options(cfg: Config) -> EvalOptions:
     """How the configured run extracts embeddings."""
-    return EvalOptions(cfg.eval.batch_size, cfg.data.workers, cfg.train.amp,
-                       cfg.model.channels_last)
+    return EvalOptions(
+        cfg.eval.batch_size, cfg.data.workers, cfg.train.amp, cfg.model.channels_last
+    )
 
 
 def loss_params(cfg: Config) -> dict:
@@ -129,14 +143,22 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """Adam with separate backbone and head groups, so both lr multipliers take effect."""
     t = cfg.train
     groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad],
-         "lr": t.lr * t.backbone_lr_mult, "name": "backbone"},
-        {"params": [p for p in model.head.parameters() if p.requires_grad],
-         "lr": t.lr * t.head_lr_mult, "name": "head"},
+        {
+            "params": [p for p in model.backbone.parameters() if p.requires_grad],
+            "lr": t.lr * t.backbone_lr_mult,
+            "name": "backbone",
+        },
+        {
+            "params": [p for p in model.head.parameters() if p.requires_grad],
+            "lr": t.lr * t.head_lr_mult,
+            "name": "head",
+        },
     ]
     return torch.optim.Adam([g for g in groups if g["params"]], weight_decay=t.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: Config
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The configured lr schedule as a LambdaLR over `lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, cfg))

@@ -5,6 +5,7 @@ metrics.json. `claim` takes a lock file holding the writer's pid and host, creat
 atomically (O_EXCL), so two `msl-kit train --out same` cannot both write; a lock whose
 process is gone (same host) is stale and taken over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,14 +16,20 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from msl_kit.checkpoint import atomic_write_text
 
 LOCK = ".msl_kit.lock"
-RUN_FILES = ("config.yaml", "history.csv", "checkpoint.pt", "checkpoint.prev.pt", "best.pt",
-             "metrics.json")
+RUN_FILES = (
+    "config.yaml",
+    "history.csv",
+    "checkpoint.pt",
+    "checkpoint.prev.pt",
+    "best.pt",
+    "metrics.json",
+)
 
 
 class RunFolderError(OSError):
@@ -52,14 +59,20 @@ def _take_lock(folder: Path) -> Path:
                 owner = {}
             same_host = owner.get("host") == me["host"]
             if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                warnings.warn(f"{lock} was left by a process that is gone (pid {owner['pid']}); "
-                              "taking the folder over", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{lock} was left by a process that is gone (pid {owner['pid']}); "
+                    "taking the folder over",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 lock.unlink(missing_ok=True)
                 continue
             who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-            raise RunFolderError(f"{folder} is in use by another msl-kit run ({who}); wait for it "
-                                 f"to finish, choose another --out, or delete {lock} if that "
-                                 "process is really gone") from None
+            raise RunFolderError(
+                f"{folder} is in use by another msl-kit run ({who}); wait for it "
+                f"to finish, choose another --out, or delete {lock} if that "
+                "process is really gone"
+            ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return lock
@@ -78,15 +91,20 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
     except RunFolderError:
         raise
     except OSError as e:
-        raise RunFolderError(f"cannot write to the output folder {folder} ({e.strerror}); choose "
-                             "another with --out") from None
+        raise RunFolderError(
+            f"cannot write to the output folder {folder} ({e.strerror}); choose another with --out"
+        ) from None
     if new and any(p.name != LOCK for p in folder.iterdir()):
         lock.unlink(missing_ok=True)
-        hint = (f"it holds a run: continue it with `msl-kit train --resume {folder}`"
-                if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
-                else "it holds files msl-kit did not write")
-        raise RunFolderError(f"{folder} is not empty ({hint}), or choose another --out (a new or "
-                             "empty folder); nothing in it was changed")
+        hint = (
+            f"it holds a run: continue it with `msl-kit train --resume {folder}`"
+            if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
+            else "it holds files msl-kit did not write"
+        )
+        raise RunFolderError(
+            f"{folder} is not empty ({hint}), or choose another --out (a new or "
+            "empty folder); nothing in it was changed"
+        )
     try:
         yield folder
     finally:
@@ -117,5 +135,7 @@ def check_metrics_out(path: Path) -> None:
         except (OSError, ValueError, AttributeError):
             pass
     if written_by != "msl-kit evaluate":
-        raise RunFolderError(f"{path} exists and was not written by `msl-kit evaluate`; it is "
-                             "left alone: choose a new --out file")
+        raise RunFolderError(
+            f"{path} exists and was not written by `msl-kit evaluate`; it is "
+            "left alone: choose a new --out file"
+        )

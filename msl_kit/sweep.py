@@ -6,6 +6,7 @@ share. A rerun of the same command skips finished cells; a cell left RUNNING by 
 is failed and queued again (Optuna's heartbeat; on the same host a dead pid says so at once).
 Pure orchestration: reports go through `on_cell` and return values, never drawing.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,6 +63,7 @@ class SweepSpec:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return "sweep-" + hashlib.sha1(text.encode()).hexdigest()[:10]
 
+
 def parse_grid(text: str) -> tuple[str, list]:
     """`loss.beta=10,40,160` -> ("loss.beta", [10, 40, 160]); values are read as YAML scalars."""
     key, sep, raw = text.partition("=")
@@ -96,15 +98,24 @@ def load_study(name: str) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def make_spec(grid: list[str] = (), ranges: list[str] = (), seeds: list[int] | None = None,
-              config: str | None = None, overrides: list[str] = (), trials: int = 0,
-              study: str | None = None) -> SweepSpec:
+def make_spec(
+    grid: list[str] = (),
+    ranges: list[str] = (),
+    seeds: list[int] | None = None,
+    config: str | None = None,
+    overrides: list[str] = (),
+    trials: int = 0,
+    study: str | None = None,
+) -> SweepSpec:
     """Build and check a spec from CLI-style strings; a named `study` gives the defaults."""
     base = load_study(study) if study else {}
-    spec = SweepSpec(grid={k: list(v) for k, v in (base.get("grid") or {}).items()},
-                     seeds=list(seeds or base.get("seeds") or [0]),
-                     config=config or base.get("config"),
-                     overrides=[*(base.get("set") or []), *overrides], trials=trials)
+    spec = SweepSpec(
+        grid={k: list(v) for k, v in (base.get("grid") or {}).items()},
+        seeds=list(seeds or base.get("seeds") or [0]),
+        config=config or base.get("config"),
+        overrides=[*(base.get("set") or []), *overrides],
+        trials=trials,
+    )
     spec.grid.update(parse_grid(g) for g in grid)
     spec.ranges.update(parse_range(r) for r in ranges)
     check_spec(spec)
@@ -154,15 +165,20 @@ def cell_name(spec: SweepSpec, params: dict, seed: int, trial: int | None = None
     parts = [f"{n}={v}" for n, v in zip(names, params.values())] + [f"seed={seed}"]
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
+
 def _storage(url: str) -> Any:
     # Optuna 4.9 renamed the retry callback and its argument; the old names go in 6.0.
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    callback = {"heartbeat_stale_trial_callback" if retry else "failed_trial_callback":
-                (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=3)}
+    callback = {
+        "heartbeat_stale_trial_callback" if retry else "failed_trial_callback": (
+            retry or optuna.storages.RetryFailedTrialCallback
+        )(max_retry=3)
+    }
     # Workers of one machine share the SQLite file: wait for its lock rather than fail at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                      grace_period=GRACE_S, **callback)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **callback
+    )
 
 
 def open_study(spec: SweepSpec, url: str, *, create: bool = False) -> Any:
@@ -178,10 +194,13 @@ def open_study(spec: SweepSpec, url: str, *, create: bool = False) -> Any:
     name = spec.fingerprint()
     others = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if create and url.startswith("sqlite") and others and name not in others:
-        raise SweepError(f"{url} holds a sweep with other keys, values, seeds or --set; "
-                         "rerun that exact command or choose another --out")
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
-                               direction="maximize", load_if_exists=True)
+        raise SweepError(
+            f"{url} holds a sweep with other keys, values, seeds or --set; "
+            "rerun that exact command or choose another --out"
+        )
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
+    )
 
 
 def _group(spec: SweepSpec, trial: Any) -> Any:
@@ -222,8 +241,9 @@ def reap(study: Any, spec: SweepSpec, retry_failed: bool = False) -> None:
     (no need to wait out the heartbeat's grace period); `retry_failed` also queues cells that
     failed in an earlier invocation, as a rerun of the command should."""
     storage = study._storage
-    retry = getattr(storage, "get_heartbeat_stale_trial_callback",
-                    storage.get_failed_trial_callback)()
+    retry = getattr(
+        storage, "get_heartbeat_stale_trial_callback", storage.get_failed_trial_callback
+    )()
     for t in cell_states(study, spec).values():
         pid = t.user_attrs.get("pid") if t.user_attrs.get("host") == HOST else None
         if t.state == TrialState.RUNNING and pid and not _alive(pid):
@@ -236,6 +256,7 @@ def reap(study: Any, spec: SweepSpec, retry_failed: bool = False) -> None:
             type(retry)(max_retry=None)(study, t)
     optuna.storages.fail_stale_trials(study)
 
+
 def run_cell(cfg: Config, run_dir: Path) -> dict:
     """Train one cell (continuing its checkpoint if a killed worker left one); its record."""
     from msl_kit import engine
@@ -243,11 +264,15 @@ def run_cell(cfg: Config, run_dir: Path) -> dict:
     start, resume = datetime.now(), (run_dir / "checkpoint.pt").is_file()
     metrics = engine.train(cfg, run_dir, resume=resume)
     end = datetime.now()
-    return {"seed": cfg.seed, **{m: metrics.get(m, math.nan) for m in METRICS},
-            "wall_s": round((end - start).total_seconds(), 2),
-            "start": start.isoformat(timespec="milliseconds"),
-            "end": end.isoformat(timespec="milliseconds"),
-            "run": f"{run_dir.parent.name}/{run_dir.name}", "resumed": resume}
+    return {
+        "seed": cfg.seed,
+        **{m: metrics.get(m, math.nan) for m in METRICS},
+        "wall_s": round((end - start).total_seconds(), 2),
+        "start": start.isoformat(timespec="milliseconds"),
+        "end": end.isoformat(timespec="milliseconds"),
+        "run": f"{run_dir.parent.name}/{run_dir.name}",
+        "resumed": resume,
+    }
 
 
 def _objective(spec: SweepSpec, out: Path, threads: int, on_cell: Callable | None):
@@ -256,8 +281,10 @@ def _objective(spec: SweepSpec, out: Path, threads: int, on_cell: Callable | Non
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
         if spec.trials:
-            params = {k: (trial.suggest_float(k, lo, hi, log=log)) for k, (lo, hi, log)
-                      in spec.ranges.items()}
+            params = {
+                k: (trial.suggest_float(k, lo, hi, log=log))
+                for k, (lo, hi, log) in spec.ranges.items()
+            }
             seeds = spec.seeds
         else:
             params = {k: trial.suggest_categorical(k, v) for k, v in spec.grid.items()}
@@ -269,8 +296,13 @@ def _objective(spec: SweepSpec, out: Path, threads: int, on_cell: Callable | Non
         runs = []
         for seed in seeds:
             name = cell_name(spec, params, seed, number)
-            runs.append({"trial": trial.number, **params, **run_cell(
-                cell_config(spec, params, seed, threads), out / "runs" / name)})
+            runs.append(
+                {
+                    "trial": trial.number,
+                    **params,
+                    **run_cell(cell_config(spec, params, seed, threads), out / "runs" / name),
+                }
+            )
             if on_cell:
                 on_cell(runs[-1])
         trial.set_user_attr("runs", runs)
@@ -283,13 +315,22 @@ def _taken(trial: Any, spec: SweepSpec) -> bool:
     """A lower-numbered trial of the same cell is running or done (GridSampler may hand the same
     cell to two workers once the grid is exhausted; the lower number keeps it)."""
     study, me = trial.study, trial.study._storage.get_trial(trial._trial_id)
-    return any(t.number < trial.number and t.state in (TrialState.RUNNING, TrialState.COMPLETE)
-               and t.params and _group(spec, t) == _group(spec, me)
-               for t in study.get_trials(deepcopy=False))
+    return any(
+        t.number < trial.number
+        and t.state in (TrialState.RUNNING, TrialState.COMPLETE)
+        and t.params
+        and _group(spec, t) == _group(spec, me)
+        for t in study.get_trials(deepcopy=False)
+    )
 
 
-def run_worker(spec: SweepSpec, out: str | Path, url: str, threads: int = 0,
-               on_cell: Callable[[dict], None] | None = None) -> None:
+def run_worker(
+    spec: SweepSpec,
+    out: str | Path,
+    url: str,
+    threads: int = 0,
+    on_cell: Callable[[dict], None] | None = None,
+) -> None:
     """Run cells of the study until none is left to start and none runs elsewhere."""
     out = Path(out)
     study = open_study(spec, url)
@@ -302,12 +343,23 @@ def run_worker(spec: SweepSpec, out: str | Path, url: str, threads: int = 0,
         if not todo:  # wait for cells elsewhere: one of them may turn stale and come back
             time.sleep(POLL_S)
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                       callbacks=[lambda s, t: write_tables(out, s, spec)])
+        study.optimize(
+            objective,
+            n_trials=1,
+            catch=(Exception,),
+            gc_after_trial=False,
+            callbacks=[lambda s, t: write_tables(out, s, spec)],
+        )
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int = 1, storage: str | None = None,
-              on_cell: Callable[[dict], None] | None = None) -> dict:
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    storage: str | None = None,
+    on_cell: Callable[[dict], None] | None = None,
+) -> dict:
     """Run (or finish) a sweep with `jobs` worker processes of cores // jobs torch threads each
     (unless train.threads is set); returns rows, summary and failures."""
     if jobs < 1:
@@ -325,16 +377,21 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int = 1, storage: str |
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")  # fork after torch's threads started is unsafe
-        procs = [ctx.Process(target=run_worker, args=(spec, str(out), url, threads, on_cell))
-                 for _ in range(jobs)]
+        procs = [
+            ctx.Process(target=run_worker, args=(spec, str(out), url, threads, on_cell))
+            for _ in range(jobs)
+        ]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
         if any(p.exitcode for p in procs):
-            raise SweepError("a worker process stopped with an error (see above); rerun the "
-                             "same command to finish the sweep")
+            raise SweepError(
+                "a worker process stopped with an error (see above); rerun the "
+                "same command to finish the sweep"
+            )
     return write_tables(out, open_study(spec, url), spec)  # fresh: workers ran elsewhere
+
 
 def summarize(table: list[dict], keys: list[str]) -> list[dict]:
     """Mean and sample std over seeds per cell (std is nan for a single seed)."""
@@ -362,13 +419,22 @@ def _csv(table: list[dict]) -> str:
 
 def markdown(summary: list[dict], keys: list[str]) -> str:
     """The summary as a markdown table, metrics in % as mean ± std."""
+
     def pm(r: dict, m: str) -> str:
         std = "" if math.isnan(r[f"{m}_std"]) else f" ± {100 * r[f'{m}_std']:.1f}"
         return f"{100 * r[f'{m}_mean']:.1f}{std}"
 
     head = [*keys, "seeds", "R@1", "MAP@R", "wall s"]
-    body = [[*(str(r[k]) for k in keys), str(r["seeds"]), pm(r, "recall@1"), pm(r, "map@r"),
-             f"{r['wall_s_mean']:.1f}"] for r in summary]
+    body = [
+        [
+            *(str(r[k]) for k in keys),
+            str(r["seeds"]),
+            pm(r, "recall@1"),
+            pm(r, "map@r"),
+            f"{r['wall_s_mean']:.1f}",
+        ]
+        for r in summary
+    ]
     return "".join(f"| {' | '.join(c)} |\n" for c in [head, ["---"] * len(head), *body])
 
 
@@ -377,13 +443,24 @@ def write_tables(out: Path, study: Any, spec: SweepSpec) -> dict:
     from msl_kit.checkpoint import atomic_write_text
 
     # One row per finished run (keys, seed, R@1, MAP@R, wall time, run folder), in grid order.
-    table = sorted((r for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    for r in t.user_attrs.get("runs", [])),
-                   key=lambda r: (*[spec.grid[k].index(r[k]) for k in spec.grid],
-                                  r["trial"] if spec.trials else 0, r["seed"]))
+    table = sorted(
+        (
+            r
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            for r in t.user_attrs.get("runs", [])
+        ),
+        key=lambda r: (
+            *[spec.grid[k].index(r[k]) for k in spec.grid],
+            r["trial"] if spec.trials else 0,
+            r["seed"],
+        ),
+    )
     summary = summarize(table, spec.keys)
-    for name, text in (("sweep.csv", _csv(table)), ("summary.csv", _csv(summary)),
-                       ("summary.md", markdown(summary, spec.keys))):
+    for name, text in (
+        ("sweep.csv", _csv(table)),
+        ("summary.csv", _csv(summary)),
+        ("summary.md", markdown(summary, spec.keys)),
+    ):
         atomic_write_text(Path(out) / name, text)
     failed = [t.params for t in cell_states(study, spec).values() if t.state == TrialState.FAIL]
     return {"rows": table, "summary": summary, "failed": failed, "keys": spec.keys}

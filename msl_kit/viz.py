@@ -6,6 +6,7 @@ returned Figure). matplotlib, pandas and umap are imported inside the functions,
 msl_kit.viz loads none of them, and umap's first import (numba compilation, ~10 s) is paid only
 when a UMAP is drawn.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,21 +32,21 @@ SPLIT_COLORS = {"train": "#2166ac", "val": "#762a83", "test": "#b35806", "query"
 
 
 # ----------------------------------------------------------------------------- basics
-def new_figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> Figure:
     """A pyplot-free Figure with constrained layout."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def to_png(fig: "Figure", dpi: int = 80) -> bytes:
+def to_png(fig: Figure, dpi: int = 80) -> bytes:
     """The figure rendered as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
-def _fig_ax(ax: "Axes | None", width: float, height: float) -> tuple["Figure", "Axes"]:
+def _fig_ax(ax: Axes | None, width: float, height: float) -> tuple[Figure, Axes]:
     if ax is None:
         fig = new_figure(width, height)
         return fig, fig.add_subplot()
@@ -72,7 +73,7 @@ def as_image_array(image: Any) -> np.ndarray:
     return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
 
 
-def _show(ax: "Axes", image: Any, frame: str | None = None, title: str = "") -> None:
+def _show(ax: Axes, image: Any, frame: str | None = None, title: str = "") -> None:
     img = as_image_array(image)
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
     ax.set_xticks([]), ax.set_yticks([])
@@ -85,7 +86,7 @@ def _show(ax: "Axes", image: Any, frame: str | None = None, title: str = "") -> 
 
 
 # ----------------------------------------------------------------------------- data (01)
-def dataset_overview() -> "pd.DataFrame":
+def dataset_overview() -> pd.DataFrame:
     """Every registered dataset: name, what it is, size, licence, split rule, where from."""
     import pandas as pd
 
@@ -94,12 +95,22 @@ def dataset_overview() -> "pd.DataFrame":
     def where(d: datasets.DatasetInfo) -> str:
         return d.url or ("none needed" if d.name in local else "bring your own")
 
-    return pd.DataFrame([{"name": d.name, "description": d.description, "size": d.size,
-                          "licence": d.licence, "split": d.split_rule, "download": where(d)}
-                         for d in datasets.list_datasets()])
+    return pd.DataFrame(
+        [
+            {
+                "name": d.name,
+                "description": d.description,
+                "size": d.size,
+                "licence": d.licence,
+                "split": d.split_rule,
+                "download": where(d),
+            }
+            for d in datasets.list_datasets()
+        ]
+    )
 
 
-def class_counts(splits: dict[str, Dataset]) -> "pd.DataFrame":
+def class_counts(splits: dict[str, Dataset]) -> pd.DataFrame:
     """Per split: images, classes and the smallest / median / largest class."""
     import pandas as pd
 
@@ -107,9 +118,16 @@ def class_counts(splits: dict[str, Dataset]) -> "pd.DataFrame":
     for name, ds in splits.items():
         counts = np.bincount(np.asarray(ds.labels))
         counts = counts[counts > 0]
-        rows.append({"split": name, "images": int(counts.sum()), "classes": len(counts),
-                     "min/class": int(counts.min()), "median/class": float(np.median(counts)),
-                     "max/class": int(counts.max())})
+        rows.append(
+            {
+                "split": name,
+                "images": int(counts.sum()),
+                "classes": len(counts),
+                "min/class": int(counts.min()),
+                "median/class": float(np.median(counts)),
+                "max/class": int(counts.max()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -119,7 +137,7 @@ def class_group(name: str) -> str:
     return str(name).split("/", 1)[0]
 
 
-def class_groups(splits: dict[str, Dataset]) -> "pd.DataFrame":
+def class_groups(splits: dict[str, Dataset]) -> pd.DataFrame:
     """Per split and class group (Omniglot: alphabet): how many classes and images it holds."""
     import pandas as pd
 
@@ -129,12 +147,21 @@ def class_groups(splits: dict[str, Dataset]) -> "pd.DataFrame":
         for c, n in enumerate(counts):
             rows.append({"split": split, "group": class_group(ds.classes[c]), "images": int(n)})
     table = pd.DataFrame(rows)
-    return (table.assign(classes=1).groupby(["split", "group"], sort=False)[["classes", "images"]]
-            .sum().reset_index())
+    return (
+        table.assign(classes=1)
+        .groupby(["split", "group"], sort=False)[["classes", "images"]]
+        .sum()
+        .reset_index()
+    )
 
 
-def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: int = 5,
-                one_per_group: bool = False) -> "Figure":
+def sample_grid(
+    splits: dict[str, Dataset],
+    *,
+    per_class: int = 6,
+    max_classes: int = 5,
+    one_per_group: bool = False,
+) -> Figure:
     """Rows of sample images per class, the first `max_classes` classes of each split, labelled
     by split. `one_per_group` takes each row's class from a different group (Omniglot: one
     character per alphabet), so the grid shows how the train and test alphabets differ."""
@@ -164,8 +191,9 @@ def sample_grid(splits: dict[str, Dataset], *, per_class: int = 6, max_classes: 
 
 
 # ----------------------------------------------------------------------------- training curves (05)
-def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall@1", *,
-                  ax: "Axes | None" = None) -> "Figure":
+def recall_curves(
+    runs: str | Path | Iterable[str | Path], metric: str = "recall@1", *, ax: Axes | None = None
+) -> Figure:
     """`metric` (%) against iteration for each run folder, read from its history.csv."""
     import pandas as pd
 
@@ -186,8 +214,9 @@ def recall_curves(runs: str | Path | Iterable[str | Path], metric: str = "recall
 
 
 # ----------------------------------------------------------------------------- embeddings (04)
-def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0,
-                 **umap_options: Any) -> np.ndarray:
+def embedding_2d(
+    emb: Any, method: str = "umap", *, seed: int = 0, **umap_options: Any
+) -> np.ndarray:
     """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import)."""
     x = _np(emb).astype(np.float32)
     if method == "pca":
@@ -197,8 +226,13 @@ def embedding_2d(emb: Any, method: str = "umap", *, seed: int = 0,
     if method == "umap":
         import umap  # heavy: numba compiles on first import
 
-        options = {"n_neighbors": min(15, len(x) - 1), "min_dist": 0.1, "metric": "cosine",
-                   "random_state": seed, **umap_options}
+        options = {
+            "n_neighbors": min(15, len(x) - 1),
+            "min_dist": 0.1,
+            "metric": "cosine",
+            "random_state": seed,
+            **umap_options,
+        }
         # a seed makes UMAP single-threaded, and it says so each time
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
@@ -224,9 +258,16 @@ def spread_points(points: np.ndarray, n: int, seed: int = 0) -> list[int]:
     return chosen
 
 
-def embedding_figure(points: np.ndarray, labels: Any, images: Sequence | None = None, *,
-                     n_thumbnails: int = 40, title: str = "", seed: int = 0,
-                     ax: "Axes | None" = None) -> "Figure":
+def embedding_figure(
+    points: np.ndarray,
+    labels: Any,
+    images: Sequence | None = None,
+    *,
+    n_thumbnails: int = 40,
+    title: str = "",
+    seed: int = 0,
+    ax: Axes | None = None,
+) -> Figure:
     """2-D points coloured by class, with image thumbnails (framed in the class colour) at some
     points."""
     import matplotlib
@@ -248,22 +289,43 @@ def embedding_figure(points: np.ndarray, labels: Any, images: Sequence | None = 
     return fig
 
 
-def embeddings_before_after(before: Tensor, after: Tensor, labels: Tensor,
-                            images: Sequence | None = None, *, method: str = "umap",
-                            n_thumbnails: int = 30, seed: int = 0) -> "Figure":
+def embeddings_before_after(
+    before: Tensor,
+    after: Tensor,
+    labels: Tensor,
+    images: Sequence | None = None,
+    *,
+    method: str = "umap",
+    n_thumbnails: int = 30,
+    seed: int = 0,
+) -> Figure:
     """Two 2-D maps of the same items, untrained model (left) and trained (right), with R@1."""
     fig = new_figure(12, 6)
     names = ("before training", "after training")
     for ax, emb, name in zip(fig.subplots(1, 2), (before, after), names):
         r1 = metrics.recall_at_k(emb, labels, ks=(1,))[1]
-        embedding_figure(embedding_2d(emb, method, seed=seed), labels, images,
-                         n_thumbnails=n_thumbnails,
-                         title=f"{name} ({method.upper()}, R@1 {100 * r1:.1f}%)", seed=seed, ax=ax)
+        embedding_figure(
+            embedding_2d(emb, method, seed=seed),
+            labels,
+            images,
+            n_thumbnails=n_thumbnails,
+            title=f"{name} ({method.upper()}, R@1 {100 * r1:.1f}%)",
+            seed=seed,
+            ax=ax,
+        )
     return fig
 
 
-def retrieval_grid(emb: Tensor, labels: Tensor, images: Sequence, *, n_queries: int = 6, k: int = 5,
-                   queries: Sequence[int] | None = None, seed: int = 0) -> "Figure":
+def retrieval_grid(
+    emb: Tensor,
+    labels: Tensor,
+    images: Sequence,
+    *,
+    n_queries: int = 6,
+    k: int = 5,
+    queries: Sequence[int] | None = None,
+    seed: int = 0,
+) -> Figure:
     """Queries (left, black frame) and their top-k neighbours: green frame same class, red not."""
     _, neighbours = metrics.knn(emb, k)  # query = gallery, the query itself excluded
     labels = _np(labels)
@@ -276,8 +338,12 @@ def retrieval_grid(emb: Tensor, labels: Tensor, images: Sequence, *, n_queries: 
         _show(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
         for col, j in enumerate(neighbours[q].tolist(), start=1):
             hit = labels[j] == labels[q]
-            _show(axes[row, col], images[j], POS_COLOR if hit else NEG_COLOR,
-                  f"top {col}" if row == 0 else "")
+            _show(
+                axes[row, col],
+                images[j],
+                POS_COLOR if hit else NEG_COLOR,
+                f"top {col}" if row == 0 else "",
+            )
     return fig
 
 
@@ -294,9 +360,15 @@ def _axis_position(values: Sequence[float], v: float) -> float:
     return float(np.interp(v, edges, np.r_[-0.5, np.arange(len(xs)), len(xs) - 0.5]))
 
 
-def sensitivity_heatmap(table: Any, x: str = "loss.beta", y: str = "loss.lam",
-                        value: str = "recall@1", *, mark: Sequence[str] = ("released", "paper"),
-                        ax: Axes | None = None) -> Figure:
+def sensitivity_heatmap(
+    table: Any,
+    x: str = "loss.beta",
+    y: str = "loss.lam",
+    value: str = "recall@1",
+    *,
+    mark: Sequence[str] = ("released", "paper"),
+    ax: Axes | None = None,
+) -> Figure:
     """Mean `value` (%) over seeds on the x-by-y grid of a sweep (its folder, sweep.csv or rows),
     with the MS presets marked where they fall on the axes (at the edge when outside the grid)."""
     import pandas as pd
@@ -308,8 +380,15 @@ def sensitivity_heatmap(table: Any, x: str = "loss.beta", y: str = "loss.lam",
     fig, ax = _fig_ax(ax, 5.2, 4)
     image = ax.imshow(100 * grid.to_numpy(), origin="lower", cmap="viridis", aspect="auto")
     for (i, j), v in np.ndenumerate(100 * grid.to_numpy()):
-        ax.text(j, i - 0.3, "" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
-                color="white" if v < np.nanmean(100 * grid.to_numpy()) else "black")
+        ax.text(
+            j,
+            i - 0.3,
+            "" if np.isnan(v) else f"{v:.1f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if v < np.nanmean(100 * grid.to_numpy()) else "black",
+        )
     ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
     names = {k: k.rsplit(".", 1)[-1] for k in (x, y)}  # loss.beta -> the preset's "beta"
@@ -318,12 +397,21 @@ def sensitivity_heatmap(table: Any, x: str = "loss.beta", y: str = "loss.lam",
         if all(n in p for n in names.values()):
             px = _axis_position(grid.columns, p[names[x]])
             py = _axis_position(grid.index, p[names[y]])
-            ax.plot(px, py, marker=marker, markersize=14, color="white", markeredgecolor="black",
-                    linestyle="", clip_on=False,
-                    label=f"{preset} ({names[x]}={p[names[x]]:g}, {names[y]}={p[names[y]]:g})")
+            ax.plot(
+                px,
+                py,
+                marker=marker,
+                markersize=14,
+                color="white",
+                markeredgecolor="black",
+                linestyle="",
+                clip_on=False,
+                label=f"{preset} ({names[x]}={p[names[x]]:g}, {names[y]}={p[names[y]]:g})",
+            )
     if ax.lines:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
-                  frameon=False)
+        ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False
+        )
     fig.colorbar(image, ax=ax, label=f"{value} (%), mean over seeds")
     ax.set(xlabel=x, ylabel=y, title=f"{value} over {names[x]} x {names[y]}")
     return fig

@@ -7,6 +7,7 @@ and the same batch's weights at each of a run's snapshots (`weights_over_trainin
 Like msl_kit.viz, every function returns a pyplot-free Figure; matplotlib and pandas are
 imported inside the functions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -25,18 +26,33 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-LOSS_TITLES = {"ms": "Multi-Similarity", "contrastive": "Contrastive",
-               "triplet": "Triplet (semi-hard)", "binomial": "Binomial deviance",
-               "lifted": "Lifted structure"}
+LOSS_TITLES = {
+    "ms": "Multi-Similarity",
+    "contrastive": "Contrastive",
+    "triplet": "Triplet (semi-hard)",
+    "binomial": "Binomial deviance",
+    "lifted": "Lifted structure",
+}
 # The columns engine.train writes to history.csv every log_every iterations (and passes to
 # the callbacks' on_step): what MS mining kept of that iteration's batch.
-MINING_COLUMNS = ("pos_kept", "neg_kept", "w_pos_mean", "w_pos_max", "w_neg_mean", "w_neg_max",
-                  "sim_pos_q10", "sim_pos_q50", "sim_pos_q90",
-                  "sim_neg_q10", "sim_neg_q50", "sim_neg_q90")
+MINING_COLUMNS = (
+    "pos_kept",
+    "neg_kept",
+    "w_pos_mean",
+    "w_pos_max",
+    "w_neg_mean",
+    "w_neg_max",
+    "sim_pos_q10",
+    "sim_pos_q50",
+    "sim_pos_q90",
+    "sim_neg_q10",
+    "sim_neg_q50",
+    "sim_neg_q90",
+)
 
 
 # ----------------------------------------------------------------------------- one batch (03)
-def _class_lines(ax: "Axes", labels: Any) -> None:
+def _class_lines(ax: Axes, labels: Any) -> None:
     """White lines between class blocks; the class ids as ticks at block centres."""
     y = _np(labels)
     starts = np.r_[0, np.flatnonzero(np.diff(y)) + 1, len(y)]
@@ -44,11 +60,11 @@ def _class_lines(ax: "Axes", labels: Any) -> None:
         ax.axhline(e, color="w", lw=0.6), ax.axvline(e, color="w", lw=0.6)
     centres = (starts[:-1] + starts[1:] - 1) / 2
     names = [str(v) for v in y[starts[:-1]]] if len(centres) <= 20 else []
-    ax.set_xticks(centres[:len(names)], names, fontsize=7)
-    ax.set_yticks(centres[:len(names)], names, fontsize=7)
+    ax.set_xticks(centres[: len(names)], names, fontsize=7)
+    ax.set_yticks(centres[: len(names)], names, fontsize=7)
 
 
-def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: "Axes | None" = None) -> "Figure":
+def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: Axes | None = None) -> Figure:
     """The (B, B) similarity matrix with class blocks outlined (labels sorted)."""
     fig, ax = _fig_ax(ax, 4.4, 3.8)
     im = ax.imshow(_np(sim), cmap="viridis", vmin=-1, vmax=1)
@@ -58,8 +74,9 @@ def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: "Axes | None" = None)
     return fig
 
 
-def similarity_histograms(sim: Tensor, labels: Tensor, *, lam: float = 0.5, margin: float = 0.1,
-                          ax: "Axes | None" = None) -> "Figure":
+def similarity_histograms(
+    sim: Tensor, labels: Tensor, *, lam: float = 0.5, margin: float = 0.1, ax: Axes | None = None
+) -> Figure:
     """Positive and negative similarities (all pairs outlined, mined pairs filled) with the
     MS thresholds: lambda and the median per-anchor mining bounds."""
     fig, ax = _fig_ax(ax, 5.0, 3.4)
@@ -68,8 +85,10 @@ def similarity_histograms(sim: Tensor, labels: Tensor, *, lam: float = 0.5, marg
     kept = losses.mined_pairs(torch.as_tensor(s), torch.as_tensor(labels), margin=margin)
     kept_pos, kept_neg = (m.numpy() for m in kept)
     bins = np.linspace(min(s.min(), lam) - 0.05, max(s.max(), lam) + 0.05, 41)
-    for mask, kept, color, name in ((pos_mask, kept_pos, POS_COLOR, "positive"),
-                                    (neg_mask, kept_neg, NEG_COLOR, "negative")):
+    for mask, kept, color, name in (
+        (pos_mask, kept_pos, POS_COLOR, "positive"),
+        (neg_mask, kept_neg, NEG_COLOR, "negative"),
+    ):
         ax.hist(s[mask], bins, color=color, histtype="step", lw=1.5, label=f"{name} pairs")
         ax.hist(s[kept], bins, color=color, alpha=0.35, label=f"mined {name}s")
     with np.errstate(all="ignore"):
@@ -77,34 +96,61 @@ def similarity_histograms(sim: Tensor, labels: Tensor, *, lam: float = 0.5, marg
         max_neg = np.where(neg_mask, s, -np.inf).max(1)
     ax.axvline(lam, color="k", ls="--", label=f"λ = {lam:g}")
     if np.isfinite(min_pos).any() and np.isfinite(max_neg).any():  # a batch with both kinds of pair
-        ax.axvline(np.median(min_pos[np.isfinite(min_pos)]) - margin, color=NEG_COLOR, ls=":",
-                   label="negatives kept above\n(median min S⁺ − ε)")
-        ax.axvline(np.median(max_neg[np.isfinite(max_neg)]) + margin, color=POS_COLOR, ls=":",
-                   label="positives kept below\n(median max S⁻ + ε)")
+        ax.axvline(
+            np.median(min_pos[np.isfinite(min_pos)]) - margin,
+            color=NEG_COLOR,
+            ls=":",
+            label="negatives kept above\n(median min S⁺ − ε)",
+        )
+        ax.axvline(
+            np.median(max_neg[np.isfinite(max_neg)]) + margin,
+            color=POS_COLOR,
+            ls=":",
+            label="positives kept below\n(median max S⁻ + ε)",
+        )
     ax.set_yscale("log"), ax.set_xlabel("similarity"), ax.set_ylabel("pairs")
     ax.legend(fontsize=6.5, loc="upper left")
     return fig
 
 
-def weight_scatter(sim: Tensor, labels: Tensor, weights: losses.PairWeights, *, title: str = "",
-                   ax: "Axes | None" = None) -> "Figure":
+def weight_scatter(
+    sim: Tensor,
+    labels: Tensor,
+    weights: losses.PairWeights,
+    *,
+    title: str = "",
+    ax: Axes | None = None,
+) -> Figure:
     """Each pair's weight against its similarity: w+ of positives (green), w- of negatives (red)."""
     fig, ax = _fig_ax(ax, 4.0, 3.2)
     s = _np(sim)
     pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
     ax.scatter(s[pos_mask], _np(weights.pos)[pos_mask], s=9, c=POS_COLOR, label="positive w⁺")
-    ax.scatter(s[neg_mask], _np(weights.neg)[neg_mask], s=9, c=NEG_COLOR, marker="x",
-               label="negative w⁻")
+    ax.scatter(
+        s[neg_mask], _np(weights.neg)[neg_mask], s=9, c=NEG_COLOR, marker="x", label="negative w⁻"
+    )
     if not (weights.pos.any() or weights.neg.any()):
-        ax.text(0.5, 0.5, "no pair mined: every anchor's pairs\nare already separated (weights 0)",
-                transform=ax.transAxes, ha="center", va="center", fontsize=8)
+        ax.text(
+            0.5,
+            0.5,
+            "no pair mined: every anchor's pairs\nare already separated (weights 0)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
     ax.set_xlabel("similarity"), ax.set_ylabel("pair weight")
     ax.set_title(title, fontsize=9), ax.legend(fontsize=7)
     return fig
 
 
-def weight_heatmap(weights: losses.PairWeights, labels: Tensor | None = None, *, title: str = "",
-                   ax: "Axes | None" = None) -> "Figure":
+def weight_heatmap(
+    weights: losses.PairWeights,
+    labels: Tensor | None = None,
+    *,
+    title: str = "",
+    ax: Axes | None = None,
+) -> Figure:
     """w+ - w- as a (B, B) image: green pulls a pair together, red pushes it apart, white is
     unmined."""
     from matplotlib.colors import LinearSegmentedColormap
@@ -120,9 +166,18 @@ def weight_heatmap(weights: losses.PairWeights, labels: Tensor | None = None, *,
     return fig
 
 
-def pair_weight_figure(sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float,
-                       margin: float, weights: losses.PairWeights | None = None,
-                       title: str = "", sim_range: tuple[float, float] | None = None) -> "Figure":
+def pair_weight_figure(
+    sim: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    lam: float,
+    margin: float,
+    weights: losses.PairWeights | None = None,
+    title: str = "",
+    sim_range: tuple[float, float] | None = None,
+) -> Figure:
     """The MS view of one batch: similarity histograms with thresholds, w vs S, weight matrix.
 
     `weights` are the batch's `losses.pair_weights` under these parameters when the caller
@@ -143,7 +198,7 @@ def pair_weight_figure(sim: Tensor, labels: Tensor, *, alpha: float, beta: float
     return fig
 
 
-def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None = None) -> "Figure":
+def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None = None) -> Figure:
     """General Pair Weighting side by side: per loss, weight vs similarity above, weight matrix
     below (MS at the released preset, the others at their defaults unless `loss_params`)."""
     others = {n: {} for n in LOSS_TITLES if n != "ms"}
@@ -165,8 +220,15 @@ def mined_fractions(sim: Tensor, labels: Tensor, margin: float) -> tuple[float, 
     return tuple(float(k.sum()) / max(int(m.sum()), 1) for k, m in zip(kept, masks))  # type: ignore
 
 
-def weights_over_training(sims: Mapping[int, Tensor], labels: Tensor, *, alpha: float,
-                          beta: float, lam: float, margin: float) -> "Figure":
+def weights_over_training(
+    sims: Mapping[int, Tensor],
+    labels: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    lam: float,
+    margin: float,
+) -> Figure:
     """The same batch at several points of training, one column per snapshot iteration: each
     pair's weight against its similarity (top) and the weight matrix (bottom), with the share
     of positive and negative pairs that mining keeps in the title."""
@@ -184,7 +246,7 @@ def weights_over_training(sims: Mapping[int, Tensor], labels: Tensor, *, alpha: 
 
 
 # ----------------------------------------------------------------------------- over training (02)
-def mining_history(history: "pd.DataFrame | Iterable[dict] | str | Path") -> "pd.DataFrame":
+def mining_history(history: pd.DataFrame | Iterable[dict] | str | Path) -> pd.DataFrame:
     """The rows of a training history that carry mining statistics, by iteration.
 
     `history` is a DataFrame, on_step records, a history.csv or a run folder. A history
@@ -199,13 +261,19 @@ def mining_history(history: "pd.DataFrame | Iterable[dict] | str | Path") -> "pd
         history = pd.DataFrame(list(history))
     missing = [c for c in MINING_COLUMNS if c not in history]
     if missing:
-        raise ValueError(f"this history has no mining statistics (missing {', '.join(missing)}); "
-                         "runs record them every train.log_every iterations: train a new one")
+        raise ValueError(
+            f"this history has no mining statistics (missing {', '.join(missing)}); "
+            "runs record them every train.log_every iterations: train a new one"
+        )
     return history.dropna(subset=["pos_kept", "neg_kept"]).sort_values("iteration")
 
 
-def mining_dynamics(history: "pd.DataFrame | Iterable[dict] | str | Path", *,
-                    lam: float | None = None, total: int | None = None) -> "Figure":
+def mining_dynamics(
+    history: pd.DataFrame | Iterable[dict] | str | Path,
+    *,
+    lam: float | None = None,
+    total: int | None = None,
+) -> Figure:
     """What MS is looking at as it learns, against iteration (see `mining_history` for the
     accepted histories): the share of positive / negative pairs mining keeps (left); mean
     (solid) and max (dashed) w+ / w- over the kept pairs, log scale (middle); the 10-90 %
@@ -215,10 +283,13 @@ def mining_dynamics(history: "pd.DataFrame | Iterable[dict] | str | Path", *,
     fig = new_figure(13, 3.4)
     ax_kept, ax_w, ax_sim = fig.subplots(1, 3)
     it = rows["iteration"].to_numpy()
-    for kind, color, name, sign in (("pos", POS_COLOR, "positive", "⁺"),
-                                    ("neg", NEG_COLOR, "negative", "⁻")):
-        ax_kept.plot(it, 100 * rows[f"{kind}_kept"], color=color, marker="o", ms=3,
-                     label=f"{name} pairs")
+    for kind, color, name, sign in (
+        ("pos", POS_COLOR, "positive", "⁺"),
+        ("neg", NEG_COLOR, "negative", "⁻"),
+    ):
+        ax_kept.plot(
+            it, 100 * rows[f"{kind}_kept"], color=color, marker="o", ms=3, label=f"{name} pairs"
+        )
         ax_w.plot(it, rows[f"w_{kind}_mean"], color=color, marker="o", ms=3, label=f"mean w{sign}")
         ax_w.plot(it, rows[f"w_{kind}_max"], color=color, ls="--", label=f"max w{sign}")
         q10, q50, q90 = (rows[f"sim_{kind}_q{q}"] for q in (10, 50, 90))

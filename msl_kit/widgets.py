@@ -6,6 +6,7 @@
 statistics while a run trains. The redraw logic is plain Python (`update`, `figure`) so tests
 drive it without a browser; ipywidgets and IPython are imported only when a widget is shown.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,10 +24,18 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # (min, max, step) of each MS slider; beta reaches 200, the largest the loss is tested at
-SLIDERS = {"alpha": (0.1, 10.0, 0.1), "beta": (1.0, 200.0, 1.0), "lam": (-0.5, 1.5, 0.05),
-           "margin": (0.0, 0.5, 0.01)}
-SLIDER_LABELS = {"alpha": "α (alpha)", "beta": "β (beta)", "lam": "λ (lambda)",
-                 "margin": "ε (margin)"}
+SLIDERS = {
+    "alpha": (0.1, 10.0, 0.1),
+    "beta": (1.0, 200.0, 1.0),
+    "lam": (-0.5, 1.5, 0.05),
+    "margin": (0.0, 0.5, 0.01),
+}
+SLIDER_LABELS = {
+    "alpha": "α (alpha)",
+    "beta": "β (beta)",
+    "lam": "λ (lambda)",
+    "margin": "ε (margin)",
+}
 CUSTOM = "custom"
 
 
@@ -39,9 +48,15 @@ class PairWeightExplorer:
     structure at their defaults); it does not depend on the sliders, so it is drawn once.
     """
 
-    def __init__(self, sim: Tensor, labels: Tensor, *, preset: str = "released",
-                 compare: bool = True,
-                 dpi: int = 80) -> None:
+    def __init__(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        *,
+        preset: str = "released",
+        compare: bool = True,
+        dpi: int = 80,
+    ) -> None:
         if preset not in losses.PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(losses.PRESETS)}")
         self.sim, self.labels = sim.detach().float().cpu(), torch.as_tensor(labels).cpu()
@@ -61,28 +76,36 @@ class PairWeightExplorer:
     @property
     def preset(self) -> str:
         """The preset whose values the sliders hold, or "custom"."""
-        return next((n for n, p in losses.PRESETS.items()
-                     if all(abs(self.params[k] - v) < 1e-9 for k, v in p.items())), CUSTOM)
+        return next(
+            (
+                n
+                for n, p in losses.PRESETS.items()
+                if all(abs(self.params[k] - v) < 1e-9 for k, v in p.items())
+            ),
+            CUSTOM,
+        )
 
-    def update(self, **params: float) -> "Figure":
+    def update(self, **params: float) -> Figure:
         """Set any of alpha, beta, lam, margin; recompute the weights and redraw. Returns the MS
         figure."""
         unknown = sorted(set(params) - set(SLIDERS))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown}; the explorer takes "
-                             f"{sorted(SLIDERS)}")
+            raise ValueError(
+                f"unknown parameter(s) {unknown}; the explorer takes {sorted(SLIDERS)}"
+            )
         self.params.update({k: float(v) for k, v in params.items()})
         # computed once per move: the figure draws these very weights
         self.weights = losses.pair_weights(self.sim, self.labels, **self.params)
-        self.figure = viz_mining.pair_weight_figure(self.sim, self.labels, weights=self.weights,
-                                                    **self.params)
+        self.figure = viz_mining.pair_weight_figure(
+            self.sim, self.labels, weights=self.weights, **self.params
+        )
         self.renders += 1
         if self._ui:
             self._sync_controls()
             self._ui["image"].value = viz.to_png(self.figure, self.dpi)
         return self.figure
 
-    def apply_preset(self, name: str) -> "Figure":
+    def apply_preset(self, name: str) -> Figure:
         """Set all four parameters from losses.PRESETS[name] in one redraw."""
         if name not in losses.PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(losses.PRESETS)}")
@@ -98,34 +121,49 @@ class PairWeightExplorer:
         finally:
             self._syncing = False
 
-    def widget(self) -> "ipywidgets.VBox":
+    def widget(self) -> ipywidgets.VBox:
         """The sliders, preset menu and figures as one ipywidgets box (built once)."""
         import ipywidgets as w
 
         if "box" in self._ui:
             return self._ui["box"]
-        sliders = {n: w.FloatSlider(value=self.params[n], min=lo, max=hi, step=step,
-                                    description=SLIDER_LABELS[n],
-                                    continuous_update=False, readout_format=".2f",
-                                    style={"description_width": "80px"},
-                                    layout=w.Layout(width="360px"))
-                   for n, (lo, hi, step) in SLIDERS.items()}
-        preset = w.Dropdown(options=[*losses.PRESETS, CUSTOM], value=self.preset,
-                            description="preset")
+        sliders = {
+            n: w.FloatSlider(
+                value=self.params[n],
+                min=lo,
+                max=hi,
+                step=step,
+                description=SLIDER_LABELS[n],
+                continuous_update=False,
+                readout_format=".2f",
+                style={"description_width": "80px"},
+                layout=w.Layout(width="360px"),
+            )
+            for n, (lo, hi, step) in SLIDERS.items()
+        }
+        preset = w.Dropdown(
+            options=[*losses.PRESETS, CUSTOM], value=self.preset, description="preset"
+        )
         for name, slider in sliders.items():
             slider.add_class(f"msl-slider-{name}")
-            slider.observe(lambda change, n=name: self._syncing
-                           or self.update(**{n: change["new"]}), "value")
-        preset.observe(lambda change: self._syncing or change["new"] == CUSTOM
-                       or self.apply_preset(change["new"]), "value")
+            slider.observe(
+                lambda change, n=name: self._syncing or self.update(**{n: change["new"]}), "value"
+            )
+        preset.observe(
+            lambda change: (
+                self._syncing or change["new"] == CUSTOM or self.apply_preset(change["new"])
+            ),
+            "value",
+        )
         image = w.Image(value=viz.to_png(self.figure, self.dpi), format="png")
         image.add_class("msl-pair-weights")
         row1, row2 = list(sliders.values())[:1], list(sliders.values())[1:]
         parts = [w.HBox([preset, *row1]), w.HBox(row2), image]
         self._ui = {"sliders": sliders, "preset": preset, "image": image}
         if self.compare:
-            self._ui["compare"] = w.Image(value=viz.to_png(self.compare_figure, self.dpi),
-                                          format="png")
+            self._ui["compare"] = w.Image(
+                value=viz.to_png(self.compare_figure, self.dpi), format="png"
+            )
             self._ui["compare"].add_class("msl-gpw-compare")
             parts.append(self._ui["compare"])
         self._ui["box"] = w.VBox(parts)
@@ -138,8 +176,9 @@ class PairWeightExplorer:
         display(self.widget())
 
 
-def pair_weight_explorer(sim: Tensor, labels: Tensor, *, preset: str = "released",
-                         compare: bool = True) -> PairWeightExplorer:
+def pair_weight_explorer(
+    sim: Tensor, labels: Tensor, *, preset: str = "released", compare: bool = True
+) -> PairWeightExplorer:
     """An explorer of one batch's MS pair weights; display it (last line of a cell) for the
     sliders."""
     return PairWeightExplorer(sim, labels, preset=preset, compare=compare)
@@ -154,8 +193,17 @@ class SnapshotExplorer:
     `update(iteration)` recomputes the weights once and redraws; the slider calls it.
     """
 
-    def __init__(self, sims: Mapping[int, Tensor], labels: Tensor, *, alpha: float, beta: float,
-                 lam: float, margin: float, dpi: int = 80) -> None:
+    def __init__(
+        self,
+        sims: Mapping[int, Tensor],
+        labels: Tensor,
+        *,
+        alpha: float,
+        beta: float,
+        lam: float,
+        margin: float,
+        dpi: int = 80,
+    ) -> None:
         if not sims:
             raise ValueError("no snapshot to show: the run folder has no snapshots/iter_*.pt")
         self.sims = {int(i): s.detach().float().cpu() for i, s in sorted(sims.items())}
@@ -174,7 +222,7 @@ class SnapshotExplorer:
         """The snapshot iterations, in training order."""
         return list(self.sims)
 
-    def update(self, iteration: int) -> "Figure":
+    def update(self, iteration: int) -> Figure:
         """Show the snapshot of `iteration`: its weights (computed once) and the MS figure."""
         if int(iteration) not in self.sims:
             raise ValueError(f"no snapshot at iteration {iteration}; the run has {self.iterations}")
@@ -182,22 +230,31 @@ class SnapshotExplorer:
         sim = self.sims[self.iteration]
         self.weights = losses.pair_weights(sim, self.labels, **self.params)
         self.figure = viz_mining.pair_weight_figure(
-            sim, self.labels, weights=self.weights, title=f"iteration {self.iteration}",
-            sim_range=self.sim_range, **self.params)
+            sim,
+            self.labels,
+            weights=self.weights,
+            title=f"iteration {self.iteration}",
+            sim_range=self.sim_range,
+            **self.params,
+        )
         self.renders += 1
         if self._ui:
             self._ui["image"].value = viz.to_png(self.figure, self.dpi)
         return self.figure
 
-    def widget(self) -> "ipywidgets.VBox":
+    def widget(self) -> ipywidgets.VBox:
         """The iteration slider over the figure, as one ipywidgets box (built once)."""
         import ipywidgets as w
 
         if "box" in self._ui:
             return self._ui["box"]
-        slider = w.SelectionSlider(options=self.iterations, value=self.iteration,
-                                   description="iteration", continuous_update=False,
-                                   layout=w.Layout(width="480px"))
+        slider = w.SelectionSlider(
+            options=self.iterations,
+            value=self.iteration,
+            description="iteration",
+            continuous_update=False,
+            layout=w.Layout(width="480px"),
+        )
         slider.add_class("msl-snapshot-slider")
         slider.observe(lambda change: self.update(change["new"]), "value")
         image = w.Image(value=viz.to_png(self.figure, self.dpi), format="png")
@@ -232,7 +289,7 @@ class _LivePanel(engine.Callback):
         self.display = _in_notebook() if display is None else display
         self.total, self.draws, self._handle, self._last = 0, 0, None, 0.0
 
-    def figure(self) -> "Figure":
+    def figure(self) -> Figure:
         raise NotImplementedError
 
     def on_start(self, cfg: Config, start_iteration: int, total: int) -> None:
@@ -266,8 +323,13 @@ class LiveCurves(_LivePanel):
     """Engine callback: loss and recall curves, redrawn in place in a notebook (on each
     evaluation, at the end, and at most every `min_interval` seconds in between)."""
 
-    def __init__(self, metric_keys: Sequence[str] = ("recall@1", "map@r"), *,
-                 min_interval: float = 2.0, display: bool | None = None) -> None:
+    def __init__(
+        self,
+        metric_keys: Sequence[str] = ("recall@1", "map@r"),
+        *,
+        min_interval: float = 2.0,
+        display: bool | None = None,
+    ) -> None:
         super().__init__(min_interval=min_interval, display=display)
         self.metric_keys = tuple(metric_keys)
         self.steps: list[tuple[int, float]] = []
@@ -281,7 +343,7 @@ class LiveCurves(_LivePanel):
         self.evals.append((int(iteration), dict(results)))
         self.redraw()
 
-    def figure(self) -> "Figure":
+    def figure(self) -> Figure:
         """Loss per iteration (left) and the evaluation metrics in % (right)."""
         fig = viz.new_figure(10, 3.2)
         ax_loss, ax_eval = fig.subplots(1, 2)
@@ -322,11 +384,16 @@ class LiveMining(_LivePanel):
             self.records.append({k: record.get(k) for k in keys})
             self._due()
 
-    def figure(self) -> "Figure":
+    def figure(self) -> Figure:
         """`viz_mining.mining_dynamics` of the records so far, or a note while there are none."""
         if self.records:
             return viz_mining.mining_dynamics(self.records, lam=self.lam, total=self.total or None)
         fig = viz.new_figure(13, 1.2)
-        fig.text(0.5, 0.5, "mining statistics appear every train.log_every iterations",
-                 ha="center", va="center")
+        fig.text(
+            0.5,
+            0.5,
+            "mining statistics appear every train.log_every iterations",
+            ha="center",
+            va="center",
+        )
         return fig

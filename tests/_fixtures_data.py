@@ -1,5 +1,6 @@
 """Test helpers for the data tests: a local HTTP server with Range support, tiny images, and
 archives in each dataset's official layout (the same folders, list files and columns)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,13 +14,12 @@ import tarfile
 import threading
 import urllib.parse
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
-
 
 # ----------------------------------------------------------------------------- HTTP server
 
@@ -97,8 +97,9 @@ def serve(files: dict[str, bytes], **options) -> Iterator[Server]:
 # ----------------------------------------------------------------------------- images & archives
 
 
-def image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "JPEG",
-                mode: str = "RGB") -> bytes:
+def image_bytes(
+    seed: int, size: tuple[int, int] = (24, 20), fmt: str = "JPEG", mode: str = "RGB"
+) -> bytes:
     """A small image whose colour depends on `seed` (so classes differ)."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, size=3)
@@ -116,8 +117,13 @@ def tar_bytes(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
     buf = io.BytesIO()
     level = {"compresslevel": 1} if mode == "w:gz" else {}  # 16k-member fakes: speed over size
     with tarfile.open(fileobj=buf, mode=mode, **level) as tar:
-        dirs = sorted({"/".join(name.split("/")[:i])
-                       for name in members for i in range(1, name.count("/") + 1)})
+        dirs = sorted(
+            {
+                "/".join(name.split("/")[:i])
+                for name in members
+                for i in range(1, name.count("/") + 1)
+            }
+        )
         for d in dirs:  # official archives list their folders too
             info = tarfile.TarInfo(d)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
@@ -148,8 +154,13 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 
 # ----------------------------------------------------------------------------- official layouts
 
-CUB_CLASSES = {1: "001.Black_footed_Albatross", 2: "002.Laysan_Albatross", 100: "100.Brown_Pelican",
-               101: "101.White_Pelican", 200: "200.Common_Yellowthroat"}
+CUB_CLASSES = {
+    1: "001.Black_footed_Albatross",
+    2: "002.Laysan_Albatross",
+    100: "100.Brown_Pelican",
+    101: "101.White_Pelican",
+    200: "200.Common_Yellowthroat",
+}
 
 
 def cub_members(per_class: int = 3, bad_line: str | None = None) -> dict[str, bytes]:
@@ -169,25 +180,29 @@ def cub_members(per_class: int = 3, bad_line: str | None = None) -> dict[str, by
         images.append(f"{image_id} {bad_line}")
         labels.append(f"{image_id} 1")
     text = lambda rows: ("\n".join(rows) + "\n").encode()  # noqa: E731
-    return {"attributes.txt": b"1 has_bill_shape::curved\n",
-            "CUB_200_2011/README": b"fixture\n",
-            "CUB_200_2011/classes.txt": text(f"{c} {n}" for c, n in CUB_CLASSES.items()),
-            "CUB_200_2011/images.txt": text(images),
-            "CUB_200_2011/image_class_labels.txt": text(labels),
-            "CUB_200_2011/train_test_split.txt": text(split),
-            **files}
+    return {
+        "attributes.txt": b"1 has_bill_shape::curved\n",
+        "CUB_200_2011/README": b"fixture\n",
+        "CUB_200_2011/classes.txt": text(f"{c} {n}" for c, n in CUB_CLASSES.items()),
+        "CUB_200_2011/images.txt": text(images),
+        "CUB_200_2011/image_class_labels.txt": text(labels),
+        "CUB_200_2011/train_test_split.txt": text(split),
+        **files,
+    }
 
 
-def omniglot_members(top: str, alphabets: dict[str, int], per_char: int = 2,
-                     seed: int = 0) -> dict[str, bytes]:
+def omniglot_members(
+    top: str, alphabets: dict[str, int], per_char: int = 2, seed: int = 0
+) -> dict[str, bytes]:
     """images_background.zip / images_evaluation.zip: top/Alphabet/characterNN/NNNN_MM.png
     (1-bit)."""
     out = {}
     for a, (alphabet, n_chars) in enumerate(alphabets.items()):
         for c in range(1, n_chars + 1):
             for d in range(1, per_char + 1):
-                out[f"{top}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png"] = \
-                    image_bytes(seed + 1000 * a + 10 * c + d, (12, 12), "PNG", "1")
+                out[f"{top}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png"] = image_bytes(
+                    seed + 1000 * a + 10 * c + d, (12, 12), "PNG", "1"
+                )
     return out
 
 
@@ -235,8 +250,9 @@ def cars_images(real: bool = True) -> list[tuple[int, str]]:
     return out
 
 
-def mat_bytes(fields: list[str], rows: list[tuple], names: list[str] | None = None,
-              key: str = "annotations") -> bytes:
+def mat_bytes(
+    fields: list[str], rows: list[tuple], names: list[str] | None = None, key: str = "annotations"
+) -> bytes:
     """A MATLAB file with a 1xN struct array `key` (given fields) and/or a 1xC 'class_names'."""
     from scipy.io import savemat
 
@@ -266,8 +282,9 @@ _LEGACY_FIELDS = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"
 _DEVKIT_FIELDS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
 
 
-def cars_tree(layout: str, images: list[tuple[int, str]]
-              ) -> tuple[dict[str, bytes], dict[str, int]]:
+def cars_tree(
+    layout: str, images: list[tuple[int, str]]
+) -> tuple[dict[str, bytes], dict[str, int]]:
     """The unpacked files of a Cars196 layout, {path: bytes}, and the truth {image path: class}.
 
     legacy: car_ims/NNNNNN.jpg + cars_annos.mat. torchvision: cars_{train,test}/NNNNN.jpg (the
@@ -279,25 +296,34 @@ def cars_tree(layout: str, images: list[tuple[int, str]]
     tree, truth = {}, {}
     if layout == "legacy":
         truth = {f"car_ims/{n:06d}.jpg": c for n, (c, _) in enumerate(images, 1)}
-        rows = [(p, 1, 1, 3, 3, c, int(s == "test"))
-                for (p, c), (_, s) in zip(truth.items(), images)]
+        rows = [
+            (p, 1, 1, 3, 3, c, int(s == "test")) for (p, c), (_, s) in zip(truth.items(), images)
+        ]
         tree["cars_annos.mat"] = mat_bytes(_LEGACY_FIELDS, rows, CARS_NAMES)
     for split in ("train", "test") if layout != "legacy" else ():
         listed = _numbered(images, split)
         if layout == "torchvision":
             truth.update({f"cars_{split}/{f}": c for f, c in listed})
-            target = "devkit/cars_train_annos.mat" if split == "train" else \
-                "cars_test_annos_withlabels.mat"
+            target = (
+                "devkit/cars_train_annos.mat"
+                if split == "train"
+                else "cars_test_annos_withlabels.mat"
+            )
             tree[target] = mat_bytes(_DEVKIT_FIELDS, [(1, 1, 3, 3, c, f) for f, c in listed])
         else:
-            truth.update({f"car_data/car_data/{split}/{CARS_NAMES[c - 1].replace('/', '-')}/{f}": c
-                          for f, c in listed})
+            truth.update(
+                {
+                    f"car_data/car_data/{split}/{CARS_NAMES[c - 1].replace('/', '-')}/{f}": c
+                    for f, c in listed
+                }
+            )
             tree[f"anno_{split}.csv"] = "".join(f"{f},1,1,3,3,{c}\n" for f, c in listed).encode()
     if layout == "torchvision":
         # the devkit's own test list, without classes: never read, so a short one keeps it fast
         tree["devkit/cars_test_annos.mat"] = mat_bytes(
             [f for f in _DEVKIT_FIELDS if f != "class"],
-            [(1, 1, 3, 3, f) for f, _ in _numbered(images, "test")[:100]])
+            [(1, 1, 3, 3, f) for f, _ in _numbered(images, "test")[:100]],
+        )
         tree["devkit/cars_meta.mat"] = mat_bytes([], [], CARS_NAMES)
     if layout == "kaggle":
         tree["names.csv"] = "".join(f"{n}\n" for n in CARS_NAMES).encode()
@@ -312,8 +338,12 @@ def cars_archives(layout: str, tree: dict[str, bytes], folder: Path) -> list[Pat
     if layout == "kaggle":
         (folder / "stanford-car-dataset-by-classes-folder.zip").write_bytes(zip_bytes(tree))
         return [folder / "stanford-car-dataset-by-classes-folder.zip"]
-    names = {"car_ims": "car_ims.tgz", "cars_train": "cars_train.tgz",
-             "cars_test": "cars_test.tgz", "devkit": "car_devkit.tgz"}
+    names = {
+        "car_ims": "car_ims.tgz",
+        "cars_train": "cars_train.tgz",
+        "cars_test": "cars_test.tgz",
+        "devkit": "car_devkit.tgz",
+    }
     groups: dict[str, dict[str, bytes]] = {}
     for path, data in tree.items():
         top = path.split("/")[0]
@@ -354,10 +384,13 @@ def sop_members(per_class: int = 2) -> dict[str, bytes]:
     return out
 
 
-INSHOP = {"id_00000001": ["train"] * 2, "id_00000007": ["train"] * 3,
-          "id_00000002": ["query", "gallery", "gallery"],
-          "id_00000004": ["query", "query", "gallery"],
-          "id_00000005": ["gallery", "query"]}
+INSHOP = {
+    "id_00000001": ["train"] * 2,
+    "id_00000007": ["train"] * 3,
+    "id_00000002": ["query", "gallery", "gallery"],
+    "id_00000004": ["query", "query", "gallery"],
+    "id_00000005": ["gallery", "query"],
+}
 
 
 def inshop_files() -> tuple[bytes, bytes]:

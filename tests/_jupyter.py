@@ -1,4 +1,5 @@
 """Start a throw-away JupyterLab server for the browser test; stop it and its kernels reliably."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ class Lab:
 
     def api(self, path: str, method: str = "GET") -> object:
         """Call the server's REST API with the token; the parsed JSON (None when empty)."""
-        req = urllib.request.Request(f"{self.url}{path}", method=method,
-                                     headers={"Authorization": f"token {self.token}"})
+        req = urllib.request.Request(
+            f"{self.url}{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             body = resp.read()
         return json.loads(body) if body else None
@@ -44,8 +46,10 @@ def _settings(folder: Path) -> None:
     (cells out of view stay in the DOM, so the test can find the widget's output)."""
     for plugin, values in {
         "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
-        "@jupyterlab/apputils-extension/notification": {"fetchNews": "false",
-                                                         "checkForUpdates": False},
+        "@jupyterlab/apputils-extension/notification": {
+            "fetchNews": "false",
+            "checkForUpdates": False,
+        },
     }.items():
         path = folder / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,35 +63,52 @@ def jupyter_lab(root: Path, state: Path, timeout: float = 90.0) -> Iterator[Lab]
     port, token = free_port(), secrets.token_hex(16)
     settings = state / "settings"
     _settings(settings)
-    cmd = [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", f"--port={port}",
-           "--ServerApp.port_retries=0", "--ServerApp.open_browser=False",
-           f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
-           "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={settings}",
-           f"--LabApp.workspaces_dir={state / 'workspaces'}", "--ServerApp.terminals_enabled=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        "--ServerApp.open_browser=False",
+        f"--ServerApp.root_dir={root}",
+        f"--IdentityProvider.token={token}",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={state / 'workspaces'}",
+        "--ServerApp.terminals_enabled=False",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     # Kernels import this checkout, whichever msl_kit the environment has installed.
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(state / "config"),
-           "JUPYTER_RUNTIME_DIR": str(state / "runtime"), "PYTHONPATH": path,
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(state / "config"),
+        "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     log = state / "jupyterlab.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     lab = Lab(f"http://127.0.0.1:{port}", token, log)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with {proc.returncode}:\n"
-                                   f"{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"JupyterLab exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
             with contextlib.suppress(OSError):
                 lab.api("/api/status")
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"JupyterLab did not answer within {timeout:.0f} s:\n"
-                                   f"{log.read_text()[-3000:]}")
+                raise TimeoutError(
+                    f"JupyterLab did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.3)
         yield lab
     finally:

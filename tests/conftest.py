@@ -1,4 +1,5 @@
 """Shared test set-up: quiet OpenMP, the real-data folder, and a helper to skip without it."""
+
 from __future__ import annotations
 
 import os
@@ -16,5 +17,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> Path:
     """../shared/data, or a skip that says why (a user's fresh clone has no ../shared)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (it exists only beside the team's checkout)")
+        pytest.skip(
+            f"real data folder {SHARED_DATA} is absent (it exists only beside the team's checkout)"
+        )
     return SHARED_DATA

@@ -6,6 +6,7 @@ that the figures the kernel sends back changed. Skipped with a reason where chro
 Playwright is missing, but failed under CI=... (CI installs chromium). Set
 MSL_KIT_SCREENSHOTS=docs to refresh docs/pair_weights.png.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from _jupyter import jupyter_lab
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KERNEL_IDLE = """() => {
   const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
   const session = panel && panel.sessionContext && panel.sessionContext.session;
@@ -35,8 +43,10 @@ ERRORS = """() => window.jupyterapp.shell.currentWidget.content.widgets
   .filter(c => c.model.type === 'code')
   .flatMap(c => c.model.outputs.toJSON().filter(o => o.output_type === 'error')
     .map(o => o.ename + ': ' + o.evalue))"""
-SRC_CHANGED = ("([selector, old]) => { const el = document.querySelector(selector); "
-               "return el && el.src !== old; }")
+SRC_CHANGED = (
+    "([selector, old]) => { const el = document.querySelector(selector); "
+    "return el && el.src !== old; }"
+)
 
 
 def _browser() -> str:
@@ -46,14 +56,18 @@ def _browser() -> str:
     debian = Path("/usr/bin/chromium")
     exe = shutil.which("chromium") or (str(debian) if debian.exists() else None)
     if exe is None:
-        reason = ("chromium is not installed (Debian: apt-get install chromium); the browser "
-                  "test needs it")
+        reason = (
+            "chromium is not installed (Debian: apt-get install chromium); the browser "
+            "test needs it"
+        )
     else:
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:
-            reason = ("the playwright Python package is missing (pip install playwright; no "
-                      "browser download needed)")
+            reason = (
+                "the playwright Python package is missing (pip install playwright; no "
+                "browser download needed)"
+            )
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {reason}")
@@ -102,8 +116,12 @@ def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_pa
     shot = tmp_path / "pair_weights.png"
     with jupyter_lab(root, tmp_path / "state") as lab, sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=exe, headless=True, args=FLAGS,
-            viewport={"width": 1400, "height": 1000})
+            str(tmp_path / "profile"),
+            executable_path=exe,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
         page = context.new_page()
         try:
             page.goto(f"{lab.url}/lab/tree/notebooks/03_pair_weights.ipynb?token={lab.token}")
@@ -121,8 +139,9 @@ def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_pa
             before_src, before_png = image.get_attribute("src"), image.screenshot()
 
             _drag(page, ".msl-slider-beta .noUi-handle", 90)
-            page.wait_for_function(SRC_CHANGED, arg=["img.msl-pair-weights", before_src],
-                                   timeout=120_000)
+            page.wait_for_function(
+                SRC_CHANGED, arg=["img.msl-pair-weights", before_src], timeout=120_000
+            )
             beta = float(readout.inner_text())
             assert beta > 40.0, f"the slider did not move (beta readout {beta})"
             # the preset menu follows
@@ -136,14 +155,17 @@ def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_pa
             snap = page.locator("img.msl-snapshot-weights")
             snap_src = snap.get_attribute("src")
             _drag(page, ".msl-snapshot-slider .noUi-handle", -600)
-            page.wait_for_function(SRC_CHANGED, arg=["img.msl-snapshot-weights", snap_src],
-                                   timeout=120_000)
+            page.wait_for_function(
+                SRC_CHANGED, arg=["img.msl-snapshot-weights", snap_src], timeout=120_000
+            )
             readout = page.locator(".msl-snapshot-slider .widget-readout").inner_text().strip()
             assert readout == "0", f"the snapshot slider reads {readout}, not iteration 0"
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            print(f"JupyterLab log tail:\n{lab.log.read_text()[-3000:]}\n"
-                  f"screenshot: {tmp_path / 'failure.png'}")
+            print(
+                f"JupyterLab log tail:\n{lab.log.read_text()[-3000:]}\n"
+                f"screenshot: {tmp_path / 'failure.png'}"
+            )
             raise
         finally:
             context.close()

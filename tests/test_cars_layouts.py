@@ -1,6 +1,7 @@
 """Cars196 in the three layouts people have (legacy car_ims.tgz + cars_annos.mat, torchvision's
 StanfordCars, the car_data/ mirror): the same DML split from each, at the real counts, and one
 clear LayoutError naming the file for each kind of malformed list or .mat file."""
+
 from __future__ import annotations
 
 import io
@@ -9,10 +10,21 @@ import zipfile
 from collections import Counter
 
 import pytest
+from _fixtures_data import (
+    CARS_NAMES,
+    cars_archives,
+    cars_images,
+    cars_tree,
+    cub_members,
+    inshop_files,
+    mat_bytes,
+    sop_members,
+    tar_bytes,
+    write_tree,
+    zip_bytes,
+)
 
 import msl_kit.datasets as D
-from _fixtures_data import (CARS_NAMES, cars_archives, cars_images, cars_tree, cub_members,
-                            inshop_files, mat_bytes, sop_members, tar_bytes, write_tree, zip_bytes)
 from msl_kit import cli
 
 LAYOUTS = ("legacy", "torchvision", "kaggle")
@@ -48,8 +60,10 @@ def test_each_layout_gives_the_dml_split_at_real_counts(real_cars, layout):
 
 
 def test_layouts_agree_on_labels_and_counts(real_cars):
-    summaries = [(train.classes, test.classes, Counter(train.labels.tolist()),
-                  Counter(test.labels.tolist())) for _, train, test in real_cars.values()]
+    summaries = [
+        (train.classes, test.classes, Counter(train.labels.tolist()), Counter(test.labels.tolist()))
+        for _, train, test in real_cars.values()
+    ]
     assert summaries[0] == summaries[1] == summaries[2]
 
 
@@ -71,14 +85,23 @@ def test_copies_that_differ_from_the_published_md5_are_used_with_a_warning(tmp_p
         warnings.simplefilter("always")
         D.prepare("cars196", tmp_path / "data", archive=files, progress=False)
     messages = [str(w.message) for w in caught]
-    for name, md5 in (("car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14"),
-                      ("cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc")):
+    for name, md5 in (
+        ("car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14"),
+        ("cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc"),
+    ):
         assert any(f"differs from the published {name} (md5 {md5})" in m for m in messages)
     (tmp_path / "Stanford_Online_Products.zip").write_bytes(zip_bytes(sop_members()))
-    with pytest.warns(UserWarning, match="differs from the published Stanford_Online_Products.zip "
-                                         r"\(md5 7f73d41a2f44250d4779881525aea32e\)"):
-        D.prepare("sop", tmp_path / "data", archive=tmp_path / "Stanford_Online_Products.zip",
-                  progress=False)
+    with pytest.warns(
+        UserWarning,
+        match="differs from the published Stanford_Online_Products.zip "
+        r"\(md5 7f73d41a2f44250d4779881525aea32e\)",
+    ):
+        D.prepare(
+            "sop",
+            tmp_path / "data",
+            archive=tmp_path / "Stanford_Online_Products.zip",
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("layout", ["torchvision", "kaggle"])
@@ -86,8 +109,7 @@ def test_new_layouts_from_their_archives_through_the_cli(tmp_path, capsys, layou
     tree, truth = cars_tree(layout, cars_images(real=False))
     files = cars_archives(layout, tree, tmp_path / "given")
     root = tmp_path / "data"
-    assert cli.main(["prepare", "cars196", "--root", str(root),
-                     "--archive", *map(str, files)]) == 0
+    assert cli.main(["prepare", "cars196", "--root", str(root), "--archive", *map(str, files)]) == 0
     assert "prepared cars196: 10 images of 5 classes" in capsys.readouterr().out
     train, test = D.build("cars196", root, "train"), D.build("cars196", root, "test")
     assert train.classes == [CARS_NAMES[c - 1] for c in (1, 2, 98)] and len(train) == 6
@@ -111,8 +133,9 @@ def _tree(layout: str) -> dict[str, bytes]:
 def _devkit_fields_in_legacy_file() -> dict[str, bytes]:
     tree = _tree("legacy")
     rows = [(1, 1, 3, 3, 1, "000001.jpg")]
-    tree["cars_annos.mat"] = mat_bytes(["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class",
-                                        "fname"], rows, CARS_NAMES)
+    tree["cars_annos.mat"] = mat_bytes(
+        ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"], rows, CARS_NAMES
+    )
     return tree
 
 
@@ -137,45 +160,63 @@ CARS_BAD = {
     "legacy .mat with the devkit's fields": (
         _devkit_fields_in_legacy_file,
         r"cars_annos.mat: its 'annotations' have fields bbox_x1, .*fname; expected 'annotations' "
-        r"\(relative_im_path, class\) and 'class_names'.*fname is the devkit's field"),
+        r"\(relative_im_path, class\) and 'class_names'.*fname is the devkit's field",
+    ),
     "legacy .mat without class_names": (
-        lambda: _edit("legacy", "cars_annos.mat", mat_bytes(["relative_im_path", "class"],
-                                                             [("car_ims/000001.jpg", 1)])),
-        r"cars_annos.mat has no 'class_names' \(variables: annotations\); expected"),
+        lambda: _edit(
+            "legacy",
+            "cars_annos.mat",
+            mat_bytes(["relative_im_path", "class"], [("car_ims/000001.jpg", 1)]),
+        ),
+        r"cars_annos.mat has no 'class_names' \(variables: annotations\); expected",
+    ),
     "legacy .mat truncated": (
         lambda: _edit("legacy", "cars_annos.mat", _tree("legacy")["cars_annos.mat"][:300]),
-        r"cars_annos.mat is not a readable MATLAB file .*expected 'annotations'"),
+        r"cars_annos.mat is not a readable MATLAB file .*expected 'annotations'",
+    ),
     "test annotations without classes": (
-        lambda: _edit("torchvision", "cars_test_annos_withlabels.mat",
-                      _tree("torchvision")["devkit/cars_test_annos.mat"]),
+        lambda: _edit(
+            "torchvision",
+            "cars_test_annos_withlabels.mat",
+            _tree("torchvision")["devkit/cars_test_annos.mat"],
+        ),
         r"cars_test_annos_withlabels.mat: its 'annotations' have fields bbox_x1, bbox_y1, "
-        r"bbox_x2, bbox_y2, fname; expected 'annotations' \(fname, class\)"),
+        r"bbox_x2, bbox_y2, fname; expected 'annotations' \(fname, class\)",
+    ),
     "no cars_test_annos_withlabels.mat": (
         lambda: _edit("torchvision", "cars_test_annos_withlabels.mat", None),
-        r"no cars_test_annos_withlabels.mat \(the devkit's cars_test_annos.mat has no classes\)"),
+        r"no cars_test_annos_withlabels.mat \(the devkit's cars_test_annos.mat has no classes\)",
+    ),
     "devkit without cars_meta.mat": (
         lambda: _edit("torchvision", "devkit/cars_meta.mat", None),
-        r"devkit has cars_train_annos.mat but no cars_meta.mat"),
+        r"devkit has cars_train_annos.mat but no cars_meta.mat",
+    ),
     "cars_meta.mat without class_names": (
         lambda: _edit("torchvision", "devkit/cars_meta.mat", mat_bytes(["class"], [(1,)])),
-        r"cars_meta.mat has no 'class_names' \(variables: annotations\); expected 'class_names'"),
+        r"cars_meta.mat has no 'class_names' \(variables: annotations\); expected 'class_names'",
+    ),
     "anno csv row with a column missing": (
         lambda: _csv_edit("anno_train.csv", 3, "00003.jpg,1,1,3,3"),
         r"anno_train.csv, line 3: expected 6 columns 'image,x1,y1,x2,y2,class'; got "
-        r"'00003.jpg,1,1,3,3'"),
+        r"'00003.jpg,1,1,3,3'",
+    ),
     "anno csv with a non-integer class": (
         lambda: _csv_edit("anno_test.csv", 2, "00002.jpg,1,1,3,3,Audi"),
-        r"anno_test.csv: class \(the last column\) must be an integer; got 'Audi'"),
+        r"anno_test.csv: class \(the last column\) must be an integer; got 'Audi'",
+    ),
     "names.csv shorter than the classes": (
         lambda: _edit("kaggle", "names.csv", b"Only One Name 2012\n"),
-        r"anno_train.csv: class \d+ of .* is not among the 1 classes named in names.csv"),
+        r"anno_train.csv: class \d+ of .* is not among the 1 classes named in names.csv",
+    ),
     "no names.csv": (
         lambda: _edit("kaggle", "names.csv", None),
-        r"has no names.csv; expected it beside anno_train.csv"),
+        r"has no names.csv; expected it beside anno_train.csv",
+    ),
     "no annotation file at all": (
         lambda: {"car_ims/000001.jpg": b"x", "devkit/cars_meta.mat": mat_bytes([], [], CARS_NAMES)},
         r"has none of cars_annos.mat \(car_ims.tgz \+ cars_annos.mat\), "
-        r"devkit/cars_train_annos.mat \(torchvision's StanfordCars layout\) or anno_train.csv"),
+        r"devkit/cars_train_annos.mat \(torchvision's StanfordCars layout\) or anno_train.csv",
+    ),
 }
 
 
@@ -205,24 +246,41 @@ def _inshop_bad() -> bytes:
 
 LIST_BAD = {
     "cub images.txt row": (
-        "cub200", lambda: tar_bytes(_replace(cub_members(), "CUB_200_2011/images.txt",
-                                             b"\n2 ", b"\n2 x ")),
-        r"images.txt, line 2: expected 'image_id path'; got '2 x "),
+        "cub200",
+        lambda: tar_bytes(_replace(cub_members(), "CUB_200_2011/images.txt", b"\n2 ", b"\n2 x ")),
+        r"images.txt, line 2: expected 'image_id path'; got '2 x ",
+    ),
     "cub non-integer class": (
-        "cub200", lambda: tar_bytes(_replace(cub_members(), "CUB_200_2011/image_class_labels.txt",
-                                             b"\n2 1\n", b"\n2 one\n")),
-        r"image_class_labels.txt: class_id must be an integer; got 'one'"),
+        "cub200",
+        lambda: tar_bytes(
+            _replace(cub_members(), "CUB_200_2011/image_class_labels.txt", b"\n2 1\n", b"\n2 one\n")
+        ),
+        r"image_class_labels.txt: class_id must be an integer; got 'one'",
+    ),
     "cub class missing from classes.txt": (
-        "cub200", lambda: tar_bytes(_replace(cub_members(), "CUB_200_2011/classes.txt",
-                                             b"2 002.Laysan_Albatross\n", b"")),
-        r"classes.txt: expected a row for class 2; there is none"),
+        "cub200",
+        lambda: tar_bytes(
+            _replace(cub_members(), "CUB_200_2011/classes.txt", b"2 002.Laysan_Albatross\n", b"")
+        ),
+        r"classes.txt: expected a row for class 2; there is none",
+    ),
     "sop Ebay_test.txt row": (
-        "sop", lambda: zip_bytes(_replace(sop_members(), "Stanford_Online_Products/Ebay_test.txt",
-                                          b" 3 toaster_final", b" toaster_final")),
-        r"Ebay_test.txt, line \d: expected 'image_id class_id super_class_id path'"),
+        "sop",
+        lambda: zip_bytes(
+            _replace(
+                sop_members(),
+                "Stanford_Online_Products/Ebay_test.txt",
+                b" 3 toaster_final",
+                b" toaster_final",
+            )
+        ),
+        r"Ebay_test.txt, line \d: expected 'image_id class_id super_class_id path'",
+    ),
     "inshop partition row": (
-        "inshop", _inshop_bad,
-        r"list_eval_partition.txt, line 3: expected 'image_name item_id evaluation_status'"),
+        "inshop",
+        _inshop_bad,
+        r"list_eval_partition.txt, line 3: expected 'image_name item_id evaluation_status'",
+    ),
 }
 
 
@@ -240,6 +298,9 @@ def test_malformed_list_files_give_one_line_naming_the_file(tmp_path, case):
 
 def test_folder_csv_with_a_bad_row_names_the_line(tmp_path):
     (tmp_path / "list.csv").write_text("path,label,split\na.png,1\n")
-    with pytest.raises(D.LayoutError, match=r"list.csv, line 2: expected 3 columns "
-                                            r"'path,label,split'; got 'a.png,1'"):
+    with pytest.raises(
+        D.LayoutError,
+        match=r"list.csv, line 2: expected 3 columns "
+        r"'path,label,split'; got 'a.png,1'",
+    ):
         D.build("folder", tmp_path / "list.csv", "train")

@@ -1,13 +1,22 @@
 """`msl-kit prepare`: the dataset list, a local archive, a download, the second run doing
 nothing, and every anticipated failure as one line, exit 2 and nothing left behind."""
+
 from __future__ import annotations
 
 import socket
 
 import pytest
+from _fixtures_data import (
+    bomb_tgz,
+    cars_archives,
+    cars_images,
+    cars_tree,
+    cub_members,
+    serve,
+    tar_bytes,
+    zip_bytes,
+)
 
-from _fixtures_data import (bomb_tgz, cars_archives, cars_images, cars_tree, cub_members, serve,
-                            tar_bytes, zip_bytes)
 from msl_kit import cli, datasets
 
 
@@ -91,13 +100,17 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once it is closed
 
 
-@pytest.mark.parametrize("url,says", [
-    ("closed", "could not download x.tgz: download of http://127.0.0.1"),
-    ("not-a-url", "'not-a-url' is not an http(s) URL"),
-    ("404", "answered HTTP 404 Not Found"),
-])
-def test_offline_or_bad_url_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, url,
-                                                          says):
+@pytest.mark.parametrize(
+    "url,says",
+    [
+        ("closed", "could not download x.tgz: download of http://127.0.0.1"),
+        ("not-a-url", "'not-a-url' is not an http(s) URL"),
+        ("404", "answered HTTP 404 Not Found"),
+    ],
+)
+def test_offline_or_bad_url_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch, url, says
+):
     monkeypatch.setattr("msl_kit.download.time.sleep", lambda s: None)  # retries, not waits
     root = tmp_path / "data"
     with serve({}) as srv:
@@ -113,8 +126,10 @@ def test_failed_prepare_removes_what_it_extracted_but_keeps_downloads(tmp_path, 
     root = tmp_path / "data"
     with serve({"files/sop.tgz": cub}) as srv:
         for attempt in range(2):
-            assert cli.main(["prepare", "sop", "--root", str(root), "--url",
-                             srv.url("files/sop.tgz")]) == 2
+            assert (
+                cli.main(["prepare", "sop", "--root", str(root), "--url", srv.url("files/sop.tgz")])
+                == 2
+            )
             err = capsys.readouterr().err.splitlines()[-1]  # after the download's progress bar
             assert err.startswith("error: ") and "has no Ebay_train.txt" in err
             assert _listing(root) == ["sop", "sop/downloads", "sop/downloads/sop.tgz"]

@@ -1,4 +1,5 @@
 """Config: defaults = digits preset, YAML files, typed `--set` overrides, clear errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,15 @@ import dataclasses
 import pytest
 import yaml
 
-from msl_kit.config import CONFIG_DIR, Config, ConfigError, load_config, parse_override, save_config, valid_keys
+from msl_kit.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+    save_config,
+    valid_keys,
+)
 
 
 def test_defaults_equal_the_embedded_omniglot_preset():
@@ -22,20 +31,32 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["loss.beta=50", "train.lr=3e-5", "train.lr_steps=[1200, 2400]", "model.pretrained=null",
-                             "data.hflip=true", "seed=7"])
+    cfg = load_config(
+        None,
+        [
+            "loss.beta=50",
+            "train.lr=3e-5",
+            "train.lr_steps=[1200, 2400]",
+            "model.pretrained=null",
+            "data.hflip=true",
+            "seed=7",
+        ],
+    )
     assert cfg.loss.beta == 50.0 and isinstance(cfg.loss.beta, float)
     assert cfg.train.lr == 3e-5
     assert cfg.train.lr_steps == [1200, 2400]
     assert cfg.model.pretrained is None and cfg.data.hflip is True and cfg.seed == 7
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.iterations=1.5", "train.iterations expects int"),
-    ("train.iterations=abc", "expects int"),
-    ("loss.beta=[1]", "expects float"),
-    ("data.hflip=3", "expects bool"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.iterations=1.5", "train.iterations expects int"),
+        ("train.iterations=abc", "expects int"),
+        ("loss.beta=[1]", "expects float"),
+        ("data.hflip=3", "expects bool"),
+    ],
+)
 def test_bad_types_say_what_is_expected(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -77,7 +98,9 @@ def test_cross_field_checks():
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["loss.preset=paper", "train.lr_steps=[5]", "data.crop_scale=[0.5, 1.0]"])
+    cfg = load_config(
+        None, ["loss.preset=paper", "train.lr_steps=[5]", "data.crop_scale=[0.5, 1.0]"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["loss"]["preset"] == "paper"
@@ -92,16 +115,37 @@ def test_yaml_is_read_safely(tmp_path):
 
 def test_valid_keys_cover_the_contract():
     keys = set(valid_keys(Config()))
-    contract = {"data.name", "data.root", "model.backbone", "model.embedding_dim", "loss.alpha", "loss.beta", "loss.lam",
-                "loss.margin", "train.iterations", "train.batch_size", "train.samples_per_class", "train.lr",
-                "train.eval_every", "train.checkpoint_every", "seed", "device"}
+    contract = {
+        "data.name",
+        "data.root",
+        "model.backbone",
+        "model.embedding_dim",
+        "loss.alpha",
+        "loss.beta",
+        "loss.lam",
+        "loss.margin",
+        "train.iterations",
+        "train.batch_size",
+        "train.samples_per_class",
+        "train.lr",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "seed",
+        "device",
+    }
     assert contract <= keys
-    assert all(dataclasses.is_dataclass(getattr(Config(), k.split(".")[0])) for k in keys if "." in k)
+    assert all(
+        dataclasses.is_dataclass(getattr(Config(), k.split(".")[0])) for k in keys if "." in k
+    )
 
 
 def test_cub_recipe_is_the_released_one():
     cfg = load_config("cub200_bninception_512")
-    assert (cfg.model.backbone, cfg.model.embedding_dim, cfg.model.freeze_bn) == ("bninception", 512, True)
+    assert (cfg.model.backbone, cfg.model.embedding_dim, cfg.model.freeze_bn) == (
+        "bninception",
+        512,
+        True,
+    )
     assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.lam, cfg.loss.margin) == (2.0, 40.0, 0.5, 0.1)
     t = cfg.train
     assert (t.batch_size, t.samples_per_class, t.lr, t.weight_decay) == (80, 5, 3e-5, 5e-4)

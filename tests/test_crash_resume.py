@@ -1,4 +1,5 @@
 """A run killed with SIGKILL at several points, then resumed, ends exactly like an uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,19 @@ from pathlib import Path
 
 import pytest
 
-ARGS = ["--config", "digits", "--set", "train.iterations=90", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=45",
-        "--set", "train.threads=1", "--no-baseline"]
+ARGS = [
+    "--config",
+    "digits",
+    "--set",
+    "train.iterations=90",
+    "--set",
+    "train.checkpoint_every=20",
+    "--set",
+    "train.eval_every=45",
+    "--set",
+    "train.threads=1",
+    "--no-baseline",
+]
 
 # Runs `msl-kit train` in a child process that SIGKILLs itself at a chosen moment: after a given
 # iteration, or halfway through writing a given checkpoint (a torn temp file, the rename never done).
@@ -43,7 +55,9 @@ CHILD = textwrap.dedent("""
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _metrics(out: Path) -> dict:
@@ -66,11 +80,15 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert not (out / "metrics.json").exists()
         if mode == "save":
-            assert list(out.glob(".checkpoint.pt.*.tmp")), "the torn write should be a temp file, never checkpoint.pt"
+            assert list(out.glob(".checkpoint.pt.*.tmp")), (
+                "the torn write should be a temp file, never checkpoint.pt"
+            )
         resumed = _run(["-m", "msl_kit.cli", "train", "--resume", str(out), "--no-baseline"], env)
         assert resumed.returncode == 0, resumed.stderr
         got = _metrics(out)
         assert got == expected, f"resume after a kill at {mode} {at} changed the result"
         assert not list(out.glob(".checkpoint.pt.*.tmp")), "resume should clear torn temp files"
         history = (out / "history.csv").read_text().splitlines()
-        assert [row.split(",")[0] for row in history[1:]] == [row.split(",")[0] for row in (ref / "history.csv").read_text().splitlines()[1:]]
+        assert [row.split(",")[0] for row in history[1:]] == [
+            row.split(",")[0] for row in (ref / "history.csv").read_text().splitlines()[1:]
+        ]

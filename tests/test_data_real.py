@@ -1,4 +1,5 @@
 """The real archives in ../shared/data (skipped, saying why, where that folder is absent)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,16 @@ from torchvision import transforms as tv
 import msl_kit.datasets as D
 from msl_kit.transforms import Preprocessing, build_transform
 
-BNINCEPTION = Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
-                            input_size=227, resize_size=256, crop_scale=(0.16, 1.0), hflip=True)
+BNINCEPTION = Preprocessing(
+    color="BGR",
+    value_range=255.0,
+    mean=(104.0, 117.0, 128.0),
+    std=(1.0, 1.0, 1.0),
+    input_size=227,
+    resize_size=256,
+    crop_scale=(0.16, 1.0),
+    hflip=True,
+)
 SMALL_TRAIN = {"Balinese": 24, "Greek": 24, "Korean": 40, "Sanskrit": 42}
 SMALL_TEST = {"Early_Aramaic": 22, "Japanese_(katakana)": 47, "Latin": 26, "Tagalog": 17}
 
@@ -30,8 +39,12 @@ def test_cub_subset_splits_as_published(cub_root):
     train, test = D.build("cub200", cub_root, "train"), D.build("cub200", cub_root, "test")
     assert (len(train), len(train.classes)) == (3428, 58)
     assert (len(test), len(test.classes)) == (2474, 42)
-    assert all(int(c[:3]) <= 100 for c in train.classes) and all(int(c[:3]) > 100 for c in test.classes)
-    assert train.classes[0] == "001.Black_footed_Albatross" and test.classes[0] == "101.White_Pelican"
+    assert all(int(c[:3]) <= 100 for c in train.classes) and all(
+        int(c[:3]) > 100 for c in test.classes
+    )
+    assert (
+        train.classes[0] == "001.Black_footed_Albatross" and test.classes[0] == "101.White_Pelican"
+    )
     assert np.array_equal(np.unique(train.labels), np.arange(58))
     image, label, index = test[2473]
     assert image.mode == "RGB" and image.size == (227, 227) and index == 2473 and label == 41
@@ -41,8 +54,15 @@ def test_cub_subset_splits_as_published(cub_root):
 def test_cub_subset_transform_matches_torchvision_on_real_photos(cub_root):
     test = D.build("cub200", cub_root, "test")
     ours = build_transform(BNINCEPTION, train=False)
-    reference = tv.Compose([tv.Resize(256), tv.CenterCrop(227), tv.ToTensor(), tv.Lambda(lambda t: t.flip(0) * 255),
-                            tv.Normalize(BNINCEPTION.mean, BNINCEPTION.std)])
+    reference = tv.Compose(
+        [
+            tv.Resize(256),
+            tv.CenterCrop(227),
+            tv.ToTensor(),
+            tv.Lambda(lambda t: t.flip(0) * 255),
+            tv.Normalize(BNINCEPTION.mean, BNINCEPTION.std),
+        ]
+    )
     for i in range(0, len(test), 500):
         image = test[i][0]
         diff = (ours(image) - reference(image)).abs()
@@ -65,8 +85,20 @@ def test_omniglot_small_background_zips(shared_data, tmp_path):
         assert len(ds) == 20 * sum(alphabets.values())
     image, _, _ = test[0]
     assert image.mode == "L" and image.size == (105, 105)
-    grey = Preprocessing(color="L", mean=(0.5,), std=(0.5,), input_size=28, resize_size=28, crop_scale=(1.0, 1.0),
-                         hflip=False)
-    batch = next(iter(torch.utils.data.DataLoader(D.build("omniglot", tmp_path, "train", build_transform(grey, True)),
-                                                  batch_size=16)))
+    grey = Preprocessing(
+        color="L",
+        mean=(0.5,),
+        std=(0.5,),
+        input_size=28,
+        resize_size=28,
+        crop_scale=(1.0, 1.0),
+        hflip=False,
+    )
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(
+                D.build("omniglot", tmp_path, "train", build_transform(grey, True)), batch_size=16
+            )
+        )
+    )
     assert batch[0].shape == (16, 1, 28, 28)

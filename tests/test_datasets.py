@@ -1,5 +1,6 @@
 """prepare / build on fixture archives in each dataset's official layout, served over HTTP on
 127.0.0.1 or given as local archives: splits, labels, idempotence, repair, confinement."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +10,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from _fixtures_data import (
+    CARS_CLASSES,
+    CUB_CLASSES,
+    INSHOP,
+    SOP_TEST,
+    SOP_TRAIN,
+    cars_files,
+    cub_members,
+    inshop_files,
+    omniglot_members,
+    serve,
+    sop_members,
+    tar_bytes,
+    zip_bytes,
+)
 from sklearn.datasets import load_digits
 
 import msl_kit.datasets as D
-from _fixtures_data import (CARS_CLASSES, CUB_CLASSES, INSHOP, SOP_TEST, SOP_TRAIN, cars_files,
-                            cub_members, inshop_files, omniglot_members, serve, sop_members,
-                            tar_bytes, zip_bytes)
 from msl_kit.download import ChecksumError, UnsafeArchiveError
 from msl_kit.transforms import CorruptImageError, Preprocessing, build_transform
 
@@ -37,8 +50,16 @@ def _official(monkeypatch, name: str, *files: D.RemoteFile) -> None:
 
 def test_registry_carries_what_prepare_list_shows():
     names = [d.name for d in D.list_datasets()]
-    assert names == ["digits", "omniglot", "omniglot_small", "cub200", "cars196", "sop", "inshop",
-                     "folder"]
+    assert names == [
+        "digits",
+        "omniglot",
+        "omniglot_small",
+        "cub200",
+        "cars196",
+        "sop",
+        "inshop",
+        "folder",
+    ]
     for d in D.list_datasets():
         assert d.size and d.licence and d.source and d.description, d.name
         assert d.query_gallery == (d.name == "inshop")
@@ -49,11 +70,20 @@ def test_registry_carries_what_prepare_list_shows():
     assert D.info("sop").url == ""  # no reliable host: bring your own copy
 
 
-@pytest.mark.parametrize("call", [lambda: D.info("cub"), lambda: D.build("mnist", ".", "train"),
-                                  lambda: D.prepare("imagenet", ".")])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: D.info("cub"),
+        lambda: D.build("mnist", ".", "train"),
+        lambda: D.prepare("imagenet", "."),
+    ],
+)
 def test_unknown_names_list_the_valid_ones(call):
-    with pytest.raises(ValueError, match="unknown dataset.*digits, omniglot, omniglot_small, "
-                                         "cub200, cars196, sop, inshop, folder"):
+    with pytest.raises(
+        ValueError,
+        match="unknown dataset.*digits, omniglot, omniglot_small, "
+        "cub200, cars196, sop, inshop, folder",
+    ):
         call()
 
 
@@ -103,9 +133,15 @@ def test_val_is_a_seeded_class_disjoint_share_of_train():
 
 def test_cub_from_the_official_url_with_a_dead_mirror(tmp_path, monkeypatch, capsys):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200", D.RemoteFile("CUB_200_2011.tgz", CUB_MD5,
-                                                      (srv.url("gone/CUB_200_2011.tgz"),
-                                                       srv.url("CUB_200_2011.tgz"))))
+        _official(
+            monkeypatch,
+            "cub200",
+            D.RemoteFile(
+                "CUB_200_2011.tgz",
+                CUB_MD5,
+                (srv.url("gone/CUB_200_2011.tgz"), srv.url("CUB_200_2011.tgz")),
+            ),
+        )
         ddir = D.prepare("cub200", tmp_path, progress=False)
         assert ddir == tmp_path / "cub200" and (ddir / "CUB_200_2011" / "images.txt").is_file()
         assert (ddir / "attributes.txt").is_file()
@@ -126,8 +162,11 @@ def test_cub_from_the_official_url_with_a_dead_mirror(tmp_path, monkeypatch, cap
 
 def test_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200",
-                  D.RemoteFile("CUB_200_2011.tgz", "f" * 32, (srv.url("CUB_200_2011.tgz"),)))
+        _official(
+            monkeypatch,
+            "cub200",
+            D.RemoteFile("CUB_200_2011.tgz", "f" * 32, (srv.url("CUB_200_2011.tgz"),)),
+        )
         with pytest.raises(ChecksumError, match="expected f{32}"):
             D.prepare("cub200", tmp_path, progress=False)
     leftovers = [p for p in tmp_path.rglob("*") if not p.is_dir()]
@@ -138,8 +177,11 @@ def test_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_interrupted_download_resumes_on_the_next_prepare(tmp_path, monkeypatch):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200",
-                  D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
+        _official(
+            monkeypatch,
+            "cub200",
+            D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)),
+        )
         part = tmp_path / "cub200" / "downloads" / "CUB_200_2011.tgz.part"
         part.parent.mkdir(parents=True)
         part.write_bytes(CUB_TGZ[:1000])
@@ -150,8 +192,11 @@ def test_interrupted_download_resumes_on_the_next_prepare(tmp_path, monkeypatch)
 
 def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, capsys):
     with serve({"CUB_200_2011.tgz": CUB_TGZ}) as srv:
-        _official(monkeypatch, "cub200",
-                  D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)))
+        _official(
+            monkeypatch,
+            "cub200",
+            D.RemoteFile("CUB_200_2011.tgz", CUB_MD5, (srv.url("CUB_200_2011.tgz"),)),
+        )
         ddir = D.prepare("cub200", tmp_path, progress=False)
         # a run killed mid-extraction: no marker, a missing image, a temp folder lying about
         (ddir / D.MARKER).unlink()
@@ -206,9 +251,14 @@ def test_corrupt_images_raise_naming_the_file_or_are_skipped(tmp_path):
 def test_loader_with_workers_yields_batches_and_indices(tmp_path):
     (tmp_path / "a.tgz").write_bytes(CUB_TGZ)
     D.prepare("cub200", tmp_path, archive=tmp_path / "a.tgz", progress=False)
-    spec = Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0),
-                         std=(1.0, 1.0, 1.0),
-                         input_size=32, resize_size=36)
+    spec = Preprocessing(
+        color="BGR",
+        value_range=255.0,
+        mean=(104.0, 117.0, 128.0),
+        std=(1.0, 1.0, 1.0),
+        input_size=32,
+        resize_size=36,
+    )
     ds = D.build("cub200", tmp_path, "train", build_transform(spec, train=True))
     batches = list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2))
     images = torch.cat([b[0] for b in batches])
@@ -247,8 +297,9 @@ def test_cars_from_car_ims_and_cars_annos_mat(tmp_path, capsys):
         D.prepare("cars196", tmp_path / "data", progress=False)
 
 
-@pytest.mark.parametrize("path", ["mirror/Stanford_Online_Products.zip",
-                                  "drive/uc?export=download&id=x"])
+@pytest.mark.parametrize(
+    "path", ["mirror/Stanford_Online_Products.zip", "drive/uc?export=download&id=x"]
+)
 def test_sop_from_a_user_url(tmp_path, path):
     served = path.split("?")[0]  # an archive is recognised by its content, not its name
     with serve({served: zip_bytes(sop_members())}) as srv:
@@ -262,16 +313,23 @@ def test_sop_from_a_user_url(tmp_path, path):
 def test_inshop_query_and_gallery_share_labels(tmp_path):
     img_zip, partition = inshop_files()
     with serve({"img.zip": img_zip, "list_eval_partition.txt": partition}) as srv:
-        D.prepare("inshop", tmp_path, url=[srv.url("img.zip"), srv.url("list_eval_partition.txt")],
-                  progress=False)
+        D.prepare(
+            "inshop",
+            tmp_path,
+            url=[srv.url("img.zip"), srv.url("list_eval_partition.txt")],
+            progress=False,
+        )
     sets = {s: D.build("inshop", tmp_path, s) for s in ("train", "query", "gallery")}
     for split, ds in sets.items():
         expected = {item: sum(s == split for s in splits) for item, splits in INSHOP.items()}
         assert len(ds) == sum(expected.values()), split
         counts = {c: int((ds.labels == i).sum()) for i, c in enumerate(ds.classes)}
         assert {c: n for c, n in counts.items() if n} == {i: n for i, n in expected.items() if n}
-    assert sets["query"].classes == sets["gallery"].classes == ["id_00000002", "id_00000004",
-                                                                "id_00000005"]
+    assert (
+        sets["query"].classes
+        == sets["gallery"].classes
+        == ["id_00000002", "id_00000004", "id_00000005"]
+    )
     assert sets["train"].classes == ["id_00000001", "id_00000007"]
     with pytest.raises(ValueError, match="query, gallery"):
         D.build("inshop", tmp_path, "test")
@@ -285,13 +343,24 @@ def test_omniglot_official_zips_split_background_and_evaluation(tmp_path, monkey
     evaluation = zip_bytes(omniglot_members("images_evaluation", {"Atlantean": 2}, seed=7))
     files = {"images_background.zip": background, "images_evaluation.zip": evaluation}
     with serve(files) as srv:
-        _official(monkeypatch, "omniglot",
-                  *(D.RemoteFile(n, hashlib.md5(b).hexdigest(), (srv.url(n),))
-                    for n, b in files.items()))
+        _official(
+            monkeypatch,
+            "omniglot",
+            *(D.RemoteFile(n, hashlib.md5(b).hexdigest(), (srv.url(n),)) for n, b in files.items()),
+        )
         D.prepare("omniglot", tmp_path, progress=False)
     train, test = D.build("omniglot", tmp_path, "train"), D.build("omniglot", tmp_path, "test")
-    assert train.classes == ["Greek/character01", "Greek/character02", "Greek/character03",
-                             "Latin/character01", "Latin/character02"] and len(train) == 10
+    assert (
+        train.classes
+        == [
+            "Greek/character01",
+            "Greek/character02",
+            "Greek/character03",
+            "Latin/character01",
+            "Latin/character02",
+        ]
+        and len(train) == 10
+    )
     assert test.classes == ["Atlantean/character01", "Atlantean/character02"]
     image = test[0][0]
     assert image.mode == "L" and image.size == (12, 12)
@@ -300,12 +369,17 @@ def test_omniglot_official_zips_split_background_and_evaluation(tmp_path, monkey
 
 def test_omniglot_background_only_zips_union_and_hold_out_alphabets(tmp_path):
     small1 = zip_bytes(omniglot_members("images_background_small1", {"Alpha": 2, "Greek": 3}))
-    small2 = zip_bytes(omniglot_members("images_background_small2",
-                                        {"Greek": 3, "Omega": 1, "Beta": 2}))
+    small2 = zip_bytes(
+        omniglot_members("images_background_small2", {"Greek": 3, "Omega": 1, "Beta": 2})
+    )
     (tmp_path / "s1.zip").write_bytes(small1)
     (tmp_path / "s2.zip").write_bytes(small2)
-    D.prepare("omniglot", tmp_path / "data", archive=[tmp_path / "s1.zip", tmp_path / "s2.zip"],
-              progress=False)
+    D.prepare(
+        "omniglot",
+        tmp_path / "data",
+        archive=[tmp_path / "s1.zip", tmp_path / "s2.zip"],
+        progress=False,
+    )
     train, test = (D.build("omniglot", tmp_path / "data", s) for s in ("train", "test"))
     # sorted alphabets Alpha, Beta, Greek, Omega: positions 1 and 3 (Beta, Omega) are test
     assert {c.split("/")[0] for c in train.classes} == {"Alpha", "Greek"}
@@ -347,8 +421,10 @@ def test_folder_csv_is_confined_to_its_folder(tmp_path):
     for i in range(4):
         _write_image(tmp_path / "imgs" / f"{i}.png", (i * 40, 0, 0))
     csv = tmp_path / "labels.csv"
-    csv.write_text("path,label,split\nimgs/0.png,10,train\nimgs/1.png,2,train\nimgs/2.png,10,train\n"
-                   "imgs/3.png,7,test\n")
+    csv.write_text(
+        "path,label,split\nimgs/0.png,10,train\nimgs/1.png,2,train\nimgs/2.png,10,train\n"
+        "imgs/3.png,7,test\n"
+    )
     train = D.build("folder", csv, "train")
     # numeric labels sort as numbers
     assert train.classes == ["2", "10"] and train.labels.tolist() == [1, 0, 1]

@@ -1,5 +1,6 @@
 """download_file against a local HTTP server (resume, checksum), and safe_extract against
 malicious tar and zip archives."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from _fixtures_data import bomb_tgz, serve, tar_bytes, zip_bytes
-from msl_kit.download import (ArchiveLimitError, ChecksumError, DamagedArchiveError, DownloadError,
-                              UnsafeArchiveError, download_file, md5sum, safe_extract)
+
+from msl_kit.download import (
+    ArchiveLimitError,
+    ChecksumError,
+    DamagedArchiveError,
+    DownloadError,
+    UnsafeArchiveError,
+    download_file,
+    md5sum,
+    safe_extract,
+)
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)  # several 1 MiB chunks and a ragged end
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -104,9 +113,14 @@ def test_missing_file_says_what_to_do(tmp_path):
 
 def _tar(path: Path, entries: list[tuple[str, str, str | bytes]]) -> Path:
     """entries: (kind, name, data-or-link): kind in file, dir, sym, hard, chr, fifo."""
-    kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE,
-             "hard": tarfile.LNKTYPE,
-             "chr": tarfile.CHRTYPE, "fifo": tarfile.FIFOTYPE}
+    kinds = {
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "sym": tarfile.SYMTYPE,
+        "hard": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }
     with tarfile.open(path, "w") as tar:
         for kind, name, data in entries:
             info = tarfile.TarInfo(name)
@@ -163,8 +177,11 @@ def _evil_tars(outside: Path) -> dict[str, list]:
         "hardlink out": [("hard", "h", "../outside/keep.txt")],
         "absolute hardlink": [("hard", "h", str(outside / "keep.txt"))],
         "hardlink through symlink": [("sym", "up", ".."), ("hard", "h", "up/outside/keep.txt")],
-        "under inside symlink": [("dir", "sub", b""), ("sym", "s", "sub"),
-                                 ("file", "s/x.txt", b"x")],
+        "under inside symlink": [
+            ("dir", "sub", b""),
+            ("sym", "s", "sub"),
+            ("file", "s/x.txt", b"x"),
+        ],
         "device file": [("chr", "dev/evil", b"")],
         "fifo": [("fifo", "pipe", b"")],
     }
@@ -179,16 +196,19 @@ def test_malicious_tar_is_refused_before_writing(sandbox, case):
     _assert_untouched(root, outside)
 
 
-@pytest.mark.parametrize("case,entries", [
-    ("traversal", [("file", "ok.txt", b"fine"), ("file", "../outside/evil.txt", b"x")]),
-    ("backslash traversal", [("file", "..\\outside\\evil.txt", b"x")]),
-    ("absolute path", [("file", "/tmp/evil-msl-kit.txt", b"x")]),
-    ("drive letter", [("file", "C:/evil.txt", b"x")]),
-    ("symlink out", [("sym", "link", "../../outside")]),
-    ("absolute symlink", [("sym", "link", "/etc")]),
-    ("under symlink", [("sym", "link", "sub"), ("file", "link/x.txt", b"x")]),
-    ("device file", [("chr", "dev", b"")]),
-])
+@pytest.mark.parametrize(
+    "case,entries",
+    [
+        ("traversal", [("file", "ok.txt", b"fine"), ("file", "../outside/evil.txt", b"x")]),
+        ("backslash traversal", [("file", "..\\outside\\evil.txt", b"x")]),
+        ("absolute path", [("file", "/tmp/evil-msl-kit.txt", b"x")]),
+        ("drive letter", [("file", "C:/evil.txt", b"x")]),
+        ("symlink out", [("sym", "link", "../../outside")]),
+        ("absolute symlink", [("sym", "link", "/etc")]),
+        ("under symlink", [("sym", "link", "sub"), ("file", "link/x.txt", b"x")]),
+        ("device file", [("chr", "dev", b"")]),
+    ],
+)
 def test_malicious_zip_is_refused_before_writing(sandbox, case, entries):
     archives, root, outside = sandbox
     archive = _zip(archives / "evil.zip", entries)
@@ -200,10 +220,16 @@ def test_malicious_zip_is_refused_before_writing(sandbox, case, entries):
 
 def test_tar_with_inside_links_extracts(sandbox):
     archives, root, _ = sandbox
-    archive = _tar(archives / "ok.tar", [("dir", "top", b""), ("file", "top/a.txt", b"alpha"),
-                                         ("sym", "top/link.txt", "a.txt"),
-                                         ("hard", "top/hard.txt", "top/a.txt"),
-                                         ("sym", "top/self", "../top")])
+    archive = _tar(
+        archives / "ok.tar",
+        [
+            ("dir", "top", b""),
+            ("file", "top/a.txt", b"alpha"),
+            ("sym", "top/link.txt", "a.txt"),
+            ("hard", "top/hard.txt", "top/a.txt"),
+            ("sym", "top/self", "../top"),
+        ],
+    )
     safe_extract(archive, root)
     link = root / "top" / "link.txt"
     assert link.is_symlink() and link.read_text() == "alpha"
@@ -213,8 +239,9 @@ def test_tar_with_inside_links_extracts(sandbox):
 
 def test_zip_with_inside_symlink_extracts_as_a_link(sandbox):
     archives, root, _ = sandbox
-    archive = _zip(archives / "ok.zip", [("file", "d/a.txt", b"alpha"),
-                                         ("sym", "d/link.txt", "a.txt")])
+    archive = _zip(
+        archives / "ok.zip", [("file", "d/a.txt", b"alpha"), ("sym", "d/link.txt", "a.txt")]
+    )
     safe_extract(archive, root)
     link = root / "d" / "link.txt"
     assert link.is_symlink() and link.read_text() == "alpha"
@@ -241,18 +268,26 @@ def _cut(data: bytes, at: int | None = None) -> bytes:
 _FILES = {f"d/{i}.bin": os.urandom(50_000) for i in range(4)}
 
 
-@pytest.mark.parametrize("case,data", [
-    ("tgz cut in half", lambda: _cut(tar_bytes(_FILES))),
-    ("tgz cut inside its first header", lambda: _cut(tar_bytes(_FILES), 100)),
-    ("tar cut inside a member", lambda: _cut(tar_bytes(_FILES, mode="w"), 600 + 25_000)),
-    ("zip cut in half", lambda: _cut(zip_bytes(_FILES))),
-    ("zip with a corrupt member", lambda: zip_bytes(_FILES).replace(_FILES["d/1.bin"][:64],
-                                                                    bytes(64), 1)),
-])
+@pytest.mark.parametrize(
+    "case,data",
+    [
+        ("tgz cut in half", lambda: _cut(tar_bytes(_FILES))),
+        ("tgz cut inside its first header", lambda: _cut(tar_bytes(_FILES), 100)),
+        ("tar cut inside a member", lambda: _cut(tar_bytes(_FILES, mode="w"), 600 + 25_000)),
+        ("zip cut in half", lambda: _cut(zip_bytes(_FILES))),
+        (
+            "zip with a corrupt member",
+            lambda: zip_bytes(_FILES).replace(_FILES["d/1.bin"][:64], bytes(64), 1),
+        ),
+    ],
+)
 def test_truncated_archive_is_one_damaged_archive_error_and_writes_nothing(tmp_path, case, data):
     (tmp_path / "a.archive").write_bytes(data())
-    with pytest.raises(DamagedArchiveError, match=r"a.archive is truncated or damaged .*; "
-                       r"nothing was extracted. Delete it and download it again"):
+    with pytest.raises(
+        DamagedArchiveError,
+        match=r"a.archive is truncated or damaged .*; "
+        r"nothing was extracted. Delete it and download it again",
+    ):
         safe_extract(tmp_path / "a.archive", tmp_path / "root")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.archive"]
     assert isinstance(DamagedArchiveError(), OSError)  # the CLI's one line and exit 2
@@ -266,10 +301,13 @@ def test_foreign_file_is_not_an_archive(tmp_path):
 
 
 @pytest.mark.parametrize("maker", [tar_bytes, zip_bytes])
-@pytest.mark.parametrize("limit,pattern", [
-    ({"max_members": 3}, r"holds more than 3 members; refusing to extract .*--max-files N"),
-    ({"max_bytes": 150_000}, r"declares more than 150.0 kB of files; refusing .*--max-size GB"),
-])
+@pytest.mark.parametrize(
+    "limit,pattern",
+    [
+        ({"max_members": 3}, r"holds more than 3 members; refusing to extract .*--max-files N"),
+        ({"max_bytes": 150_000}, r"declares more than 150.0 kB of files; refusing .*--max-size GB"),
+    ],
+)
 def test_archive_limits_refuse_before_writing(sandbox, maker, limit, pattern):
     archives, root, outside = sandbox
     archive = archives / "big.archive"
@@ -285,8 +323,11 @@ def test_bomb_is_refused_at_its_first_header_unless_a_size_is_given(sandbox):
     archives, root, outside = sandbox
     bomb = archives / "bomb.tgz"
     bomb.write_bytes(bomb_tgz())  # 3 MB declaring 3 GiB
-    with pytest.raises(ArchiveLimitError, match=r"bomb.tgz \(3.0 MB\) declares 3.2 GB of files, "
-                                                r"over 100x its size as a decompression bomb"):
+    with pytest.raises(
+        ArchiveLimitError,
+        match=r"bomb.tgz \(3.0 MB\) declares 3.2 GB of files, "
+        r"over 100x its size as a decompression bomb",
+    ):
         safe_extract(bomb, root)
     _assert_untouched(root, outside)
     with pytest.raises(ArchiveLimitError, match="declares more than 1.0 GB"):

@@ -1,4 +1,5 @@
 """The embedded default: Omniglot-small ships in the package and `msl-kit train` shows the method."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ def test_embedded_set_is_the_documented_split():
     test = datasets.build("omniglot_small", None, "test")
     assert (len(train), len(test)) == (2600, 2240)
     assert (len(train.classes), len(test.classes)) == (130, 112)
-    alphabets = {name: Counter(c.split("/")[0] for c in ds.classes) for name, ds in
-                 (("train", train), ("test", test))}
+    alphabets = {
+        name: Counter(c.split("/")[0] for c in ds.classes)
+        for name, ds in (("train", train), ("test", test))
+    }
     assert set(alphabets["train"]) == {"Balinese", "Greek", "Korean", "Sanskrit"}
     assert set(alphabets["test"]) == {"Early_Aramaic", "Japanese_(katakana)", "Latin", "Tagalog"}
     image, label, index = test[5]
@@ -40,8 +43,14 @@ def test_default_train_from_an_empty_folder_shows_what_metric_learning_adds(tmp_
     """No arguments, no ../shared, no network, a fresh HOME: the README's main job."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HOME=str(tmp_path / "home"), OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run([sys.executable, "-m", "msl_kit.cli", "train", "--out", "run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "msl_kit.cli", "train", "--out", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     pixels = metrics["floors"]["raw_pixels"]["recall@1"]

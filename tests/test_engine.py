@@ -1,4 +1,5 @@
 """Engine: run folder contents, schedule, lr multipliers, frozen BN, val split, evaluate, DDP launch."""
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,13 @@ from msl_kit import cli, engine, recipe
 from msl_kit.checkpoint import load_checkpoint
 from msl_kit.config import load_config
 
-FAST = ["train.iterations=12", "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=3", "train.threads=1"]
+FAST = [
+    "train.iterations=12",
+    "train.eval_every=6",
+    "train.checkpoint_every=6",
+    "train.log_every=3",
+    "train.threads=1",
+]
 
 
 def _train(tmp_path: Path, *overrides: str, name: str = "run", **kw) -> tuple[dict, Path]:
@@ -27,7 +34,13 @@ def _train(tmp_path: Path, *overrides: str, name: str = "run", **kw) -> tuple[di
 
 def test_run_folder_holds_what_the_contract_names(tmp_path):
     results, out = _train(tmp_path)
-    assert {p.name for p in out.iterdir()} >= {"config.yaml", "history.csv", "checkpoint.pt", "best.pt", "metrics.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.yaml",
+        "history.csv",
+        "checkpoint.pt",
+        "best.pt",
+        "metrics.json",
+    }
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["recall@1"] == results["recall@1"] and 0 < saved["map@r"] <= 1
     assert {f"recall@{k}" for k in (1, 2, 4, 8)} <= saved.keys() and saved["iteration"] == 12
@@ -36,7 +49,9 @@ def test_run_folder_holds_what_the_contract_names(tmp_path):
     assert rows[1]["recall@1"] and not rows[0]["recall@1"], "metrics only on evaluation rows"
     assert load_config(out / "config.yaml") == load_config("digits", FAST)
     state = load_checkpoint(out / "checkpoint.pt")
-    assert state["iteration"] == 12 and state["config"] == yaml.safe_load((out / "config.yaml").read_text())
+    assert state["iteration"] == 12 and state["config"] == yaml.safe_load(
+        (out / "config.yaml").read_text()
+    )
 
 
 def test_lr_schedule_is_warmup_then_steps():
@@ -50,10 +65,16 @@ def test_lr_multipliers_take_effect(tmp_path):
     init = recipe.build_model(load_config("digits", FAST)).state_dict()
     _, out = _train(tmp_path, "train.backbone_lr_mult=0.0", "train.weight_decay=0.0", "seed=0")
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
-    backbone = [k for k in trained if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    backbone = [
+        k
+        for k in trained
+        if k.startswith("backbone.") and "running" not in k and "num_batches" not in k
+    ]
     head = [k for k in trained if k.startswith("head.")]
     assert backbone and head
-    assert all(torch.equal(trained[k], init[k]) for k in backbone), "backbone moved with lr multiplier 0"
+    assert all(torch.equal(trained[k], init[k]) for k in backbone), (
+        "backbone moved with lr multiplier 0"
+    )
     assert any(not torch.equal(trained[k], init[k]) for k in head), "head did not learn"
 
 
@@ -66,12 +87,20 @@ def test_frozen_batchnorm_keeps_running_statistics(tmp_path):
         assert stats
         unchanged = all(torch.equal(trained[k], init[k]) for k in stats)
         assert unchanged == frozen
-        gammas = [k for k in trained if k.endswith(".weight") and k.replace("weight", "running_mean") in trained]
-        assert any(not torch.equal(trained[k], init[k]) for k in gammas), "BN affine parameters must still learn"
+        gammas = [
+            k
+            for k in trained
+            if k.endswith(".weight") and k.replace("weight", "running_mean") in trained
+        ]
+        assert any(not torch.equal(trained[k], init[k]) for k in gammas), (
+            "BN affine parameters must still learn"
+        )
 
 
 def test_validation_split_is_class_disjoint_and_used(tmp_path):
-    results, out = _train(tmp_path, "data.val_fraction=0.4", "eval.split=val", "train.batch_size=30")
+    results, out = _train(
+        tmp_path, "data.val_fraction=0.4", "eval.split=val", "train.batch_size=30"
+    )
     assert results["split"] == "val"
     from msl_kit import datasets
 
@@ -82,7 +111,18 @@ def test_validation_split_is_class_disjoint_and_used(tmp_path):
 
 def test_evaluate_command_reproduces_metrics_json(tmp_path, capsys):
     results, out = _train(tmp_path)
-    assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--out",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     for key in ("recall@1", "recall@8", "map@r"):
         assert evaluated[key] == pytest.approx(results[key], abs=1e-12)
@@ -90,7 +130,9 @@ def test_evaluate_command_reproduces_metrics_json(tmp_path, capsys):
 
 
 def test_cli_train_prints_table_with_pixel_baseline(tmp_path, capsys):
-    args = ["train", "--config", "digits", "--out", str(tmp_path / "cli")] + [a for o in FAST for a in ("--set", o)]
+    args = ["train", "--config", "digits", "--out", str(tmp_path / "cli")] + [
+        a for o in FAST for a in ("--set", o)
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "raw pixels" in out and "convnet + ms loss" in out and "MAP@R" in out
@@ -98,7 +140,9 @@ def test_cli_train_prints_table_with_pixel_baseline(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["contrastive", "triplet", "binomial", "lifted"])
 def test_every_loss_trains(tmp_path, name):
-    results, _ = _train(tmp_path, f"loss.name={name}", "train.iterations=4", "train.eval_every=0", name=name)
+    results, _ = _train(
+        tmp_path, f"loss.name={name}", "train.iterations=4", "train.eval_every=0", name=name
+    )
     assert 0 <= results["recall@1"] <= 1
 
 
@@ -123,8 +167,21 @@ def test_tensorboard_logging(tmp_path):
 def test_torchrun_two_processes_train_and_report_once(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "msl_kit.cli", "train",
-           "--config", "digits", "--out", str(out), "--no-baseline"] + [a for o in [*FAST, "train.batch_size=40"] for a in ("--set", o)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "msl_kit.cli",
+        "train",
+        "--config",
+        "digits",
+        "--out",
+        str(out),
+        "--no-baseline",
+    ] + [a for o in [*FAST, "train.batch_size=40"] for a in ("--set", o)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1, "only rank 0 reports"

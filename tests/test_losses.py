@@ -1,4 +1,5 @@
 """Tests for msl_kit.losses against naive per-anchor loops, autograd and PML."""
+
 from __future__ import annotations
 
 import math
@@ -10,17 +11,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msl_kit.losses import (
-    LOSSES, PRESETS, BinomialDevianceLoss, ContrastiveLoss, LiftedStructureLoss,
-    MultiSimilarityLoss, PairWeights, TripletLoss, build_loss, gpw_pair_weights,
-    mined_pairs, ms_per_anchor, multi_similarity_loss, pair_weights,
+    LOSSES,
+    PRESETS,
+    BinomialDevianceLoss,
+    ContrastiveLoss,
+    LiftedStructureLoss,
+    MultiSimilarityLoss,
+    PairWeights,
+    TripletLoss,
+    build_loss,
+    gpw_pair_weights,
+    mined_pairs,
+    ms_per_anchor,
+    multi_similarity_loss,
+    pair_weights,
 )
 
 DEFAULTS = dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1)
 
 
 # ----------------------------------------------------------------------------- references
-def loop_ms_rows(sim, labels, ref_labels=None, ignore=None, alpha=2.0, beta=40.0, lam=0.5,
-                 margin=0.1):
+def loop_ms_rows(
+    sim, labels, ref_labels=None, ignore=None, alpha=2.0, beta=40.0, lam=0.5, margin=0.1
+):
     """Naive per-anchor MS losses, written straight from DESIGN.md; a list of 0-dim tensors."""
     rows = []
     self_ref = ref_labels is None
@@ -74,9 +87,11 @@ def batches():
     mixed = torch.cat([pk_labels(12, 3), torch.arange(100, 106)])  # some classes of one sample
     out.append(("mixed_singletons", unit(18, 5, 10), mixed))
     x = unit(12, 4, 11)
-    dup = torch.cat([x, x[:6]])                                  # exact duplicates, ties in S
+    dup = torch.cat([x, x[:6]])  # exact duplicates, ties in S
     out.append(("duplicates", dup, torch.cat([pk_labels(12, 3), pk_labels(6, 3)])))
-    out.append(("dup_cross_class", torch.cat([x, x]), torch.cat([pk_labels(12, 2), pk_labels(12, 3)])))
+    out.append(
+        ("dup_cross_class", torch.cat([x, x]), torch.cat([pk_labels(12, 2), pk_labels(12, 3)]))
+    )
     return out
 
 
@@ -106,12 +121,17 @@ def assert_matches_loop(ours_fn, ref_fn, x: torch.Tensor) -> torch.Tensor:
     return ours
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "a{alpha}-b{beta}-l{lam}-m{margin}".format(**p))
+@pytest.mark.parametrize(
+    "params", PARAMS, ids=lambda p: "a{alpha}-b{beta}-l{lam}-m{margin}".format(**p)
+)
 @pytest.mark.parametrize("case", batches(), ids=lambda c: c[0])
 def test_ms_loss_and_grad_match_loop(case, params):
     _, x, labels = case
-    ours = assert_matches_loop(lambda e: MultiSimilarityLoss(**params)(e, labels),
-                               lambda s: loop_ms(s, labels, **params), x)
+    ours = assert_matches_loop(
+        lambda e: MultiSimilarityLoss(**params)(e, labels),
+        lambda s: loop_ms(s, labels, **params),
+        x,
+    )
     assert ours.dim() == 0 and torch.isfinite(ours)
     # the functional (autograd) path on a leaf similarity matrix agrees with the loop too
     sim_ours = (x @ x.T).requires_grad_(True)
@@ -135,7 +155,9 @@ def test_pair_weights_equal_autograd_of_loop(case):
     pos_mask = same & ~torch.eye(len(labels), dtype=torch.bool)
     weights = pair_weights(sim.detach(), labels, **DEFAULTS)
     assert isinstance(weights, PairWeights)
-    torch.testing.assert_close(weights.pos, torch.where(pos_mask, -grad, 0.0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        weights.pos, torch.where(pos_mask, -grad, 0.0), rtol=1e-9, atol=1e-12
+    )
     torch.testing.assert_close(weights.neg, torch.where(~same, grad, 0.0), rtol=1e-9, atol=1e-12)
     assert (weights.pos >= 0).all() and (weights.neg >= 0).all()
     assert (weights.pos[~pos_mask] == 0).all() and (weights.neg[same] == 0).all()
@@ -155,11 +177,14 @@ def test_pair_weights_are_mined_and_analytic_not_uniform():
 
 def test_functional_with_ref_labels_and_ignore_matches_loop():
     anchors, anchor_labels = unit(10, 6, 21), pk_labels(10, 2)
-    bank, bank_labels = unit(25, 6, 22), torch.randint(0, 6, (25,), generator=torch.Generator().manual_seed(1))
-    refs = torch.cat([anchors, bank])                    # each anchor also sits in the "bank"
+    bank, bank_labels = (
+        unit(25, 6, 22),
+        torch.randint(0, 6, (25,), generator=torch.Generator().manual_seed(1)),
+    )
+    refs = torch.cat([anchors, bank])  # each anchor also sits in the "bank"
     ref_labels = torch.cat([anchor_labels, bank_labels])
     ignore = torch.zeros(10, 35, dtype=torch.bool)
-    ignore[torch.arange(10), torch.arange(10)] = True   # skip each anchor's own copy
+    ignore[torch.arange(10), torch.arange(10)] = True  # skip each anchor's own copy
     for params in (DEFAULTS, PARAMS[2], PARAMS[4]):
         sim_ours = (anchors @ refs.T).requires_grad_(True)
         sim_ref = (anchors @ refs.T).requires_grad_(True)
@@ -168,15 +193,21 @@ def test_functional_with_ref_labels_and_ignore_matches_loop():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
         ours.backward(), ref.backward()
         torch.testing.assert_close(sim_ours.grad, sim_ref.grad, rtol=1e-8, atol=1e-12)
-        weights = pair_weights(sim_ours.detach(), anchor_labels, ref_labels, ignore=ignore, **params)
+        weights = pair_weights(
+            sim_ours.detach(), anchor_labels, ref_labels, ignore=ignore, **params
+        )
         assert weights.pos.shape == (10, 35) and (weights.pos[ignore] == 0).all()
     # the own copy (S = 1) is an easy positive that mining drops anyway; ignoring hard pairs
     # does change the loss, and the loop agrees
     sim = anchors @ refs.T
     hard = ignore | (sim > 0.3)
     changed = multi_similarity_loss(sim, anchor_labels, ref_labels, ignore=hard)
-    torch.testing.assert_close(changed, loop_ms(sim, anchor_labels, ref_labels=ref_labels, ignore=hard))
-    assert not torch.isclose(changed, multi_similarity_loss(sim, anchor_labels, ref_labels, ignore=ignore))
+    torch.testing.assert_close(
+        changed, loop_ms(sim, anchor_labels, ref_labels=ref_labels, ignore=hard)
+    )
+    assert not torch.isclose(
+        changed, multi_similarity_loss(sim, anchor_labels, ref_labels, ignore=ignore)
+    )
 
 
 @pytest.mark.parametrize("ref_requires_grad", [True, False])
@@ -207,9 +238,13 @@ def test_grad_scales_with_upstream_gradient():
 
 # ----------------------------------------------------------------------------- no valid anchor
 NO_PAIRS = [(name, "b1") for name in sorted(LOSSES)] + [
-    (name, case) for name in ("ms", "triplet", "lifted") for case in ("one_class", "singletons")]
-NO_PAIR_LABELS = {"b1": torch.zeros(1, dtype=torch.long), "one_class": torch.zeros(6, dtype=torch.long),
-                  "singletons": torch.arange(6)}
+    (name, case) for name in ("ms", "triplet", "lifted") for case in ("one_class", "singletons")
+]
+NO_PAIR_LABELS = {
+    "b1": torch.zeros(1, dtype=torch.long),
+    "one_class": torch.zeros(6, dtype=torch.long),
+    "singletons": torch.arange(6),
+}
 
 
 @pytest.mark.parametrize("name,case", NO_PAIRS)
@@ -289,10 +324,15 @@ def test_half_inputs_finite_and_accurate(dtype):
         loss.backward()
         assert torch.isfinite(loss) and xh.grad.dtype == dtype and torch.isfinite(xh.grad).all()
         rounded = xh.detach().double()
-        torch.testing.assert_close(loss.double(), loop_ms(rounded @ rounded.T, labels, **params),
-                                   rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(loss.double(), loop_ms(x.double() @ x.double().T, labels, **params),
-                                   rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(
+            loss.double(), loop_ms(rounded @ rounded.T, labels, **params), rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            loss.double(),
+            loop_ms(x.double() @ x.double().T, labels, **params),
+            rtol=2e-2,
+            atol=1e-3,
+        )
         # a half-precision similarity matrix through the functional form stays finite too
         sim = (xh.detach() @ xh.detach().T).requires_grad_(True)
         functional = multi_similarity_loss(sim, labels, **params)
@@ -315,9 +355,9 @@ def test_fp16_autocast_if_supported():
 
 def test_large_beta_finite_where_naive_float32_overflows():
     x, labels = unit(16, 4, 44, torch.float32), pk_labels(16, 4)
-    sim = 3.0 * (x @ x.T)                 # unnormalised dot products reach 3
+    sim = 3.0 * (x @ x.T)  # unnormalised dot products reach 3
     naive = torch.exp(200.0 * (sim - 0.5)).sum()
-    assert not torch.isfinite(naive)      # the failure the stable form guards against
+    assert not torch.isfinite(naive)  # the failure the stable form guards against
     loss = multi_similarity_loss(sim, labels, beta=200.0)
     ref = loop_ms(sim.double(), labels, beta=200.0)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
@@ -326,6 +366,7 @@ def test_large_beta_finite_where_naive_float32_overflows():
 # ----------------------------------------------------------------------------- PML
 def _pml_ms(x, labels, ref=None, ref_labels=None):
     from pytorch_metric_learning import losses, miners
+
     miner = miners.MultiSimilarityMiner(epsilon=0.1)
     loss = losses.MultiSimilarityLoss(alpha=2, beta=40, base=0.5)
     return loss(x, labels, miner(x, labels, ref, ref_labels), ref, ref_labels)
@@ -338,6 +379,7 @@ def test_pml_mined_pairs_are_ours():
     min_pos < max_neg + margin iff the keep-negative set is, so no anchor keeps one kind only.)"""
     pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning import miners
+
     for seed in range(5):
         x = unit(40, 6, 50 + seed)
         labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(seed))
@@ -371,7 +413,7 @@ def test_pml_loss_equals_ours():
       min_pos < max_neg + margin, so this differs only at floating-point ties.
     """
     pytest.importorskip("pytorch_metric_learning")
-    anchors_without_pairs = 0      # makes sure the reduction claim is exercised
+    anchors_without_pairs = 0  # makes sure the reduction claim is exercised
     for seed in range(5):
         x = unit(40, 6, 60 + seed)
         labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(seed))
@@ -386,8 +428,12 @@ def test_pml_loss_equals_ours():
     assert anchors_without_pairs > 0
     # reference form (a memory bank): anchors against other embeddings
     ref, ref_labels = unit(30, 6, 69), torch.arange(30) % 8
-    torch.testing.assert_close(_pml_ms(x, labels, ref, ref_labels),
-                               MultiSimilarityLoss()(x, labels, ref, ref_labels), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _pml_ms(x, labels, ref, ref_labels),
+        MultiSimilarityLoss()(x, labels, ref, ref_labels),
+        rtol=1e-10,
+        atol=1e-12,
+    )
     # off the unit sphere the losses differ (PML normalises, we do not)
     assert not torch.isclose(_pml_ms(2 * x, labels), MultiSimilarityLoss()(2 * x, labels))
 
@@ -457,8 +503,9 @@ def loop_lifted(sim, labels, margin=1.0):
         pos = [sim[i, j] for j in range(len(labels)) if j != i and labels[j] == labels[i]]
         neg = [sim[i, j] for j in range(len(labels)) if labels[j] != labels[i]]
         if pos and neg:
-            value = (torch.log(sum(torch.exp(margin - s) for s in pos))
-                     + torch.log(sum(torch.exp(s) for s in neg)))
+            value = torch.log(sum(torch.exp(margin - s) for s in pos)) + torch.log(
+                sum(torch.exp(s) for s in neg)
+            )
             total = total + torch.clamp(value, min=0)
     return total / len(labels)
 
@@ -472,17 +519,20 @@ GPW_CASES = [
     ("binomial", {}, loop_binomial),
     ("binomial", dict(alpha=5.0, beta=10.0, lam=0.0), loop_binomial),
     ("lifted", {}, loop_lifted),
-    ("lifted", dict(margin=-3.0), loop_lifted),   # negative margin: some anchors clamp to 0
+    ("lifted", dict(margin=-3.0), loop_lifted),  # negative margin: some anchors clamp to 0
 ]
 
 
-@pytest.mark.parametrize("name,params,loop", GPW_CASES, ids=lambda v: str(v) if not callable(v) else "")
+@pytest.mark.parametrize(
+    "name,params,loop", GPW_CASES, ids=lambda v: str(v) if not callable(v) else ""
+)
 def test_gpw_losses_match_loops(name, params, loop):
     for seed in range(3):
         x = unit(14, 4, 70 + seed)
-        labels = torch.cat([pk_labels(12, 3), torch.tensor([50, 51])])   # two singletons
-        assert_matches_loop(lambda e: build_loss(name, **params)(e, labels),
-                            lambda s: loop(s, labels, **params), x)
+        labels = torch.cat([pk_labels(12, 3), torch.tensor([50, 51])])  # two singletons
+        assert_matches_loop(
+            lambda e: build_loss(name, **params)(e, labels), lambda s: loop(s, labels, **params), x
+        )
 
 
 def test_gpw_ms_equals_pair_weights():
@@ -500,19 +550,28 @@ def test_gpw_weights_have_each_loss_shape():
     sim = x @ x.T
     pos_mask = (labels[:, None] == labels[None, :]) & ~torch.eye(24, dtype=torch.bool)
     contrastive = gpw_pair_weights("contrastive", sim, labels)
-    assert torch.equal(contrastive.pos, pos_mask.double())          # every positive weighs 1
-    assert torch.equal(contrastive.neg, ((sim > 0.5) & ~pos_mask & ~torch.eye(24, dtype=torch.bool)).double())
-    lifted = gpw_pair_weights("lifted", sim, labels)                # softmax weights sum to 1
+    assert torch.equal(contrastive.pos, pos_mask.double())  # every positive weighs 1
+    assert torch.equal(
+        contrastive.neg, ((sim > 0.5) & ~pos_mask & ~torch.eye(24, dtype=torch.bool)).double()
+    )
+    lifted = gpw_pair_weights("lifted", sim, labels)  # softmax weights sum to 1
     active = lifted.pos.sum(1) > 0
-    torch.testing.assert_close(lifted.pos.sum(1)[active], torch.ones(int(active.sum()), dtype=sim.dtype))
+    torch.testing.assert_close(
+        lifted.pos.sum(1)[active], torch.ones(int(active.sum()), dtype=sim.dtype)
+    )
     triplet = gpw_pair_weights("triplet", sim, labels, mining="all")  # counts of active triplets
     assert torch.equal(triplet.pos, triplet.pos.round()) and triplet.pos.sum() == triplet.neg.sum()
 
 
 def test_losses_registry_and_forward_equals_from_sim():
     assert set(LOSSES) == {"ms", "contrastive", "triplet", "binomial", "lifted"}
-    classes = dict(ms=MultiSimilarityLoss, contrastive=ContrastiveLoss, triplet=TripletLoss,
-                   binomial=BinomialDevianceLoss, lifted=LiftedStructureLoss)
+    classes = dict(
+        ms=MultiSimilarityLoss,
+        contrastive=ContrastiveLoss,
+        triplet=TripletLoss,
+        binomial=BinomialDevianceLoss,
+        lifted=LiftedStructureLoss,
+    )
     assert all(isinstance(build_loss(name), cls) for name, cls in classes.items())
     assert build_loss("triplet", margin=0.3, mining="all").margin == 0.3
     x, labels = unit(16, 4, 91), pk_labels(16, 4)
@@ -568,12 +627,19 @@ def test_input_validation():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    n=st.integers(1, 12), n_classes=st.integers(1, 4), dim=st.integers(1, 4),
-    seed=st.integers(0, 2**16), alpha=st.floats(0.1, 20), beta=st.floats(1, 200),
-    lam=st.floats(-1, 1), margin=st.floats(-0.5, 1.5), scale=st.floats(0.1, 3),
+    n=st.integers(1, 12),
+    n_classes=st.integers(1, 4),
+    dim=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    alpha=st.floats(0.1, 20),
+    beta=st.floats(1, 200),
+    lam=st.floats(-1, 1),
+    margin=st.floats(-0.5, 1.5),
+    scale=st.floats(0.1, 3),
 )
-def test_property_ms_finite_nonnegative_equals_loop(n, n_classes, dim, seed, alpha, beta, lam,
-                                                    margin, scale):
+def test_property_ms_finite_nonnegative_equals_loop(
+    n, n_classes, dim, seed, alpha, beta, lam, margin, scale
+):
     g = torch.Generator().manual_seed(seed)
     x = scale * torch.randn(n, dim, generator=g, dtype=torch.float64)  # not normalised
     labels = torch.randint(0, n_classes, (n,), generator=g)
@@ -586,8 +652,12 @@ def test_property_ms_finite_nonnegative_equals_loop(n, n_classes, dim, seed, alp
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 10), n_classes=st.integers(1, 4), seed=st.integers(0, 2**16),
-       name=st.sampled_from(sorted(LOSSES)))
+@given(
+    n=st.integers(1, 10),
+    n_classes=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    name=st.sampled_from(sorted(LOSSES)),
+)
 def test_property_gpw_losses_finite_nonnegative(n, n_classes, seed, name):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(n, 3, generator=g), dim=1).requires_grad_(True)
@@ -608,7 +678,7 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(xc.grad.cpu(), xh.grad, rtol=1e-3, atol=1e-6)
     with torch.autocast("cuda", dtype=torch.float16):
-        half = MultiSimilarityLoss(beta=200.0)(xc, labels)   # labels on CPU are moved
+        half = MultiSimilarityLoss(beta=200.0)(xc, labels)  # labels on CPU are moved
     assert torch.isfinite(half)
     for name in LOSSES:
         assert torch.isfinite(build_loss(name)(xc, labels.cuda()))
@@ -635,10 +705,11 @@ def test_losses_module_opens_with_the_readable_definition():
     import inspect
 
     from msl_kit import losses
+
     source = inspect.getsource(losses)
     first = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef))
     assert first.name == "multi_similarity_loss"
-    assert first.end_lineno - first.body[0].end_lineno <= 40      # body after the docstring
+    assert first.end_lineno - first.body[0].end_lineno <= 40  # body after the docstring
     assert source.count("40.0") == 1 and "beta=40.0" in source.split("PRESETS")[1]
 
 
@@ -666,7 +737,10 @@ def test_fast_path_equals_readable_with_references_and_ignore():
     anchors, labels = unit(10, 6, 23), pk_labels(10, 2)
     refs, ref_labels = unit(30, 6, 24), torch.arange(30) % 7
     ignore = torch.rand(10, 30, generator=torch.Generator().manual_seed(2)) < 0.2
-    s_read, s_fast = (anchors @ refs.T).requires_grad_(True), (anchors @ refs.T).requires_grad_(True)
+    s_read, s_fast = (
+        (anchors @ refs.T).requires_grad_(True),
+        (anchors @ refs.T).requires_grad_(True),
+    )
     readable = multi_similarity_loss(s_read, labels, ref_labels, ignore=ignore)
     fast = MultiSimilarityLoss().from_sim(s_fast, labels, ref_labels, ignore=ignore)
     torch.testing.assert_close(fast, readable, rtol=1e-12, atol=1e-14)
@@ -685,20 +759,32 @@ def test_nan_embedding_gives_nan_loss_never_a_finite_number():
     sim = x @ x.T
     assert torch.isnan(multi_similarity_loss(sim, labels))
     assert torch.isnan(MultiSimilarityLoss().from_sim(sim, labels))
-    assert torch.isnan(ms_per_anchor(sim, labels)).all()     # the NaN row meets every anchor
+    assert torch.isnan(ms_per_anchor(sim, labels)).all()  # the NaN row meets every anchor
     x[5, 1] = float("inf")
     assert not torch.isfinite(MultiSimilarityLoss()(x, labels))
 
 
 # ----------------------------------------------------------------------------- mining stats
-STAT_KEYS = {"pos_kept", "neg_kept", "w_pos_mean", "w_pos_max", "w_neg_mean", "w_neg_max",
-             "sim_pos_q10", "sim_pos_q50", "sim_pos_q90", "sim_neg_q10", "sim_neg_q50",
-             "sim_neg_q90"}
+STAT_KEYS = {
+    "pos_kept",
+    "neg_kept",
+    "w_pos_mean",
+    "w_pos_max",
+    "w_neg_mean",
+    "w_neg_max",
+    "sim_pos_q10",
+    "sim_pos_q50",
+    "sim_pos_q90",
+    "sim_neg_q10",
+    "sim_neg_q50",
+    "sim_neg_q90",
+}
 
 
 @pytest.mark.parametrize("case", batches()[:5] + batches()[-2:], ids=lambda c: c[0])
 def test_mining_stats_against_pair_weights(case):
     from msl_kit.losses import mining_stats
+
     _, x, labels = case
     sim = x @ x.T
     for params in (DEFAULTS, PARAMS[2]):
@@ -708,8 +794,10 @@ def test_mining_stats_against_pair_weights(case):
         kept_pos, kept_neg = mined_pairs(sim, labels, margin=params["margin"])
         same = labels[:, None] == labels[None, :]
         pos_mask, neg_mask = same & ~torch.eye(len(labels), dtype=torch.bool), ~same
-        for kind, kept, mask, weights in (("pos", kept_pos, pos_mask, w.pos),
-                                          ("neg", kept_neg, neg_mask, w.neg)):
+        for kind, kept, mask, weights in (
+            ("pos", kept_pos, pos_mask, w.pos),
+            ("neg", kept_neg, neg_mask, w.neg),
+        ):
             assert stats[f"{kind}_kept"] == pytest.approx(kept.sum().item() / mask.sum().item())
             assert stats[f"w_{kind}_mean"] == pytest.approx(weights[kept].mean().item(), rel=1e-12)
             assert stats[f"w_{kind}_max"] == pytest.approx(weights.max().item(), rel=1e-12)
@@ -720,7 +808,8 @@ def test_mining_stats_against_pair_weights(case):
 
 def test_mining_stats_empty_sets_are_nan():
     from msl_kit.losses import mining_stats
-    stats = mining_stats(torch.eye(4), torch.arange(4), **DEFAULTS)   # no positive pair at all
+
+    stats = mining_stats(torch.eye(4), torch.arange(4), **DEFAULTS)  # no positive pair at all
     assert all(math.isnan(stats[k]) for k in STAT_KEYS if "pos" in k)
     assert stats["neg_kept"] == 0.0 and math.isnan(stats["w_neg_mean"])
     assert stats["sim_neg_q50"] == 0.0
@@ -746,8 +835,12 @@ def loop_ms_no_mining(sim, labels, alpha=2.0, beta=40.0, lam=0.5, margin=0.1):
     total = sim.new_zeros(())
     for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining="none")):
         if pos:
-            total = total + torch.log1p(sum(torch.exp(-alpha * (sim[i, j] - lam)) for j in pos)) / alpha
-            total = total + torch.log1p(sum(torch.exp(beta * (sim[i, k] - lam)) for k in neg)) / beta
+            total = (
+                total + torch.log1p(sum(torch.exp(-alpha * (sim[i, j] - lam)) for j in pos)) / alpha
+            )
+            total = (
+                total + torch.log1p(sum(torch.exp(beta * (sim[i, k] - lam)) for k in neg)) / beta
+            )
     return total / len(labels)
 
 
@@ -763,10 +856,12 @@ def loop_binomial_ms(sim, labels, alpha=2.0, beta=50.0, lam=0.5, mining_margin=0
 def loop_contrastive_ms(sim, labels, pos_margin=0.0, neg_margin=0.5, mining_margin=0.1):
     total = sim.new_zeros(())
     for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining_margin)):
-        total = total + sum((torch.clamp(1 - pos_margin - sim[i, j], min=0) for j in pos),
-                            sim.new_zeros(()))
-        total = total + sum((torch.clamp(sim[i, k] - neg_margin, min=0) for k in neg),
-                            sim.new_zeros(()))
+        total = total + sum(
+            (torch.clamp(1 - pos_margin - sim[i, j], min=0) for j in pos), sim.new_zeros(())
+        )
+        total = total + sum(
+            (torch.clamp(sim[i, k] - neg_margin, min=0) for k in neg), sim.new_zeros(())
+        )
     return total / len(labels)
 
 
@@ -780,15 +875,19 @@ MINING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,params,loop", MINING_CASES,
-                         ids=lambda v: str(v) if not callable(v) else "")
+@pytest.mark.parametrize(
+    "name,params,loop", MINING_CASES, ids=lambda v: str(v) if not callable(v) else ""
+)
 def test_mining_option_matches_loops(name, params, loop):
     loop_params = {k: v for k, v in params.items() if k != "mining"}
     for seed in range(3):
         x = unit(14, 4, 170 + seed)
-        labels = torch.cat([pk_labels(12, 3), torch.tensor([50, 51])])   # two singletons
-        assert_matches_loop(lambda e: build_loss(name, **params)(e, labels),
-                            lambda s: loop(s, labels, **loop_params), x)
+        labels = torch.cat([pk_labels(12, 3), torch.tensor([50, 51])])  # two singletons
+        assert_matches_loop(
+            lambda e: build_loss(name, **params)(e, labels),
+            lambda s: loop(s, labels, **loop_params),
+            x,
+        )
 
 
 def test_mining_option_defaults_and_validation():
@@ -796,8 +895,9 @@ def test_mining_option_defaults_and_validation():
     assert build_loss("binomial").mining == build_loss("contrastive").mining == "none"
     x, labels = unit(20, 6, 5), pk_labels(20, 4)
     # MS weighting without mining is a different loss on this batch; with mining it is MS
-    assert not torch.isclose(build_loss("ms", mining="none")(x, labels),
-                             build_loss("ms")(x, labels))
+    assert not torch.isclose(
+        build_loss("ms", mining="none")(x, labels), build_loss("ms")(x, labels)
+    )
     mined = build_loss("contrastive", mining="ms")(x, labels)
     assert mined < build_loss("contrastive")(x, labels)
     for name in ("ms", "binomial", "contrastive"):

@@ -1,4 +1,5 @@
 """Cross-batch memory: FIFO bookkeeping, the memory term against a naive loop and PML, resume."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,18 @@ from msl_kit.memory import CrossBatchMemory, xbm_step_loss
 ALPHA, BETA, LAM, MARGIN = 2.0, 40.0, 0.5, 0.1
 
 
-def naive_memory_ms_loss(emb, labels, indices, mem_emb, mem_labels, mem_indices,
-                         alpha=ALPHA, beta=BETA, lam=LAM, margin=MARGIN):
+def naive_memory_ms_loss(
+    emb,
+    labels,
+    indices,
+    mem_emb,
+    mem_labels,
+    mem_indices,
+    alpha=ALPHA,
+    beta=BETA,
+    lam=LAM,
+    margin=MARGIN,
+):
     """MS loss of each anchor against the memory, one anchor at a time (the paper's rule).
 
     References with the anchor's own dataset index are skipped; returns (loss, valid anchors).
@@ -21,8 +32,16 @@ def naive_memory_ms_loss(emb, labels, indices, mem_emb, mem_labels, mem_indices,
     valid = 0
     for i in range(emb.shape[0]):
         sims = [emb[i] @ mem_emb[m] for m in range(mem_emb.shape[0])]
-        pos = [s for m, s in enumerate(sims) if mem_indices[m] != indices[i] and mem_labels[m] == labels[i]]
-        neg = [s for m, s in enumerate(sims) if mem_indices[m] != indices[i] and mem_labels[m] != labels[i]]
+        pos = [
+            s
+            for m, s in enumerate(sims)
+            if mem_indices[m] != indices[i] and mem_labels[m] == labels[i]
+        ]
+        neg = [
+            s
+            for m, s in enumerate(sims)
+            if mem_indices[m] != indices[i] and mem_labels[m] != labels[i]
+        ]
         if not pos or not neg:
             continue
         min_pos = min(s.item() for s in pos)
@@ -106,8 +125,12 @@ def test_matches_pml_cross_batch_memory():
 
     gen = torch.Generator().manual_seed(2)
     size, dim = 48, 5
-    theirs = PMLMemory(PMLMS(alpha=ALPHA, beta=BETA, base=LAM), dim, memory_size=size,
-                       miner=MultiSimilarityMiner(epsilon=MARGIN))
+    theirs = PMLMemory(
+        PMLMS(alpha=ALPHA, beta=BETA, base=LAM),
+        dim,
+        memory_size=size,
+        miner=MultiSimilarityMiner(epsilon=MARGIN),
+    )
     ours = CrossBatchMemory(size=size)
     # Distinct dataset indices: PML drops only the copy just enqueued, we drop by index; with
     # no stale copies the two rules coincide. Each class is a tight cluster so every anchor
@@ -116,7 +139,9 @@ def test_matches_pml_cross_batch_memory():
     next_index = 0
     for step in range(6):
         labels = torch.arange(4).repeat_interleave(3)
-        emb = F.normalize(centres[labels] + 0.6 * torch.randn(12, dim, generator=gen, dtype=torch.float64), dim=1)
+        emb = F.normalize(
+            centres[labels] + 0.6 * torch.randn(12, dim, generator=gen, dtype=torch.float64), dim=1
+        )
         indices = torch.arange(next_index, next_index + 12)
         next_index += 12
         emb_ours = emb.clone().requires_grad_(True)
@@ -167,11 +192,15 @@ def test_gradient_reaches_only_current_embeddings():
     ignore = indices[:, None] == indices[None, :]
     constant_refs = emb.detach().clone()
     anchors = emb.detach().clone().requires_grad_(True)
-    expected = multi_similarity_loss(anchors @ constant_refs.T, labels, ref_labels=labels, ignore=ignore)
+    expected = multi_similarity_loss(
+        anchors @ constant_refs.T, labels, ref_labels=labels, ignore=ignore
+    )
     (expected_grad,) = torch.autograd.grad(expected, anchors)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
     # What a memory that kept the graph would give: the check above can tell them apart.
-    through_refs = multi_similarity_loss(anchors @ anchors.T, labels, ref_labels=labels, ignore=ignore)
+    through_refs = multi_similarity_loss(
+        anchors @ anchors.T, labels, ref_labels=labels, ignore=ignore
+    )
     (leaky_grad,) = torch.autograd.grad(through_refs, anchors)
     assert not torch.allclose(leaky_grad, grad)
 
@@ -181,19 +210,27 @@ def test_step_loss_waits_for_start_iteration_and_applies_weight():
     memory = CrossBatchMemory(size=50, start_iteration=3, weight=0.25)
     emb, labels, indices = random_batch(gen, 8, 4, 2, 100)
     batch_loss = multi_similarity_loss(emb @ emb.T, labels)
-    assert xbm_step_loss(memory, 2, batch_loss, multi_similarity_loss, emb, labels, indices) is batch_loss
+    assert (
+        xbm_step_loss(memory, 2, batch_loss, multi_similarity_loss, emb, labels, indices)
+        is batch_loss
+    )
     assert len(memory) == 0 and not memory.active(2) and memory.active(3)
     total = xbm_step_loss(memory, 3, batch_loss, multi_similarity_loss, emb, labels, indices)
     assert len(memory) == 8
     term = memory.loss(multi_similarity_loss, emb, labels, indices)
     assert term.item() > 0
     torch.testing.assert_close(total, batch_loss + 0.25 * term)
-    assert xbm_step_loss(None, 10, batch_loss, multi_similarity_loss, emb, labels, indices) is batch_loss
+    assert (
+        xbm_step_loss(None, 10, batch_loss, multi_similarity_loss, emb, labels, indices)
+        is batch_loss
+    )
 
 
 def test_empty_memory_term_is_a_differentiable_zero():
     emb = torch.randn(4, 3, requires_grad=True)
-    term = CrossBatchMemory(size=8).loss(multi_similarity_loss, emb, torch.arange(4), torch.arange(4))
+    term = CrossBatchMemory(size=8).loss(
+        multi_similarity_loss, emb, torch.arange(4), torch.arange(4)
+    )
     assert term.item() == 0.0
     term.backward()
     assert torch.equal(emb.grad, torch.zeros_like(emb))
@@ -222,7 +259,11 @@ def test_state_dict_round_trip(tmp_path, batches):
     restored = CrossBatchMemory(size=10)
     restored.load_state_dict(torch.load(path, weights_only=True)["xbm"])
     assert (len(restored), restored.ptr, restored.start_iteration, restored.weight) == (
-        len(memory), memory.ptr, 7, 0.5)
+        len(memory),
+        memory.ptr,
+        7,
+        0.5,
+    )
     # Resuming must continue identically: same contents after more enqueues.
     more = random_batch(gen, 4, 3, 4, 50, dtype=torch.float32)
     memory.enqueue(*more)
@@ -230,8 +271,10 @@ def test_state_dict_round_trip(tmp_path, batches):
     for a, b in zip(held(memory), held(restored)):
         assert torch.equal(a, b)
     emb, labels, indices = more
-    torch.testing.assert_close(memory.loss(multi_similarity_loss, emb, labels, indices),
-                               restored.loss(multi_similarity_loss, emb, labels, indices))
+    torch.testing.assert_close(
+        memory.loss(multi_similarity_loss, emb, labels, indices),
+        restored.loss(multi_similarity_loss, emb, labels, indices),
+    )
     with pytest.raises(ValueError, match="set the memory size to 10"):
         CrossBatchMemory(size=11).load_state_dict(memory.state_dict())
 

@@ -4,6 +4,7 @@ Most data here are small integers: every inner product is then exact in float32 
 summation order, so equal scores are really equal and the tie rule (lower gallery index
 first) can be checked exactly, and any block size must give bit-identical results.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,6 +75,7 @@ def brute_metrics(x, labels, ks, gallery=None, gallery_labels=None):
 
 
 # --- kNN: exact ranking, ties, blocking ------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("block_size", [1, 3, 7, 16, 64, None])
@@ -188,8 +190,14 @@ def test_knn_matches_faiss_index_flat_ip():
 def test_input_types_numpy_torch_half():
     x, _ = integer_data(4, 40)
     ref = knn(x, 5)
-    for variant in (torch.from_numpy(x), x.astype(np.float16), torch.from_numpy(x).bfloat16(),
-                    x.astype(np.float64), np.asfortranarray(x), torch.from_numpy(x).T.contiguous().T):
+    for variant in (
+        torch.from_numpy(x),
+        x.astype(np.float16),
+        torch.from_numpy(x).bfloat16(),
+        x.astype(np.float64),
+        np.asfortranarray(x),
+        torch.from_numpy(x).T.contiguous().T,
+    ):
         sims, idx = knn(variant, 5)
         assert sims.dtype == torch.float32 and idx.dtype == torch.int64
         assert torch.equal(idx, ref[1]) and torch.equal(sims, ref[0])
@@ -206,6 +214,7 @@ def test_knn_on_cuda_matches_cpu():
 
 # --- Recall@K, MAP@R, R-precision -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_metrics_match_brute_force(seed):
     x, labels = integer_data(seed, 80, n_dupes=15, n_classes=6)
@@ -216,7 +225,8 @@ def test_metrics_match_brute_force(seed):
         out = retrieval_metrics(x, labels, ks, block_size=block_size)
         assert out == pytest.approx(ref, abs=1e-12)
         assert recall_at_k(x, labels, ks, block_size=block_size) == pytest.approx(
-            {k: ref[f"recall@{k}"] for k in ks}, abs=1e-12)
+            {k: ref[f"recall@{k}"] for k in ks}, abs=1e-12
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -227,9 +237,14 @@ def test_metrics_query_gallery_form_match_brute_force(seed):
     q_labels[0] = 99  # absent from the gallery: a miss in recall, left out of MAP@R
     ks = (1, 5, 10)
     ref = brute_metrics(query, q_labels, ks, gallery, g_labels)
-    out = retrieval_metrics(query, q_labels, ks, gallery=gallery, gallery_labels=g_labels, block_size=7)
+    out = retrieval_metrics(
+        query, q_labels, ks, gallery=gallery, gallery_labels=g_labels, block_size=7
+    )
     assert out == pytest.approx(ref, abs=1e-12)
-    assert recall_at_k(query, q_labels, ks, gallery=gallery, gallery_labels=g_labels)[1] == ref["recall@1"]
+    assert (
+        recall_at_k(query, q_labels, ks, gallery=gallery, gallery_labels=g_labels)[1]
+        == ref["recall@1"]
+    )
 
 
 def test_metrics_match_pml_accuracy_calculator():
@@ -242,8 +257,11 @@ def test_metrics_match_pml_accuracy_calculator():
     # removing the query's index (the same as ours up to the order of tied scores).
     # Continuous data (no ties) and classes of at least 2 make the definitions coincide.
     calc = pml.AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"), k="max_bin_count",
-        device=torch.device("cpu"), knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
+    )
     for seed in (0, 1, 2):
         x, labels = unit_data(seed, 400, dim=8, n_classes=25)
         ours = retrieval_metrics(x, labels, (1,), block_size=64)
@@ -252,10 +270,16 @@ def test_metrics_match_pml_accuracy_calculator():
         assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-9)
         assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-9)
         # In-Shop style: separate query and gallery sets, nothing excluded
-        ours = retrieval_metrics(x[:150], labels[:150], (1,), gallery=x[150:], gallery_labels=labels[150:])
-        theirs = calc.get_accuracy(x[:150], labels[:150], x[150:], labels[150:], ref_includes_query=False)
+        ours = retrieval_metrics(
+            x[:150], labels[:150], (1,), gallery=x[150:], gallery_labels=labels[150:]
+        )
+        theirs = calc.get_accuracy(
+            x[:150], labels[:150], x[150:], labels[150:], ref_includes_query=False
+        )
         lone = ~np.isin(labels[:150], labels[150:])
-        assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"] * (1 - lone.mean()), abs=1e-9)
+        assert ours["recall@1"] == pytest.approx(
+            theirs["precision_at_1"] * (1 - lone.mean()), abs=1e-9
+        )
         assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-9)
         assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-9)
 
@@ -308,8 +332,14 @@ def test_large_class_clips_r_with_a_warning():
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(2, 40), dim=st.integers(1, 5), n_classes=st.integers(1, 6),
-       block_size=st.integers(1, 45), seed=st.integers(0, 2**16), data=st.data())
+@given(
+    n=st.integers(2, 40),
+    dim=st.integers(1, 5),
+    n_classes=st.integers(1, 6),
+    block_size=st.integers(1, 45),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
 def test_property_matches_brute_force(n, dim, n_classes, block_size, seed, data):
     rng = np.random.default_rng(seed)
     x = rng.integers(-1, 2, size=(n, dim)).astype(np.float32)  # ties everywhere
@@ -321,10 +351,13 @@ def test_property_matches_brute_force(n, dim, n_classes, block_size, seed, data)
     out = retrieval_metrics(x, labels, ks, block_size=block_size, max_r=None)
     ref = brute_metrics(x, labels, ks)
     for key, value in ref.items():
-        assert (math.isnan(value) and math.isnan(out[key])) or out[key] == pytest.approx(value, abs=1e-12)
+        assert (math.isnan(value) and math.isnan(out[key])) or out[key] == pytest.approx(
+            value, abs=1e-12
+        )
 
 
 # --- NMI --------------------------------------------------------------------------------------
+
 
 def test_nmi_separated_clusters_and_sklearn_reference():
     from sklearn.cluster import KMeans
@@ -336,32 +369,37 @@ def test_nmi_separated_clusters_and_sklearn_reference():
     assert nmi(x, labels) == pytest.approx(1.0)
     noisy = np.random.default_rng(1).standard_normal((100, 8)).astype(np.float32)
     expected = normalized_mutual_info_score(
-        labels, KMeans(n_clusters=4, n_init=10, random_state=3).fit_predict(noisy))
+        labels, KMeans(n_clusters=4, n_init=10, random_state=3).fit_predict(noisy)
+    )
     assert nmi(noisy, labels, seed=3) == pytest.approx(expected)
     assert nmi(noisy, labels, seed=3) < 0.5
 
 
 # --- input validation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, y: recall_at_k(x, y[:-1]), "has 9 entries but there are 10"),
-    (lambda x, y: recall_at_k(x, y[:, None]), "1-D"),
-    (lambda x, y: recall_at_k(x, y.astype(float)), "integers"),
-    (lambda x, y: recall_at_k(x, y, (1, 10)), "exceeds the 9 gallery items"),
-    (lambda x, y: recall_at_k(x, y, ()), "ks must be positive"),
-    (lambda x, y: recall_at_k(x, y, (0, 1)), "ks must be positive"),
-    (lambda x, y: recall_at_k(x, y, gallery=x), "gallery_labels"),
-    (lambda x, y: recall_at_k(x, y, (1, 11), gallery=x, gallery_labels=y), "exceeds the 10"),
-    (lambda x, y: retrieval_metrics(x, y, gallery=x[:, :2], gallery_labels=y), "dimension"),
-    (lambda x, y: recall_at_k(x[0], y), "2-D"),
-    (lambda x, y: recall_at_k(np.where(np.eye(10, 4) > 0, np.nan, x), y), "NaN"),
-    (lambda x, y: knn(x, 3, np.full((5, 4), np.inf)), "inf"),
-    (lambda x, y: knn(x, 0), r"k must be an int in \[1, 9\]"),
-    (lambda x, y: knn(x, 10), r"k must be an int in \[1, 9\]"),
-    (lambda x, y: knn(x, 10, x), None),  # allowed: no exclusion with a gallery
-    (lambda x, y: knn(x, 3, block_size=0), "block_size"),
-    (lambda x, y: nmi(x, y[:-1]), "has 9 entries"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, y: recall_at_k(x, y[:-1]), "has 9 entries but there are 10"),
+        (lambda x, y: recall_at_k(x, y[:, None]), "1-D"),
+        (lambda x, y: recall_at_k(x, y.astype(float)), "integers"),
+        (lambda x, y: recall_at_k(x, y, (1, 10)), "exceeds the 9 gallery items"),
+        (lambda x, y: recall_at_k(x, y, ()), "ks must be positive"),
+        (lambda x, y: recall_at_k(x, y, (0, 1)), "ks must be positive"),
+        (lambda x, y: recall_at_k(x, y, gallery=x), "gallery_labels"),
+        (lambda x, y: recall_at_k(x, y, (1, 11), gallery=x, gallery_labels=y), "exceeds the 10"),
+        (lambda x, y: retrieval_metrics(x, y, gallery=x[:, :2], gallery_labels=y), "dimension"),
+        (lambda x, y: recall_at_k(x[0], y), "2-D"),
+        (lambda x, y: recall_at_k(np.where(np.eye(10, 4) > 0, np.nan, x), y), "NaN"),
+        (lambda x, y: knn(x, 3, np.full((5, 4), np.inf)), "inf"),
+        (lambda x, y: knn(x, 0), r"k must be an int in \[1, 9\]"),
+        (lambda x, y: knn(x, 10), r"k must be an int in \[1, 9\]"),
+        (lambda x, y: knn(x, 10, x), None),  # allowed: no exclusion with a gallery
+        (lambda x, y: knn(x, 3, block_size=0), "block_size"),
+        (lambda x, y: nmi(x, y[:-1]), "has 9 entries"),
+    ],
+)
 def test_input_validation(call, match):
     x, y = integer_data(0, 10)
     if match is None:
@@ -373,17 +411,19 @@ def test_input_validation(call, match):
 
 # --- overflow and queries without a relevant item (issue 12) ----------------------------------
 
+
 def test_norms_that_overflow_float32_inner_products_are_rejected():
     labels = np.repeat(np.arange(3), 4)
     x = np.eye(3, 8, dtype=np.float32)[labels] + 0.01 * np.random.default_rng(0).standard_normal(
-        (12, 8)).astype(np.float32)
+        (12, 8)
+    ).astype(np.float32)
     assert recall_at_k(x, labels, (1,)) == {1: 1.0}
-    for scale in (1e20, 3e19):             # finite inputs whose products overflow float32
+    for scale in (1e20, 3e19):  # finite inputs whose products overflow float32
         with pytest.raises(ValueError, match="norm up to .*overflow.*L2-normalise"):
             recall_at_k(x * scale, labels, (1,))
         with pytest.raises(ValueError, match="gallery has rows of norm"):
             recall_at_k(x, labels, (1,), gallery=x * scale, gallery_labels=labels)
-    assert recall_at_k(x * 1e18, labels, (1,)) == {1: 1.0}   # large but safe: still exact
+    assert recall_at_k(x * 1e18, labels, (1,)) == {1: 1.0}  # large but safe: still exact
 
 
 def test_queries_without_relevant_items_are_reported():
@@ -391,7 +431,7 @@ def test_queries_without_relevant_items_are_reported():
     with pytest.warns(UserWarning, match="6 of 6 queries have no relevant item"):
         out = retrieval_metrics(x, np.arange(6), (1,))
     assert out["recall@1"] == 0.0 and math.isnan(out["map@r"])
-    labels = np.array([0, 0, 0, 1, 1, 2])                 # one single-image class
+    labels = np.array([0, 0, 0, 1, 1, 2])  # one single-image class
     with pytest.warns(UserWarning, match="1 of 6 queries"):
         assert recall_at_k(np.eye(3, dtype=np.float32)[labels], labels, (1,))[1] == 5 / 6
     with warnings.catch_warnings():

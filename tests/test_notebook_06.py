@@ -1,6 +1,7 @@
 """Notebook 06 (sensitivity heatmaps): stored clean and thin; executed headless on a 2 x 2 grid.
 
 Uses the papermill helpers of test_notebooks.py (execute, outputs, mimes)."""
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,10 @@ def test_06_is_stored_clean_thin_with_parameters_and_kernelspec():
 @pytest.mark.slow
 def test_06_runs_the_sweeps_and_draws_both_heatmaps(tmp_path):
     nb = execute(NAME, tmp_path, sweep_dir=str(tmp_path / "sweeps"), out_dir=str(tmp_path / "06"))
-    for name, keys in (("beta_lam", ["loss.beta", "loss.lam"]),
-                       ("alpha_eps", ["loss.alpha", "loss.margin"])):
+    for name, keys in (
+        ("beta_lam", ["loss.beta", "loss.lam"]),
+        ("alpha_eps", ["loss.alpha", "loss.margin"]),
+    ):
         rows = pd.read_csv(tmp_path / "sweeps" / name / "sweep.csv")
         assert len(rows) == 4 and set(keys) <= set(rows.columns)
         assert (tmp_path / "06" / f"sensitivity_{name}.png").stat().st_size > 5000

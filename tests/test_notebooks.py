@@ -5,6 +5,7 @@ changed to a temporary one: 02 trains into `runs/`; 03 and 04 find that run as t
 there (03 also steps through its snapshots); 05 gathers it with a run folder that claims the
 CUB 512-d setting, so the paper's rows must appear beside it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,9 +72,15 @@ def execute(name: str, work: Path, **parameters) -> nbformat.NotebookNode:
     if str(REPO) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
     out = work / f"{name}.out.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
-                               kernel_name="python3", cwd=str(work), progress_bar=False,
-                               execution_timeout=600)
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(out),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(work),
+        progress_bar=False,
+        execution_timeout=600,
+    )
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
@@ -110,8 +117,14 @@ def nb02(work, runs):
 def test_01_prepare_data(work):
     nb = execute("01_prepare_data", work, out_dir=str(work / "01"))
     counts = pd.read_csv(work / "01" / "class_counts.csv")
-    assert list(counts.columns) == ["split", "images", "classes", "min/class", "median/class",
-                                    "max/class"]
+    assert list(counts.columns) == [
+        "split",
+        "images",
+        "classes",
+        "min/class",
+        "median/class",
+        "max/class",
+    ]
     assert counts.set_index("split")["classes"].to_dict() == {"train": 130, "test": 112}
     assert counts["images"].sum() == 4840  # every image of the embedded set, in one split
     groups = pd.read_csv(work / "01" / "class_groups.csv")
@@ -125,8 +138,16 @@ def test_01_prepare_data(work):
 @pytest.mark.slow
 def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
     archive = shared_data / "CUB_200_2011_subset100.tgz"
-    nb = execute("01_prepare_data", work, dataset="cub200", root=str(work / "data"),
-                 archive=str(archive), out_dir=str(work / "01cub"), per_class=3, max_classes=2)
+    nb = execute(
+        "01_prepare_data",
+        work,
+        dataset="cub200",
+        root=str(work / "data"),
+        archive=str(archive),
+        out_dir=str(work / "01cub"),
+        per_class=3,
+        max_classes=2,
+    )
     counts = pd.read_csv(work / "01cub" / "class_counts.csv").set_index("split")
     assert counts["classes"].to_dict() == {"train": 58, "test": 42}  # species 1-100 / 101-200
     assert counts["images"].sum() == 5902
@@ -137,23 +158,35 @@ def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
 @pytest.mark.slow
 def test_02_trains_the_embedded_default_with_live_panels(nb02):
     nb, run_dir = nb02
-    for name in ("config.yaml", "history.csv", "checkpoint.pt", "best.pt", "metrics.json",
-                 "curves.png", "mining.png"):
+    for name in (
+        "config.yaml",
+        "history.csv",
+        "checkpoint.pt",
+        "best.pt",
+        "metrics.json",
+        "curves.png",
+        "mining.png",
+    ):
         assert (run_dir / name).is_file(), name
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["data"]["name"] == "omniglot_small" and cfg["train"]["iterations"] == 60
     history = pd.read_csv(run_dir / "history.csv")
     assert history.dropna(subset=["recall@1"])["iteration"].tolist() == [20, 40, 60]
     assert [p.name for p in sorted((run_dir / "snapshots").iterdir())] == [
-        f"iter_{i:06d}.pt" for i in (0, 20, 40, 60)]
+        f"iter_{i:06d}.pt" for i in (0, 20, 40, 60)
+    ]
     live = outputs(nb, "LiveCurves()")  # two outputs, each updated in place
     assert [o.output_type for o in live] == ["display_data"] * 2
     assert all("image/png" in o["data"] for o in live)
     assert history["pos_kept"].notna().all()  # the engine records mining statistics...
     assert (run_dir / "mining.png").stat().st_size > 20_000  # ...and the panel draws them
     table = outputs(nb, "paper.results_table(run_dir)")[0]["data"]["text/html"]
-    for row in ("raw pixels", "untrained network", "trained: final",
-                "trained: best of evaluations"):
+    for row in (
+        "raw pixels",
+        "untrained network",
+        "trained: final",
+        "trained: best of evaluations",
+    ):
         assert row in table
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["recall@1"] > metrics["floors"]["raw_pixels"]["recall@1"] + 0.2
@@ -196,11 +229,20 @@ def test_05_recall_tables_name_their_protocol(nb02, work, runs):
     _, run_dir = nb02
     cub = work / "more_runs" / "cub512"  # a finished run in the paper's setting, written by hand
     cub.mkdir(parents=True, exist_ok=True)
-    (cub / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "cub200"},
-                                                     "model": {"embedding_dim": 512}}))
-    (cub / "metrics.json").write_text(json.dumps({
-        "recall@1": 0.6, "recall@2": 0.7, "map@r": 0.2, "iteration": 20,
-        "best": {"iteration": 10, "recall@1": 0.62, "recall@2": 0.71, "map@r": 0.21}}))
+    (cub / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"name": "cub200"}, "model": {"embedding_dim": 512}})
+    )
+    (cub / "metrics.json").write_text(
+        json.dumps(
+            {
+                "recall@1": 0.6,
+                "recall@2": 0.7,
+                "map@r": 0.2,
+                "iteration": 20,
+                "best": {"iteration": 10, "recall@1": 0.62, "recall@2": 0.71, "map@r": 0.21},
+            }
+        )
+    )
     (cub / "history.csv").write_text("iteration,loss,recall@1\n10,1.0,0.62\n20,0.9,0.6\n")
     shutil.copytree(run_dir, work / "more_runs" / run_dir.name)
     nb = execute("05_recall_tables", work, runs=str(work / "more_runs"), out_dir=str(work / "05"))
@@ -210,8 +252,12 @@ def test_05_recall_tables_name_their_protocol(nb02, work, runs):
     assert {"R@1", "R@2", "MAP@R"} <= set(header)
     rows = [[c.strip() for c in r.strip("|").split("|")] for r in md[2:]]
     named = [(r[0], r[2]) for r in rows]
-    assert named[:4] == [("cub512", "best"), ("cub512", "final"), (run_dir.name, "best"),
-                         (run_dir.name, "final")]
+    assert named[:4] == [
+        ("cub512", "best"),
+        ("cub512", "final"),
+        (run_dir.name, "best"),
+        (run_dir.name, "final"),
+    ]
     assert ("MS (paper)", "best") in named and ("Proxy-Anchor", "reported") in named
     ms = next(r for r in rows if r[0] == "MS (paper)")
     assert "65.7" in ms and "97.3" in ms

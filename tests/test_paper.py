@@ -1,4 +1,5 @@
 """Unit tests of msl_kit.paper: run tables, protocols, the paper's numbers, exports."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,21 @@ from msl_kit import paper, viz
 # ----------------------------------------------------------------------------- tables
 def _fake_run(folder: Path, dataset: str, dim: int, r1: float, ks=(1, 2, 4, 8)) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"data": {"name": dataset}, "model": {
-        "embedding_dim": dim, "backbone": "bninception"}, "loss": {"name": "ms"}}))
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"name": dataset},
+                "model": {"embedding_dim": dim, "backbone": "bninception"},
+                "loss": {"name": "ms"},
+            }
+        )
+    )
     metrics = {f"recall@{k}": min(1.0, r1 + 0.05 * i) for i, k in enumerate(ks)}
     metrics.update({"map@r": r1 / 2, "r_precision": r1 / 1.5, "iteration": 3000, "split": "test"})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "history.csv").write_text(
-        "iteration,loss,recall@1\n10,1.0,\n20,0.9,0.5\n30,0.8,%s\n" % r1)
+        "iteration,loss,recall@1\n10,1.0,\n20,0.9,0.5\n30,0.8,%s\n" % r1
+    )
     return folder
 
 
@@ -83,10 +92,16 @@ def test_missing_runs_say_what_to_do(tmp_path):
 def _with_best(run: Path, best_r1: float, at: int) -> Path:
     """Add metrics.json's "best" (best of the evaluations) and "floors", as engine.train does."""
     metrics = json.loads((run / "metrics.json").read_text())
-    metrics["best"] = {"iteration": at, "recall@1": best_r1, "recall@2": best_r1 + 0.05,
-                       "map@r": 0.3}
-    metrics["floors"] = {"raw_pixels": {"recall@1": 0.348, "map@r": 0.062},
-                         "untrained": {"recall@1": 0.241, "map@r": 0.048}}
+    metrics["best"] = {
+        "iteration": at,
+        "recall@1": best_r1,
+        "recall@2": best_r1 + 0.05,
+        "map@r": 0.3,
+    }
+    metrics["floors"] = {
+        "raw_pixels": {"recall@1": 0.348, "map@r": 0.062},
+        "untrained": {"recall@1": 0.241, "map@r": 0.048},
+    }
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -96,8 +111,11 @@ def test_tables_name_their_protocol_and_the_paper_is_compared_with_best(tmp_path
     _fake_run(tmp_path / "old", "cub200", 512, 0.50)  # a run from before "best" was recorded
     table = paper.collect_runs(tmp_path, protocols=("best", "final"))
     rows = [tuple(r) for r in table[["run", "protocol", "at", "R@1"]].itertuples(index=False)]
-    assert rows == [("cub512", "best", 1200, 64.0), ("cub512", "final", 3000, 60.0),
-                    ("old", "final", 3000, 50.0)]
+    assert rows == [
+        ("cub512", "best", 1200, 64.0),
+        ("cub512", "final", 3000, 60.0),
+        ("old", "final", 3000, 50.0),
+    ]
     full = paper.compare_with_paper(table)
     ms = full[full["run"] == "MS (paper)"].iloc[0]
     assert ms["protocol"] == "best" and ms["R@1"] == 65.7
@@ -112,8 +130,12 @@ def test_tables_name_their_protocol_and_the_paper_is_compared_with_best(tmp_path
 def test_results_table_puts_the_run_beside_its_floors(tmp_path):
     run = _with_best(_fake_run(tmp_path / "r", "omniglot_small", 64, 0.70), 0.72, 100)
     t = paper.results_table(run)
-    assert list(t.index) == ["raw pixels", "untrained network", "trained: final",
-                             "trained: best of evaluations"]
+    assert list(t.index) == [
+        "raw pixels",
+        "untrained network",
+        "trained: final",
+        "trained: best of evaluations",
+    ]
     assert t["R@1"].tolist() == [34.8, 24.1, 70.0, 72.0]
     assert t["MAP@R"].tolist() == [6.2, 4.8, 35.0, 30.0]
     assert t["at"].tolist()[1:] == [0, 3000, 100]

@@ -13,6 +13,7 @@ fixed batches or in float64, checked here over random inputs and parameters.
 
 Examples are derandomized so CI sees the same cases every run; the whole file takes ~20 s.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,12 +36,19 @@ from msl_kit.metrics import retrieval_metrics
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
-ms_params = st.fixed_dictionaries(dict(
-    alpha=st.floats(0.1, 20), beta=st.floats(1, 200), lam=st.floats(-1, 1), margin=st.floats(-0.5, 1.5)))
+ms_params = st.fixed_dictionaries(
+    dict(
+        alpha=st.floats(0.1, 20),
+        beta=st.floats(1, 200),
+        lam=st.floats(-1, 1),
+        margin=st.floats(-0.5, 1.5),
+    )
+)
 
 
-def naive_ms(sim: torch.Tensor, labels: list[int], alpha: float, beta: float, lam: float,
-             margin: float) -> torch.Tensor:
+def naive_ms(
+    sim: torch.Tensor, labels: list[int], alpha: float, beta: float, lam: float, margin: float
+) -> torch.Tensor:
     """The MS loss of DESIGN.md anchor by anchor (differentiable, for float64 references)."""
     n, total, zero = sim.shape[0], sim.sum() * 0, sim.new_zeros(())  # connected even with no anchor
     for i in range(n):
@@ -53,8 +61,15 @@ def naive_ms(sim: torch.Tensor, labels: list[int], alpha: float, beta: float, la
         kept_neg = [s for s in neg if s + margin > min_pos]
         if not kept_pos or not kept_neg:
             continue
-        total = total + torch.logsumexp(torch.stack([zero, *(-alpha * (s - lam) for s in kept_pos)]), 0) / alpha
-        total = total + torch.logsumexp(torch.stack([zero, *(beta * (s - lam) for s in kept_neg)]), 0) / beta
+        total = (
+            total
+            + torch.logsumexp(torch.stack([zero, *(-alpha * (s - lam) for s in kept_pos)]), 0)
+            / alpha
+        )
+        total = (
+            total
+            + torch.logsumexp(torch.stack([zero, *(beta * (s - lam) for s in kept_neg)]), 0) / beta
+        )
     return total / n
 
 
@@ -66,9 +81,17 @@ def random_batch(seed: int, n: int, n_classes: int, dim: int) -> tuple[torch.Ten
 
 # ----------------------------------------------------------------------------- the loss
 @settings(max_examples=40, **SETTINGS)
-@given(n=st.integers(2, 14), n_classes=st.integers(1, 5), dim=st.integers(1, 8), seed=st.integers(0, 2**16),
-       params=ms_params, mode=st.sampled_from(["fp32", "fp16", "bf16", "autocast-bf16"]))
-def test_ms_loss_and_gradient_in_every_precision_equal_the_float64_loop(n, n_classes, dim, seed, params, mode):
+@given(
+    n=st.integers(2, 14),
+    n_classes=st.integers(1, 5),
+    dim=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    params=ms_params,
+    mode=st.sampled_from(["fp32", "fp16", "bf16", "autocast-bf16"]),
+)
+def test_ms_loss_and_gradient_in_every_precision_equal_the_float64_loop(
+    n, n_classes, dim, seed, params, mode
+):
     x64, labels = random_batch(seed, n, n_classes, dim)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(mode, torch.bfloat16)
     x = x64.to(torch.float32 if mode.startswith("autocast") else dtype).requires_grad_(True)
@@ -85,14 +108,22 @@ def test_ms_loss_and_gradient_in_every_precision_equal_the_float64_loop(n, n_cla
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
     # gradients: float32 maths, then rounded to the input dtype
     tol = max(1e-4, 4 * EPS[x.dtype])
-    torch.testing.assert_close(x.grad.double(), rounded.grad, rtol=tol,
-                               atol=tol * float(rounded.grad.abs().max()) + 1e-7)
+    torch.testing.assert_close(
+        x.grad.double(), rounded.grad, rtol=tol, atol=tol * float(rounded.grad.abs().max()) + 1e-7
+    )
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(n=st.integers(2, 12), n_classes=st.integers(1, 4), seed=st.integers(0, 2**16), params=ms_params,
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
-def test_pair_weights_in_half_precision_equal_autograd_of_the_loop(n, n_classes, seed, params, dtype):
+@given(
+    n=st.integers(2, 12),
+    n_classes=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    params=ms_params,
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
+def test_pair_weights_in_half_precision_equal_autograd_of_the_loop(
+    n, n_classes, seed, params, dtype
+):
     x64, labels = random_batch(seed, n, n_classes, 4)
     sim = (x64 @ x64.T).to(dtype)
     weights = pair_weights(sim, labels, **params)
@@ -100,7 +131,9 @@ def test_pair_weights_in_half_precision_equal_autograd_of_the_loop(n, n_classes,
     assert (weights.pos >= 0).all() and (weights.neg >= 0).all()
     leaf = sim.double().requires_grad_(True)
     # DESIGN.md: w = -/+ dL/dS with L = sum_i L_i, i.e. n times the mean the loop returns
-    (grad,) = torch.autograd.grad(n * naive_ms(leaf, labels.tolist(), **params), leaf, allow_unused=True)
+    (grad,) = torch.autograd.grad(
+        n * naive_ms(leaf, labels.tolist(), **params), leaf, allow_unused=True
+    )
     grad = torch.zeros_like(leaf) if grad is None else grad
     same = labels[:, None] == labels[None, :]
     tol = dict(rtol=1e-4, atol=1e-6 * (1 + float(grad.abs().max())))
@@ -109,8 +142,13 @@ def test_pair_weights_in_half_precision_equal_autograd_of_the_loop(n, n_classes,
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(n=st.integers(2, 16), n_classes=st.integers(1, 5), seed=st.integers(0, 2**16), params=ms_params,
-       names=st.lists(st.integers(-2**40, 2**40), min_size=5, max_size=5, unique=True))
+@given(
+    n=st.integers(2, 16),
+    n_classes=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    params=ms_params,
+    names=st.lists(st.integers(-(2**40), 2**40), min_size=5, max_size=5, unique=True),
+)
 def test_ms_loss_ignores_batch_order_and_label_names(n, n_classes, seed, params, names):
     x, labels = random_batch(seed, n, n_classes, 6)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -127,13 +165,22 @@ def test_ms_loss_ignores_batch_order_and_label_names(n, n_classes, seed, params,
 # ----------------------------------------------------------------------------- the metrics
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-12) for k in a)
+        (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-12) for k in a
+    )
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(n=st.integers(3, 40), dim=st.integers(1, 6), n_classes=st.integers(1, 8), seed=st.integers(0, 2**16),
-       split=st.one_of(st.none(), st.floats(0.2, 0.8)), data=st.data())
-def test_metrics_bounded_monotone_and_invariant_to_order_and_label_names(n, dim, n_classes, seed, split, data):
+@given(
+    n=st.integers(3, 40),
+    dim=st.integers(1, 6),
+    n_classes=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    split=st.one_of(st.none(), st.floats(0.2, 0.8)),
+    data=st.data(),
+)
+def test_metrics_bounded_monotone_and_invariant_to_order_and_label_names(
+    n, dim, n_classes, seed, split, data
+):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim)).astype(np.float32)  # continuous: no ties to break by index
     labels = rng.integers(0, n_classes, n)
@@ -168,9 +215,18 @@ def test_metrics_bounded_monotone_and_invariant_to_order_and_label_names(n, dim,
 
 # ----------------------------------------------------------------------------- loss x metrics
 @settings(max_examples=25, **SETTINGS)
-@given(sizes=st.lists(st.integers(2, 5), min_size=2, max_size=6), seed=st.integers(0, 2**16),
-       params=st.fixed_dictionaries(dict(alpha=st.floats(0.1, 20), beta=st.floats(1, 200),
-                                         lam=st.floats(-1, 1), margin=st.floats(-0.5, 0.9))))
+@given(
+    sizes=st.lists(st.integers(2, 5), min_size=2, max_size=6),
+    seed=st.integers(0, 2**16),
+    params=st.fixed_dictionaries(
+        dict(
+            alpha=st.floats(0.1, 20),
+            beta=st.floats(1, 200),
+            lam=st.floats(-1, 1),
+            margin=st.floats(-0.5, 0.9),
+        )
+    ),
+)
 def test_separated_classes_give_zero_loss_and_perfect_retrieval(sizes, seed, params):
     """One orthonormal direction per class: the miner keeps no negative (S = 0 + margin < 1 = S+),
     so the loss is exactly 0 with no gradient, and every retrieval metric is 1."""
@@ -190,8 +246,12 @@ def test_separated_classes_give_zero_loss_and_perfect_retrieval(sizes, seed, par
 
 # ----------------------------------------------------------------------------- checkpoints
 @settings(max_examples=40, **SETTINGS)
-@given(old=st.binary(max_size=300), new=st.binary(min_size=1, max_size=300), cut=st.integers(0, 300),
-       error=st.sampled_from([errno.ENOSPC, errno.EIO, errno.EDQUOT]))
+@given(
+    old=st.binary(max_size=300),
+    new=st.binary(min_size=1, max_size=300),
+    cut=st.integers(0, 300),
+    error=st.sampled_from([errno.ENOSPC, errno.EIO, errno.EDQUOT]),
+)
 def test_an_interrupted_atomic_write_never_changes_the_old_file(old, new, cut, error):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "checkpoint.pt"
@@ -204,7 +264,9 @@ def test_an_interrupted_atomic_write_never_changes_the_old_file(old, new, cut, e
         with pytest.raises(OSError) as info:
             ckpt.atomic_write_bytes(path, write)
         assert info.value.errno == error and str(path) in str(info.value)
-        assert path.read_bytes() == old and sorted(p.name for p in Path(folder).iterdir()) == ["checkpoint.pt"]
+        assert path.read_bytes() == old and sorted(p.name for p in Path(folder).iterdir()) == [
+            "checkpoint.pt"
+        ]
         ckpt.atomic_write_bytes(path, lambda f: f.write(new))
         assert path.read_bytes() == new and len(list(Path(folder).iterdir())) == 1
 
@@ -213,13 +275,19 @@ def test_an_interrupted_atomic_write_never_changes_the_old_file(old, new, cut, e
 @given(seed=st.integers(0, 2**31), before=st.integers(0, 700), after=st.integers(1, 50))
 def test_random_states_survive_a_checkpoint_exactly(seed, before, after):
     def draws() -> tuple:
-        return ([random.random() for _ in range(after)], np.random.standard_normal(after).tolist(),
-                np.random.randint(0, 2**31, after).tolist(), torch.rand(after).tolist())
+        return (
+            [random.random() for _ in range(after)],
+            np.random.standard_normal(after).tolist(),
+            np.random.randint(0, 2**31, after).tolist(),
+            torch.rand(after).tolist(),
+        )
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    for _ in range(before):  # leave every generator somewhere in its stream (numpy's gauss cache too)
+    for _ in range(
+        before
+    ):  # leave every generator somewhere in its stream (numpy's gauss cache too)
         random.random(), np.random.standard_normal(), torch.rand(1)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "checkpoint.pt"

@@ -1,4 +1,5 @@
 """bench/quality.py: the PML adapter and loss timer (fast), the report logic, and a --quick run on real data."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -69,21 +70,58 @@ def test_timed_loss_changes_neither_value_nor_gradient_and_counts_time():
 
 
 def _rec(key, method, seed, r1, train_s=10.0, loss_s=0.1, iterations=10):
-    metrics = {"recall@1": r1, "recall@2": r1, "recall@4": r1, "recall@8": r1, "map@r": r1 / 2, "r_precision": r1}
-    return {"dataset": key, "method": method, "label": method, "seed": seed, "metrics": metrics,
-            "iterations": iterations, "batch_size": 80, "samples_per_class": 5, "lr": 1e-3, "image_size": 28,
-            "embedding_dim": 64, "wall_s": train_s + 5, "train_s": train_s, "images_per_s": 800 / train_s,
-            "loss_s": loss_s, "overrides": [], "command": "python bench/quality.py --test"}
+    metrics = {
+        "recall@1": r1,
+        "recall@2": r1,
+        "recall@4": r1,
+        "recall@8": r1,
+        "map@r": r1 / 2,
+        "r_precision": r1,
+    }
+    return {
+        "dataset": key,
+        "method": method,
+        "label": method,
+        "seed": seed,
+        "metrics": metrics,
+        "iterations": iterations,
+        "batch_size": 80,
+        "samples_per_class": 5,
+        "lr": 1e-3,
+        "image_size": 28,
+        "embedding_dim": 64,
+        "wall_s": train_s + 5,
+        "train_s": train_s,
+        "images_per_s": 800 / train_s,
+        "loss_s": loss_s,
+        "overrides": [],
+        "command": "python bench/quality.py --test",
+    }
 
 
 def _invocation(methods=("ms", "pml_ms"), seeds=(0, 1, 2)):
-    return [{"datasets": ["omniglot"], "methods": {"omniglot": list(methods)}, "seeds": list(seeds),
-             "threads": 2, "workers": 0, "machine": "test", "total_wall_s": 60.0}]
+    return [
+        {
+            "datasets": ["omniglot"],
+            "methods": {"omniglot": list(methods)},
+            "seeds": list(seeds),
+            "threads": 2,
+            "workers": 0,
+            "machine": "test",
+            "total_wall_s": 60.0,
+        }
+    ]
 
 
 def test_report_says_matched_when_the_difference_is_inside_the_seed_spread():
-    recs = [_rec("omniglot", "ms", s, r, train_s=8, loss_s=0.02) for s, r in enumerate([0.70, 0.72, 0.74])]
-    recs += [_rec("omniglot", "pml_ms", s, r, train_s=10, loss_s=0.08) for s, r in enumerate([0.71, 0.73, 0.72])]
+    recs = [
+        _rec("omniglot", "ms", s, r, train_s=8, loss_s=0.02)
+        for s, r in enumerate([0.70, 0.72, 0.74])
+    ]
+    recs += [
+        _rec("omniglot", "pml_ms", s, r, train_s=10, loss_s=0.08)
+        for s, r in enumerate([0.71, 0.73, 0.72])
+    ]
     text = quality.render(_invocation(), recs)
     assert "**matched** PML" in text and "72.0 ± 2.0 vs 72.0 ± 1.0" in text
     assert "took 8 vs 10 s per run, medians over seeds (ours 1.25x faster)" in text
@@ -97,13 +135,18 @@ def test_report_says_not_matched_and_lists_missing_cells():
     text = quality.render(_invocation(), recs)
     assert "did **not** match PML" in text
     slower = [_rec("omniglot", m, 0, 0.7, train_s=t) for m, t in (("ms", 12.0), ("pml_ms", 10.0))]
-    assert "took 12 vs 10 s per run, medians over seeds (ours 1.20x slower)" in quality.render(_invocation(seeds=(0,)), slower)
+    assert "took 12 vs 10 s per run, medians over seeds (ours 1.20x slower)" in quality.render(
+        _invocation(seeds=(0,)), slower
+    )
     assert "- omniglot / pml_ms / seed 2" in text
     assert "None: every planned cell finished." not in text
 
 
 def test_report_warns_when_cells_ran_at_different_budgets():
-    recs = [_rec("omniglot", "ms", 0, 0.7, iterations=10), _rec("omniglot", "pml_ms", 0, 0.7, iterations=20)]
+    recs = [
+        _rec("omniglot", "ms", 0, 0.7, iterations=10),
+        _rec("omniglot", "pml_ms", 0, 0.7, iterations=20),
+    ]
     assert "different budgets" in quality.render(_invocation(seeds=(0,)), recs)
 
 
@@ -113,7 +156,9 @@ def test_quick_run_on_real_data_writes_a_sane_report(shared_data, tmp_path):
     out = tmp_path / "report" / "results.md"
     args = ["--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--threads", "1"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     results = out.parent / "results" / "quality"
@@ -122,12 +167,19 @@ def test_quick_run_on_real_data_writes_a_sane_report(shared_data, tmp_path):
     assert text.count(HEADER) == 2
     assert "python bench/quality.py --quick" in text  # the exact command is on the page
     assert "None: every planned cell finished." in text
-    for label in ("msl_kit MS (released", "PML MS miner + loss", "triplet, semi-hard", "untrained convnet", "raw pixels"):
+    for label in (
+        "msl_kit MS (released",
+        "PML MS miner + loss",
+        "triplet, semi-hard",
+        "untrained convnet",
+        "raw pixels",
+    ):
         assert f"| {label}" in text
 
     recs = {(r["dataset"], r["method"]): r for r in quality.load_records(results)}
-    assert set(recs) == {("omniglot", m) for m in ("ms", "pml_ms", "triplet", "random", "pixels")} | \
-        {("cub", m) for m in ("ms", "random", "pixels")}
+    assert set(recs) == {
+        ("omniglot", m) for m in ("ms", "pml_ms", "triplet", "random", "pixels")
+    } | {("cub", m) for m in ("ms", "random", "pixels")}
     for rec in recs.values():
         m = rec["metrics"]
         recalls = [m[f"recall@{k}"] for k in (1, 2, 4, 8)]
@@ -143,8 +195,13 @@ def test_quick_run_on_real_data_writes_a_sane_report(shared_data, tmp_path):
     assert abs(ms["recall@1"] - recs["omniglot", "pml_ms"]["metrics"]["recall@1"]) < 0.08
 
     before = text  # the page is rebuilt from the JSON alone
-    again = subprocess.run([sys.executable, str(SCRIPT), "--report-only", "--out", str(out)], cwd=REPO, env=env,
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report-only", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert out.read_text() == before
     assert json.loads((results / "grid.json").read_text())[0]["methods"]["cub"] == ["ms"]

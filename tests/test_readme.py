@@ -1,4 +1,5 @@
 """README's two set-up commands are exactly what CI runs, and every doc it links exists."""
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,12 @@ def test_ci_runs_the_readme_commands():
     install, tests = _readme_commands()
     ci = (REPO / ".ci" / "run").read_text()
     # CI may add --out/-q to keep its log short, but otherwise runs the same command lines.
-    assert install.replace('pip install -e', 'pip install -q -e').replace("msl-kit train", "msl-kit train --out runs/ci-demo") in ci
+    assert (
+        install.replace("pip install -e", "pip install -q -e").replace(
+            "msl-kit train", "msl-kit train --out runs/ci-demo"
+        )
+        in ci
+    )
     assert tests in ci
 
 

@@ -4,6 +4,7 @@ Each test here backs one or more rows of docs/reliability.md. Training runs are 
 iterations of the embedded digits demo) and run in-process through `cli.main` where the
 user-facing message matters, so the whole file stays well under a minute.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,13 @@ from msl_kit import cli, datasets, engine, losses, metrics, models, recipe
 from msl_kit.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["train.iterations=6", "train.checkpoint_every=2", "train.eval_every=0", "train.threads=1",
-        "eval.floors=false"]
+FAST = [
+    "train.iterations=6",
+    "train.checkpoint_every=2",
+    "train.eval_every=0",
+    "train.threads=1",
+    "eval.floors=false",
+]
 FAST_ARGS = ["--config", "digits"] + [a for s in FAST for a in ("--set", s)] + ["--no-baseline"]
 NAN = float("nan")
 
@@ -38,7 +44,9 @@ def _error_line(err: str) -> str:
     """The single `error: ...` line the CLI printed, on a line of its own, with no traceback."""
     lines = [line for line in err.split("\n") if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: "), f"the error shares its line with other output: {lines[0]!r}"
+    assert lines[0].startswith("error: "), (
+        f"the error shares its line with other output: {lines[0]!r}"
+    )
     return lines[0]
 
 
@@ -127,22 +135,30 @@ class _FailingLoss(nn.Module):
 
 
 @pytest.mark.parametrize("kind, what", [("loss", "the loss"), ("grad", "a gradient")])
-def test_divergence_stops_before_any_weight_changes_and_keeps_last_good_checkpoint(tmp_path, capture, kind, what):
+def test_divergence_stops_before_any_weight_changes_and_keeps_last_good_checkpoint(
+    tmp_path, capture, kind, what
+):
     out = tmp_path / "run"
     with pytest.raises(engine.DivergenceError) as info:
         engine.train(load_config("digits", FAST), out, loss_fn=_FailingLoss(5, kind, capture))
     message = str(info.value)
     assert f"{what} became NaN or inf at iteration 5" in message
-    assert "train.lr" in message and f"last good checkpoint {out / 'checkpoint.pt'} is kept" in message
+    assert (
+        "train.lr" in message and f"last good checkpoint {out / 'checkpoint.pt'} is kept" in message
+    )
     # the step was stopped: no parameter and no Adam moment moved
     model, optimizer = capture["model"], capture["optimizer"]
     _assert_same_tensors(_params(model), capture["before"])
     _assert_same_tensors(optimizer.state_dict(), capture["optimizer_before"])
-    assert any(not torch.equal(p, capture["initial"][n]) for n, p in _params(model).items())  # it did train
+    assert any(
+        not torch.equal(p, capture["initial"][n]) for n, p in _params(model).items()
+    )  # it did train
     # the last good checkpoint (iteration 4) is intact, loadable, and holds exactly these weights
     state, path = ckpt.load_latest(out)
     assert path.name == "checkpoint.pt" and state["iteration"] == 4
-    _assert_same_tensors({name: state["model"][name] for name in capture["before"]}, capture["before"])
+    _assert_same_tensors(
+        {name: state["model"][name] for name in capture["before"]}, capture["before"]
+    )
     fresh = recipe.build_model(load_config("digits", FAST))
     fresh.load_state_dict(state["model"])
     assert not (out / "metrics.json").exists() and _no_temp_files(out)
@@ -162,40 +178,69 @@ class _NaNImages(Dataset):
 
 def test_nan_images_stop_at_the_first_step(tmp_path, capture, monkeypatch):
     real_build = datasets.build
-    monkeypatch.setattr(datasets, "build", lambda name, root, split, transform=None, **kw: (
-        _NaNImages(real_build(name, root, split, transform, **kw)) if split == "train"
-        else real_build(name, root, split, transform, **kw)))
-    with pytest.raises(engine.DivergenceError, match="the embeddings became NaN or inf at iteration 1") as info:
+    monkeypatch.setattr(
+        datasets,
+        "build",
+        lambda name, root, split, transform=None, **kw: (
+            _NaNImages(real_build(name, root, split, transform, **kw))
+            if split == "train"
+            else real_build(name, root, split, transform, **kw)
+        ),
+    )
+    with pytest.raises(
+        engine.DivergenceError, match="the embeddings became NaN or inf at iteration 1"
+    ) as info:
         engine.train(load_config("digits", FAST), tmp_path / "run")
-    assert "no checkpoint had been written yet" in str(info.value) and "input images" in str(info.value)
+    assert "no checkpoint had been written yet" in str(info.value) and "input images" in str(
+        info.value
+    )
     _assert_same_tensors(_params(capture["model"]), capture["initial"])
     assert capture["optimizer"].state_dict()["state"] == {}
 
 
 def test_cli_divergence_is_one_line_and_nonzero_exit(tmp_path, capsys):
     out = tmp_path / "run"
-    rc, err = _train_cli(capsys, "--out", str(out), *FAST_ARGS, "--set", "train.lr=1e30",
-                         "--set", "train.checkpoint_every=1")
+    rc, err = _train_cli(
+        capsys,
+        "--out",
+        str(out),
+        *FAST_ARGS,
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.checkpoint_every=1",
+    )
     line = _error_line(err)
     assert rc == 1
     assert "became NaN or inf at iteration 2" in line and "Try a lower train.lr" in line
     assert str(out / "checkpoint.pt") in line
     state = ckpt.load_checkpoint(out / "checkpoint.pt")  # iteration 1, before the blow-up
-    assert state["iteration"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
-                                           if v.is_floating_point())
+    assert state["iteration"] == 1 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
 
 
 # ----------------------------------------------------------------------------- bad tensors
 STRING_LABELS = ["cat", "cat", "dog", "dog"]
 
 
-@pytest.mark.parametrize("labels", [
-    STRING_LABELS, np.array(STRING_LABELS), tuple(STRING_LABELS),
-    torch.tensor([0.0, 0.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0, 1.0]), [0.5, 0.5, 1.5, 1.5],
-], ids=["str-list", "str-numpy", "str-tuple", "float-tensor", "float-numpy", "float-list"])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        STRING_LABELS,
+        np.array(STRING_LABELS),
+        tuple(STRING_LABELS),
+        torch.tensor([0.0, 0.0, 1.0, 1.0]),
+        np.array([0.0, 0.0, 1.0, 1.0]),
+        [0.5, 0.5, 1.5, 1.5],
+    ],
+    ids=["str-list", "str-numpy", "str-tuple", "float-tensor", "float-numpy", "float-list"],
+)
 def test_loss_rejects_string_and_float_labels_with_the_fix(labels):
     x = nn.functional.normalize(torch.randn(4, 3), dim=1)
-    with pytest.raises(TypeError, match=r"integer class ids.*np\.unique\(labels, return_inverse=True\)"):
+    with pytest.raises(
+        TypeError, match=r"integer class ids.*np\.unique\(labels, return_inverse=True\)"
+    ):
         losses.MultiSimilarityLoss()(x, labels)
 
 
@@ -236,13 +281,17 @@ def test_embedding_width_mismatch(reference, tmp_path, capsys):
     line = _error_line(capsys.readouterr().err)
     assert str(edited) in line and "model.embedding_dim=64" in line
     x = nn.functional.normalize(torch.randn(4, 64), dim=1)
-    with pytest.raises(ValueError, match="ref_embeddings has dim 128, embeddings 64; they must match"):
+    with pytest.raises(
+        ValueError, match="ref_embeddings has dim 128, embeddings 64; they must match"
+    ):
         losses.MultiSimilarityLoss()(x, [0, 0, 1, 1], torch.randn(3, 128), torch.tensor([0, 1, 1]))
 
 
 # ----------------------------------------------------------------------------- config and folders
 def test_unknown_dataset_name(tmp_path, capsys):
-    rc, err = _train_cli(capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", "data.name=nope")
+    rc, err = _train_cli(
+        capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", "data.name=nope"
+    )
     line = _error_line(err)
     assert rc == 2 and "unknown dataset 'nope'; choose one of:" in line and "digits" in line
 
@@ -250,11 +299,19 @@ def test_unknown_dataset_name(tmp_path, capsys):
 def test_unknown_config_key_on_the_command_line_and_in_a_file(tmp_path, capsys):
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "a"), "--set", "train.lrr=0.1")
     line = _error_line(err)
-    assert rc == 2 and "unknown config key 'train.lrr'. Did you mean train.lr" in line and "Valid keys:" in line
+    assert (
+        rc == 2
+        and "unknown config key 'train.lrr'. Did you mean train.lr" in line
+        and "Valid keys:" in line
+    )
     cfg_file = tmp_path / "mine.yaml"
     cfg_file.write_text("train:\n  iterations: 5\n  bach_size: 20\n")
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "b"), "--config", str(cfg_file))
-    assert rc == 2 and "unknown config key 'train.bach_size'. Did you mean train.batch_size" in _error_line(err)
+    assert (
+        rc == 2
+        and "unknown config key 'train.bach_size'. Did you mean train.batch_size"
+        in _error_line(err)
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -267,7 +324,12 @@ def test_yaml_with_a_python_tag_is_refused(tmp_path, capsys):
     cfg_file.write_text(evil.format(marker))
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "run"), "--config", str(cfg_file))
     line = _error_line(err)
-    assert rc == 2 and str(cfg_file) in line and "is not valid YAML" in line and "python/object" in line
+    assert (
+        rc == 2
+        and str(cfg_file) in line
+        and "is not valid YAML" in line
+        and "python/object" in line
+    )
     assert not marker.exists()
 
 
@@ -276,12 +338,18 @@ def test_out_folder_that_cannot_be_created(tmp_path, capsys):
     blocker.write_text("not a folder")
     rc, err = _train_cli(capsys, "--out", str(blocker / "run"), *FAST_ARGS)
     line = _error_line(err)
-    assert rc == 2 and f"cannot write to the output folder {blocker / 'run'}" in line and "--out" in line
+    assert (
+        rc == 2
+        and f"cannot write to the output folder {blocker / 'run'}" in line
+        and "--out" in line
+    )
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root writes into a 0o500 folder anyway; the under-a-file case covers root")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0,
+    reason="root writes into a 0o500 folder anyway; the under-a-file case covers root",
+)
 def test_read_only_out_folder(tmp_path, capsys):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -354,7 +422,9 @@ def _fail_saving(monkeypatch, iteration: int) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
-def test_disk_full_during_training_then_resume_loses_nothing(reference, tmp_path, capsys, monkeypatch):
+def test_disk_full_during_training_then_resume_loses_nothing(
+    reference, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     _fail_saving(monkeypatch, 4)
     rc, err = _train_cli(capsys, "--out", str(out), *FAST_ARGS)
@@ -376,14 +446,20 @@ class _StopAt(engine.Callback):
             raise KeyboardInterrupt
 
 
-def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys, monkeypatch):
+def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(
+    reference, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        engine.train(load_config("digits", FAST), out, callbacks=[_StopAt(5)])  # checkpoints at 2 and 4
+        engine.train(
+            load_config("digits", FAST), out, callbacks=[_StopAt(5)]
+        )  # checkpoints at 2 and 4
     latest = out / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # torn by a faulty disk or copy
     _fail_saving(monkeypatch, 4)  # and the resumed run dies while writing its next checkpoint
-    with pytest.warns(UserWarning, match=f"checkpoint {latest} is truncated or corrupt.*trying the previous"):
+    with pytest.warns(
+        UserWarning, match=f"checkpoint {latest} is truncated or corrupt.*trying the previous"
+    ):
         rc, err = _train_cli(capsys, "--resume", str(out), "--no-baseline")
     assert rc == 2 and "could not write" in _error_line(err)
     # the torn file was set aside, so it never became the fallback copy: iteration 2 survives
@@ -399,7 +475,9 @@ def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(referen
 def test_evaluate_a_damaged_checkpoint_names_the_file(reference, tmp_path, capsys, damage):
     path = tmp_path / "checkpoint.pt"
     data = (reference / "checkpoint.pt").read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"hello world"}[damage])
+    path.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"hello world"}[damage]
+    )
     capsys.readouterr()
     assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
     line = _error_line(capsys.readouterr().err)
@@ -459,7 +537,9 @@ def test_backbone_weights_that_would_run_code_never_run(tmp_path):
 
 def test_backbone_weights_that_would_run_code_get_a_clear_error(tmp_path, capsys):
     path, marker = _evil_weights(tmp_path)
-    rc, err = _train_cli(capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", f"model.pretrained={path}")
+    rc, err = _train_cli(
+        capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", f"model.pretrained={path}"
+    )
     line = _error_line(err)
     assert rc == 2 and str(path) in line and "weights_only=False" not in line
     assert not marker.exists()
@@ -479,11 +559,13 @@ def unsafe_loads(source: str) -> list[str]:
         attr, owner = node.func.attr, ast.unparse(node.func.value)
         kwargs = {k.arg: k.value for k in node.keywords}
         true = lambda key: isinstance(kwargs.get(key), ast.Constant) and kwargs[key].value is True  # noqa: E731
-        bad = ((owner == "torch" and attr == "load" and not true("weights_only"))
-               or (owner == "yaml" and attr in _UNSAFE_YAML)
-               or (owner in ("pickle", "dill", "cloudpickle", "joblib") and attr in ("load", "loads"))
-               or (owner in ("np", "numpy") and attr == "load" and true("allow_pickle"))
-               or (owner == "torch.hub" and attr == "load"))
+        bad = (
+            (owner == "torch" and attr == "load" and not true("weights_only"))
+            or (owner == "yaml" and attr in _UNSAFE_YAML)
+            or (owner in ("pickle", "dill", "cloudpickle", "joblib") and attr in ("load", "loads"))
+            or (owner in ("np", "numpy") and attr == "load" and true("allow_pickle"))
+            or (owner == "torch.hub" and attr == "load")
+        )
         if bad:
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
@@ -495,14 +577,26 @@ def _code_of(path: Path) -> str:
     cells = json.loads(path.read_text())["cells"]
     code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
     # IPython magics and shell lines are not Python
-    return "\n".join(line for cell in code for line in cell.splitlines() if not line.lstrip().startswith(("%", "!")))
+    return "\n".join(
+        line
+        for cell in code
+        for line in cell.splitlines()
+        if not line.lstrip().startswith(("%", "!"))
+    )
 
 
 def test_every_load_of_a_file_is_safe():
-    bad = ("torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(t)\nyaml.full_load(t)\n"
-           "pickle.loads(b)\nnp.load(p, allow_pickle=True)\ntorch.hub.load('a', 'b')\n")
+    bad = (
+        "torch.load(p)\ntorch.load(p, weights_only=False)\nyaml.load(t)\nyaml.full_load(t)\n"
+        "pickle.loads(b)\nnp.load(p, allow_pickle=True)\ntorch.hub.load('a', 'b')\n"
+    )
     assert len(unsafe_loads(bad)) == 7  # the scanner catches each unsafe form
-    assert unsafe_loads("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(t)\nnp.load(p)\n") == []
+    assert (
+        unsafe_loads(
+            "torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(t)\nnp.load(p)\n"
+        )
+        == []
+    )
     files = [*REPO.glob("msl_kit/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("notebooks/*.ipynb")]
     assert any(f.name == "checkpoint.py" for f in files)
     problems = {str(f.relative_to(REPO)): unsafe_loads(_code_of(f)) for f in files}

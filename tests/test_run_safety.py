@@ -1,11 +1,11 @@
 """Issue 11/12: config key order, values refused at load time, run folders that can't be
 clobbered, Ctrl-C that keeps the work, resume that says what it runs, one seam for the data."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,17 +17,25 @@ import torch
 from PIL import Image
 
 from msl_kit import cli, engine, explore, rundir
-from msl_kit.config import ConfigError, load_config
+from msl_kit.config import load_config
 
 DIGITS = ["--config", "digits"]
-FAST = ["train.iterations=6", "train.checkpoint_every=2", "train.eval_every=0", "train.threads=1",
-        "eval.floors=false"]
+FAST = [
+    "train.iterations=6",
+    "train.checkpoint_every=2",
+    "train.eval_every=0",
+    "train.threads=1",
+    "eval.floors=false",
+]
 FAST_ARGS = [*DIGITS] + [a for s in FAST for a in ("--set", s)]
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:
@@ -56,14 +64,25 @@ def test_explicit_key_beats_preset_whatever_the_order(tmp_path, order):
     assert cfg.loss.beta == 60 and cfg.loss.lam == 1.0
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.lr=-0.001", "train.lr"), ("train.warmup=-5", "train.warmup"),
-    ("train.samples_per_class=1", "train.samples_per_class"), ("loss.margin=-0.5", "loss.margin"),
-    ("model.embedding_dim=0", "model.embedding_dim"), ("loss.alpha=0", "loss.alpha"),
-    ("train.threads=-1", "train.threads"), ("train.log_every=0", "train.log_every"),
-    ("device=tpu", "device"), ("eval.ks=[0]", "eval.ks"), ("train.class_draw=random", "train.class_draw"),
-])
-def test_bad_values_are_refused_in_one_line_before_any_data_is_read(tmp_path, capsys, override, key):
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=-0.001", "train.lr"),
+        ("train.warmup=-5", "train.warmup"),
+        ("train.samples_per_class=1", "train.samples_per_class"),
+        ("loss.margin=-0.5", "loss.margin"),
+        ("model.embedding_dim=0", "model.embedding_dim"),
+        ("loss.alpha=0", "loss.alpha"),
+        ("train.threads=-1", "train.threads"),
+        ("train.log_every=0", "train.log_every"),
+        ("device=tpu", "device"),
+        ("eval.ks=[0]", "eval.ks"),
+        ("train.class_draw=random", "train.class_draw"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line_before_any_data_is_read(
+    tmp_path, capsys, override, key
+):
     out = tmp_path / "run"
     rc, line = _run(capsys, "train", "--out", str(out), *FAST_ARGS, "--set", override)
     assert rc == 2 and key in line and "not allowed" in line
@@ -72,7 +91,9 @@ def test_bad_values_are_refused_in_one_line_before_any_data_is_read(tmp_path, ca
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    rc, line = _run(capsys, "train", "--out", str(tmp_path / "r"), *FAST_ARGS, "--set", "device=cuda")
+    rc, line = _run(
+        capsys, "train", "--out", str(tmp_path / "r"), *FAST_ARGS, "--set", "device=cuda"
+    )
     assert rc == 2 and "0 CUDA GPU" in line and "device=cpu" in line
 
 
@@ -98,18 +119,31 @@ def test_second_writer_is_refused_before_touching_a_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_two_concurrent_trains_into_one_folder_exactly_one_runs(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "msl_kit.cli", "train", "--out", str(out), *FAST_ARGS,
-           "--set", "train.iterations=40", "--no-baseline"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "msl_kit.cli",
+        "train",
+        "--out",
+        str(out),
+        *FAST_ARGS,
+        "--set",
+        "train.iterations=40",
+        "--no-baseline",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 60
     while not (out / rundir.LOCK).exists() and time.time() < deadline:
         time.sleep(0.05)
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err[-2000:]
-    assert second.returncode == 2 and ("in use by another msl-kit run" in second.stderr
-                                       or "is not empty" in second.stderr)
+    assert second.returncode == 2 and (
+        "in use by another msl-kit run" in second.stderr or "is not empty" in second.stderr
+    )
     assert json.loads((out / "metrics.json").read_text())["iteration"] == 40
 
 
@@ -156,8 +190,14 @@ def finished(tmp_path_factory) -> Path:
 
 def test_evaluate_never_replaces_a_checkpoint(finished, capsys):
     before = _files(finished)
-    rc, line = _run(capsys, "evaluate", "--checkpoint", str(finished / "best.pt"),
-                    "--out", str(finished / "checkpoint.pt"))
+    rc, line = _run(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(finished / "best.pt"),
+        "--out",
+        str(finished / "checkpoint.pt"),
+    )
     assert rc == 2 and "not written by `msl-kit evaluate`" in line
     assert _files(finished) == before
     # its own earlier output may be replaced
@@ -203,7 +243,9 @@ def test_resume_overrides_extend_a_finished_run_and_others_are_refused(finished,
     assert load_config(run / "config.yaml").train.iterations == 10
     # ...and equals a run that was asked for 10 iterations from the start
     straight = tmp_path / "straight"
-    assert cli.main(["train", "--out", str(straight), *FAST_ARGS, "--set", "train.iterations=10"]) == 0
+    assert (
+        cli.main(["train", "--out", str(straight), *FAST_ARGS, "--set", "train.iterations=10"]) == 0
+    )
     ref = json.loads((straight / "metrics.json").read_text())
     assert metrics["recall@1"] == ref["recall@1"] and metrics["map@r"] == ref["map@r"]
 
@@ -226,25 +268,55 @@ sys.exit(cli.main(sys.argv[2:]))
 @pytest.mark.slow
 def test_ctrl_c_saves_and_the_printed_command_resumes_to_identical_metrics(tmp_path):
     at = int(np.random.default_rng().integers(1, 19))
-    args = ["train", *DIGITS, "--set", "train.iterations=20", "--set", "train.checkpoint_every=50",
-            "--set", "train.eval_every=10", "--set", "train.threads=1", "--no-baseline"]
+    args = [
+        "train",
+        *DIGITS,
+        "--set",
+        "train.iterations=20",
+        "--set",
+        "train.checkpoint_every=50",
+        "--set",
+        "train.eval_every=10",
+        "--set",
+        "train.threads=1",
+        "--no-baseline",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    child = subprocess.run([sys.executable, "-c", CHILD, str(at), *args, "--out", str(out)],
-                           env=env, capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(at), *args, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 130, child.stderr[-2000:]
     assert f"msl-kit train --resume {out}" in child.stderr and "DIR" not in child.stderr
     command = child.stderr.split("Continue with: ")[1].split()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == at
-    resumed = subprocess.run([sys.executable, "-m", "msl_kit.cli", *command[1:]], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "msl_kit.cli", *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = tmp_path / "straight"
-    assert subprocess.run([sys.executable, "-m", "msl_kit.cli", *args, "--out", str(straight)],
-                          env=env, capture_output=True, timeout=300).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "msl_kit.cli", *args, "--out", str(straight)],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        ).returncode
+        == 0
+    )
     a = json.loads((out / "metrics.json").read_text())
     b = json.loads((straight / "metrics.json").read_text())
-    assert {k: v for k, v in a.items() if k != "best"} == {k: v for k, v in b.items() if k != "best"}
+    assert {k: v for k, v in a.items() if k != "best"} == {
+        k: v for k, v in b.items() if k != "best"
+    }
 
 
 @pytest.mark.slow
@@ -253,9 +325,23 @@ def test_same_seed_same_threads_gives_byte_identical_history_across_processes(tm
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "msl_kit.cli", "train", "--out", str(out), "--set",
-               "train.iterations=20", "--set", "train.threads=2", "--set", "train.log_every=5",
-               "--set", "train.eval_every=0", "--no-baseline"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "msl_kit.cli",
+            "train",
+            "--out",
+            str(out),
+            "--set",
+            "train.iterations=20",
+            "--set",
+            "train.threads=2",
+            "--set",
+            "train.log_every=5",
+            "--set",
+            "train.eval_every=0",
+            "--no-baseline",
+        ]
         assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
         outs.append((out / "history.csv").read_bytes())
     assert outs[0] == outs[1]
@@ -273,9 +359,22 @@ def test_skip_corrupt_means_the_same_in_training_evaluation_and_notebooks(tmp_pa
                 pixels = (rng.random((12, 12)) * 255).astype(np.uint8) // (c + 1)
                 Image.fromarray(pixels, "L").save(folder / f"{i}.png")
     (tmp_path / "data" / "test" / "c4" / "bad.png").write_bytes(b"not an image")
-    sets = ["--set", f"data.root={tmp_path / 'data'}", "--set", "data.name=folder", "--set",
-            "data.skip_corrupt=true", "--set", "train.batch_size=8", "--set",
-            "train.samples_per_class=2", "--set", "model.image_size=12", "--set", "eval.ks=[1, 2]"]
+    sets = [
+        "--set",
+        f"data.root={tmp_path / 'data'}",
+        "--set",
+        "data.name=folder",
+        "--set",
+        "data.skip_corrupt=true",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.samples_per_class=2",
+        "--set",
+        "model.image_size=12",
+        "--set",
+        "eval.ks=[1, 2]",
+    ]
     out = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         assert cli.main(["train", "--out", str(out), *FAST_ARGS, *sets]) == 0

@@ -1,4 +1,5 @@
 """The codebase stays one a reader can hold in their head: ruff-clean, short functions, small modules."""
+
 from __future__ import annotations
 
 import ast
@@ -21,14 +22,19 @@ def _ruff() -> list[str]:
 
 
 def test_ruff_check_passes():
-    done = subprocess.run([*_ruff(), "check", "msl_kit", "tests", "bench"], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*_ruff(), "check", "msl_kit", "tests", "bench"], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-4000:]
 
 
 def test_ruff_format_is_applied():
-    done = subprocess.run([*_ruff(), "format", "--check", "msl_kit", "tests", "bench"], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*_ruff(), "format", "--check", "msl_kit", "tests", "bench"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-4000:]
 
 

@@ -3,6 +3,7 @@
 Cells are tiny runs of the default config (whatever `load_config()` gives), so each takes about
 a second once the process is warm; the multi-process tests start the CLI in subprocesses.
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,7 +57,9 @@ def test_parse_grid_and_range():
 
 
 def test_spec_errors_are_caught_before_training():
-    with pytest.raises(ConfigError, match="unknown config key 'loss.betta'.*Did you mean loss.beta"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'loss.betta'.*Did you mean loss.beta"
+    ):
         sweep.make_spec(["loss.betta=1,2"])
     with pytest.raises(ConfigError, match="loss.beta expects float"):
         sweep.make_spec(["loss.beta=abc,2"])
@@ -71,12 +74,15 @@ def test_spec_errors_are_caught_before_training():
     assert sweep.cell_name(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1) == "beta=10_lam=0.3_seed=1"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--grid", "loss.betta=1,2"], "error: unknown config key 'loss.betta'"),
-    (["--grid", "loss.beta=abc,2"], "error: loss.beta expects float"),
-    (["--grid", "loss.beta=1,2", "--jobs", "0"], "error: --jobs must be at least 1, got 0"),
-    (["--study", "no-such-study"], "error: no sweep study 'no-such-study'; studies: "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grid", "loss.betta=1,2"], "error: unknown config key 'loss.betta'"),
+        (["--grid", "loss.beta=abc,2"], "error: loss.beta expects float"),
+        (["--grid", "loss.beta=1,2", "--jobs", "0"], "error: --jobs must be at least 1, got 0"),
+        (["--study", "no-such-study"], "error: no sweep study 'no-such-study'; studies: "),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     assert cli.main(["sweep", *argv, "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
@@ -99,8 +105,15 @@ def test_named_studies_load(tmp_path):
             continue
         assert spec.seeds == [0, 1, 2] and sweep.cells(spec)
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"grid": {"loss.name": ["ms", "contrastive"]},
-                                    "set": ["train.iterations=3"], "seeds": [0, 1, 2]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "grid": {"loss.name": ["ms", "contrastive"]},
+                "set": ["train.iterations=3"],
+                "seeds": [0, 1, 2],
+            }
+        )
+    )
     spec = sweep.make_spec(study=str(path), seeds=[5], overrides=["train.lr=0.01"])
     assert spec.seeds == [5] and spec.overrides == ["train.iterations=3", "train.lr=0.01"]
     assert sweep.cell_config(spec, {"loss.name": "contrastive"}, 5).train.iterations == 3
@@ -111,8 +124,12 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(cli_args(out, "--seeds", "0,1", "--grid", "loss.lam=0.3")) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["beta=10_lam=0.3_seed=0", "beta=10_lam=0.3_seed=1",
-                    "beta=40_lam=0.3_seed=0", "beta=40_lam=0.3_seed=1"]
+    assert runs == [
+        "beta=10_lam=0.3_seed=0",
+        "beta=10_lam=0.3_seed=1",
+        "beta=40_lam=0.3_seed=0",
+        "beta=40_lam=0.3_seed=1",
+    ]
     for run in runs:
         for name in ("config.yaml", "history.csv", "checkpoint.pt", "metrics.json"):
             assert (out / "runs" / run / name).is_file()
@@ -141,14 +158,22 @@ def test_search_with_tpe(tmp_path):
     assert len(result["rows"]) == 2 and result["keys"] == ["loss.beta"]
     assert all(10 <= r["loss.beta"] <= 160 for r in result["rows"])
     assert sorted(p.name for p in (tmp_path / "tpe" / "runs").iterdir()) == [
-        "trial0000_seed=0", "trial0001_seed=0"]
+        "trial0000_seed=0",
+        "trial0001_seed=0",
+    ]
 
 
 # ----------------------------------------------------------------------------- processes (slow)
 def start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "msl_kit.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "msl_kit.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -186,11 +211,17 @@ def test_jobs_run_cells_at_the_same_time(tmp_path):
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 2
     spans = [(datetime.fromisoformat(r["start"]), datetime.fromisoformat(r["end"])) for r in rows]
-    overlapping = [(i, j) for i, (s1, e1) in enumerate(spans) for j, (s2, e2) in enumerate(spans)
-                   if i < j and s1 < e2 and s2 < e1]
+    overlapping = [
+        (i, j)
+        for i, (s1, e1) in enumerate(spans)
+        for j, (s2, e2) in enumerate(spans)
+        if i < j and s1 < e2 and s2 < e1
+    ]
     assert overlapping, spans  # two cells were training at the same moment
     pids = {t.user_attrs["pid"] for t in trials(out)}
     assert len(pids) == 2  # two worker processes shared the study
-    threads = {yaml.safe_load((out / r["run"] / "config.yaml").read_text())["train"]["threads"]
-               for r in rows}
+    threads = {
+        yaml.safe_load((out / r["run"] / "config.yaml").read_text())["train"]["threads"]
+        for r in rows
+    }
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}

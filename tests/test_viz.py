@@ -1,6 +1,6 @@
 """Unit tests of msl_kit.viz, viz_mining, widgets and explore: figures hold the data they claim."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -76,8 +76,10 @@ def test_similarity_histograms_count_pairs_and_draw_thresholds(batch):
     ref_pos, ref_neg = naive_mining(s, y, 0.1)
     pos = (y[:, None] == y[None]) & ~np.eye(16, dtype=bool)
     outlines = [p for p in ax.patches if p.get_fill() is False]  # all positives, all negatives
-    assert [p.get_edgecolor()[:3] for p in outlines] == [to_rgba(viz.POS_COLOR)[:3],
-                                                         to_rgba(viz.NEG_COLOR)[:3]]
+    assert [p.get_edgecolor()[:3] for p in outlines] == [
+        to_rgba(viz.POS_COLOR)[:3],
+        to_rgba(viz.NEG_COLOR)[:3],
+    ]
     mined_pos, mined_neg = ax.containers  # filled bars: the mined pairs
     assert sum(r.get_height() for r in mined_pos) == ref_pos.sum()
     assert sum(r.get_height() for r in mined_neg) == ref_neg.sum()
@@ -127,13 +129,16 @@ def test_gpw_figure_shows_every_loss_with_its_own_weights(batch):
     for name, ax in zip(names, scatter_axes):
         params = RELEASED if name == "ms" else {}
         w = losses.gpw_pair_weights(name, sim, labels, **params)
-        np.testing.assert_allclose(scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            scatter_points(ax)[0][:, 1], w.pos.numpy()[pos], rtol=1e-5, atol=1e-7
+        )
     # the MS column is the closed-form pair_weights, not only an autograd result
-    np.testing.assert_allclose(scatter_points(scatter_axes[0])[1][:, 1],
-                               losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[
-                                   ~pos & ~np.eye(16, dtype=bool)],
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        scatter_points(scatter_axes[0])[1][:, 1],
+        losses.pair_weights(sim, labels, **RELEASED).neg.numpy()[~pos & ~np.eye(16, dtype=bool)],
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 # ----------------------------------------------------------------------------- the explorer
@@ -167,7 +172,8 @@ def test_explorer_widget_redraws_in_place_when_a_slider_moves(batch):
     assert ui["image"].value != before
     assert ui["compare"].value == before_compare  # the other losses do not depend on MS's sliders
     assert [ax.get_title() for ax in explorer.compare_figure.axes if scatter_points(ax)] == [
-        viz_mining.LOSS_TITLES[n] for n in ("contrastive", "triplet", "binomial", "lifted")]
+        viz_mining.LOSS_TITLES[n] for n in ("contrastive", "triplet", "binomial", "lifted")
+    ]
     assert ui["image"].value[:8] == b"\x89PNG\r\n\x1a\n"
     assert ui["preset"].value == "custom"
     ui["preset"].value = "paper"  # one redraw for four parameters; sliders follow
@@ -206,8 +212,9 @@ def test_live_curves_update_one_display_in_place(monkeypatch):
             updates.append(obj)
 
     shown = []
-    monkeypatch.setattr(IPython.display, "display",
-                        lambda obj, display_id=False: shown.append(obj) or Handle())
+    monkeypatch.setattr(
+        IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or Handle()
+    )
     live = widgets.LiveCurves(display=True, min_interval=3600)
     live.on_start(None, 0, 4)
     for i in range(1, 5):
@@ -220,8 +227,16 @@ def test_live_curves_update_one_display_in_place(monkeypatch):
 
 
 def test_live_curves_follow_a_real_training_run(tmp_path):
-    cfg = load_config(None, ["train.iterations=4", "train.eval_every=2", "train.log_every=1",
-                             "model.embedding_dim=16", "model.width=16"])
+    cfg = load_config(
+        None,
+        [
+            "train.iterations=4",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "model.embedding_dim=16",
+            "model.width=16",
+        ],
+    )
     live = widgets.LiveCurves(display=False)
     results = engine.train(cfg, tmp_path / "run", callbacks=[live])
     assert [i for i, _ in live.steps] == [1, 2, 3, 4]
@@ -326,8 +341,12 @@ def test_class_counts_and_sample_grid_on_digits():
         assert got == (bc.sum(), 5, bc.min(), bc.max())
     fig = viz.sample_grid(splits, per_class=3, max_classes=2)
     axes = np.array(fig.axes).reshape(4, 3)
-    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == ["train", "train", "test",
-                                                                     "test"]
+    assert [ax.get_ylabel().split("\n")[0] for ax in axes[:, 0]] == [
+        "train",
+        "train",
+        "test",
+        "test",
+    ]
     first_test = splits["test"][int(np.flatnonzero(splits["test"].labels == 0)[0])][0]
     np.testing.assert_allclose(axes[2, 0].images[0].get_array(), np.asarray(first_test) / 255.0)
     assert "digits" in set(viz.dataset_overview()["name"])
@@ -345,8 +364,9 @@ def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
-    save_checkpoint({"model": trained.state_dict(), "config": to_dict(cfg)},
-                    tmp_path / "checkpoint.pt")
+    save_checkpoint(
+        {"model": trained.state_dict(), "config": to_dict(cfg)}, tmp_path / "checkpoint.pt"
+    )
     x = torch.randn(3, 1, 8, 8)
     loaded, loaded_cfg = explore.load_model(tmp_path)  # a run folder
     assert loaded_cfg.model.embedding_dim == 16

@@ -1,5 +1,6 @@
 """Unit tests of what-MS-mines views: mining dynamics, snapshots, explorers, live panels, and the
 notebook helpers of explore that feed them. Figures are checked for the data they draw."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,13 +20,25 @@ def history() -> pd.DataFrame:
     """A synthetic history.csv: mining columns every 10 iterations, an evaluation-only row."""
     it = np.arange(10, 160, 10)
     t = it / it.max()
-    rows = pd.DataFrame({"iteration": it, "loss": 1 - 0.5 * t, "lr": 1e-3,
-                         "pos_kept": 1 - 0.6 * t, "neg_kept": 0.45 - 0.4 * t,
-                         "w_pos_mean": 0.18 + 0.1 * t, "w_pos_max": 0.3 + 0.3 * t,
-                         "w_neg_mean": 0.03 + 0.1 * t, "w_neg_max": 0.99 + 0 * t,
-                         "sim_pos_q10": 0.6 + 0 * t, "sim_pos_q50": 0.75 + 0 * t,
-                         "sim_pos_q90": 0.85 + 0 * t, "sim_neg_q10": 0.24 - 0.5 * t,
-                         "sim_neg_q50": 0.5 - 0.5 * t, "sim_neg_q90": 0.74 - 0.4 * t})
+    rows = pd.DataFrame(
+        {
+            "iteration": it,
+            "loss": 1 - 0.5 * t,
+            "lr": 1e-3,
+            "pos_kept": 1 - 0.6 * t,
+            "neg_kept": 0.45 - 0.4 * t,
+            "w_pos_mean": 0.18 + 0.1 * t,
+            "w_pos_max": 0.3 + 0.3 * t,
+            "w_neg_mean": 0.03 + 0.1 * t,
+            "w_neg_max": 0.99 + 0 * t,
+            "sim_pos_q10": 0.6 + 0 * t,
+            "sim_pos_q50": 0.75 + 0 * t,
+            "sim_pos_q90": 0.85 + 0 * t,
+            "sim_neg_q10": 0.24 - 0.5 * t,
+            "sim_neg_q50": 0.5 - 0.5 * t,
+            "sim_neg_q90": 0.74 - 0.4 * t,
+        }
+    )
     extra = pd.DataFrame({"iteration": [155], "loss": [0.4], "recall@1": [0.7]})
     return pd.concat([rows, extra], ignore_index=True)
 
@@ -86,17 +99,20 @@ def test_mining_history_reads_run_folders_and_refuses_histories_without_mining(h
 def test_weights_over_training_shows_each_snapshot_with_its_mined_share(batch):
     sims, labels = _snapshots(batch), batch[1]
     fig = viz_mining.weights_over_training(sims, labels, **RELEASED)
-    scatter_axes = [ax for ax in fig.axes
-                    if any(isinstance(c, PathCollection) for c in ax.collections)]
+    scatter_axes = [
+        ax for ax in fig.axes if any(isinstance(c, PathCollection) for c in ax.collections)
+    ]
     assert len(scatter_axes) == 3 and sum(bool(ax.images) for ax in fig.axes) == 3
     for ax, (iteration, sim) in zip(scatter_axes, sorted(sims.items())):
         pos, neg = viz_mining.mined_fractions(sim, labels, RELEASED["margin"])
-        assert ax.get_title() == (f"iteration {iteration}\nmined: {pos:.0%} of positives, "
-                                  f"{neg:.0%} of negatives")
+        assert ax.get_title() == (
+            f"iteration {iteration}\nmined: {pos:.0%} of positives, {neg:.0%} of negatives"
+        )
         w = losses.pair_weights(sim, labels, **RELEASED)
         pos_mask = losses.pair_masks(labels)[0]
-        np.testing.assert_allclose(ax.collections[0].get_offsets().data[:, 1], w.pos[pos_mask],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            ax.collections[0].get_offsets().data[:, 1], w.pos[pos_mask], rtol=1e-6
+        )
     kept_pos, _ = losses.mined_pairs(sims[150], labels, margin=0.1)
     assert viz_mining.mined_fractions(sims[150], labels, 0.1)[0] == kept_pos.sum() / 48
 
@@ -131,8 +147,9 @@ def test_snapshot_explorer_redraws_the_same_batch_at_another_iteration(batch, mo
     calls = _count_pair_weights(monkeypatch)
     slider.value = 0
     assert explorer.renders == renders + 1 and len(calls) == 1 and image.value != before
-    torch.testing.assert_close(explorer.weights.neg,
-                               losses.pair_weights(sims[0], labels, **RELEASED).neg)
+    torch.testing.assert_close(
+        explorer.weights.neg, losses.pair_weights(sims[0], labels, **RELEASED).neg
+    )
     assert "iteration 0" in explorer.figure._suptitle.get_text()
     hist_ax = explorer.figure.axes[0]
     assert hist_ax.get_xlim() == pytest.approx(explorer.sim_range)  # one axis for all snapshots
@@ -152,8 +169,9 @@ def test_live_mining_keeps_the_mining_records_and_draws_them(history, monkeypatc
         def update(self, obj):
             updates.append(obj)
 
-    monkeypatch.setattr(IPython.display, "display",
-                        lambda obj, display_id=False: shown.append(obj) or Handle())
+    monkeypatch.setattr(
+        IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or Handle()
+    )
     live = widgets.LiveMining(display=True, min_interval=0)
     live.on_start(load_config(), 0, 150)
     assert live.lam == 0.5 and len(shown) == 1  # the note while nothing is recorded
@@ -173,8 +191,16 @@ def test_live_mining_keeps_the_mining_records_and_draws_them(history, monkeypatc
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """4 iterations of the digits smoke config: snapshots at 0, 2 and 4."""
-    cfg = load_config("digits", ["train.iterations=4", "train.eval_every=2", "train.log_every=1",
-                                 "model.embedding_dim=16", "model.width=16"])
+    cfg = load_config(
+        "digits",
+        [
+            "train.iterations=4",
+            "train.eval_every=2",
+            "train.log_every=1",
+            "model.embedding_dim=16",
+            "model.width=16",
+        ],
+    )
     runs = tmp_path_factory.mktemp("runs")
     engine.train(cfg, runs / "tiny")
     return runs / "tiny"
