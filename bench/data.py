@@ -12,6 +12,8 @@ msl_kit's datasets.build + build_transform with `crop="two_step"` (the recipes' 
 with `crop="fused"`. The dataset is prepared into a temporary folder from --archive unless
 --root holds it already. Each round times each pipeline from its first batch (workers started)
 to its last, pipelines interleaved with the order rotating by round; images/s is the median.
+Beside it, the CPU time one process spends to read and transform an image (process_time,
+single thread, median of 3 rounds of 300 images), which shared cores disturb far less.
 
 Before timing, a check: (1) the eval tensors of msl_kit and torchvision; (2) the train crops of
 both crop modes against torchvision's two-step output, same torch seed, on real photos: the
@@ -137,6 +139,22 @@ def print_checks(ddir: Path, root: Path, spec: Preprocessing, seeds: int) -> Non
               f"range {e.min():.2f}-{e.max():.2f}x")
 
 
+def cpu_ms_per_image(dataset, count: int = 300, rounds: int = 3) -> float:
+    """Median over rounds of CPU ms (this process, process_time) to read + transform one item.
+
+    CPU time, unlike the DataLoader's wall-clock rate, hardly moves when other processes
+    share the cores.
+    """
+    times = []
+    for r in range(rounds):
+        torch.manual_seed(r)
+        start = time.process_time()
+        for i in range(count):
+            dataset[(i * 7919) % len(dataset)]
+        times.append((time.process_time() - start) / count * 1000)
+    return float(np.median(times))
+
+
 def time_all(contenders: dict, args: argparse.Namespace) -> dict[str, list[float]]:
     speeds: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
@@ -178,18 +196,20 @@ def main() -> None:
         for mode in ("two_step", "fused"):
             tf = build_transform(dataclasses.replace(spec, crop=mode), train=True)
             contenders[f"msl_kit build, crop={mode}"] = datasets.build("cub200", root, "train", tf)
+        cpu = {name: cpu_ms_per_image(ds) for name, ds in contenders.items()}
         speeds = time_all(contenders, args)
 
     names = list(contenders)
     print(f"\nCUB subset train split ({len(contenders[names[1]])} images), {args.spec} train "
           f"transform, {args.workers} workers, batch {args.batch_size}, {args.batches} timed "
           f"batches x {args.rounds} rounds")
-    print(f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}")
+    print(f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}"
+          f"{'CPU ms/img':>12}{'ratio':>8}")
     base = float(np.median(speeds[names[0]]))
     for name in names:
         s = speeds[name]
         print(f"{name:<34}{np.median(s):14.1f}{min(s):9.1f}{max(s):9.1f}"
-              f"{np.median(s) / base:7.2f}x")
+              f"{np.median(s) / base:7.2f}x{cpu[name]:12.2f}{cpu[names[0]] / cpu[name]:7.2f}x")
 
 
 if __name__ == "__main__":
