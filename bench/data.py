@@ -1,40 +1,48 @@
-"""Training-pipeline throughput on the CUB subset: msl_kit.datasets.build + build_transform
-against a plain torchvision ImageFolder + PIL pipeline with the same transforms.
+"""Training-pipeline throughput on the CUB subset, and what the fused crop changes.
 
     python bench/data.py [--root DIR] [--archive ../shared/data/CUB_200_2011_subset100.tgz]
                          [--workers 2] [--batch-size 80] [--batches 40] [--rounds 3]
-                         [--spec bninception|resnet] [--threads 1]
+                         [--spec bninception|resnet] [--threads 1] [--seeds 20]
 
-Both read the same CUB training images (classes 1-100) in a seeded shuffled order through a
-DataLoader with the same worker count, batch size and train transform (BN-Inception: Resize 256
--> RandomResizedCrop 227 scale (0.16, 1) -> flip -> BGR 0-255 minus mean; ResNet: RGB, ImageNet
-mean/std, 224). The dataset is prepared into a temporary folder from --archive unless --root
-holds it already. Each round times each pipeline from its first batch (workers started) to its
-last, pipelines interleaved with the order alternating by round; images/s is the median over
-rounds. Before timing, the eval transforms of both are compared on a few images.
+Three pipelines read the same CUB training images (classes 1-100) in a seeded shuffled order
+through a DataLoader with the same worker count, batch size and train transform (BN-Inception:
+Resize 256 -> RandomResizedCrop 227 scale (0.16, 1) -> flip -> BGR 0-255 minus mean; ResNet:
+RGB, ImageNet mean/std, 224): a plain torchvision ImageFolder + transforms, and
+msl_kit's datasets.build + build_transform with `crop="two_step"` (the recipes' default) and
+with `crop="fused"`. The dataset is prepared into a temporary folder from --archive unless
+--root holds it already. Each round times each pipeline from its first batch (workers started)
+to its last, pipelines interleaved with the order rotating by round; images/s is the median.
+Beside it, the CPU time one process spends to read and transform an image (process_time,
+single thread, median of 3 rounds of 300 images), which shared cores disturb far less.
+
+Before timing, a check: (1) the eval tensors of msl_kit and torchvision; (2) the train crops of
+both crop modes against torchvision's two-step output, same torch seed, on real photos: the
+subset's 227-px images and the same images rescaled to 500x375 and 640x427 (so that Resize 256
+shrinks them, as it does full-size CUB photos). Reported: mean |difference| per draw as a
+fraction of the pixel range (median and worst), and the fused crop's gradient energy
+(mean squared finite difference) relative to the two-step crop's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms as tv
 
 from msl_kit import datasets
-from msl_kit.transforms import Preprocessing, build_transform
+from msl_kit.models import preprocessing_spec
+from msl_kit.transforms import Preprocessing, build_transform, load_image
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = {
-    "bninception": Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
-                                 input_size=227, resize_size=256, crop_scale=(0.16, 1.0), hflip=True),
-    "resnet": Preprocessing(),
-}
+SPECS = {"bninception": preprocessing_spec("bninception"), "resnet": preprocessing_spec("resnet50")}
 
 
 class ToRange:
@@ -48,7 +56,8 @@ class ToRange:
 
 
 def plain_transform(spec: Preprocessing, train: bool) -> tv.Compose:
-    geometry = ([tv.Resize(spec.resize_size), tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale),
+    geometry = ([tv.Resize(spec.resize_size),
+                 tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale),
                  tv.RandomHorizontalFlip()] if train else
                 [tv.Resize(spec.resize_size), tv.CenterCrop(spec.input_size)])
     return tv.Compose(geometry + [tv.ToTensor(), ToRange(spec), tv.Normalize(spec.mean, spec.std)])
@@ -77,16 +86,99 @@ def time_loader(dataset, args: argparse.Namespace, seed: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _gradient_energy(t: torch.Tensor) -> float:
+    return float(t.diff(dim=-1).pow(2).mean() + t.diff(dim=-2).pow(2).mean())
+
+
+def crop_check(photos: list[Image.Image], spec: Preprocessing, seeds: int) -> dict[str, list]:
+    """Per mode, per (photo, seed): mean |ours - torchvision| / range and gradient-energy ratio."""
+    reference = plain_transform(spec, train=True)
+    unit = spec.value_range / float(np.mean(spec.std))
+    out: dict[str, list] = {"two_step": [], "fused": [], "energy": []}
+    for photo in photos:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            ref = reference(photo)
+            for mode in ("two_step", "fused"):
+                torch.manual_seed(seed)
+                ours = build_transform(dataclasses.replace(spec, crop=mode), train=True)(photo)
+                out[mode].append(float((ours - ref).abs().mean()) / unit)
+                if mode == "fused":
+                    out["energy"].append(_gradient_energy(ours) / _gradient_energy(ref))
+    return out
+
+
+def print_checks(ddir: Path, root: Path, spec: Preprocessing, seeds: int) -> None:
+    """Eval agreement with torchvision, then the crop modes on real photos."""
+    ours_eval = datasets.build("cub200", root, "train", build_transform(spec, train=False))
+    plain_eval = plain_dataset(ddir, spec, train=False)
+    assert len(ours_eval) == len(plain_eval), (len(ours_eval), len(plain_eval))
+    unit = spec.value_range / float(np.mean(spec.std))
+    plain_index = {Path(path).resolve(): i for i, (path, _) in
+                   ((j, plain_eval.dataset.samples[k]) for j, k in enumerate(plain_eval.indices))}
+    gaps = []
+    for i in range(0, len(ours_eval), 700):
+        theirs = plain_eval[plain_index[(ddir / ours_eval.paths[i]).resolve()]][0]
+        gaps.append(float((ours_eval[i][0] - theirs).abs().mean()) / unit)
+    print(f"check: eval tensors of msl_kit ({spec.crop}) and torchvision differ by "
+          f"{max(gaps):.5f} of the pixel range at most (mean abs, {len(gaps)} images)")
+    native = [load_image(ddir / ours_eval.paths[i], "RGB")
+              for i in range(0, len(ours_eval), len(ours_eval) // 10)][:10]
+    rescaled = [p.resize((500, 375) if i % 2 else (640, 427), Image.Resampling.LANCZOS)
+                for i, p in enumerate(native)]
+    for label, photos in (("227x227 (as stored)", native), ("500x375 / 640x427", rescaled)):
+        res = crop_check(photos, spec, seeds)
+        print(f"check: train crops vs torchvision two-step, {len(photos)} photos {label} x "
+              f"{seeds} seeds: mean abs diff / pixel range")
+        for mode in ("two_step", "fused"):
+            d = np.array(res[mode])
+            print(f"    {mode:<9} median {np.median(d):.4f}  p90 {np.quantile(d, 0.9):.4f}  "
+                  f"worst {d.max():.4f}")
+        e = np.array(res["energy"])
+        print(f"    fused gradient energy / two-step: median {np.median(e):.2f}x, "
+              f"range {e.min():.2f}-{e.max():.2f}x")
+
+
+def cpu_ms_per_image(dataset, count: int = 300, rounds: int = 3) -> float:
+    """Median over rounds of CPU ms (this process, process_time) to read + transform one item.
+
+    CPU time, unlike the DataLoader's wall-clock rate, hardly moves when other processes
+    share the cores.
+    """
+    times = []
+    for r in range(rounds):
+        torch.manual_seed(r)
+        start = time.process_time()
+        for i in range(count):
+            dataset[(i * 7919) % len(dataset)]
+        times.append((time.process_time() - start) / count * 1000)
+    return float(np.median(times))
+
+
+def time_all(contenders: dict, args: argparse.Namespace) -> dict[str, list[float]]:
+    speeds: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            speeds[name].append(time_loader(contenders[name], args, seed=r))
+            print(f"round {r}: {name:<33} {speeds[name][-1]:8.1f} images/s", flush=True)
+    return speeds
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="a root where cub200 is prepared (default: a temporary one)")
-    parser.add_argument("--archive", default=str(REPO.parent / "shared" / "data" / "CUB_200_2011_subset100.tgz"))
+    parser.add_argument("--archive", default=str(REPO.parent / "shared" / "data"
+                                                 / "CUB_200_2011_subset100.tgz"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=80)
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per round (after the first)")
+    parser.add_argument("--batches", type=int, default=40,
+                        help="timed batches per round (after the first)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spec", choices=sorted(SPECS), default="bninception")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each process")
+    parser.add_argument("--seeds", type=int, default=20, help="draws per photo in the crop check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = SPECS[args.spec]
@@ -95,38 +187,29 @@ def main() -> None:
         root = Path(args.root) if args.root else Path(tmp)
         if not datasets.is_prepared("cub200", root):
             if not Path(args.archive).is_file():
-                raise SystemExit(f"no prepared cub200 under {root} and no archive at {args.archive}: pass --root or --archive")
+                raise SystemExit(f"no prepared cub200 under {root} and no archive at "
+                                 f"{args.archive}: pass --root or --archive")
             datasets.prepare("cub200", root, archive=args.archive, progress=False)
         ddir = datasets.dataset_dir("cub200", root)
-        contenders = {
-            "torchvision ImageFolder + PIL": plain_dataset(ddir, spec, train=True),
-            "msl_kit build + build_transform": datasets.build("cub200", root, "train", build_transform(spec, train=True)),
-        }
-        ours_eval = datasets.build("cub200", root, "train", build_transform(spec, train=False))
-        plain_eval = plain_dataset(ddir, spec, train=False)
-        assert len(ours_eval) == len(plain_eval), (len(ours_eval), len(plain_eval))
-        unit = spec.value_range / float(np.mean(spec.std))
-        plain_index = {Path(path).resolve(): i for i, (path, _) in
-                       ((j, plain_eval.dataset.samples[k]) for j, k in enumerate(plain_eval.indices))}
-        gaps = [float((ours_eval[i][0] - plain_eval[plain_index[(ddir / ours_eval.paths[i]).resolve()]][0])
-                      .abs().mean()) / unit for i in range(0, len(ours_eval), 700)]
-        print(f"check: eval tensors of both pipelines differ by {max(gaps):.5f} of the pixel range at most "
-              f"(mean abs, {len(gaps)} images; one resampling instead of two)")
+        print_checks(ddir, root, spec, args.seeds)
+        contenders = {"torchvision ImageFolder + PIL": plain_dataset(ddir, spec, train=True)}
+        for mode in ("two_step", "fused"):
+            tf = build_transform(dataclasses.replace(spec, crop=mode), train=True)
+            contenders[f"msl_kit build, crop={mode}"] = datasets.build("cub200", root, "train", tf)
+        cpu = {name: cpu_ms_per_image(ds) for name, ds in contenders.items()}
+        speeds = time_all(contenders, args)
 
-        speeds: dict[str, list[float]] = {name: [] for name in contenders}
-        names = list(contenders)
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                speeds[name].append(time_loader(contenders[name], args, seed=r))
-                print(f"round {r}: {name:<33} {speeds[name][-1]:8.1f} images/s", flush=True)
-
-    print(f"\nCUB subset train split ({len(contenders[names[1]])} images), {args.spec} train transform, "
-          f"{args.workers} workers, batch {args.batch_size}, {args.batches} timed batches x {args.rounds} rounds")
-    print(f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}")
+    names = list(contenders)
+    print(f"\nCUB subset train split ({len(contenders[names[1]])} images), {args.spec} train "
+          f"transform, {args.workers} workers, batch {args.batch_size}, {args.batches} timed "
+          f"batches x {args.rounds} rounds")
+    print(f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}"
+          f"{'CPU ms/img':>12}{'ratio':>8}")
     base = float(np.median(speeds[names[0]]))
     for name in names:
         s = speeds[name]
-        print(f"{name:<34}{np.median(s):14.1f}{min(s):9.1f}{max(s):9.1f}{np.median(s) / base:7.2f}x")
+        print(f"{name:<34}{np.median(s):14.1f}{min(s):9.1f}{max(s):9.1f}"
+              f"{np.median(s) / base:7.2f}x{cpu[name]:12.2f}{cpu[names[0]] / cpu[name]:7.2f}x")
 
 
 if __name__ == "__main__":

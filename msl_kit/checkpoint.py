@@ -1,10 +1,11 @@
-"""Crash-safe checkpoint files: atomic writes, safe loading, and fallback to the last good one."""
+"""Checkpoints: saved atomically with the previous one kept, loaded safely, exact RNG state.
+
+The file primitives (atomic writes, `safe_load`) live in `msl_kit.fileio`.
+"""
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,54 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file and what to do."""
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one, and a
-    failed write (disk full) leaves the old file untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        message = (f"could not write {path} ({e.strerror or e}); the previous version of that file is "
-                   f"untouched. Free disk space or fix permissions, then retry")
-        # OSError(errno, ...) keeps the subclass (PermissionError, ...) and the errno callers test.
-        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write_bytes` for text files (history.csv, metrics.json)."""
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself must reach the disk too, or a power cut can undo it.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Re-exported: these lived here before msl_kit.fileio existed, and callers still import them.
+from msl_kit.fileio import (CheckpointError, atomic_torch_save, atomic_write_bytes,  # noqa: F401
+                            atomic_write_text, fsync_dir, safe_load)
 
 
 def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None:
@@ -71,33 +27,9 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None
         prev.unlink(missing_ok=True)
         try:
             os.link(path, prev)
-        except OSError:  # no hard links here: copy, atomically too, or a torn copy could be the fallback
+        except OSError:  # no hard links: copy, atomically too, or a torn copy could be the fallback
             atomic_write_bytes(prev, lambda f: f.write(path.read_bytes()))
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-
-
-def safe_load(path: Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> object:
-    """`torch.load(weights_only=True)` with errors that name the file and say what to do.
-
-    A file holding Python objects (which could run code on load) is refused, never unpickled.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
-            raise CheckpointError(
-                f"{what} {path} was refused: it holds Python objects other than tensors and plain "
-                f"containers, which could run code when loaded. msl_kit never writes such files; turn off "
-                f"safe loading only for a file whose source you trust"
-            ) from None
-        first = str(e).split(". ")[0][:160]  # torch goes on with advice that does not apply here
-        raise CheckpointError(
-            f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first}); "
-            f"it was probably cut off mid-write or is not a file of that kind"
-        ) from None
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -124,11 +56,12 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
             continue
         return state, path
     detail = "; ".join(errors) if errors else "no checkpoint.pt found"
-    raise CheckpointError(f"cannot resume from {run_dir}: {detail}. Start a fresh run instead (drop --resume).")
+    raise CheckpointError(f"cannot resume from {run_dir}: {detail}. Start a fresh run instead "
+                          "(drop --resume).")
 
 
 def clear_partial_writes(run_dir: Path) -> list[Path]:
-    """Delete temp files that a killed write left behind; the files they were meant for are intact."""
+    """Delete temp files a killed write left behind; the files they were meant for are intact."""
     stale = sorted(Path(run_dir).glob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)

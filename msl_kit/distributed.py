@@ -1,4 +1,4 @@
-"""torchrun / DDP helpers: the MS loss on the all-gathered global batch, evaluation gathers.
+"""torchrun / DDP helpers: process-group set-up, DDP wrapping, the MS loss on the global batch.
 
 Launch with `torchrun --nproc_per_node=N ...`. In a plain single process every helper degrades
 to a no-op, so the engine calls them unconditionally.
@@ -42,19 +42,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def get_world_size() -> int:
     """The number of processes in the job (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 and in a single process: the one that logs and writes files."""
-    return get_rank() == 0
 
 
 def init_distributed(backend: str | None = None, *, timeout: timedelta | None = None) -> DistInfo:
@@ -71,7 +61,8 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; "
+                           "run one process")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -90,23 +81,8 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
     if not dist.is_initialized():
         kwargs = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
-
-
-def barrier() -> None:
-    """Wait for every rank; a no-op in a single process."""
-    if is_distributed():
-        if dist.get_backend() == "nccl":
-            # Naming the device avoids NCCL guessing one (and warning) before any collective ran.
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
-
-
-def cleanup() -> None:
-    """Leave the process group if one is up (call once at the end of a torchrun job)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=local_rank, device=device)
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -119,7 +95,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
         return model
     model = model.to(info.device)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=False)
 
 
 def _comm_device(x: Tensor) -> torch.device:
@@ -190,30 +167,3 @@ def global_batch_loss(
     # multiplies by N beforehand; the result is the single-process gradient on the
     # concatenated batch, and the learning rate means the same at any world size.
     return GlobalBatchLoss(scaled=loss * world_size, value=loss.detach())
-
-
-def gather_for_eval(
-    embeddings: Tensor, labels: Tensor, indices: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """All ranks' evaluation embeddings and labels, on every rank.
-
-    Ranks may hold different numbers of items. Without `indices` the result is in rank
-    order. With `indices` (each item's dataset index) it is sorted by index and repeated
-    indices are kept once, which undoes DistributedSampler's interleaving and the duplicates
-    it pads the last ranks with. A single process only applies that ordering.
-    """
-    if is_distributed():
-        embeddings = torch.cat(_all_gather_padded(embeddings))
-        labels = torch.cat(_all_gather_padded(labels))
-        if indices is not None:
-            indices = torch.cat(_all_gather_padded(indices))
-    if indices is None:
-        return embeddings, labels
-    if indices.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{indices.shape[0]} indices for {embeddings.shape[0]} embeddings; pass one index per item")
-    order = torch.argsort(indices.cpu(), stable=True)
-    sorted_indices = indices.cpu()[order]
-    first = torch.ones_like(sorted_indices, dtype=torch.bool)
-    first[1:] = sorted_indices[1:] != sorted_indices[:-1]
-    keep = order[first]
-    return embeddings[keep.to(embeddings.device)], labels[keep.to(labels.device)]

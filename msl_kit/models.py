@@ -1,19 +1,23 @@
-"""Backbones (BN-Inception, ResNet-50, a small convnet), the embedding head, and weight loading.
+"""Backbones (BN-Inception, ResNet-50, a small convnet), their preprocessing specs, the
+embedding head, and weight loading.
 
 Every model is an `EmbeddingModel`: `.backbone` maps images to pooled features, `.head` maps
 features to L2-normalised embeddings, `.preprocessing` says what input the backbone expects.
+`preprocessing_spec(name)` gives that spec without building the network.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msl_kit.transforms import Preprocessing
+from msl_kit.download import download_file
+from msl_kit.fileio import safe_load
+from msl_kit.preprocessing import Preprocessing
 
 MODEL_NAMES = ("bninception", "resnet50", "convnet")
 
@@ -30,7 +34,11 @@ class BNInceptionBackbone(nn.Module):
 
     The layers are those of `pretrainedmodels.models.bninception.BNInception`, registered under
     the same names, so the state_dict keys are those of Cadene's bn_inception-52deb4733.pth
-    minus `last_linear.*`. The forward is that class's own `features()`.
+    minus `last_linear.*`. `features()` runs the same layers in the same order as that class's
+    `features()` (bit-identical output), but drops each intermediate map as soon as no later
+    layer reads it: under `no_grad` only the current inception block's input, its branch
+    outputs and their concatenation are alive at once, where pretrainedmodels keeps all ~200
+    maps until it returns. With gradients, autograd keeps what backward needs either way.
     """
 
     feature_dim = 1024
@@ -44,17 +52,58 @@ class BNInceptionBackbone(nn.Module):
         for name, layer in reference.named_children():
             if name not in ("last_linear", "global_pool"):  # classifier and its average pool
                 self.add_module(name, layer)
-        self._features: Callable[[nn.Module, torch.Tensor], torch.Tensor] = BNInception.features
+        self._stem, self._blocks = _bninception_plan(list(self._modules))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         bad = [side for side in images.shape[-2:] if not bninception_accepts(int(side))]
         if bad:
             raise ValueError(
-                f"BN-Inception cannot take {tuple(images.shape[-2:])} px images: its strided conv "
-                "and ceil-mode pool branches disagree at that size. Use sides of 32k-1 to 32k+6 "
-                "px, e.g. 224, 227 (the recipe's), 256")
-        # features() only reads the layers by attribute, so it runs on this module as it is.
-        return self._features(self, images).amax(dim=(2, 3))
+                f"BN-Inception cannot take {tuple(images.shape[-2:])} px images: its strided "
+                "conv and ceil-mode pool branches disagree at that size. Use sides of 32k-1 to "
+                "32k+6 px, e.g. 224, 227 (the recipe's), 256")
+        return self.features(images).amax(dim=(2, 3))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last inception block's output map, (B, 1024, h, w), as pretrainedmodels'."""
+        layers = self._modules
+        x = images
+        for name in self._stem:
+            x = layers[name](x)  # rebinding x frees the previous map (no_grad)
+        for block in self._blocks:
+            outs = []
+            for branch in block:
+                y = x
+                for name in branch:
+                    y = layers[name](y)
+                outs.append(y)
+            # The block's input is read by no later layer: drop it before the concatenation
+            # allocates its output, then drop the branch outputs once concatenated.
+            del x, y
+            x = torch.cat(outs, 1)
+            del outs
+        return x
+
+
+def _bninception_plan(names: list[str]) -> tuple[tuple[str, ...], tuple]:
+    """Layer names of the stem, then per inception block its branches, in concatenation order.
+
+    pretrainedmodels registers each block's layers branch by branch (1x1; 3x3 reduce + 3x3;
+    double 3x3; pool + projection), which is also the order its `features()` concatenates in.
+    """
+    stem = tuple(n for n in names if not n.startswith("inception_"))
+    blocks: dict[str, list[tuple[str, list[str]]]] = {}
+    for name in names:
+        if not name.startswith("inception_"):
+            continue
+        _, block, layer = name.split("_", 2)
+        layer = layer.removeprefix("relu_")
+        kind = next(k for k in ("double_3x3", "3x3", "1x1", "pool") if layer.startswith(k))
+        branches = blocks.setdefault(block, [])
+        if not branches or branches[-1][0] != kind:
+            branches.append((kind, []))
+        branches[-1][1].append(name)
+    plan = tuple(tuple(tuple(layers) for _, layers in branches) for branches in blocks.values())
+    return stem, plan
 
 
 def bninception_accepts(side: int) -> bool:
@@ -144,7 +193,8 @@ class EmbeddingModel(nn.Module):
             raise ValueError(
                 f"{self.name or 'model'} expects images of shape (B, {want}, H, W) "
                 f"(color {self.preprocessing.color!r}), got {tuple(images.shape)}; build the "
-                "transforms from model.preprocessing, or pick a backbone with the right in_channels")
+                "transforms from model.preprocessing, or pick a backbone with the right "
+                "in_channels")
         return self.head(self.backbone(images))
 
     def train(self, mode: bool = True) -> EmbeddingModel:
@@ -160,53 +210,61 @@ class EmbeddingModel(nn.Module):
                     module.eval()
         return self
 
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of `.backbone` (with `head_parameters`, every parameter exactly once)."""
-        return self.backbone.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of `.head`."""
-        return self.head.parameters()
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False):
         """`nn.Module.load_state_dict`, first checking that the head widths match."""
         theirs = state_dict.get("head.linear.weight")
         if theirs is not None and tuple(theirs.shape) != tuple(self.head.linear.weight.shape):
             raise ValueError(
                 f"checkpoint head is {theirs.shape[1]} -> {theirs.shape[0]} (features -> "
                 f"embedding), this model is {self.feature_dim} -> {self.embedding_dim}; set "
-                f"model.embedding_dim={theirs.shape[0]} (and the checkpoint's model.backbone) to load it")
+                f"model.embedding_dim={theirs.shape[0]} (and the checkpoint's model.backbone) "
+                "to load it")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _bninception_preprocessing() -> Preprocessing:
-    from pretrainedmodels import pretrained_settings
+def preprocessing_spec(backbone: str, *, image_size: int = 64, resize_size: int | None = None,
+                       in_channels: int = 3) -> Preprocessing:
+    """The preprocessing spec of `backbone`, without building the network or reading weights.
 
-    # pretrainedmodels.bninception(pretrained=None) leaves these None; its settings table has
-    # them (BGR, 0-255, mean 104/117/128, std 1). Sizes are the released recipe's (256 -> 227).
-    spec = pretrained_settings["bninception"]["imagenet"]
-    return Preprocessing(color=spec["input_space"], value_range=float(spec["input_range"][1]),
-                         mean=tuple(float(v) for v in spec["mean"]),
-                         std=tuple(float(v) for v in spec["std"]),
-                         input_size=227, resize_size=256, crop_scale=(0.16, 1.0), hflip=True)
-
-
-def _convnet_preprocessing(in_channels: int, image_size: int, resize_size: int) -> Preprocessing:
+    `image_size`, `resize_size` (default: `image_size`) and `in_channels` (1 or 3) matter only
+    for "convnet"; the other backbones have fixed specs and ignore them. `build_model` sets
+    `model.preprocessing` from this function.
+    """
+    if backbone == "bninception":
+        # pretrainedmodels' settings table for its ImageNet weights (BGR, 0-255, mean
+        # 104/117/128, std 1; a test checks these against it) with the released recipe's sizes
+        # (256 -> 227) instead of the table's 224, and the released two-step crop.
+        return Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0),
+                             std=(1.0, 1.0, 1.0), input_size=227, resize_size=256,
+                             crop_scale=(0.16, 1.0), hflip=True, crop="two_step")
+    if backbone == "resnet50":
+        return Preprocessing(color="RGB", value_range=1.0, mean=(0.485, 0.456, 0.406),
+                             std=(0.229, 0.224, 0.225), input_size=224, resize_size=256,
+                             crop_scale=(0.16, 1.0), hflip=True, crop="two_step")
+    if backbone != "convnet":
+        raise ValueError(f"unknown model {backbone!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"convnet in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
+    image_size = int(image_size)
     grey = in_channels == 1
     # Tiny digits are not cropped at all; characters get a mild crop (a 16% crop can cut a
     # stroke away); photos get the recipe's. Characters and digits are not mirror-symmetric.
-    crop = (1.0, 1.0) if image_size <= 16 else (0.64, 1.0) if grey else (0.16, 1.0)
-    return Preprocessing(color="L" if grey else "RGB", value_range=1.0, mean=(0.5,) * in_channels,
-                         std=(0.5,) * in_channels, input_size=image_size, resize_size=resize_size,
-                         crop_scale=crop, hflip=not grey)
+    # The CPU recipes keep the faster one-resampling crop: they reproduce no released numbers.
+    scale = (1.0, 1.0) if image_size <= 16 else (0.64, 1.0) if grey else (0.16, 1.0)
+    return Preprocessing(color="L" if grey else "RGB", value_range=1.0,
+                         mean=(0.5,) * in_channels, std=(0.5,) * in_channels,
+                         input_size=image_size, resize_size=int(resize_size or image_size),
+                         crop_scale=scale, hflip=not grey, crop="fused")
 
 
-def build_model(name: str, embedding_dim: int = 512, pretrained: str | os.PathLike | None = None,
-                *, freeze_bn: bool = False, **options: Any) -> EmbeddingModel:
+def build_model(name: str, embedding_dim: int = 512,
+                pretrained: str | os.PathLike | None = None, *, freeze_bn: bool = False,
+                **options: Any) -> EmbeddingModel:
     """Build backbone + head. `pretrained`: a backbone weights file, "default", or None.
 
     Options (convnet only): in_channels (1 or 3, default 3), image_size (64), resize_size
-    (= image_size), width (64).
+    (= image_size), width (64). `.preprocessing` is `preprocessing_spec(name, **options)`.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -215,22 +273,15 @@ def build_model(name: str, embedding_dim: int = 512, pretrained: str | os.PathLi
     if unknown:
         raise ValueError(f"{name} takes no option(s) {unknown}"
                          + (f"; it accepts {sorted(allowed)}" if allowed else ""))
+    sizes = {k: int(options[k]) for k in ("in_channels", "image_size") if k in options}
+    preprocessing = preprocessing_spec(name, resize_size=options.get("resize_size"), **sizes)
     if name == "bninception":
         backbone: nn.Module = BNInceptionBackbone()
-        preprocessing = _bninception_preprocessing()
     elif name == "resnet50":
         backbone = _resnet50_backbone()
-        preprocessing = Preprocessing(color="RGB", value_range=1.0, mean=(0.485, 0.456, 0.406),
-                                      std=(0.229, 0.224, 0.225), input_size=224, resize_size=256,
-                                      crop_scale=(0.16, 1.0), hflip=True)
     else:
-        in_channels = int(options.get("in_channels", 3))
-        if in_channels not in (1, 3):
-            raise ValueError(f"convnet in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
-        image_size = int(options.get("image_size", 64))
-        resize_size = int(options.get("resize_size") or image_size)
-        backbone = ConvNetBackbone(in_channels, image_size, int(options.get("width", 64)))
-        preprocessing = _convnet_preprocessing(in_channels, image_size, resize_size)
+        backbone = ConvNetBackbone(preprocessing.channels, preprocessing.input_size,
+                                   int(options.get("width", 64)))
     if pretrained is not None:
         load_backbone_weights(backbone, resolve_weights(name, pretrained))
     head = EmbeddingHead(int(backbone.feature_dim), embedding_dim)
@@ -241,15 +292,22 @@ def default_weight_paths(name: str) -> list[Path]:
     """Where `pretrained="default"` looks: torch.hub's cache ($TORCH_HOME/hub/checkpoints),
     then the old model-zoo folder ~/.torch/models."""
     if name not in WEIGHT_URLS:
-        raise ValueError(f"no published weights for {name!r}; those exist for {sorted(WEIGHT_URLS)}")
+        raise ValueError(f"no published weights for {name!r}; those exist for "
+                         f"{sorted(WEIGHT_URLS)}")
     filename = WEIGHT_URLS[name].rsplit("/", 1)[1]
     return [Path(torch.hub.get_dir()) / "checkpoints" / filename,
             Path.home() / ".torch" / "models" / filename]
 
 
 def resolve_weights(name: str, pretrained: str | os.PathLike) -> Path:
-    """The weights file for `pretrained` (a path or "default"); FileNotFoundError says where to get it."""
-    candidates = default_weight_paths(name) if str(pretrained) == "default" else [Path(pretrained).expanduser()]
+    """The weights file for `pretrained` (a path or "default").
+
+    A missing file raises FileNotFoundError saying where to get it.
+    """
+    if str(pretrained) == "default":
+        candidates = default_weight_paths(name)
+    else:
+        candidates = [Path(pretrained).expanduser()]
     for path in candidates:
         if path.is_file():
             return path
@@ -259,8 +317,8 @@ def resolve_weights(name: str, pretrained: str | os.PathLike) -> Path:
     raise FileNotFoundError(
         f"{name} weights not found at {', '.join(str(p) for p in candidates)}. Get them from "
         f"{where} (`msl-kit prepare --weights {name}` downloads it where a network exists), "
-        f"place the file in one of the default paths ({defaults}) and set model.pretrained=default, "
-        "or set model.pretrained=/path/to/file.pth")
+        f"place the file in one of the default paths ({defaults}) and set "
+        "model.pretrained=default, or set model.pretrained=/path/to/file.pth")
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -270,18 +328,17 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     (1, C) are reshaped to (C,); a file without `num_batches_tracked` (older torch) is fine.
     Any other missing or unexpected key, or a shape mismatch, raises ValueError naming them.
     """
-    from msl_kit.checkpoint import safe_load
-
     state = safe_load(Path(path), "weights file")
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} is not a bare state_dict (name -> tensor); save "
                          "`backbone.state_dict()` or use the published ImageNet file")
     target = backbone.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES) or k in target}
+    state = {k: v for k, v in state.items()
+             if not k.startswith(_CLASSIFIER_PREFIXES) or k in target}
     for key, ours in target.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(ours)
-        elif key in state and state[key].shape != ours.shape and state[key].shape == (1, *ours.shape):
+        elif key in state and state[key].shape == (1, *ours.shape):
             state[key] = state[key].reshape(ours.shape)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -291,7 +348,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
                                     ("shape mismatches", shapes)) if keys]
     if problems:
         raise ValueError(f"{path} does not fit this backbone: {'; '.join(problems)}. Is it the "
-                         "weights file of this backbone (model.backbone), saved as a bare state_dict?")
+                         "weights file of this backbone (model.backbone), saved as a bare "
+                         "state_dict?")
     backbone.load_state_dict(state, strict=True)
 
 
@@ -299,11 +357,10 @@ def download_weights(name: str, dest_dir: str | os.PathLike | None = None, *,
                      url: str | None = None, progress: bool = True) -> Path:
     """Download the published ImageNet weights of `name` into `dest_dir` (default: the first
     default path's folder) and return the file's path. Needs a network; nothing else does."""
-    from msl_kit.download import download_file
-
     url = url or WEIGHT_URLS.get(name)
     if url is None:
-        raise ValueError(f"no published weights for {name!r}; those exist for {sorted(WEIGHT_URLS)}")
+        raise ValueError(f"no published weights for {name!r}; those exist for "
+                         f"{sorted(WEIGHT_URLS)}")
     folder = Path(dest_dir) if dest_dir is not None else default_weight_paths(name)[0].parent
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / url.rsplit("/", 1)[1]

@@ -7,17 +7,36 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-class PKSampler(Sampler[list[int]]):
-    """Batch sampler yielding `batch_size // samples_per_class` distinct classes x `samples_per_class`.
+CLASS_DRAWS = ("uniform", "released")
 
-    Classes are visited in shuffled rounds (every class once before any class repeats) and
-    each class's indices in shuffled rounds too, so long runs see the data evenly. A class with
-    fewer than `samples_per_class` items is padded by sampling with replacement; any other
-    class never repeats an index inside a batch.
+
+class PKSampler(Sampler[list[int]]):
+    """Batch sampler: P = `batch_size // samples_per_class` distinct classes x K indices each.
+
+    K is `samples_per_class`.
+
+    `class_draw` says how often each class is drawn:
+
+    - "uniform" (default): classes are visited in shuffled rounds (every class once before any
+      class repeats), so every class is drawn equally often whatever its size; each class's
+      indices are used in shuffled rounds too. A class with fewer than K items is padded by
+      sampling with replacement; any other class never repeats an index inside a batch.
+    - "released": the released MS-loss code's RandomIdentitySampler behaviour, written anew.
+      Each epoch, every class's indices are shuffled and cut into floor(n / K) chunks of K; the
+      n mod K leftovers are dropped for that epoch. A class with n < K gives one chunk: its n
+      items once plus K - n drawn with replacement (the released code draws all K with
+      replacement; for a class that small the two differ only in which items repeat). Then
+      each batch draws P distinct classes uniformly among the classes that still have a chunk
+      and takes one chunk of each; the epoch ends when fewer than P classes have chunks left
+      (their chunks are dropped) and the next epoch re-cuts every class. So classes are drawn
+      in proportion to floor(n / K) (at least 1), and large classes lose a little at each
+      epoch's end, as in the released code. Random draws come from numpy, not Python's
+      `random`, so the stream is not the released one, only its distribution.
 
     Length: `iterations` batches when given (the released recipe counts iterations), else one
-    epoch-style pass of `num_classes // P` batches. `start` skips that many batches of the same
-    seeded stream, which is how a resumed run continues exactly where it stopped.
+    epoch: `num_classes // P` batches ("uniform"), or the batch count of this seed's first
+    released epoch ("released"). `start` skips that many batches of the same seeded stream,
+    which is how a resumed run continues exactly where it stopped.
 
     Under DDP every rank draws the same global batch from the same seed and keeps its own
     `P / num_replicas` classes, so ranks never overlap and `batch_size` is the global batch.
@@ -34,31 +53,32 @@ class PKSampler(Sampler[list[int]]):
         start: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        class_draw: str = "uniform",
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"labels must be integers (got dtype {labels.dtype}); map class names to ids first")
+            raise TypeError(f"labels must be integers (got dtype {labels.dtype}); map class "
+                            "names to ids first")
         if samples_per_class < 1 or batch_size < 1:
             raise ValueError("batch_size and samples_per_class must be positive")
         if batch_size % samples_per_class:
-            raise ValueError(
-                f"batch_size={batch_size} is not a multiple of samples_per_class={samples_per_class}; "
-                f"use e.g. batch_size={batch_size // samples_per_class * samples_per_class or samples_per_class}"
-            )
+            fit = batch_size // samples_per_class * samples_per_class or samples_per_class
+            raise ValueError(f"batch_size={batch_size} is not a multiple of samples_per_class="
+                             f"{samples_per_class}; use e.g. batch_size={fit}")
+        if class_draw not in CLASS_DRAWS:
+            raise ValueError(f"class_draw must be one of {CLASS_DRAWS}, not {class_draw!r}")
         classes, inverse = np.unique(labels, return_inverse=True)
         self.classes_per_batch = batch_size // samples_per_class
         if self.classes_per_batch > len(classes):
             raise ValueError(
-                f"a batch of {batch_size} = {self.classes_per_batch} classes x {samples_per_class} needs "
-                f"{self.classes_per_batch} classes but the data has only {len(classes)}; lower "
-                f"train.batch_size or raise train.samples_per_class"
-            )
+                f"a batch of {batch_size} = {self.classes_per_batch} classes x "
+                f"{samples_per_class} needs {self.classes_per_batch} classes but the data has "
+                f"only {len(classes)}; lower train.batch_size or raise train.samples_per_class")
         if self.classes_per_batch % num_replicas:
-            raise ValueError(
-                f"{self.classes_per_batch} classes per batch cannot be split evenly over {num_replicas} ranks"
-            )
+            raise ValueError(f"{self.classes_per_batch} classes per batch cannot be split "
+                             f"evenly over {num_replicas} ranks")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
         order = np.argsort(inverse, kind="stable")
@@ -71,24 +91,41 @@ class PKSampler(Sampler[list[int]]):
         self.start = start
         self.num_replicas = num_replicas
         self.rank = rank
+        self.class_draw = class_draw
+        self._epoch_batches: int | None = None
 
     def __len__(self) -> int:
-        total = self.iterations if self.iterations is not None else len(self._members) // self.classes_per_batch
+        total = self.iterations if self.iterations is not None else self._epoch_length()
         return max(total - self.start, 0)
+
+    def _epoch_length(self) -> int:
+        if self.class_draw == "uniform":
+            return len(self._members) // self.classes_per_batch
+        if self._epoch_batches is None:  # the first epoch of this seed's stream, counted once
+            rng = np.random.default_rng(self.seed)
+            self._epoch_batches = sum(1 for _ in self._released_epoch(rng))
+        return self._epoch_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng(self.seed)
-        class_queue: list[int] = []
-        member_queues: list[list[int]] = [[] for _ in self._members]
         per_rank = self.classes_per_batch // self.num_replicas
-        total = self.start + len(self)
-        for batch_number in range(total):
-            batch_classes = self._next_classes(rng, class_queue)
-            batch = [self._take(rng, c, member_queues[c]) for c in batch_classes]
+        batches = self._uniform(rng) if self.class_draw == "uniform" else self._released(rng)
+        for batch_number in range(self.start + len(self)):
+            batch = next(batches)  # drawn even when skipped: a resumed run sees the same stream
             if batch_number < self.start:
                 continue
             mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
             yield [int(i) for chunk in mine for i in chunk]
+
+    # --- class_draw="uniform" --------------------------------------------------------------
+
+    def _uniform(self, rng: np.random.Generator) -> Iterator[list[list[int]]]:
+        """Global batches (P lists of K indices) forever, classes in shuffled rounds."""
+        class_queue: list[int] = []
+        member_queues: list[list[int]] = [[] for _ in self._members]
+        while True:
+            batch_classes = self._next_classes(rng, class_queue)
+            yield [self._take(rng, c, member_queues[c]) for c in batch_classes]
 
     def _next_classes(self, rng: np.random.Generator, queue: list[int]) -> list[int]:
         """The next P distinct classes from shuffled rounds over all classes."""
@@ -122,3 +159,32 @@ class PKSampler(Sampler[list[int]]):
                 continue
             taken.append(i)
         return taken
+
+    # --- class_draw="released" -------------------------------------------------------------
+
+    def _released(self, rng: np.random.Generator) -> Iterator[list[list[int]]]:
+        """Global batches forever, epoch after epoch of `_released_epoch`."""
+        while True:
+            yield from self._released_epoch(rng)
+
+    def _released_epoch(self, rng: np.random.Generator) -> Iterator[list[list[int]]]:
+        """One epoch: floor(n / K) chunks per class, P distinct classes with chunks per batch."""
+        k, p = self.samples_per_class, self.classes_per_batch
+        chunks: list[list[list[int]]] = []
+        for members in self._members:
+            shuffled = rng.permutation(members)
+            if len(shuffled) < k:
+                shuffled = np.concatenate([shuffled, rng.choice(members, size=k - len(shuffled))])
+            chunks.append([shuffled[i * k:(i + 1) * k].tolist()
+                           for i in range(len(shuffled) // k)])
+        left = list(range(len(chunks)))  # classes with a chunk left (every class, at first)
+        while len(left) >= p:
+            picked = sorted(rng.choice(len(left), size=p, replace=False).tolist(), reverse=True)
+            batch = []
+            for pos in picked:  # descending, so a swap-removal never moves a later pick
+                c = left[pos]
+                batch.append(chunks[c].pop())
+                if not chunks[c]:
+                    left[pos] = left[-1]
+                    left.pop()
+            yield batch

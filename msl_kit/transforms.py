@@ -1,14 +1,15 @@
 """Train / eval transforms built from a backbone's preprocessing spec, and image decoding.
 
 `build_transform(spec, train)` does what torchvision's Resize -> RandomResizedCrop / CenterCrop
--> flip -> ToTensor -> Normalize does, with one resampling instead of two: the crop box is
-drawn in the coordinates of the resized image (with the same random draws as torchvision) and
-mapped back onto the source, which PIL resamples straight to the network's input size.
+-> flip -> ToTensor -> Normalize does, drawing the crop from torch's generator exactly as
+torchvision does. With `spec.crop == "two_step"` (the default) the geometry is torchvision's
+too: resize the whole image, crop, resample the crop. With "fused" the crop box is mapped back
+onto the source and PIL resamples it once, straight to the network's input size: faster, and
+zoomed-in crops keep detail that two resamplings lose (docs/models.md has the measurements).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,28 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a backbone expects of its input images.
-
-    `mean` and `std` are in the units of `value_range` (BN-Inception: 0-255, BGR, mean
-    104/117/128, std 1; torchvision ResNets: 0-1, RGB, ImageNet mean/std).
-    """
-
-    color: str = "RGB"  # "RGB", "BGR" or "L" (one grey channel)
-    value_range: float = 1.0  # 1.0: pixels in [0, 1]; 255.0: pixels in [0, 255]
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    input_size: int = 224  # side of the square crop the network sees
-    resize_size: int = 256  # shorter side before cropping
-    crop_scale: tuple[float, float] = (0.16, 1.0)  # RandomResizedCrop area range (released recipe)
-    hflip: bool = True  # random horizontal flip at train time (off for digits and characters)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.color == "L" else 3
+# Re-exported: the spec used to be defined here and callers still import it from here.
+from msl_kit.preprocessing import CROP_MODES, Preprocessing  # noqa: F401
 
 
 class CorruptImageError(OSError):
@@ -62,7 +43,8 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def load_image(path: str | Path, mode: str | None = None, min_size: int | None = None) -> Image.Image:
+def load_image(path: str | Path, mode: str | None = None,
+               min_size: int | None = None) -> Image.Image:
     """Decode an image file fully (errors name the file), optionally converted to `mode`.
 
     With `min_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
@@ -74,8 +56,9 @@ def load_image(path: str | Path, mode: str | None = None, min_size: int | None =
                 img.draft(mode, (min_size, min_size))
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptImageError(f"cannot decode image {path}: {err}. Replace or delete the file, or "
-                                "build the dataset with skip_corrupt=True to leave such files out") from err
+        raise CorruptImageError(
+            f"cannot decode image {path}: {err}. Replace or delete the file, or build the "
+            "dataset with skip_corrupt=True to leave such files out") from err
     return img if mode is None else to_mode(img, mode)
 
 
@@ -105,7 +88,10 @@ class ImageTransform:
         if spec.color not in ("RGB", "BGR", "L"):
             raise ValueError(f"Preprocessing.color must be 'RGB', 'BGR' or 'L', not {spec.color!r}")
         if spec.resize_size < spec.input_size:
-            raise ValueError(f"resize_size {spec.resize_size} is smaller than input_size {spec.input_size}")
+            raise ValueError(f"resize_size {spec.resize_size} is smaller than input_size "
+                             f"{spec.input_size}")
+        if spec.crop not in CROP_MODES:  # a spec built with object.__setattr__ or unpickled
+            raise ValueError(f"Preprocessing.crop must be one of {CROP_MODES}, not {spec.crop!r}")
         self.spec, self.train = spec, train
         self.mode = "L" if spec.color == "L" else "RGB"
         channels = spec.channels
@@ -121,8 +107,19 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_mode(img, self.mode)
         size = self.spec.input_size
-        box = self.crop_box(img.size) if self.random_crop else self.center_box(img.size)
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        rw, rh = _resized_size(*img.size, self.spec.resize_size)
+        crop = self.draw_crop(rw, rh) if self.random_crop else self.center_crop(rw, rh)
+        if self.spec.crop == "two_step":
+            # torchvision's Resize, then crop + resize (RandomResizedCrop) or crop (CenterCrop)
+            if (rw, rh) != img.size:
+                img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+            left, top, w, h = crop
+            img = img.crop((left, top, left + w, top + h))
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+        else:
+            box = self._to_source(img.size, *crop)
+            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
         if self.train and self.spec.hflip and torch.rand(1).item() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.to_tensor(img)
@@ -144,18 +141,16 @@ class ImageTransform:
         sx, sy = width / rw, height / rh
         return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
-    def center_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """Resize(resize_size) -> CenterCrop(input_size), as a box in source pixels."""
-        rw, rh = _resized_size(*size, self.spec.resize_size)
+    def center_crop(self, rw: int, rh: int) -> tuple[int, int, int, int]:
+        """CenterCrop(input_size) of a (rw, rh) resized image: (left, top, width, height)."""
         s = self.spec.input_size
-        return self._to_source(size, int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0)), s, s)
+        return int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0)), s, s
 
-    def crop_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """Resize(resize_size) -> RandomResizedCrop(scale, ratio), as a box in source pixels.
+    def draw_crop(self, rw: int, rh: int) -> tuple[int, int, int, int]:
+        """RandomResizedCrop(scale, ratio) of a (rw, rh) image: (left, top, width, height).
 
         Draws from torch's generator in torchvision's order, so a seeded run crops alike.
         """
-        rw, rh = _resized_size(*size, self.spec.resize_size)
         area = rw * rh
         scale, ratio = self.spec.crop_scale, self.spec.crop_ratio
         log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -165,9 +160,9 @@ class ImageTransform:
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= rw and 0 < h <= rh:
-                top = torch.randint(0, rh - h + 1, size=(1,)).item()
-                left = torch.randint(0, rw - w + 1, size=(1,)).item()
-                return self._to_source(size, left, top, w, h)
+                top = int(torch.randint(0, rh - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, rw - w + 1, size=(1,)).item())
+                return left, top, w, h
         in_ratio = rw / rh  # ten misses: the largest central crop within the ratio range
         if in_ratio < min(ratio):
             w, h = rw, int(round(rw / min(ratio)))
@@ -175,7 +170,17 @@ class ImageTransform:
             w, h = int(round(rh * max(ratio))), rh
         else:
             w, h = rw, rh
-        return self._to_source(size, (rw - w) // 2, (rh - h) // 2, w, h)
+        return (rw - w) // 2, (rh - h) // 2, w, h
+
+    def center_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """Resize(resize_size) -> CenterCrop(input_size), as a box in source pixels (fused)."""
+        resized = _resized_size(*size, self.spec.resize_size)
+        return self._to_source(size, *self.center_crop(*resized))
+
+    def crop_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """Resize -> RandomResizedCrop as a box in source pixels (fused); draws like torchvision."""
+        resized = _resized_size(*size, self.spec.resize_size)
+        return self._to_source(size, *self.draw_crop(*resized))
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.spec}, train={self.train})"
@@ -188,5 +193,6 @@ def build_transform(spec: Preprocessing, train: bool) -> Callable[[Image.Image],
     eval: Resize(resize_size) -> CenterCrop(input_size); then pixels in [0, value_range],
     normalised by mean / std, channel order per `spec.color`. With crop_scale (1, 1) and
     resize_size == input_size the train transform crops like eval (no random crop).
+    `spec.crop` picks torchvision's two resamplings ("two_step") or one ("fused").
     """
     return ImageTransform(spec, train)

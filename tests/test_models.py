@@ -1,6 +1,9 @@
 """Backbones, head, preprocessing, weight loading and frozen BatchNorm (CPU, small inputs)."""
+
 from __future__ import annotations
 
+import ast
+import dataclasses
 import http.server
 import threading
 from functools import partial
@@ -8,46 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from msl_kit.checkpoint import CheckpointError
-from msl_kit.models import (WEIGHT_URLS, EmbeddingModel, bninception_accepts, build_model,
-                            default_weight_paths, download_weights)
-from msl_kit.transforms import Preprocessing
+from msl_kit import models
+from msl_kit.fileio import CheckpointError
+from msl_kit.models import (
+    WEIGHT_URLS,
+    EmbeddingModel,
+    build_model,
+    default_weight_paths,
+    download_weights,
+    preprocessing_spec,
+)
+from msl_kit.preprocessing import Preprocessing
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def reference_bninception() -> nn.Module:
-    """pretrainedmodels' own BN-Inception with random (seeded, non-trivial) weights and BN stats."""
-    import pretrainedmodels
-
-    torch.manual_seed(0)
-    ref = pretrainedmodels.bninception(pretrained=None)
-    with torch.no_grad():
-        for module in ref.modules():
-            if isinstance(module, nn.BatchNorm2d):  # make eval-mode BN do something visible
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return ref.eval()
-
-
-@pytest.fixture(scope="module")
-def bninception_file(reference_bninception, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "bninception_ref.pth"
-    torch.save(reference_bninception.state_dict(), path)
-    return path
-
-
-def reference_pooled(ref: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return F.adaptive_max_pool2d(ref.features(images), 1).flatten(1)
-
-
 # --- building ---------------------------------------------------------------------------
+
 
 def test_unknown_name_lists_the_names():
     with pytest.raises(ValueError, match="bninception, resnet50, convnet"):
@@ -59,50 +41,6 @@ def test_unknown_option_is_rejected():
         build_model("convnet", widht=32)
     with pytest.raises(ValueError, match="in_channels"):
         build_model("bninception", in_channels=1)
-
-
-def test_bninception_shapes_and_unit_norm():
-    model = build_model("bninception", embedding_dim=64).eval()
-    images = torch.randn(2, 3, 227, 227)
-    with torch.no_grad():
-        features = model.backbone(images)
-        embeddings = model(images)
-    assert features.shape == (2, 1024) and model.feature_dim == 1024
-    assert embeddings.shape == (2, 64)
-    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
-
-
-def test_bninception_keys_are_the_cadene_layout(reference_bninception):
-    ours = build_model("bninception").backbone.state_dict()
-    theirs = {k: v for k, v in reference_bninception.state_dict().items()
-              if not k.startswith("last_linear.")}
-    assert list(ours) == list(theirs)
-    assert all(ours[k].shape == theirs[k].shape for k in ours)
-
-
-def test_pretrainedmodels_file_loads_and_gives_identical_features(reference_bninception, bninception_file):
-    model = build_model("bninception", embedding_dim=32, pretrained=bninception_file).eval()
-    images = torch.randn(2, 3, 227, 227) * 60
-    with torch.no_grad():
-        expected = reference_pooled(reference_bninception, images)
-        features = model.backbone(images)
-        embeddings = model(images)
-    torch.testing.assert_close(features, expected, rtol=0, atol=0)
-    torch.testing.assert_close(embeddings, F.normalize(model.head.linear(expected), dim=1))
-
-
-def test_cadene_style_file_loads(reference_bninception, tmp_path):
-    # Cadene's port stores BatchNorm vectors as (1, C), has no num_batches_tracked, and keeps
-    # the ImageNet classifier.
-    state = {k: (v.unsqueeze(0) if v.dim() == 1 else v) for k, v in reference_bninception.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    assert "last_linear.weight" in state
-    path = tmp_path / "bn_inception-52deb4733.pth"
-    torch.save(state, path)
-    model = build_model("bninception", pretrained=path).eval()
-    images = torch.randn(1, 3, 224, 224) * 60
-    with torch.no_grad():
-        torch.testing.assert_close(model.backbone(images), reference_pooled(reference_bninception, images))
 
 
 class Payload:
@@ -122,7 +60,9 @@ def test_wrong_file_names_the_keys(tmp_path):
 
     path = tmp_path / "resnet18.pth"
     torch.save(resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match=r"missing keys 414 \(conv1_7x7_s2\.bias.*unexpected keys \d+ \(bn1\.bias"):
+    with pytest.raises(
+        ValueError, match=r"missing keys 414 \(conv1_7x7_s2\.bias.*unexpected keys \d+ \(bn1\.bias"
+    ):
         build_model("bninception", pretrained=path)
     torch.save({"backbone": resnet18().state_dict()}, path)
     with pytest.raises(ValueError, match="bare state_dict"):
@@ -140,7 +80,10 @@ def test_missing_file_says_where_to_get_it(tmp_path, monkeypatch):
         assert str(Path.home() / ".torch" / "models") in message
     with pytest.raises(FileNotFoundError, match="nowhere.pth.*model.pretrained"):
         build_model("resnet50", pretrained=tmp_path / "nowhere.pth")
-    assert WEIGHT_URLS["bninception"] == "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+    assert (
+        WEIGHT_URLS["bninception"]
+        == "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+    )
 
 
 def test_default_path_is_used(tmp_path, monkeypatch):
@@ -173,7 +116,12 @@ def test_download_weights_from_a_local_server(tmp_path):
         path = download_weights("resnet50", tmp_path / "dest", url=url, progress=False)
         from msl_kit import cli  # the same through `msl-kit prepare --weights`
 
-        assert cli.main(["prepare", "--weights", "resnet50", "--url", url, "--root", str(tmp_path / "cli")]) == 0
+        assert (
+            cli.main(
+                ["prepare", "--weights", "resnet50", "--url", url, "--root", str(tmp_path / "cli")]
+            )
+            == 0
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -191,6 +139,7 @@ def test_head_width_mismatch_is_explained():
 
 # --- head, parameters, inputs -----------------------------------------------------------
 
+
 def test_head_init_is_kaiming_fan_out_with_zero_bias():
     torch.manual_seed(0)
     model = build_model("convnet", embedding_dim=512, width=1024, image_size=8)
@@ -200,58 +149,107 @@ def test_head_init_is_kaiming_fan_out_with_zero_bias():
     assert abs(weight.std().item() - (2 / 512) ** 0.5) < 0.002
 
 
-def test_every_parameter_is_in_exactly_one_group():
-    model = build_model("resnet50")
-    backbone = [id(p) for p in model.backbone_parameters()]
-    head = [id(p) for p in model.head_parameters()]
-    assert len(set(backbone) & set(head)) == 0
-    assert sorted(backbone + head) == sorted(id(p) for p in model.parameters())
-
-
 def test_wrong_channel_count_is_a_clear_error():
     model = build_model("convnet", in_channels=1, image_size=28)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\).*got \(2, 3, 28, 28\)"):
         model(torch.randn(2, 3, 28, 28))
 
 
-def test_bninception_size_check_matches_the_network(reference_bninception):
-    for side in range(30, 72):
-        try:
-            with torch.no_grad():
-                reference_bninception.features(torch.zeros(1, 3, side, side))
-            runs = True
-        except RuntimeError:
-            runs = False
-        assert bninception_accepts(side) == runs, side
-    with pytest.raises(ValueError, match="227"):
-        build_model("bninception")(torch.zeros(1, 3, 240, 240))
-
-
 # --- preprocessing ----------------------------------------------------------------------
+
 
 def test_preprocessing_specs():
     from pretrainedmodels import pretrained_settings
 
     settings = pretrained_settings["bninception"]["imagenet"]
-    assert build_model("bninception").preprocessing == Preprocessing(
-        color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0),
-        input_size=227, resize_size=256, crop_scale=(0.16, 1.0), hflip=True)
-    assert settings["input_space"] == "BGR" and settings["mean"] == [104, 117, 128]
-    assert build_model("resnet50").preprocessing == Preprocessing(
-        color="RGB", value_range=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        input_size=224, resize_size=256, crop_scale=(0.16, 1.0), hflip=True)
+    bninception = Preprocessing(
+        color="BGR",
+        value_range=255.0,
+        mean=(104.0, 117.0, 128.0),
+        std=(1.0, 1.0, 1.0),
+        input_size=227,
+        resize_size=256,
+        crop_scale=(0.16, 1.0),
+        hflip=True,
+        crop="two_step",
+    )
+    assert preprocessing_spec("bninception") == bninception
+    assert build_model("bninception").preprocessing == bninception
+    assert (settings["input_space"], settings["input_range"]) == ("BGR", [0, 255])
+    assert settings["mean"] == [104, 117, 128] and settings["std"] == [1, 1, 1]
+    resnet = Preprocessing(
+        color="RGB",
+        value_range=1.0,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        input_size=224,
+        resize_size=256,
+        crop_scale=(0.16, 1.0),
+        hflip=True,
+        crop="two_step",
+    )
+    assert preprocessing_spec("resnet50") == build_model("resnet50").preprocessing == resnet
+    # the convnet options are ignored by the backbones whose spec is fixed
+    assert preprocessing_spec("resnet50", image_size=8, in_channels=1) == resnet
     digits = build_model("convnet", in_channels=1, image_size=8).preprocessing
+    assert digits == preprocessing_spec("convnet", in_channels=1, image_size=8)
     assert (digits.color, digits.channels, digits.input_size, digits.resize_size) == ("L", 1, 8, 8)
     assert digits.crop_scale == (1.0, 1.0) and not digits.hflip and digits.mean == (0.5,)
     omniglot = build_model("convnet", in_channels=1, image_size=28, resize_size=32).preprocessing
+    assert omniglot == preprocessing_spec("convnet", in_channels=1, image_size=28, resize_size=32)
     assert omniglot.resize_size == 32 and not omniglot.hflip and omniglot.crop_scale[1] == 1.0
     cub = build_model("convnet", in_channels=3, image_size=64).preprocessing
     assert (cub.color, cub.channels, cub.crop_scale, cub.hflip) == ("RGB", 3, (0.16, 1.0), True)
+    assert cub.crop == "fused"  # the CPU recipes keep the faster one-resampling crop
+    assert dataclasses.replace(bninception, crop="fused").crop == "fused"
+    with pytest.raises(ValueError, match="two_step"):
+        dataclasses.replace(bninception, crop="bicubic")
+    with pytest.raises(ValueError, match="in_channels"):
+        preprocessing_spec("convnet", in_channels=2)
+    with pytest.raises(ValueError, match="bninception, resnet50, convnet"):
+        preprocessing_spec("vgg16")
 
 
-@pytest.mark.parametrize("in_channels, size, blocks", [(1, 8, 2), (1, 28, 4), (1, 56, 5), (3, 64, 5)])
+def test_preprocessing_spec_builds_no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("preprocessing_spec built a network")
+
+    for name in (
+        "BNInceptionBackbone",
+        "ConvNetBackbone",
+        "_resnet50_backbone",
+        "load_backbone_weights",
+    ):
+        monkeypatch.setattr(models, name, refuse)
+    for name in models.MODEL_NAMES:
+        assert isinstance(preprocessing_spec(name), Preprocessing)
+
+
+def test_models_imports_nothing_from_transforms():
+    from msl_kit import transforms
+
+    tree = ast.parse(Path(models.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+    }
+    assert "msl_kit.transforms" not in imported
+    assert not any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "msl_kit"
+        and any(a.name == "transforms" for a in node.names)
+        for node in ast.walk(tree)
+    )
+    assert transforms.Preprocessing is Preprocessing  # the old import path still works
+
+
+@pytest.mark.parametrize(
+    "in_channels, size, blocks", [(1, 8, 2), (1, 28, 4), (1, 56, 5), (3, 64, 5)]
+)
 def test_convnet_shapes(in_channels, size, blocks):
-    model = build_model("convnet", embedding_dim=32, in_channels=in_channels, image_size=size, width=48)
+    model = build_model(
+        "convnet", embedding_dim=32, in_channels=in_channels, image_size=size, width=48
+    )
     embeddings = model(torch.randn(4, in_channels, size, size))
     assert embeddings.shape == (4, 32) and model.feature_dim == 48
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(4))
@@ -267,6 +265,7 @@ def test_embeddings_are_float32_under_autocast():
 
 
 # --- frozen BatchNorm and channels_last -------------------------------------------------
+
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -287,8 +286,15 @@ def train_steps(model: EmbeddingModel, images: torch.Tensor, steps: int = 3) -> 
 def test_frozen_bn_keeps_statistics_and_learns_affine(freeze):
     torch.manual_seed(0)
     model = build_model("convnet", in_channels=1, image_size=28, freeze_bn=freeze)
-    before = [(bn.running_mean.clone(), bn.running_var.clone(), bn.weight.detach().clone(),
-               bn.bias.detach().clone()) for bn in bn_layers(model)]
+    before = [
+        (
+            bn.running_mean.clone(),
+            bn.running_var.clone(),
+            bn.weight.detach().clone(),
+            bn.bias.detach().clone(),
+        )
+        for bn in bn_layers(model)
+    ]
     train_steps(model, torch.randn(8, 1, 28, 28) * 2 + 1)
     assert model.training
     for bn, (mean, var, weight, bias) in zip(bn_layers(model), before):
@@ -308,7 +314,9 @@ def test_frozen_bn_on_bninception():
     assert not torch.equal(first_bn.weight, gamma)
 
 
-@pytest.mark.parametrize("name, shape", [("convnet", (2, 3, 64, 64)), ("bninception", (2, 3, 64, 64))])
+@pytest.mark.parametrize(
+    "name, shape", [("convnet", (2, 3, 64, 64)), ("bninception", (2, 3, 64, 64))]
+)
 def test_channels_last_matches_contiguous(name, shape):
     torch.manual_seed(0)
     model = build_model(name, embedding_dim=16)
