@@ -22,6 +22,7 @@ shrinks them, as it does full-size CUB photos). Reported: mean |difference| per 
 fraction of the pixel range (median and worst), and the fused crop's gradient energy
 (mean squared finite difference) relative to the two-step crop's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,10 +57,15 @@ class ToRange:
 
 
 def plain_transform(spec: Preprocessing, train: bool) -> tv.Compose:
-    geometry = ([tv.Resize(spec.resize_size),
-                 tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale),
-                 tv.RandomHorizontalFlip()] if train else
-                [tv.Resize(spec.resize_size), tv.CenterCrop(spec.input_size)])
+    geometry = (
+        [
+            tv.Resize(spec.resize_size),
+            tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale),
+            tv.RandomHorizontalFlip(),
+        ]
+        if train
+        else [tv.Resize(spec.resize_size), tv.CenterCrop(spec.input_size)]
+    )
     return tv.Compose(geometry + [tv.ToTensor(), ToRange(spec), tv.Normalize(spec.mean, spec.std)])
 
 
@@ -73,8 +79,14 @@ def plain_dataset(ddir: Path, spec: Preprocessing, train: bool) -> Subset:
 
 def time_loader(dataset, args: argparse.Namespace, seed: int) -> float:
     """Images per second from the first batch to the last (worker start-up excluded)."""
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        generator=torch.Generator().manual_seed(seed), drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=True,
+    )
     count, start = 0, None
     for i, batch in enumerate(loader):
         if i == 0:
@@ -114,29 +126,45 @@ def print_checks(ddir: Path, root: Path, spec: Preprocessing, seeds: int) -> Non
     plain_eval = plain_dataset(ddir, spec, train=False)
     assert len(ours_eval) == len(plain_eval), (len(ours_eval), len(plain_eval))
     unit = spec.value_range / float(np.mean(spec.std))
-    plain_index = {Path(path).resolve(): i for i, (path, _) in
-                   ((j, plain_eval.dataset.samples[k]) for j, k in enumerate(plain_eval.indices))}
+    plain_index = {
+        Path(path).resolve(): i
+        for i, (path, _) in (
+            (j, plain_eval.dataset.samples[k]) for j, k in enumerate(plain_eval.indices)
+        )
+    }
     gaps = []
     for i in range(0, len(ours_eval), 700):
         theirs = plain_eval[plain_index[(ddir / ours_eval.paths[i]).resolve()]][0]
         gaps.append(float((ours_eval[i][0] - theirs).abs().mean()) / unit)
-    print(f"check: eval tensors of msl_kit ({spec.crop}) and torchvision differ by "
-          f"{max(gaps):.5f} of the pixel range at most (mean abs, {len(gaps)} images)")
-    native = [load_image(ddir / ours_eval.paths[i], "RGB")
-              for i in range(0, len(ours_eval), len(ours_eval) // 10)][:10]
-    rescaled = [p.resize((500, 375) if i % 2 else (640, 427), Image.Resampling.LANCZOS)
-                for i, p in enumerate(native)]
+    print(
+        f"check: eval tensors of msl_kit ({spec.crop}) and torchvision differ by "
+        f"{max(gaps):.5f} of the pixel range at most (mean abs, {len(gaps)} images)"
+    )
+    native = [
+        load_image(ddir / ours_eval.paths[i], "RGB")
+        for i in range(0, len(ours_eval), len(ours_eval) // 10)
+    ][:10]
+    rescaled = [
+        p.resize((500, 375) if i % 2 else (640, 427), Image.Resampling.LANCZOS)
+        for i, p in enumerate(native)
+    ]
     for label, photos in (("227x227 (as stored)", native), ("500x375 / 640x427", rescaled)):
         res = crop_check(photos, spec, seeds)
-        print(f"check: train crops vs torchvision two-step, {len(photos)} photos {label} x "
-              f"{seeds} seeds: mean abs diff / pixel range")
+        print(
+            f"check: train crops vs torchvision two-step, {len(photos)} photos {label} x "
+            f"{seeds} seeds: mean abs diff / pixel range"
+        )
         for mode in ("two_step", "fused"):
             d = np.array(res[mode])
-            print(f"    {mode:<9} median {np.median(d):.4f}  p90 {np.quantile(d, 0.9):.4f}  "
-                  f"worst {d.max():.4f}")
+            print(
+                f"    {mode:<9} median {np.median(d):.4f}  p90 {np.quantile(d, 0.9):.4f}  "
+                f"worst {d.max():.4f}"
+            )
         e = np.array(res["energy"])
-        print(f"    fused gradient energy / two-step: median {np.median(e):.2f}x, "
-              f"range {e.min():.2f}-{e.max():.2f}x")
+        print(
+            f"    fused gradient energy / two-step: median {np.median(e):.2f}x, "
+            f"range {e.min():.2f}-{e.max():.2f}x"
+        )
 
 
 def cpu_ms_per_image(dataset, count: int = 300, rounds: int = 3) -> float:
@@ -159,22 +187,25 @@ def time_all(contenders: dict, args: argparse.Namespace) -> dict[str, list[float
     speeds: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
             speeds[name].append(time_loader(contenders[name], args, seed=r))
             print(f"round {r}: {name:<33} {speeds[name][-1]:8.1f} images/s", flush=True)
     return speeds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", help="a root where cub200 is prepared (default: a temporary one)")
-    parser.add_argument("--archive", default=str(REPO.parent / "shared" / "data"
-                                                 / "CUB_200_2011_subset100.tgz"))
+    parser.add_argument(
+        "--archive", default=str(REPO.parent / "shared" / "data" / "CUB_200_2011_subset100.tgz")
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=80)
-    parser.add_argument("--batches", type=int, default=40,
-                        help="timed batches per round (after the first)")
+    parser.add_argument(
+        "--batches", type=int, default=40, help="timed batches per round (after the first)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spec", choices=sorted(SPECS), default="bninception")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each process")
@@ -187,8 +218,10 @@ def main() -> None:
         root = Path(args.root) if args.root else Path(tmp)
         if not datasets.is_prepared("cub200", root):
             if not Path(args.archive).is_file():
-                raise SystemExit(f"no prepared cub200 under {root} and no archive at "
-                                 f"{args.archive}: pass --root or --archive")
+                raise SystemExit(
+                    f"no prepared cub200 under {root} and no archive at "
+                    f"{args.archive}: pass --root or --archive"
+                )
             datasets.prepare("cub200", root, archive=args.archive, progress=False)
         ddir = datasets.dataset_dir("cub200", root)
         print_checks(ddir, root, spec, args.seeds)
@@ -200,16 +233,22 @@ def main() -> None:
         speeds = time_all(contenders, args)
 
     names = list(contenders)
-    print(f"\nCUB subset train split ({len(contenders[names[1]])} images), {args.spec} train "
-          f"transform, {args.workers} workers, batch {args.batch_size}, {args.batches} timed "
-          f"batches x {args.rounds} rounds")
-    print(f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}"
-          f"{'CPU ms/img':>12}{'ratio':>8}")
+    print(
+        f"\nCUB subset train split ({len(contenders[names[1]])} images), {args.spec} train "
+        f"transform, {args.workers} workers, batch {args.batch_size}, {args.batches} timed "
+        f"batches x {args.rounds} rounds"
+    )
+    print(
+        f"{'pipeline':<34}{'median img/s':>14}{'min':>9}{'max':>9}{'ratio':>8}"
+        f"{'CPU ms/img':>12}{'ratio':>8}"
+    )
     base = float(np.median(speeds[names[0]]))
     for name in names:
         s = speeds[name]
-        print(f"{name:<34}{np.median(s):14.1f}{min(s):9.1f}{max(s):9.1f}"
-              f"{np.median(s) / base:7.2f}x{cpu[name]:12.2f}{cpu[names[0]] / cpu[name]:7.2f}x")
+        print(
+            f"{name:<34}{np.median(s):14.1f}{min(s):9.1f}{max(s):9.1f}"
+            f"{np.median(s) / base:7.2f}x{cpu[name]:12.2f}{cpu[names[0]] / cpu[name]:7.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ RSS before the forward, the process's peak RSS during it (VmHWM), and the rise =
 which is what the forward itself needed. Ratios are ours / pretrainedmodels. Both use the
 same weights (random, seeded) and the same input; the pooled features are compared bit for bit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,15 @@ def child(name: str, batch: int, size: int, threads: int, out: str) -> None:
     peer = pretrainedmodels.bninception(pretrained=None).eval()
     if name == "ours":
         model = build_model("bninception").backbone.eval()
-        model.load_state_dict({k: v for k, v in peer.state_dict().items()
-                               if not k.startswith("last_linear.")})
+        model.load_state_dict(
+            {k: v for k, v in peer.state_dict().items() if not k.startswith("last_linear.")}
+        )
         del peer
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model(x)
     else:
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             return F.adaptive_max_pool2d(peer.features(x), 1).flatten(1)
 
@@ -71,11 +74,29 @@ def child(name: str, batch: int, size: int, threads: int, out: str) -> None:
 
 def measure(name: str, args: argparse.Namespace, tmp: Path, run: int) -> dict:
     out = tmp / f"{name}{run}.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(args.batch),
-                    "--size", str(args.size), "--threads", str(args.threads), "--out", str(out)],
-                   check=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=env,
+    )
     return json.loads(out.read_text())
 
 
@@ -97,13 +118,19 @@ def main() -> None:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {name: [measure(name, args, Path(tmp), r) for r in range(args.repeats)]
-                for name in CONTENDERS}
-        same = torch.equal(torch.load(Path(tmp) / "ours0.json.pt"),
-                           torch.load(Path(tmp) / "pretrainedmodels0.json.pt"))
+        runs = {
+            name: [measure(name, args, Path(tmp), r) for r in range(args.repeats)]
+            for name in CONTENDERS
+        }
+        same = torch.equal(
+            torch.load(Path(tmp) / "ours0.json.pt", weights_only=True),
+            torch.load(Path(tmp) / "pretrainedmodels0.json.pt", weights_only=True),
+        )
     mib = 1 / 1024
-    print(f"BN-Inception no-grad forward, batch {args.batch}, {args.size} px, fp32, CPU, "
-          f"{args.threads} threads, fresh process each, {args.repeats} run(s) (max shown)")
+    print(
+        f"BN-Inception no-grad forward, batch {args.batch}, {args.size} px, fp32, CPU, "
+        f"{args.threads} threads, fresh process each, {args.repeats} run(s) (max shown)"
+    )
     if not all(r["reset"] for rs in runs.values() for r in rs):
         print("note: could not reset the peak-RSS counter; peaks include the set-up")
     print(f"{'contender':<18}{'RSS before MiB':>16}{'peak RSS MiB':>14}{'rise MiB':>10}")
@@ -115,8 +142,9 @@ def main() -> None:
         rows[name] = (peak, rise)
         print(f"{name:<18}{before:>16.0f}{peak:>14.0f}{rise:>10.0f}")
     (peer_peak, peer_rise), (peak, rise) = rows["pretrainedmodels"], rows["ours"]
-    print(f"ours / pretrainedmodels: peak RSS {peak / peer_peak:.2f}x, "
-          f"rise {rise / peer_rise:.2f}x")
+    print(
+        f"ours / pretrainedmodels: peak RSS {peak / peer_peak:.2f}x, rise {rise / peer_rise:.2f}x"
+    )
     print(f"pooled features bit-identical: {same}")
 
 

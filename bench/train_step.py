@@ -11,6 +11,7 @@ BatchNorm is frozen on both (the released recipe) unless --bn train. Timings are
 With --memory, each contender also runs in a fresh process: one warm-up step, then the peak-RSS
 rise (VmHWM after reset minus VmRSS before) of one more train step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,18 +75,22 @@ def build_contenders(args: argparse.Namespace) -> dict[str, tuple[nn.Module, tor
     ours = build_model("bninception", embedding_dim=512, freeze_bn=args.bn == "frozen")
     peer = PeerModel(512)
     # Same weights on both sides, so nothing but the code differs.
-    ours.backbone.load_state_dict({k: v for k, v in peer.net.state_dict().items()
-                                   if not k.startswith("last_linear.")})
+    ours.backbone.load_state_dict(
+        {k: v for k, v in peer.net.state_dict().items() if not k.startswith("last_linear.")}
+    )
     ours.head.linear.load_state_dict(peer.fc.state_dict())
     images = torch.randn(args.batch, 3, args.size, args.size) * 50
-    contenders = {"ours": (ours.to(device), images.to(device)),
-                  "pretrainedmodels": (peer.to(device), images.to(device))}
+    contenders = {
+        "ours": (ours.to(device), images.to(device)),
+        "pretrainedmodels": (peer.to(device), images.to(device)),
+    }
     if args.channels_last:
         ours_cl = build_model("bninception", embedding_dim=512, freeze_bn=args.bn == "frozen")
         ours_cl.load_state_dict(ours.state_dict())
         contenders["ours channels_last"] = (
             ours_cl.to(device, memory_format=torch.channels_last),
-            images.to(device, memory_format=torch.channels_last))
+            images.to(device, memory_format=torch.channels_last),
+        )
     for model, _ in contenders.values():
         model.train()
         if args.bn == "frozen":
@@ -94,8 +99,9 @@ def build_contenders(args: argparse.Namespace) -> dict[str, tuple[nn.Module, tor
 
 
 def _kib(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
-                if x.startswith(field + ":"))
+    line = next(
+        x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":")
+    )
     return int(line.split()[1])
 
 
@@ -117,9 +123,24 @@ def memory_rises(args: argparse.Namespace, names: list[str]) -> dict[str, float]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             out = Path(tmp) / "rise.json"
-            argv = [sys.executable, __file__, "--child", name, "--out", str(out),
-                    "--batch", str(args.batch), "--size", str(args.size),
-                    "--threads", str(args.threads), "--bn", args.bn, "--device", args.device]
+            argv = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--out",
+                str(out),
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(args.size),
+                "--threads",
+                str(args.threads),
+                "--bn",
+                args.bn,
+                "--device",
+                args.device,
+            ]
             if args.channels_last:
                 argv.append("--channels-last")
             path = str(Path(__file__).resolve().parents[1])
@@ -136,12 +157,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="train steps per timing round")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true",
-                        help="also time ours in channels_last")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also time ours in channels_last"
+    )
     parser.add_argument("--bn", choices=("frozen", "train"), default="frozen")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory", action="store_true",
-                        help="also measure each contender's peak-RSS rise (CPU, fresh processes)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each contender's peak-RSS rise (CPU, fresh processes)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,16 +184,22 @@ def main() -> None:
             rates[name].append(images_per_second(model, batch, args.steps))
     rises = memory_rises(args, list(contenders)) if args.memory else {}
 
-    print(f"BN-Inception train step (forward + backward), batch {args.batch}, {args.size} px, "
-          f"BN {args.bn}, device {args.device}, threads {args.threads}, "
-          f"{args.repeats} x {args.steps} steps")
+    print(
+        f"BN-Inception train step (forward + backward), batch {args.batch}, {args.size} px, "
+        f"BN {args.bn}, device {args.device}, threads {args.threads}, "
+        f"{args.repeats} x {args.steps} steps"
+    )
     peer_rate = statistics.median(rates["pretrainedmodels"])
-    print(f"{'model':<22}{'images/s (median)':>18}{'min':>9}{'max':>9}{'vs peer':>9}"
-          + (f"{'step peak-RSS rise MiB':>24}" if rises else ""))
+    print(
+        f"{'model':<22}{'images/s (median)':>18}{'min':>9}{'max':>9}{'vs peer':>9}"
+        + (f"{'step peak-RSS rise MiB':>24}" if rises else "")
+    )
     for name, values in rates.items():
         rate = statistics.median(values)
-        print(f"{name:<22}{rate:>18.2f}{min(values):>9.2f}{max(values):>9.2f}"
-              f"{rate / peer_rate:>8.2f}x" + (f"{rises[name]:>24.0f}" if rises else ""))
+        print(
+            f"{name:<22}{rate:>18.2f}{min(values):>9.2f}{max(values):>9.2f}"
+            f"{rate / peer_rate:>8.2f}x" + (f"{rises[name]:>24.0f}" if rises else "")
+        )
 
 
 if __name__ == "__main__":

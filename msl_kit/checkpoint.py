@@ -2,6 +2,7 @@
 
 The file primitives (atomic writes, `safe_load`) live in `msl_kit.fileio`.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,12 @@ import numpy as np
 import torch
 
 # Re-exported: these lived here before msl_kit.fileio existed, and callers still import them.
-from msl_kit.fileio import (CheckpointError, atomic_torch_save, atomic_write_bytes,  # noqa: F401
-                            atomic_write_text, fsync_dir, safe_load)
+from msl_kit.fileio import CheckpointError as CheckpointError
+from msl_kit.fileio import atomic_torch_save as atomic_torch_save
+from msl_kit.fileio import atomic_write_bytes as atomic_write_bytes
+from msl_kit.fileio import atomic_write_text as atomic_write_text
+from msl_kit.fileio import fsync_dir as fsync_dir
+from msl_kit.fileio import safe_load as safe_load
 
 
 def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None:
@@ -56,8 +61,9 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
             continue
         return state, path
     detail = "; ".join(errors) if errors else "no checkpoint.pt found"
-    raise CheckpointError(f"cannot resume from {run_dir}: {detail}. Start a fresh run instead "
-                          "(drop --resume).")
+    raise CheckpointError(
+        f"cannot resume from {run_dir}: {detail}. Start a fresh run instead (drop --resume)."
+    )
 
 
 def clear_partial_writes(run_dir: Path) -> list[Path]:

@@ -18,13 +18,10 @@ from typing import Any
 
 import yaml
 
+from msl_kit.config_checks import ConfigError, validate
 from msl_kit.losses import PRESETS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied; the message says how to fix it."""
 
 
 _MS = PRESETS["released"]  # the loss numbers have one home: msl_kit.losses.PRESETS
@@ -274,8 +271,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    listed = ", ".join(names) or "none found"
     raise ConfigError(
-        f"no config file '{name_or_path}' and no preset of that name; presets: {', '.join(names) or 'none found'}"
+        f"no config file '{name_or_path}' and no preset of that name; presets: {listed}"
     )
 
 
@@ -297,129 +295,6 @@ def load_config(
         key, value = parse_override(text)
         values[key] = value
     return resolve(values)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
-
-
-def _choice(key: str, value: Any, options: typing.Iterable[Any]) -> None:
-    options = list(options)
-    _check(value in options, key, value, f"use one of {', '.join(map(str, options))}")
-
-
-def validate(cfg: Config) -> None:
-    """Check every value, before any data is read; each failure names the key and the range."""
-    from msl_kit import datasets, losses, models  # the registries the names must come from
-
-    d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
-    try:
-        datasets.info(d.name)
-    except ValueError as e:
-        raise ConfigError(f"data.name = {d.name!r}: {e}") from None
-    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
-    _check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
-    _check(
-        d.crop_scale is None
-        or len(d.crop_scale) == 2
-        and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-        "data.crop_scale",
-        d.crop_scale,
-        "use two numbers 0 < low <= high <= 1, like [0.16, 1.0]",
-    )
-    _choice("data.crop_mode", d.crop_mode, [None, "two_step", "fused"])
-    _choice("model.backbone", m.backbone, models.MODEL_NAMES)
-    _check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
-    _check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
-    _check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
-    _choice("model.in_channels", m.in_channels, [1, 3])
-    _check(m.width >= 1, "model.width", m.width, "use 1 or more")
-    _choice("loss.name", lo.name, losses.LOSSES)
-    _choice("loss.mining", lo.mining, [None, "ms", "none"])
-    _check(lo.alpha > 0, "loss.alpha", lo.alpha, "use a value > 0 (released recipe: 2)")
-    _check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
-    _check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
-    _check(0 <= lo.margin < 2, "loss.margin", lo.margin, "use 0 <= value < 2 (released: 0.1)")
-    _check(
-        lo.xbm_size >= 0 and lo.xbm_start >= 0 and lo.xbm_weight >= 0,
-        "loss.xbm_*",
-        (lo.xbm_size, lo.xbm_start, lo.xbm_weight),
-        "use values >= 0",
-    )
-    _check(
-        not lo.xbm_size or lo.name == "ms",
-        "loss.xbm_size",
-        lo.xbm_size,
-        "cross-batch memory works with loss.name=ms only",
-    )
-    _check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
-    _check(
-        t.samples_per_class >= 2,
-        "train.samples_per_class",
-        t.samples_per_class,
-        "pair losses need 2 or more images per class in a batch (released recipe: 5)",
-    )
-    _check(
-        t.batch_size >= 2 * t.samples_per_class and t.batch_size % t.samples_per_class == 0,
-        "train.batch_size",
-        t.batch_size,
-        f"use a multiple of train.samples_per_class "
-        f"({t.samples_per_class}) holding 2 or more classes",
-    )
-    _check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
-    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
-    _check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
-    _check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
-    _check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
-    _check(
-        t.backbone_lr_mult >= 0 and t.head_lr_mult >= 0,
-        "train.*_lr_mult",
-        (t.backbone_lr_mult, t.head_lr_mult),
-        "use values >= 0",
-    )
-    _choice("train.class_draw", t.class_draw, ["uniform", "released"])
-    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (end only) or more")
-    _check(
-        t.checkpoint_every >= 0,
-        "train.checkpoint_every",
-        t.checkpoint_every,
-        "use 0 (end only) or more",
-    )
-    _check(t.log_every >= 1, "train.log_every", t.log_every, "use 1 or more iterations")
-    _choice("train.amp", t.amp, ["none", "bf16", "fp16"])
-    _check(t.threads >= 0, "train.threads", t.threads, "use 0 (automatic) or more")
-    _choice("eval.split", e.split, ["test", "val"])
-    _check(
-        e.split != "val" or d.val_fraction > 0,
-        "eval.split",
-        e.split,
-        "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)",
-    )
-    _check(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
-    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
-    _check_device(cfg.device)
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device("cuda" if name == "auto" else name)
-    except RuntimeError:
-        raise ConfigError(
-            f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto"
-        ) from None
-    if name == "auto" or device.type == "cpu":
-        return
-    _check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")
-    count = torch.cuda.device_count()
-    _check(
-        count > (device.index or 0),
-        "device",
-        name,
-        f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)",
-    )
 
 
 def to_dict(cfg: Config) -> dict:

@@ -8,12 +8,14 @@ positives with its negatives), so N ranks each computing the loss on their own 1
 batch is a different, weaker loss. Here every rank computes the loss on the global batch; the
 only difference between ranks is which slice of it carries an autograd graph.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,8 +63,9 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; "
-                           "run one process")
+        raise RuntimeError(
+            "WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process"
+        )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -81,8 +84,9 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
     if not dist.is_initialized():
         kwargs = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=local_rank, device=device)
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device
+    )
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -95,8 +99,9 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
         return model
     model = model.to(info.device)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               find_unused_parameters=False)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=False
+    )
 
 
 def _comm_device(x: Tensor) -> torch.device:

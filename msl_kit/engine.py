@@ -8,19 +8,15 @@ current step, save a checkpoint and raise `Interrupted`, which names the resume 
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import checkpoint as ckpt
-from msl_kit import distributed, evaluation, losses, recipe, rundir
+from msl_kit import distributed, evaluation, recipe, rundir
 from msl_kit.config import (
     Config,
     ConfigError,
@@ -28,18 +24,18 @@ from msl_kit.config import (
     from_dict,
     parse_override,
     resolve,
-    save_config,
     to_dict,
 )
-from msl_kit.memory import CrossBatchMemory, xbm_step_loss
-from msl_kit.sampler import PKSampler
+from msl_kit.trainer import (  # noqa: F401  (re-exported: engine.Callback, ...)
+    Callback,
+    DivergenceError,
+    TensorBoardLogger,
+    Trainer,
+    load_model_state,
+)
 
 # What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
 RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")
-
-
-class DivergenceError(RuntimeError):
-    """Training produced NaN or inf; the step was stopped before any weight changed."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -48,90 +44,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, out: Path, iteration: int) -> None:
         super().__init__(f"interrupted at iteration {iteration}; checkpoint saved in {out}")
         self.out, self.iteration = out, iteration
-
-
-class Callback:
-    """Hooks the engine calls; subclass and override what you need (progress bars, live plots)."""
-
-    def on_start(self, cfg: Config, start_iteration: int, total: int) -> None: ...
-    def on_step(self, record: dict) -> None: ...
-    def on_eval(self, iteration: int, results: dict) -> None: ...
-    def on_end(self, results: dict) -> None: ...
-
-
-class TensorBoardLogger(Callback):
-    """Writes the loss, learning rate, mining statistics and metrics as TensorBoard scalars."""
-
-    def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # optional tensorboard package
-
-        self.writer = SummaryWriter(str(log_dir))
-
-    def on_step(self, record: dict) -> None:
-        for key, value in record.items():
-            if key != "iteration" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, record["iteration"])
-
-    def on_end(self, results: dict) -> None:
-        self.writer.close()
-
-
-class _SeededItems(Dataset):
-    """Seeds the augmentation RNG per (batch, slot) so that batches are identical however many
-    workers load them and wherever a resumed run starts."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        slot, index = key
-        # CPU generator only: torch.manual_seed would also reseed every CUDA device, per image.
-        torch.random.default_generator.manual_seed(self.seed * 1_000_003 + slot)
-        return self.dataset[index]
-
-
-class _KeyedBatches:
-    def __init__(self, sampler: PKSampler, start: int) -> None:
-        self.sampler, self.start = sampler, start
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for n, batch in enumerate(self.sampler, start=self.start):
-            yield [(n * len(batch) + pos, i) for pos, i in enumerate(batch)]
-
-
-def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> None:
-    if not bool(torch.isfinite(value).all()):
-        # Say which checkpoint survives: a run that diverges before its first save has none.
-        kept = next(
-            (p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()), None
-        )
-        saved = (
-            f"the last good checkpoint {kept} is kept"
-            if kept
-            else "no checkpoint had been written yet"
-        )
-        raise DivergenceError(
-            f"{what} became NaN or inf at iteration {iteration}; the step was stopped before any "
-            f"weight changed and {saved}. Try a lower train.lr, train.amp=bf16 instead of fp16, "
-            "or check the input images."
-        )
-
-
-def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
-    """Load a checkpoint's weights, naming the file when they do not fit the configured model."""
-    try:
-        model.load_state_dict(state["model"])
-    except (ValueError, RuntimeError) as e:
-        detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
-        raise ckpt.CheckpointError(
-            f"{path} does not fit the model its config describes: {detail}"
-        ) from None
 
 
 def stored_config(state: dict, path: Path) -> Config:
@@ -157,9 +69,11 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
         ]
         if changed:
             raise ConfigError(
-                f"{on_disk} was edited after the run started ({'; '.join(changed[:4])}); a resumed "
+                f"{on_disk} was edited after the run started ({'; '.join(changed[:4])}); "
+                f"a resumed "
                 "run keeps the config stored in its checkpoint. Undo the edit, change only "
-                f"{', '.join(RESUME_KEYS)} with --set, or start a new run from the edited file with "
+                f"{', '.join(RESUME_KEYS)} with --set, or start a new run from the edited "
+                "file with "
                 f"`msl-kit train --config {on_disk} --out NEW_DIR`"
             )
     values = dict(stored)
@@ -216,7 +130,7 @@ def train(
     `out` must be a new or empty folder; it is locked while the run writes. With `resume=True`,
     continue from the last complete checkpoint in `out` with its stored config (`overrides` may
     change only RESUME_KEYS); on the CPU the resumed run ends with exactly the metrics of an
-    uninterrupted one. `loss_fn` replaces the configured loss (for comparisons with other libraries).
+    uninterrupted one. `loss_fn` replaces the configured loss (to compare with other libraries).
     """
     out, state, path = Path(out), None, None
     if resume:  # before the folder is claimed, so that a mistyped --resume DIR is not created
@@ -249,259 +163,6 @@ def train(
     for cb in callbacks:
         cb.on_end(final)
     return final
-
-
-class Trainer:
-    """Everything one run holds: model, data, loss, optimizer, state; one method per phase."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        out: Path,
-        dist: distributed.DistInfo,
-        *,
-        loss_fn: nn.Module | None = None,
-        state: dict | None = None,
-        state_path: Path | None = None,
-        overrides: list[str] | None = None,
-    ) -> None:
-        self.cfg, self.out, self.dist, self.main = cfg, out, dist, dist.rank == 0
-        self.device = dist.device if dist.world_size > 1 else recipe.pick_device(cfg.device)
-        recipe.seed_everything(cfg.seed)
-        self.model = recipe.build_model(cfg, load_pretrained=state is None).to(self.device)
-        spec = recipe.preprocessing(cfg)
-        self.eval_data = recipe.eval_data(cfg, spec)
-        top = evaluation.max_rank(*self.eval_data)
-        if max(cfg.eval.ks) > top:
-            raise ConfigError(
-                f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
-                f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
-            )
-        train_set = recipe.train_data(cfg, spec)
-        self.loss_fn = loss_fn or recipe.build_loss(cfg)
-        self.optimizer = recipe.build_optimizer(self.model, cfg)
-        self.scheduler = recipe.build_schedule(self.optimizer, cfg)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.train.amp == "fp16" and self.device.type == "cuda"
-        )
-        lc = cfg.loss
-        self.xbm = (
-            CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
-        )
-        self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
-        self.ms_on_sim = losses.MultiSimilarityLoss(**self.ms).from_sim  # XBM: the fast path
-        self.iteration, self.history, self.results = 0, [], {}
-        self.best: dict = {"iteration": 0, "recall@1": -1.0}
-        self.floors: dict = {}
-        self.resumes: list[dict] = []
-        if state is not None:
-            self._restore(state, state_path, overrides or [])
-        else:
-            if self.main:
-                save_config(cfg, out / "config.yaml")
-            if cfg.eval.floors:
-                self.floors = self._floors()
-            self._snapshot_weights()
-        self.net = distributed.wrap_ddp(self.model, dist)
-        sampler = PKSampler(
-            train_set.labels,
-            cfg.train.batch_size,
-            cfg.train.samples_per_class,
-            cfg.seed,
-            iterations=cfg.train.iterations,
-            start=self.iteration,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
-            **({"class_draw": cfg.train.class_draw} if cfg.train.class_draw != "uniform" else {}),
-        )
-        self.loader = DataLoader(
-            _SeededItems(train_set, cfg.seed),
-            batch_sampler=_KeyedBatches(sampler, self.iteration),
-            num_workers=cfg.data.workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.data.workers > 0,
-        )
-        self.model.train()
-        self.tick = time.perf_counter()
-
-    def _restore(self, state: dict, path: Path, overrides: list[str]) -> None:
-        load_model_state(self.model, state, path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.xbm is not None:
-            self.xbm.load_state_dict(state["xbm"])
-        self.iteration, self.history, self.best = (
-            state["iteration"],
-            state["history"],
-            state["best"],
-        )
-        self.floors, self.resumes = state.get("floors", {}), list(state.get("resumes", []))
-        ckpt.set_rng_state(state["rng"])
-        ckpt.clear_partial_writes(self.out)
-        if self.main and path.name != "checkpoint.pt" and (self.out / "checkpoint.pt").exists():
-            # Set the unreadable file aside: the next save would keep it as the fallback copy.
-            (self.out / "checkpoint.pt").replace(self.out / "checkpoint.corrupt.pt")
-        if overrides:
-            self.resumes.append(
-                {
-                    "iteration": self.iteration,
-                    "overrides": overrides,
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            )
-            if self.main:  # config.yaml shows what the run now does; the change is in metrics.json
-                save_config(self.cfg, self.out / "config.yaml")
-
-    def _floors(self) -> dict:
-        """Raw pixels and the untrained network on the evaluation data: what training must beat."""
-        ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
-        return {
-            "raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
-            "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts),
-        }
-
-    def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
-        """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
-        extra = [TensorBoardLogger(self.out / "tensorboard")] if self.cfg.train.tensorboard else []
-        return [*given, *extra] if self.main else []
-
-    @property
-    def finished(self) -> bool:
-        return self.iteration >= self.cfg.train.iterations
-
-    def due(self, every: int) -> bool:
-        """Whether an every-N action falls on this iteration (always at the last one)."""
-        return bool(every) and self.iteration % every == 0 or self.finished
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict:
-        """One optimisation step; returns the history record (loss, lr, mining statistics)."""
-        cfg, device = self.cfg, self.device
-        images = images.to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels, indices = (
-            labels.to(device, non_blocking=True),
-            indices.to(device, non_blocking=True),
-        )
-        with evaluation.autocast(cfg.train.amp, device):
-            emb = self.net(images)
-        emb = emb.float()
-        n = self.iteration + 1
-        _check_finite(n, "the embeddings", emb, self.out)
-        loss, loss_value = self._loss(emb, labels, indices)
-        _check_finite(n, "the loss", loss.detach(), self.out)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if not self.scaler.is_enabled():  # (fp16's scaler skips non-finite steps itself)
-            # One reduction over every gradient: a per-tensor check would sync the GPU ~200 times.
-            grad_max = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-            _check_finite(n, "a gradient", grad_max, self.out)
-        lr = self.optimizer.param_groups[-1]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.iteration = n
-        record = {"iteration": n, "loss": float(loss_value), "lr": lr}
-        if n % cfg.train.log_every == 0 or self.finished:
-            # Mining statistics of this very batch: no second forward, one B x B product.
-            record.update(self._mining(emb.detach(), labels))
-        return record
-
-    def _loss(
-        self, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return xbm_step_loss(
-                self.xbm, self.iteration, self.loss_fn(e, y), self.ms_on_sim, e, y, idx
-            )
-
-        if self.dist.world_size > 1:  # every rank scores the gathered global batch
-            global_loss = distributed.global_batch_loss(step_loss, emb, labels, indices)
-            return global_loss.scaled, global_loss.value
-        loss = step_loss(emb, labels, indices)
-        return loss, loss.detach()
-
-    def _mining(self, emb: torch.Tensor, labels: torch.Tensor) -> dict:
-        return losses.mining_stats(emb @ emb.T, labels, **self.ms)
-
-    def evaluate(self) -> dict:
-        """Metrics of the current model; keeps best.pt for the best R@1 so far."""
-        self.results = evaluation.evaluate(
-            self.model,
-            *self.eval_data,
-            self.device,
-            self.cfg.eval.ks,
-            recipe.eval_options(self.cfg),
-        )
-        self._snapshot_weights()
-        if self.main and self.results["recall@1"] > self.best["recall@1"]:
-            self.best = {"iteration": self.iteration, **self.results}
-            ckpt.save_checkpoint(self.snapshot(), self.out / "best.pt", keep_previous=False)
-        return self.results
-
-    def log(self, record: dict) -> None:
-        """Append `record` to history.csv when it is due (every log_every, and evaluations)."""
-        now = time.perf_counter()
-        if self.iteration % self.cfg.train.log_every == 0 or "recall@1" in record or self.finished:
-            self.history.append(dict(record))  # no timings: same seed, same bytes
-            if self.main:
-                rundir.write_history(self.out / "history.csv", self.history)
-        record["images_per_s"] = self.cfg.train.batch_size / max(now - self.tick, 1e-9)
-        self.tick = now
-
-    def snapshot(self) -> dict:
-        """Everything exact resume needs, in types that weights-only loading accepts."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "xbm": self.xbm.state_dict() if self.xbm else None,
-            "iteration": self.iteration,
-            "history": self.history,
-            "best": self.best,
-            "floors": self.floors,
-            "resumes": self.resumes,
-            "rng": ckpt.rng_state(),
-            "config": to_dict(self.cfg),
-        }
-
-    def _snapshot_weights(self) -> None:
-        """snapshots/iter_NNNNNN.pt: the weights (and config) at this point of training, so a
-        notebook can show how the same batch looked to the model as it learned."""
-        if self.main and self.cfg.train.keep_snapshots:
-            (self.out / "snapshots").mkdir(exist_ok=True)
-            state = {
-                "model": self.model.state_dict(),
-                "config": to_dict(self.cfg),
-                "iteration": self.iteration,
-                **({"metrics": self.results} if self.results else {}),
-            }
-            path = self.out / "snapshots" / f"iter_{self.iteration:06d}.pt"
-            ckpt.save_checkpoint(state, path, keep_previous=False)
-
-    def save(self) -> None:
-        """Write checkpoint.pt atomically (the one it replaces stays as checkpoint.prev.pt)."""
-        if self.main:
-            ckpt.save_checkpoint(self.snapshot(), self.out / "checkpoint.pt")
-
-    def finish(self) -> dict:
-        """Final metrics (evaluated now if the last iteration was already done) -> metrics.json."""
-        if not self.results:
-            self.evaluate()
-        final = {
-            **self.results,
-            "iteration": self.iteration,
-            "split": self.cfg.eval.split,
-            "best": self.best,
-            "floors": self.floors,
-        }
-        if self.resumes:
-            final["resumes"] = self.resumes
-        if self.main:
-            ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(final, indent=2) + "\n")
-        return final
 
 
 def evaluate_checkpoint(

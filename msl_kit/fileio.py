@@ -4,19 +4,27 @@
 msl_kit writes is either the old version or the complete new one, never a torn one, and no
 file is ever unpickled into arbitrary Python objects. Downloads live in `msl_kit.download`.
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save",
-           "fsync_dir", "safe_load"]
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "fsync_dir",
+    "safe_load",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -51,11 +59,15 @@ def _explained(e: OSError, path: Path) -> OSError:
     """`e` with a message that says which file, what happened and what survived."""
     message = f"could not write {path} ({e.strerror or e}); "
     if e.errno == errno.ENOSPC:
-        message += (f"the disk holding {path.parent} is full. The previous version of that file is "
-                    "untouched (a previous checkpoint is kept). Free disk space, then retry")
+        message += (
+            f"the disk holding {path.parent} is full. The previous version of that file is "
+            "untouched (a previous checkpoint is kept). Free disk space, then retry"
+        )
     else:
-        message += ("the previous version of that file is untouched. Free disk space or fix "
-                    "permissions, then retry")
+        message += (
+            "the previous version of that file is untouched. Free disk space or fix "
+            "permissions, then retry"
+        )
     # OSError(errno, ...) keeps the subclass (PermissionError, ...) and the errno callers test.
     return OSError(e.errno, message) if e.errno else OSError(message)
 
@@ -93,6 +105,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     A full disk raises OSError(ENOSPC) saying so, whichever way torch reports it; the temp file
     is removed and the previous file at `path` is kept.
     """
+
     def write(f: BinaryIO) -> None:
         writer = _RecordingWriter(f)
         try:
@@ -120,8 +133,9 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def safe_load(path: str | os.PathLike, what: str = "checkpoint",
-              map_location: str | torch.device = "cpu") -> object:
+def safe_load(
+    path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu"
+) -> object:
     """`torch.load(weights_only=True)` with errors that name the file and say what to do.
 
     A file holding Python objects (which could run code on load) is refused, never unpickled.
@@ -137,8 +151,10 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint",
             raise CheckpointError(
                 f"{what} {path} was refused: it holds Python objects other than tensors and "
                 "plain containers, which could run code when loaded. msl_kit never writes such "
-                "files; turn off safe loading only for a file whose source you trust") from None
+                "files; turn off safe loading only for a file whose source you trust"
+            ) from None
         first = str(e).split(". ")[0][:160]  # torch goes on with advice that does not apply here
         raise CheckpointError(
             f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first}); "
-            "it was probably cut off mid-write or is not a file of that kind") from None
+            "it was probably cut off mid-write or is not a file of that kind"
+        ) from None

@@ -5,11 +5,13 @@ Every model is an `EmbeddingModel`: `.backbone` maps images to pooled features, 
 features to L2-normalised embeddings, `.preprocessing` says what input the backbone expects.
 `preprocessing_spec(name)` gives that spec without building the network.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,8 @@ class BNInceptionBackbone(nn.Module):
             raise ValueError(
                 f"BN-Inception cannot take {tuple(images.shape[-2:])} px images: its strided "
                 "conv and ceil-mode pool branches disagree at that size. Use sides of 32k-1 to "
-                "32k+6 px, e.g. 224, 227 (the recipe's), 256")
+                "32k+6 px, e.g. 224, 227 (the recipe's), 256"
+            )
         return self.features(images).amax(dim=(2, 3))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -143,8 +146,12 @@ class ConvNetBackbone(nn.Module):
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         while size > 2:  # floor pooling: 28 -> 14 -> 7 -> 3 -> 1, 8 -> 4 -> 2
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             channels, size = width, size // 2
         self.blocks = nn.Sequential(*layers)
         self.feature_dim = width
@@ -175,8 +182,14 @@ class EmbeddingHead(nn.Module):
 class EmbeddingModel(nn.Module):
     """images -> backbone (pooled features) -> head (L2-normalised embeddings)."""
 
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead, preprocessing: Preprocessing,
-                 name: str = "", freeze_bn: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: EmbeddingHead,
+        preprocessing: Preprocessing,
+        name: str = "",
+        freeze_bn: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -194,7 +207,8 @@ class EmbeddingModel(nn.Module):
                 f"{self.name or 'model'} expects images of shape (B, {want}, H, W) "
                 f"(color {self.preprocessing.color!r}), got {tuple(images.shape)}; build the "
                 "transforms from model.preprocessing, or pick a backbone with the right "
-                "in_channels")
+                "in_channels"
+            )
         return self.head(self.backbone(images))
 
     def train(self, mode: bool = True) -> EmbeddingModel:
@@ -210,8 +224,9 @@ class EmbeddingModel(nn.Module):
                     module.eval()
         return self
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
-                        assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
         """`nn.Module.load_state_dict`, first checking that the head widths match."""
         theirs = state_dict.get("head.linear.weight")
         if theirs is not None and tuple(theirs.shape) != tuple(self.head.linear.weight.shape):
@@ -219,12 +234,14 @@ class EmbeddingModel(nn.Module):
                 f"checkpoint head is {theirs.shape[1]} -> {theirs.shape[0]} (features -> "
                 f"embedding), this model is {self.feature_dim} -> {self.embedding_dim}; set "
                 f"model.embedding_dim={theirs.shape[0]} (and the checkpoint's model.backbone) "
-                "to load it")
+                "to load it"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def preprocessing_spec(backbone: str, *, image_size: int = 64, resize_size: int | None = None,
-                       in_channels: int = 3) -> Preprocessing:
+def preprocessing_spec(
+    backbone: str, *, image_size: int = 64, resize_size: int | None = None, in_channels: int = 3
+) -> Preprocessing:
     """The preprocessing spec of `backbone`, without building the network or reading weights.
 
     `image_size`, `resize_size` (default: `image_size`) and `in_channels` (1 or 3) matter only
@@ -235,13 +252,29 @@ def preprocessing_spec(backbone: str, *, image_size: int = 64, resize_size: int 
         # pretrainedmodels' settings table for its ImageNet weights (BGR, 0-255, mean
         # 104/117/128, std 1; a test checks these against it) with the released recipe's sizes
         # (256 -> 227) instead of the table's 224, and the released two-step crop.
-        return Preprocessing(color="BGR", value_range=255.0, mean=(104.0, 117.0, 128.0),
-                             std=(1.0, 1.0, 1.0), input_size=227, resize_size=256,
-                             crop_scale=(0.16, 1.0), hflip=True, crop="two_step")
+        return Preprocessing(
+            color="BGR",
+            value_range=255.0,
+            mean=(104.0, 117.0, 128.0),
+            std=(1.0, 1.0, 1.0),
+            input_size=227,
+            resize_size=256,
+            crop_scale=(0.16, 1.0),
+            hflip=True,
+            crop="two_step",
+        )
     if backbone == "resnet50":
-        return Preprocessing(color="RGB", value_range=1.0, mean=(0.485, 0.456, 0.406),
-                             std=(0.229, 0.224, 0.225), input_size=224, resize_size=256,
-                             crop_scale=(0.16, 1.0), hflip=True, crop="two_step")
+        return Preprocessing(
+            color="RGB",
+            value_range=1.0,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            input_size=224,
+            resize_size=256,
+            crop_scale=(0.16, 1.0),
+            hflip=True,
+            crop="two_step",
+        )
     if backbone != "convnet":
         raise ValueError(f"unknown model {backbone!r}; choose one of {', '.join(MODEL_NAMES)}")
     if in_channels not in (1, 3):
@@ -252,15 +285,27 @@ def preprocessing_spec(backbone: str, *, image_size: int = 64, resize_size: int 
     # stroke away); photos get the recipe's. Characters and digits are not mirror-symmetric.
     # The CPU recipes keep the faster one-resampling crop: they reproduce no released numbers.
     scale = (1.0, 1.0) if image_size <= 16 else (0.64, 1.0) if grey else (0.16, 1.0)
-    return Preprocessing(color="L" if grey else "RGB", value_range=1.0,
-                         mean=(0.5,) * in_channels, std=(0.5,) * in_channels,
-                         input_size=image_size, resize_size=int(resize_size or image_size),
-                         crop_scale=scale, hflip=not grey, crop="fused")
+    return Preprocessing(
+        color="L" if grey else "RGB",
+        value_range=1.0,
+        mean=(0.5,) * in_channels,
+        std=(0.5,) * in_channels,
+        input_size=image_size,
+        resize_size=int(resize_size or image_size),
+        crop_scale=scale,
+        hflip=not grey,
+        crop="fused",
+    )
 
 
-def build_model(name: str, embedding_dim: int = 512,
-                pretrained: str | os.PathLike | None = None, *, freeze_bn: bool = False,
-                **options: Any) -> EmbeddingModel:
+def build_model(
+    name: str,
+    embedding_dim: int = 512,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    freeze_bn: bool = False,
+    **options: Any,
+) -> EmbeddingModel:
     """Build backbone + head. `pretrained`: a backbone weights file, "default", or None.
 
     Options (convnet only): in_channels (1 or 3, default 3), image_size (64), resize_size
@@ -271,8 +316,10 @@ def build_model(name: str, embedding_dim: int = 512,
     allowed = {"in_channels", "image_size", "resize_size", "width"} if name == "convnet" else set()
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{name} takes no option(s) {unknown}"
-                         + (f"; it accepts {sorted(allowed)}" if allowed else ""))
+        raise ValueError(
+            f"{name} takes no option(s) {unknown}"
+            + (f"; it accepts {sorted(allowed)}" if allowed else "")
+        )
     sizes = {k: int(options[k]) for k in ("in_channels", "image_size") if k in options}
     preprocessing = preprocessing_spec(name, resize_size=options.get("resize_size"), **sizes)
     if name == "bninception":
@@ -280,8 +327,9 @@ def build_model(name: str, embedding_dim: int = 512,
     elif name == "resnet50":
         backbone = _resnet50_backbone()
     else:
-        backbone = ConvNetBackbone(preprocessing.channels, preprocessing.input_size,
-                                   int(options.get("width", 64)))
+        backbone = ConvNetBackbone(
+            preprocessing.channels, preprocessing.input_size, int(options.get("width", 64))
+        )
     if pretrained is not None:
         load_backbone_weights(backbone, resolve_weights(name, pretrained))
     head = EmbeddingHead(int(backbone.feature_dim), embedding_dim)
@@ -292,11 +340,14 @@ def default_weight_paths(name: str) -> list[Path]:
     """Where `pretrained="default"` looks: torch.hub's cache ($TORCH_HOME/hub/checkpoints),
     then the old model-zoo folder ~/.torch/models."""
     if name not in WEIGHT_URLS:
-        raise ValueError(f"no published weights for {name!r}; those exist for "
-                         f"{sorted(WEIGHT_URLS)}")
+        raise ValueError(
+            f"no published weights for {name!r}; those exist for {sorted(WEIGHT_URLS)}"
+        )
     filename = WEIGHT_URLS[name].rsplit("/", 1)[1]
-    return [Path(torch.hub.get_dir()) / "checkpoints" / filename,
-            Path.home() / ".torch" / "models" / filename]
+    return [
+        Path(torch.hub.get_dir()) / "checkpoints" / filename,
+        Path.home() / ".torch" / "models" / filename,
+    ]
 
 
 def resolve_weights(name: str, pretrained: str | os.PathLike) -> Path:
@@ -318,7 +369,8 @@ def resolve_weights(name: str, pretrained: str | os.PathLike) -> Path:
         f"{name} weights not found at {', '.join(str(p) for p in candidates)}. Get them from "
         f"{where} (`msl-kit prepare --weights {name}` downloads it where a network exists), "
         f"place the file in one of the default paths ({defaults}) and set "
-        "model.pretrained=default, or set model.pretrained=/path/to/file.pth")
+        "model.pretrained=default, or set model.pretrained=/path/to/file.pth"
+    )
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -330,11 +382,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """
     state = safe_load(Path(path), "weights file")
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} is not a bare state_dict (name -> tensor); save "
-                         "`backbone.state_dict()` or use the published ImageNet file")
+        raise ValueError(
+            f"{path} is not a bare state_dict (name -> tensor); save "
+            "`backbone.state_dict()` or use the published ImageNet file"
+        )
     target = backbone.state_dict()
-    state = {k: v for k, v in state.items()
-             if not k.startswith(_CLASSIFIER_PREFIXES) or k in target}
+    state = {
+        k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES) or k in target
+    }
     for key, ours in target.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(ours)
@@ -343,31 +398,40 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     shapes = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    problems = [f"{label} {len(keys)} ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if keys]
+    problems = [
+        f"{label} {len(keys)} ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if keys
+    ]
     if problems:
-        raise ValueError(f"{path} does not fit this backbone: {'; '.join(problems)}. Is it the "
-                         "weights file of this backbone (model.backbone), saved as a bare "
-                         "state_dict?")
+        raise ValueError(
+            f"{path} does not fit this backbone: {'; '.join(problems)}. Is it the "
+            "weights file of this backbone (model.backbone), saved as a bare "
+            "state_dict?"
+        )
     backbone.load_state_dict(state, strict=True)
 
 
-def download_weights(name: str, dest_dir: str | os.PathLike | None = None, *,
-                     url: str | None = None, progress: bool = True) -> Path:
+def download_weights(
+    name: str,
+    dest_dir: str | os.PathLike | None = None,
+    *,
+    url: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download the published ImageNet weights of `name` into `dest_dir` (default: the first
     default path's folder) and return the file's path. Needs a network; nothing else does."""
     url = url or WEIGHT_URLS.get(name)
     if url is None:
-        raise ValueError(f"no published weights for {name!r}; those exist for "
-                         f"{sorted(WEIGHT_URLS)}")
+        raise ValueError(
+            f"no published weights for {name!r}; those exist for {sorted(WEIGHT_URLS)}"
+        )
     folder = Path(dest_dir) if dest_dir is not None else default_weight_paths(name)[0].parent
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / url.rsplit("/", 1)[1]
     download_file(url, dest, md5=None, progress=progress)
     return dest
-
-
-def preprocessing_spec(name: str, **options: Any) -> Preprocessing:
-    """A backbone's preprocessing spec, without building the network or reading weights."""
-    return build_model(name, 2, None, **options).preprocessing

@@ -3,6 +3,7 @@
 A bottom module with no msl_kit imports: `models` owns each backbone's spec
 (`models.preprocessing_spec`), `transforms` turns a spec into a transform.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -51,7 +51,13 @@ def model_options(cfg: Config) -> dict:
 
 def preprocessing(cfg: Config) -> transforms.Preprocessing:
     """The backbone's preprocessing spec (no network is built) with the data overrides."""
-    spec = models.preprocessing_spec(cfg.model.backbone, **model_options(cfg))
+    m = cfg.model
+    spec = models.preprocessing_spec(
+        m.backbone,
+        image_size=m.image_size,
+        resize_size=m.resize_size or m.image_size,
+        in_channels=m.in_channels,
+    )
     changes: dict = {}
     if cfg.data.crop_scale is not None:
         changes["crop_scale"] = tuple(cfg.data.crop_scale)

@@ -1,11 +1,11 @@
 """P x K batch sampling: P distinct classes, K indices each, reproducible and DDP-aware."""
+
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
-
 
 CLASS_DRAWS = ("uniform", "released")
 
@@ -59,14 +59,17 @@ class PKSampler(Sampler[list[int]]):
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"labels must be integers (got dtype {labels.dtype}); map class "
-                            "names to ids first")
+            raise TypeError(
+                f"labels must be integers (got dtype {labels.dtype}); map class names to ids first"
+            )
         if samples_per_class < 1 or batch_size < 1:
             raise ValueError("batch_size and samples_per_class must be positive")
         if batch_size % samples_per_class:
             fit = batch_size // samples_per_class * samples_per_class or samples_per_class
-            raise ValueError(f"batch_size={batch_size} is not a multiple of samples_per_class="
-                             f"{samples_per_class}; use e.g. batch_size={fit}")
+            raise ValueError(
+                f"batch_size={batch_size} is not a multiple of samples_per_class="
+                f"{samples_per_class}; use e.g. batch_size={fit}"
+            )
         if class_draw not in CLASS_DRAWS:
             raise ValueError(f"class_draw must be one of {CLASS_DRAWS}, not {class_draw!r}")
         classes, inverse = np.unique(labels, return_inverse=True)
@@ -75,10 +78,13 @@ class PKSampler(Sampler[list[int]]):
             raise ValueError(
                 f"a batch of {batch_size} = {self.classes_per_batch} classes x "
                 f"{samples_per_class} needs {self.classes_per_batch} classes but the data has "
-                f"only {len(classes)}; lower train.batch_size or raise train.samples_per_class")
+                f"only {len(classes)}; lower train.batch_size or raise train.samples_per_class"
+            )
         if self.classes_per_batch % num_replicas:
-            raise ValueError(f"{self.classes_per_batch} classes per batch cannot be split "
-                             f"evenly over {num_replicas} ranks")
+            raise ValueError(
+                f"{self.classes_per_batch} classes per batch cannot be split "
+                f"evenly over {num_replicas} ranks"
+            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
         order = np.argsort(inverse, kind="stable")
@@ -175,8 +181,9 @@ class PKSampler(Sampler[list[int]]):
             shuffled = rng.permutation(members)
             if len(shuffled) < k:
                 shuffled = np.concatenate([shuffled, rng.choice(members, size=k - len(shuffled))])
-            chunks.append([shuffled[i * k:(i + 1) * k].tolist()
-                           for i in range(len(shuffled) // k)])
+            chunks.append(
+                [shuffled[i * k : (i + 1) * k].tolist() for i in range(len(shuffled) // k)]
+            )
         left = list(range(len(chunks)))  # classes with a chunk left (every class, at first)
         while len(left) >= p:
             picked = sorted(rng.choice(len(left), size=p, replace=False).tolist(), reverse=True)

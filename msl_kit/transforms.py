@@ -7,11 +7,12 @@ too: resize the whole image, crop, resample the crop. With "fused" the crop box 
 onto the source and PIL resamples it once, straight to the network's input size: faster, and
 zoomed-in crops keep detail that two resamplings lose (docs/models.md has the measurements).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,8 +44,9 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def load_image(path: str | Path, mode: str | None = None,
-               min_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | Path, mode: str | None = None, min_size: int | None = None
+) -> Image.Image:
     """Decode an image file fully (errors name the file), optionally converted to `mode`.
 
     With `min_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that keeps both
@@ -58,7 +60,8 @@ def load_image(path: str | Path, mode: str | None = None,
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(
             f"cannot decode image {path}: {err}. Replace or delete the file, or build the "
-            "dataset with skip_corrupt=True to leave such files out") from err
+            "dataset with skip_corrupt=True to leave such files out"
+        ) from err
     return img if mode is None else to_mode(img, mode)
 
 
@@ -88,8 +91,9 @@ class ImageTransform:
         if spec.color not in ("RGB", "BGR", "L"):
             raise ValueError(f"Preprocessing.color must be 'RGB', 'BGR' or 'L', not {spec.color!r}")
         if spec.resize_size < spec.input_size:
-            raise ValueError(f"resize_size {spec.resize_size} is smaller than input_size "
-                             f"{spec.input_size}")
+            raise ValueError(
+                f"resize_size {spec.resize_size} is smaller than input_size {spec.input_size}"
+            )
         if spec.crop not in CROP_MODES:  # a spec built with object.__setattr__ or unpickled
             raise ValueError(f"Preprocessing.crop must be one of {CROP_MODES}, not {spec.crop!r}")
         self.spec, self.train = spec, train

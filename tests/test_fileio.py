@@ -1,4 +1,5 @@
 """msl_kit.fileio: atomic writes and saves, including a real full disk (a 1 MiB tmpfs)."""
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,12 @@ def tiny_disk(tmp_path) -> Path:
     folder = tmp_path / "tiny"
     folder.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"cannot run mount for a real full-disk test: {e}")
     if done.returncode != 0:

@@ -1,0 +1,158 @@
+"""Validation of every config value at load time, before any data is read.
+
+Each failure is one `ConfigError` line naming the key, the value and what is allowed, so a
+bad value never surfaces as a traceback (or a silently wrong run) deep inside training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from msl_kit.config import Config
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message says how to fix it."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `ConfigError("key = value is not allowed: allowed")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def choice(key: str, value: Any, options: Iterable[Any]) -> None:
+    """`value` must be one of `options`."""
+    options = list(options)
+    check(value in options, key, value, f"use one of {', '.join(map(str, options))}")
+
+
+def validate(cfg: Config) -> None:
+    """Check every value of `cfg`; each failure names the key and the allowed range."""
+    _check_data(cfg)
+    _check_model(cfg)
+    _check_loss(cfg)
+    _check_train(cfg)
+    _check_eval(cfg)
+    _check_device(cfg.device)
+
+
+def _check_data(cfg: Config) -> None:
+    from msl_kit import datasets  # the registry the names come from
+
+    d = cfg.data
+    try:
+        datasets.info(d.name)
+    except ValueError as e:
+        raise ConfigError(f"data.name = {d.name!r}: {e}") from None
+    check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
+    check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
+    scale_ok = d.crop_scale is None or (
+        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1
+    )
+    check(scale_ok, "data.crop_scale", d.crop_scale, "use 0 < low <= high <= 1, like [0.16, 1.0]")
+    choice("data.crop_mode", d.crop_mode, [None, "two_step", "fused"])
+
+
+def _check_model(cfg: Config) -> None:
+    from msl_kit import models
+
+    m = cfg.model
+    choice("model.backbone", m.backbone, models.MODEL_NAMES)
+    check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
+    check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
+    check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
+    choice("model.in_channels", m.in_channels, [1, 3])
+    check(m.width >= 1, "model.width", m.width, "use 1 or more")
+
+
+def _check_loss(cfg: Config) -> None:
+    from msl_kit import losses
+
+    lo = cfg.loss
+    choice("loss.name", lo.name, losses.LOSSES)
+    choice("loss.mining", lo.mining, [None, "ms", "none"])
+    check(lo.alpha > 0, "loss.alpha", lo.alpha, "use a value > 0 (released recipe: 2)")
+    check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
+    check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
+    check(0 <= lo.margin < 2, "loss.margin", lo.margin, "use 0 <= value < 2 (released: 0.1)")
+    xbm = (lo.xbm_size, lo.xbm_start, lo.xbm_weight)
+    check(min(xbm) >= 0, "loss.xbm_size/start/weight", xbm, "use values >= 0")
+    check(
+        not lo.xbm_size or lo.name == "ms",
+        "loss.xbm_size",
+        lo.xbm_size,
+        "cross-batch memory works with loss.name=ms only",
+    )
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    k = t.samples_per_class
+    check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
+    check(
+        k >= 2,
+        "train.samples_per_class",
+        k,
+        "pair losses need 2 or more images per class in a batch (released recipe: 5)",
+    )
+    check(
+        t.batch_size >= 2 * k and t.batch_size % k == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"use a multiple of train.samples_per_class ({k}) holding 2 or more classes",
+    )
+    check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
+    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
+    check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
+    check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
+    check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
+    mults = (t.backbone_lr_mult, t.head_lr_mult)
+    check(min(mults) >= 0, "train.backbone_lr_mult/head_lr_mult", mults, "use values >= 0")
+    choice("train.class_draw", t.class_draw, ["uniform", "released"])
+    check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (end only) or more")
+    check(
+        t.checkpoint_every >= 0,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        "use 0 (end only) or more",
+    )
+    check(t.log_every >= 1, "train.log_every", t.log_every, "use 1 or more iterations")
+    choice("train.amp", t.amp, ["none", "bf16", "fp16"])
+    check(t.threads >= 0, "train.threads", t.threads, "use 0 (automatic) or more")
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    choice("eval.split", e.split, ["test", "val"])
+    check(
+        e.split != "val" or cfg.data.val_fraction > 0,
+        "eval.split",
+        e.split,
+        "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)",
+    )
+    check(bool(e.ks) and min(e.ks) >= 1, "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
+    check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError:
+        raise ConfigError(
+            f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto"
+        ) from None
+    if name == "auto" or device.type == "cpu":
+        return
+    check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")
+    count = torch.cuda.device_count()
+    check(
+        count > (device.index or 0),
+        "device",
+        name,
+        f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)",
+    )
