@@ -21,3 +21,21 @@ def test_gpu_check_script_runs_on_cpu():
     out = done.stdout
     assert "grad cosine" in out and "finite True" in out
     assert out.count("images/s") == 2 and "recall_at_k 2000x512" in out
+
+
+def test_mining_overhead_script_prints_the_ratio():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "mining_overhead.py"),
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "% of a step" in done.stdout and "per step at log_every=10" in done.stdout
