@@ -81,3 +81,25 @@ def test_atomic_writes_and_safe_load_round_trip(tmp_path):
 def test_checkpoint_reexports_the_same_objects():
     for name in ("CheckpointError", "atomic_write_bytes", "atomic_write_text", "safe_load"):
         assert getattr(checkpoint, name) is getattr(fileio, name)
+
+
+def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, capsys):
+    """Issue 12 item 11 end to end: `msl-kit train --out` on a real (1 MiB) tmpfs that fills up."""
+    from msl_kit import cli
+
+    out = tiny_disk / "run"
+    args = ["train", "--config", "digits", "--out", str(out), "--no-baseline"]
+    for key in (
+        "train.iterations=40",
+        "train.checkpoint_every=5",
+        "train.eval_every=0",
+        "model.width=256",
+        "train.threads=1",
+    ):  # a ~3 MB optimizer state: the disk fills
+        args += ["--set", key]
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "[Errno 28]" in lines[0] and "is full" in lines[0]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no torn temp file left
