@@ -1,4 +1,5 @@
-"""The GPU checks of issue 4 in one script: loss fp32 vs bf16, BN-Inception train images/s, kNN at SOP size.
+"""The GPU checks of issue 4 in one script: loss fp32 vs bf16, BN-Inception train images/s, kNN
+at SOP size.
 
 python bench/gpu_check.py                      # on a CUDA machine; about 2-3 minutes on one H100
 python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
@@ -35,9 +36,10 @@ def loss_agreement(device: torch.device, batch: int, dim: int) -> None:
         results[name] = (loss.detach().double(), emb.grad.double().flatten())
     (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
     cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
+    rel_diff = abs(l16 - l32).item() / max(abs(l32.item()), 1e-12)
     print(
         f"loss {batch}x{dim}: fp32 {l32.item():.6f}  bf16 {l16.item():.6f}  rel diff "
-        f"{abs(l16 - l32).item() / max(abs(l32.item()), 1e-12):.2e}  grad cosine {cos:.6f}  finite {bool(torch.isfinite(g16).all())}"
+        f"{rel_diff:.2e}  grad cosine {cos:.6f}  finite {bool(torch.isfinite(g16).all())}"
     )
 
 
@@ -108,10 +110,8 @@ def main() -> None:
     loss_agreement(device, 80 if args.quick else 1024, 512)
     for amp in (False, True):
         label = "AMP bf16 + channels_last" if amp else "fp32"
-        print(
-            f"BN-Inception train batch {batch} at {size} px, {label}: "
-            f"{train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3):.1f} images/s"
-        )
+        speed = train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3)
+        print(f"BN-Inception train batch {batch} at {size} px, {label}: {speed:.1f} images/s")
     knn_timing(device, n, 512)
 
 

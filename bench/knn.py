@@ -6,8 +6,8 @@
 N x D unit vectors (seed 0), query = gallery: "random" (isotropic) or "clustered" (classes of
 5 around shared-direction centres, as a trained model's embeddings look; the pruning of the
 running top-k depends on the score distribution, so both are worth timing), each query's own
-index excluded (faiss searches k + 1 and drops the query, as pytorch-metric-learning does). Every timed
-call runs in a fresh subprocess, contenders interleaved repeat by repeat, on the same
+index excluded (faiss searches k + 1 and drops the query, as pytorch-metric-learning does).
+Every timed call runs in a fresh subprocess, contenders interleaved repeat by repeat, on the same
 thread count (torch.set_num_threads and faiss.omp_set_num_threads). Time is wall time of
 the call alone (data made and libraries warmed before). Peak memory is the rise of the
 process's peak RSS (VmHWM, reset through /proc/self/clear_refs just before the call) over
@@ -136,8 +136,9 @@ def check_same(k: int, n: int, paths: dict[str, str], inputs: str) -> None:
         ok = sim_gap < 1e-5 and (kth_gap < 1e-5).all() and recall(idx) == recall(ref_idx)
         print(
             f"check {name}: {(~same_rows).sum()} of {n} rows differ from faiss's neighbour set "
-            f"(k-th scores within {kth_gap.max(initial=0):.1e} there: ties), max |sorted sims - faiss's| "
-            f"{sim_gap:.1e}, Recall@{ks} equal: {recall(idx) == recall(ref_idx)} -> {'OK' if ok else 'MISMATCH'}"
+            f"(k-th scores within {kth_gap.max(initial=0):.1e} there: ties), "
+            f"max |sorted sims - faiss's| {sim_gap:.1e}, "
+            f"Recall@{ks} equal: {recall(idx) == recall(ref_idx)} -> {'OK' if ok else 'MISMATCH'}"
         )
 
 
@@ -195,7 +196,8 @@ def main() -> None:
                 results[c].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 last = results[c][-1]
                 print(
-                    f"repeat {rep}: {c:<16} {last['seconds']:8.2f} s wall {last['cpu_seconds']:8.2f} s cpu",
+                    f"repeat {rep}: {c:<16} {last['seconds']:8.2f} s wall "
+                    f"{last['cpu_seconds']:8.2f} s cpu",
                     flush=True,
                 )
         check_same(args.k, args.n, paths, args.inputs)
@@ -207,7 +209,8 @@ def main() -> None:
         f" peak = max over repeats of the peak-RSS rise during the call)"
     )
     print(
-        f"{'contender':<18}{'wall s':>8}{'min s':>8}{'vs faiss':>10}{'cpu s':>8}{'vs faiss':>10}{'peak MiB':>10}"
+        f"{'contender':<18}{'wall s':>8}{'min s':>8}{'vs faiss':>10}"
+        f"{'cpu s':>8}{'vs faiss':>10}{'peak MiB':>10}"
     )
     faiss_wall = float(np.median([r["seconds"] for r in results["faiss"]]))
     faiss_cpu = float(np.median([r["cpu_seconds"] for r in results["faiss"]]))

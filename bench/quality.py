@@ -54,7 +54,8 @@ PAPER = dict(PRESETS["paper"])
 
 
 class PMLMultiSimilarity(nn.Module):
-    """pytorch-metric-learning's MultiSimilarityMiner + MultiSimilarityLoss, as a user plugs them in."""
+    """pytorch-metric-learning's MultiSimilarityMiner + MultiSimilarityLoss, as a user plugs them
+    in."""
 
     def __init__(self, alpha: float, beta: float, lam: float, margin: float) -> None:
         super().__init__()
@@ -126,8 +127,9 @@ def methods(iterations: int) -> dict[str, tuple[str, list[str], Callable[[], nn.
     """key -> (row label, config overrides recorded in the run's config.yaml, loss factory).
 
     The loss is always passed to engine.train explicitly (timed, and engine.build_loss cannot build
-    contrastive: it passes `margin=`); the overrides make config.yaml say what ran and switch XBM on. XBM: 20 batches of memory, on from 40 % of the run, since
-    embeddings drift fast in a short run from scratch.
+    contrastive: it passes `margin=`); the overrides make config.yaml say what ran and switch XBM
+    on. XBM: 20 batches of memory, on from 40 % of the run, since embeddings drift fast in a short
+    run from scratch.
     """
     ms_keys = [f"loss.{k}={v}" for k, v in RELEASED.items()]
     return {
@@ -391,12 +393,17 @@ def _verdict(key: str, runs: dict[str, list[dict]]) -> str:
         n: statistics.median(r["loss_s"] / r["iterations"] * 1e3 for r in rs)
         for n, rs in (("ours", ours), ("pml", pml))
     }
+    loss_alone = _faster(
+        "the loss alone (forward + backward)", loss["ours"], loss["pml"], "ms per iteration"
+    )
     return (
         f"{NAMES[key]}: ours {word}: R@1 {m_o:.1f} ± {s_o:.1f} vs {m_p:.1f} ± {s_p:.1f} "
-        f"(mean difference {m_o - m_p:+.1f} points; per seed {', '.join(f'{d:+.1f}' for d in diffs)}; "
-        f"spread = the larger std, {spread:.1f}). {_faster('Training steps', t['ours'], t['pml'], 's per run')}, "
+        f"(mean difference {m_o - m_p:+.1f} points; "
+        f"per seed {', '.join(f'{d:+.1f}' for d in diffs)}; "
+        f"spread = the larger std, {spread:.1f}). "
+        f"{_faster('Training steps', t['ours'], t['pml'], 's per run')}, "
         f"the convnet's forward and backward dominating both; "
-        f"{_faster('the loss alone (forward + backward)', loss['ours'], loss['pml'], 'ms per iteration')}."
+        f"{loss_alone}."
     )
 
 
@@ -408,18 +415,24 @@ def _faster(what: str, ours: float, pml: float, unit: str) -> str:
 
 
 ROW_NOTES = [
-    "- msl_kit MS: `msl_kit.losses.MultiSimilarityLoss(alpha, beta, lam, margin)`, the released (2, 40, 0.5, 0.1) "
-    "or the paper's (2, 50, 1, 0.1) numbers.",
-    "- PML MS: pytorch-metric-learning's `MultiSimilarityMiner(epsilon=0.1)` then `MultiSimilarityLoss(alpha=2, "
-    "beta=40, base=0.5)`, wrapped in an `nn.Module` and passed to `msl_kit.engine.train(..., loss_fn=...)`.",
-    "- contrastive: `ContrastiveLoss(pos_margin=0, neg_margin=0.5)` on cosine similarities, summed over pairs / B.",
-    '- triplet: `TripletLoss(margin=0.1, mining="semihard")`, mean over the active semi-hard triplets of the batch.',
-    "- MS + XBM: the released MS loss plus the same loss of each anchor against a cross-batch memory of 1,600 "
-    "detached embeddings (20 batches), switched on at 40 % of the run (embeddings drift fast from scratch), weight 1.",
-    "- untrained convnet: the same network at its seed's initialisation, evaluated like the trained ones.",
-    "- raw pixels: the evaluation images after the eval transform, average-pooled to at most 32 px, flattened, "
-    "L2-normalised (`msl_kit.evaluation.pixel_baseline`).",
-    "- Retrieval: every test image queries all the others (itself excluded), ranked by inner product.",
+    "- msl_kit MS: `msl_kit.losses.MultiSimilarityLoss(alpha, beta, lam, margin)`, "
+    "the released (2, 40, 0.5, 0.1) or the paper's (2, 50, 1, 0.1) numbers.",
+    "- PML MS: pytorch-metric-learning's `MultiSimilarityMiner(epsilon=0.1)` then "
+    "`MultiSimilarityLoss(alpha=2, beta=40, base=0.5)`, wrapped in an `nn.Module` and passed to "
+    "`msl_kit.engine.train(..., loss_fn=...)`.",
+    "- contrastive: `ContrastiveLoss(pos_margin=0, neg_margin=0.5)` on cosine similarities, "
+    "summed over pairs / B.",
+    '- triplet: `TripletLoss(margin=0.1, mining="semihard")`, '
+    "mean over the active semi-hard triplets of the batch.",
+    "- MS + XBM: the released MS loss plus the same loss of each anchor against a cross-batch "
+    "memory of 1,600 detached embeddings (20 batches), switched on at 40 % of the run "
+    "(embeddings drift fast from scratch), weight 1.",
+    "- untrained convnet: the same network at its seed's initialisation, "
+    "evaluated like the trained ones.",
+    "- raw pixels: the evaluation images after the eval transform, average-pooled to at most "
+    "32 px, flattened, L2-normalised (`msl_kit.evaluation.pixel_baseline`).",
+    "- Retrieval: every test image queries all the others (itself excluded), "
+    "ranked by inner product.",
 ]
 
 
@@ -435,19 +448,23 @@ def render(
         "# Retrieval quality on real data: MS loss against PML and other losses",
         "",
         f"Produced on the CPU by (each run's JSON is in `{results_dir}/`; "
-        "`python bench/quality.py --report-only` with the same --out rebuilds this page from them):",
+        "`python bench/quality.py --report-only` with the same --out rebuilds this page from "
+        "them):",
         "",
     ]
     lines += [f"    {c}" for c in sorted({r["command"] for r in records})] + [""]
     machine = invocations[-1]["machine"] if invocations else "?"
     lines += [
         f"Machine: {machine}; torch threads {invocations[-1]['threads'] if invocations else '?'}, "
-        f"DataLoader workers {invocations[-1]['workers'] if invocations else '?'}. Figures are provisional: "
-        "the machine was shared with other work while this ran, so times are noisy (quality is not).",
-        "Same seed = same initial weights and the same P x K batches for every loss; only the loss differs. "
-        "Numbers are R@K and MAP@R in % on the test classes (never seen in training), mean ± sample std over "
-        "seeds. Times are medians over seeds: `wall s` is the whole run (data set-up, training, final evaluation); `img/s` counts training "
-        "steps only; `loss ms/it` is the loss's forward + backward per iteration (for XBM the batch term only).",
+        f"DataLoader workers {invocations[-1]['workers'] if invocations else '?'}. "
+        "Figures are provisional: the machine was shared with other work while this ran, "
+        "so times are noisy (quality is not).",
+        "Same seed = same initial weights and the same P x K batches for every loss; "
+        "only the loss differs. Numbers are R@K and MAP@R in % on the test classes "
+        "(never seen in training), mean ± sample std over seeds. Times are medians over seeds: "
+        "`wall s` is the whole run (data set-up, training, final evaluation); `img/s` counts "
+        "training steps only; `loss ms/it` is the loss's forward + backward per iteration "
+        "(for XBM the batch term only).",
         "",
     ]
     verdicts = []
@@ -466,15 +483,17 @@ def render(
             r = trained[0]
             lines.append(
                 f"Budget per run: {r['iterations']} iterations x batch {r['batch_size']} "
-                f"({r['batch_size'] // r['samples_per_class']} classes x {r['samples_per_class']}) = "
+                f"({r['batch_size'] // r['samples_per_class']} classes x "
+                f"{r['samples_per_class']}) = "
                 f"{r['iterations'] * r['batch_size']} images, Adam lr {r['lr']:g}, small convnet, "
-                f"{r['image_size']} px, {r['embedding_dim']}-d embedding, evaluated once at the end."
+                f"{r['image_size']} px, {r['embedding_dim']}-d embedding, "
+                "evaluated once at the end."
             )
             budgets = sorted({t["iterations"] for t in trained})
             if len(budgets) > 1:
                 lines.append(
-                    f"**Warning: cells of this table ran at different budgets ({budgets} iterations); "
-                    "rerun with --force for a fair comparison.**"
+                    "**Warning: cells of this table ran at different budgets "
+                    f"({budgets} iterations); rerun with --force for a fair comparison.**"
                 )
         lines += [
             "",
@@ -517,9 +536,9 @@ def render(
     lines += [f"- {v}" for v in verdicts] or ["- no results yet"]
     lines += [
         "",
-        "Matched means |mean R@1 difference| <= the larger of the two seed std devs. The speed-up of a "
-        "whole run is small because the convnet's forward and backward dominate a step; the loss-only "
-        "figure isolates the part that differs.",
+        "Matched means |mean R@1 difference| <= the larger of the two seed std devs. "
+        "The speed-up of a whole run is small because the convnet's forward and backward "
+        "dominate a step; the loss-only figure isolates the part that differs.",
         "",
     ]
     missing = []
@@ -661,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
                     _save(rec, args.results, command)
                     m = rec["metrics"]
                     print(
-                        f"[{time.perf_counter() - started:6.0f} s] {key:<8} {method:<11} seed {seed}: R@1 "
+                        f"[{time.perf_counter() - started:6.0f} s] {key:<8} {method:<11} "
+                        f"seed {seed}: R@1 "
                         f"{m['recall@1']:.3f} MAP@R {m['map@r']:.3f}  {rec['wall_s']:.0f} s, "
                         f"{rec['images_per_s']:.0f} img/s, loss {rec['loss_s']:.2f} s",
                         flush=True,

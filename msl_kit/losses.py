@@ -1,4 +1,4 @@
-"""Multi-Similarity loss (Wang et al., CVPR 2019): the definition, its fast path, pair weights.
+"""Multi-Similarity loss (Wang et al., CVPR 2019): the definition and its fast path.
 
 Read `multi_similarity_loss` first: it is the loss of DESIGN.md written as the paper's
 equations (pair masks, mining, a masked log-sum-exp). Everything below the "fast path" line
@@ -6,11 +6,13 @@ computes the same numbers (tested equal in value and gradient) in fewer passes; 
 uses it (the batch loss, `from_sim` for cross-batch memory, per-anchor losses, pair weights,
 mined pairs, mining stats).
 The other pair losses of the paper's General Pair Weighting view live in `msl_kit.gpw`.
+Pair weights, mined pairs and mining statistics of a batch live in `msl_kit.mining`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import NamedTuple
 
@@ -255,98 +257,6 @@ def ms_per_anchor(
     )
 
 
-def pair_weights(
-    sim: Tensor,
-    labels: Tensor,
-    ref_labels: Tensor | None = None,
-    *,
-    alpha: float = _DEF["alpha"],
-    beta: float = _DEF["beta"],
-    lam: float = _DEF["lam"],
-    margin: float = _DEF["margin"],
-    ignore: Tensor | None = None,
-) -> PairWeights:
-    """The paper's w+ and w- for every mined pair, in closed form (no autograd).
-
-    `.pos[i, j]` = -dL/dS_ij and `.neg[i, j]` = dL/dS_ij with L = sum_i L_i, each row its
-    own input; zero where a pair is not mined, not of that kind, or its anchor is invalid.
-    """
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    masks = _stacked_masks(labels, ref_labels, ignore)
-    with torch.no_grad():
-        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, alpha, beta, lam, margin)
-        weights = core.e.mul_(core.coef)
-    return PairWeights(weights[0], weights[1])
-
-
-def mined_pairs(
-    sim: Tensor,
-    labels: Tensor,
-    ref_labels: Tensor | None = None,
-    *,
-    margin: float = _DEF["margin"],
-    ignore: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The pairs MS mining keeps, (kept_pos, kept_neg) as (B, M) bool; rows of anchors that
-    lack either kept set are all False (those anchors do not count in the loss)."""
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    masks = _stacked_masks(labels, ref_labels, ignore)
-    with torch.no_grad():
-        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, 1.0, 1.0, 0.0, margin)
-    kept = core.kept & (core.coef > 0)
-    return kept[0], kept[1]
-
-
-def mining_stats(
-    sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float, margin: float
-) -> dict[str, float]:
-    """What MS mining does to one batch's (B, B) similarity matrix, for training logs.
-
-    pos_kept / neg_kept: fraction of all positive / negative pairs that mining keeps (pairs
-    of anchors without both kept sets count as dropped, as in the loss); w_{pos,neg}_{mean,max}:
-    the `pair_weights` w+ / w- over the kept pairs; sim_{pos,neg}_q{10,50,90}: quantiles of
-    every positive / negative similarity. NaN where a set is empty. No forward pass needed.
-    """
-    labels, _ = _check_sim(sim, labels, None, None)
-    masks = _stacked_masks(labels, None, None)
-    with torch.no_grad():  # few kernels, every reduction over both kinds at once
-        s = sim.detach().to(_work_dtype(sim))
-        core = _ms_core(s, masks, alpha, beta, lam, margin)
-        kept = core.kept & (core.coef > 0)
-        w = core.e.mul_(core.coef)  # zero off the kept pairs
-        n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))
-        w_max = torch.where(n_kept > 0, w.amax((1, 2)), math.nan)
-        ordered = torch.where(masks, s, math.inf).flatten(1).sort(1).values
-        table = torch.cat(
-            [
-                torch.stack([n_kept / n_pairs, w.sum((1, 2)) / n_kept, w_max], 1),
-                _quantiles(ordered, n_pairs, (0.1, 0.5, 0.9)),
-            ],
-            1,
-        ).tolist()
-    stats = {}
-    for name, col in (
-        ("{}_kept", 0),
-        ("w_{}_mean", 1),
-        ("w_{}_max", 2),
-        ("sim_{}_q10", 3),
-        ("sim_{}_q50", 4),
-        ("sim_{}_q90", 5),
-    ):
-        stats.update({name.format(kind): table[k][col] for k, kind in enumerate(("pos", "neg"))})
-    return stats
-
-
-def _quantiles(ordered: Tensor, counts: Tensor, qs: tuple[float, ...]) -> Tensor:
-    """(rows, len(qs)) linear-interpolation quantiles (numpy's default) of the first
-    counts[i] values of each sorted row; NaN for empty rows."""
-    q = torch.tensor(qs, dtype=ordered.dtype, device=ordered.device)
-    pos = (counts[:, None] - 1).clamp_min(0) * q
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    low, high = ordered.gather(1, lo), ordered.gather(1, hi)
-    return torch.where(counts[:, None] > 0, low + (high - low) * (pos - lo), math.nan)
-
-
 # ----------------------------------------------------------------------------- module
 class MultiSimilarityLoss(nn.Module):
     """Multi-Similarity loss (DESIGN.md); dot products, no normalisation.
@@ -442,30 +352,20 @@ class MultiSimilarityLoss(nn.Module):
                 f"ignore must be a bool tensor of shape ({embeddings.shape[0]}, {n_refs})"
             )
         masks = _stacked_masks(labels, ref_labels, ignore)
-        return _MSEmbeddingsFn.apply(
-            embeddings,
-            ref_embeddings,
-            masks,
-            self.alpha,
-            self.beta,
-            self.lam,
-            self.margin,
-            self.mining,
-        )
+        # _params() is (alpha, beta, lam, margin, mining) in that order, as apply() takes them
+        return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, *self._params().values())
 
 
 # ----------------------------------------------------------------------------- registry
-_GPW_NAMES = (
-    "ContrastiveLoss",
-    "TripletLoss",
-    "BinomialDevianceLoss",
-    "LiftedStructureLoss",
-    "gpw_pair_weights",
-)
+# Names that live in modules building on this one: imported on first use (no import cycle).
+_GPW_NAMES = ("ContrastiveLoss", "TripletLoss", "BinomialDevianceLoss", "LiftedStructureLoss")
+_ELSEWHERE = {
+    **dict.fromkeys((*_GPW_NAMES, "gpw_pair_weights"), "msl_kit.gpw"),
+    **dict.fromkeys(("pair_weights", "mined_pairs", "mining_stats"), "msl_kit.mining"),
+}
 
 
 def _registry() -> dict[str, type[nn.Module]]:
-    # msl_kit.gpw builds on this module, so it is imported on first use (no import cycle)
     from msl_kit import gpw
 
     return {
@@ -478,13 +378,12 @@ def _registry() -> dict[str, type[nn.Module]]:
 
 
 def __getattr__(name: str) -> object:
-    """`losses.LOSSES` (name -> class) and the GPW names, which now live in msl_kit.gpw."""
+    """`losses.LOSSES` (name -> class), the GPW names (in msl_kit.gpw) and `pair_weights`,
+    `mined_pairs`, `mining_stats` (in msl_kit.mining)."""
     if name == "LOSSES":
         return _registry()
-    if name in _GPW_NAMES:
-        from msl_kit import gpw
-
-        return getattr(gpw, name)
+    if name in _ELSEWHERE:
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL at several points, then resumed, ends exactly like an uninterrupted one."""
+"""A run killed with SIGKILL at several points, then resumed, ends exactly like an uninterrupted
+one."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ ARGS = [
 ]
 
 # Runs `msl-kit train` in a child process that SIGKILLs itself at a chosen moment: after a given
-# iteration, or halfway through writing a given checkpoint (a torn temp file, the rename never done).
+# iteration, or halfway through writing a given checkpoint (a torn temp file, the rename never
+# done).
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
@@ -40,7 +42,9 @@ CHILD = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
         cli._Progress.on_end = lambda self, r: None
         real_train = engine.train
-        engine.train = lambda *a, callbacks=(), **k: real_train(*a, callbacks=[*callbacks, Killer()], **k)
+        engine.train = lambda *a, callbacks=(), **k: real_train(
+            *a, callbacks=[*callbacks, Killer()], **k
+        )
     elif mode == "save":
         real_save, count = torch.save, [0]
         def torn_save(obj, f, *a, **k):

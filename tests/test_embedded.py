@@ -1,4 +1,5 @@
-"""The embedded default: Omniglot-small ships in the package and `msl-kit train` shows the method."""
+"""The embedded default: Omniglot-small ships in the package and `msl-kit train` shows the
+method."""
 
 from __future__ import annotations
 

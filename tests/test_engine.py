@@ -1,4 +1,5 @@
-"""Engine: run folder contents, schedule, lr multipliers, frozen BN, val split, evaluate, DDP launch."""
+"""Engine: run folder contents, schedule, lr multipliers, frozen BN, val split, evaluate, DDP
+launch."""
 
 from __future__ import annotations
 

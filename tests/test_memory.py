@@ -58,13 +58,14 @@ def naive_memory_ms_loss(
 
 
 def held(memory):
-    """What the memory holds, (embeddings, labels, indices) in slot order (the loss ignores order)."""
+    """What the memory holds, (embeddings, labels, indices) in slot order (the loss ignores
+    order)."""
     n = len(memory)
     return memory.embeddings[:n], memory.labels[:n], memory.indices[:n]
 
 
 def as_multiset(emb, labels, indices):
-    return sorted((int(i), int(l), tuple(e.tolist())) for e, l, i in zip(emb, labels, indices))
+    return sorted((int(i), int(y), tuple(e.tolist())) for e, y, i in zip(emb, labels, indices))
 
 
 def random_batch(gen, n, dim, num_classes, num_items, dtype=torch.float64):
@@ -83,10 +84,10 @@ def test_fifo_order_and_wraparound_match_a_list():
         labels = torch.randint(0, 5, (n,), generator=gen)
         indices = torch.randint(0, 100, (n,), generator=gen)
         memory.enqueue(emb, labels, indices)
-        reference.extend((e.tolist(), int(l), int(i)) for e, l, i in zip(emb, labels, indices))
+        reference.extend((e.tolist(), int(y), int(i)) for e, y, i in zip(emb, labels, indices))
         expected = reference[-7:]  # FIFO: the newest 7 entries, whatever slots they sit in
         assert len(memory) == len(expected)
-        assert as_multiset(*held(memory)) == sorted((i, l, tuple(e)) for e, l, i in expected)
+        assert as_multiset(*held(memory)) == sorted((i, y, tuple(e)) for e, y, i in expected)
 
 
 def test_memory_term_matches_naive_loop_with_repeated_indices():

@@ -1,4 +1,5 @@
-"""msl_kit.metrics against a brute-force numpy reference, faiss IndexFlatIP and PML's AccuracyCalculator.
+"""msl_kit.metrics against a brute-force numpy reference, faiss IndexFlatIP and PML's
+AccuracyCalculator.
 
 Most data here are small integers: every inner product is then exact in float32 whatever the
 summation order, so equal scores are really equal and the tie rule (lower gallery index

@@ -51,7 +51,7 @@ def test_notebook_stays_thin(name):
     for cell in read(name).cells:
         if cell.cell_type != "code":
             continue
-        source = "\n".join(l for l in cell.source.splitlines() if not l.startswith("%"))
+        source = "\n".join(x for x in cell.source.splitlines() if not x.startswith("%"))
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 assert node.end_lineno - node.lineno < 10, f"move {node.name} into msl_kit"

@@ -28,7 +28,7 @@ def _fake_run(folder: Path, dataset: str, dim: int, r1: float, ks=(1, 2, 4, 8)) 
     metrics.update({"map@r": r1 / 2, "r_precision": r1 / 1.5, "iteration": 3000, "split": "test"})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "history.csv").write_text(
-        "iteration,loss,recall@1\n10,1.0,\n20,0.9,0.5\n30,0.8,%s\n" % r1
+        f"iteration,loss,recall@1\n10,1.0,\n20,0.9,0.5\n30,0.8,{r1}\n"
     )
     return folder
 
@@ -63,8 +63,9 @@ def test_export_table_writes_markdown_and_latex(tmp_path):
     assert first_row[header.index("R@1")] == "66.0" and first_row[header.index("dim")] == "512"
     text = tex.read_text()
     assert "\\begin{tabular}" in text and "\\bottomrule" in text
-    body = [l for l in text.splitlines() if l.endswith("\\\\")]
-    assert all(l.count("&") == len(full.columns) - 1 for l in body) and len(body) == 1 + len(full)
+    body = [row for row in text.splitlines() if row.endswith("\\\\")]
+    ampersands = len(full.columns) - 1
+    assert all(row.count("&") == ampersands for row in body) and len(body) == 1 + len(full)
     assert "MS (paper)" in text and "nan" not in text and "<NA>" not in md.read_text()
 
 

@@ -1,4 +1,5 @@
-"""bench/quality.py: the PML adapter and loss timer (fast), the report logic, and a --quick run on real data."""
+"""bench/quality.py: the PML adapter and loss timer (fast), the report logic, and a --quick run on
+real data."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _batch(n_classes: int = 8, per_class: int = 5, dim: int = 32, seed: int = 0)
 
 
 def test_pml_adapter_gives_the_same_loss_and_gradient_as_ours():
-    # Random 32-d embeddings: every anchor keeps positives and negatives, where the two agree exactly.
+    # Random 32-d embeddings: every anchor keeps positives and negatives, where the two agree
+    # exactly.
     x, y = _batch()
     ours = MultiSimilarityLoss(**quality.RELEASED)(x, y)
     (g_ours,) = torch.autograd.grad(ours, x)

@@ -398,7 +398,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     monkeypatch.undo()
     assert path.read_bytes() == before and _no_temp_files(tmp_path)
     assert ckpt.load_latest(tmp_path)[0]["iteration"] == 2
-    # without hard links the fallback copy is written atomically too: a full disk leaves no torn copy
+    # without hard links the fallback copy is written atomically too: a full disk leaves no torn
+    # copy
     monkeypatch.setattr(ckpt.os, "link", lambda *a: _enospc())
     ckpt.save_checkpoint({"model": {"w": torch.ones(3)}, "iteration": 3}, path)
     assert ckpt.load_checkpoint(path.with_suffix(".prev.pt"))["iteration"] == 2

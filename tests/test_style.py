@@ -1,4 +1,5 @@
-"""The codebase stays one a reader can hold in their head: ruff-clean, short functions, small modules."""
+"""The codebase stays one a reader can hold in their head: ruff-clean, short functions, small
+modules."""
 
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""What MS mining and weighting do to a batch: pair weights, kept pairs, statistics for logs.
+
+Closed forms on top of the fast path of `msl_kit.losses` (the same mining and weights, in the
+same pass), for notebook figures and widgets (`pair_weights`, `mined_pairs`) and training logs
+(`mining_stats`). All three are reachable as `losses.<name>` too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from msl_kit._inputs import _check_sim, _work_dtype
+from msl_kit.losses import _DEF, PairWeights, _ms_core, _stacked_masks
+
+
+def pair_weights(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = _DEF["alpha"],
+    beta: float = _DEF["beta"],
+    lam: float = _DEF["lam"],
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+) -> PairWeights:
+    """The paper's w+ and w- for every mined pair, in closed form (no autograd).
+
+    `.pos[i, j]` = -dL/dS_ij and `.neg[i, j]` = dL/dS_ij with L = sum_i L_i, each row its
+    own input; zero where a pair is not mined, not of that kind, or its anchor is invalid.
+    """
+    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
+    masks = _stacked_masks(labels, ref_labels, ignore)
+    with torch.no_grad():
+        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, alpha, beta, lam, margin)
+        weights = core.e.mul_(core.coef)
+    return PairWeights(weights[0], weights[1])
+
+
+def mined_pairs(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    margin: float = _DEF["margin"],
+    ignore: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The pairs MS mining keeps, (kept_pos, kept_neg) as (B, M) bool; rows of anchors that
+    lack either kept set are all False (those anchors do not count in the loss)."""
+    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
+    masks = _stacked_masks(labels, ref_labels, ignore)
+    with torch.no_grad():
+        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, 1.0, 1.0, 0.0, margin)
+    kept = core.kept & (core.coef > 0)
+    return kept[0], kept[1]
+
+
+def mining_stats(
+    sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float, margin: float
+) -> dict[str, float]:
+    """What MS mining does to one batch's (B, B) similarity matrix, for training logs.
+
+    pos_kept / neg_kept: fraction of all positive / negative pairs that mining keeps (pairs
+    of anchors without both kept sets count as dropped, as in the loss); w_{pos,neg}_{mean,max}:
+    the `pair_weights` w+ / w- over the kept pairs; sim_{pos,neg}_q{10,50,90}: quantiles of
+    every positive / negative similarity. NaN where a set is empty. No forward pass needed.
+    """
+    labels, _ = _check_sim(sim, labels, None, None)
+    masks = _stacked_masks(labels, None, None)
+    with torch.no_grad():  # few kernels, every reduction over both kinds at once
+        s = sim.detach().to(_work_dtype(sim))
+        core = _ms_core(s, masks, alpha, beta, lam, margin)
+        kept = core.kept & (core.coef > 0)
+        w = core.e.mul_(core.coef)  # zero off the kept pairs
+        n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))
+        w_max = torch.where(n_kept > 0, w.amax((1, 2)), math.nan)
+        ordered = torch.where(masks, s, math.inf).flatten(1).sort(1).values
+        table = torch.cat(
+            [
+                torch.stack([n_kept / n_pairs, w.sum((1, 2)) / n_kept, w_max], 1),
+                _quantiles(ordered, n_pairs, (0.1, 0.5, 0.9)),
+            ],
+            1,
+        ).tolist()
+    stats = {}
+    for name, col in (
+        ("{}_kept", 0),
+        ("w_{}_mean", 1),
+        ("w_{}_max", 2),
+        ("sim_{}_q10", 3),
+        ("sim_{}_q50", 4),
+        ("sim_{}_q90", 5),
+    ):
+        stats.update({name.format(kind): table[k][col] for k, kind in enumerate(("pos", "neg"))})
+    return stats
+
+
+def _quantiles(ordered: Tensor, counts: Tensor, qs: tuple[float, ...]) -> Tensor:
+    """(rows, len(qs)) linear-interpolation quantiles (numpy's default) of the first
+    counts[i] values of each sorted row; NaN for empty rows."""
+    q = torch.tensor(qs, dtype=ordered.dtype, device=ordered.device)
+    pos = (counts[:, None] - 1).clamp_min(0) * q
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    low, high = ordered.gather(1, lo), ordered.gather(1, hi)
+    return torch.where(counts[:, None] > 0, low + (high - low) * (pos - lo), math.nan)

@@ -1,0 +1,247 @@
+"""`prepare`: make a dataset ready on disk (download / verify / extract), idempotently.
+
+A prepared dataset lives in `root/<name>/` exactly as its official archives unpack, plus
+`downloads/` and a marker file written last (`MARKER`): its presence means the folder is
+complete. A folder left by an interrupted run is repaired on the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from msl_kit.download import (
+    TMP_MARK,
+    DownloadError,
+    download_file,
+    is_archive,
+    md5sum,
+    safe_extract,
+)
+from msl_kit.layouts import LayoutError, read_folder, read_layout
+from msl_kit.registry import DatasetInfo, RemoteFile, info
+
+MARKER = ".msl_kit_prepared.json"
+
+
+def dataset_dir(name: str, root: str | Path) -> Path:
+    """Where `name` is prepared: `root/name`, or `root` itself when it holds that dataset's
+    marker."""
+    root = Path(root).expanduser()
+    return root if _prepared(root, name) else root / name
+
+
+def is_prepared(name: str, root: str | Path) -> bool:
+    """Whether `prepare(name, root)` has completed (its marker is there)."""
+    return name in ("digits", "folder", "omniglot_small") or _prepared(
+        dataset_dir(name, root), name
+    )
+
+
+def _prepared(folder: Path, name: str) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text())["name"] == name
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def prepare(
+    name: str,
+    root: str | Path | None,
+    *,
+    archive: str | Path | Sequence[str | Path] | None = None,
+    url: str | Sequence[str] | None = None,
+    progress: bool = True,
+    md5: str | Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    max_members: int | None = None,
+) -> Path:
+    """Make `name` ready under `root` from local archives, a given URL, or the official URLs.
+
+    Returns the dataset folder. Idempotent (a prepared folder is left alone); a folder left by an
+    interrupted run is repaired: partial downloads resume, archives are extracted again. Archives
+    declaring more than `max_bytes` or `max_members` are refused (defaults in msl_kit.download).
+    A prepare that fails in a folder it started empty removes what it extracted there and keeps
+    `downloads/`, so that the next run resumes.
+    """
+    meta = info(name)
+    if name in ("digits", "omniglot_small"):
+        print(
+            f"{name} ships with {'scikit-learn' if name == 'digits' else 'msl_kit'}: "
+            "nothing to prepare"
+        )
+        return Path(root or ".")
+    if root is None:
+        raise ValueError(f"prepare {name} needs a root folder, e.g. --root data")
+    for value, what in ((max_bytes, "max_bytes"), (max_members, "max_members")):
+        if value is not None and value <= 0:
+            raise ValueError(f"{what} must be positive, not {value}")
+    if name == "folder":
+        base, records = read_folder(Path(root))
+        print(
+            f"folder needs no preparation: {len(records)} images of "
+            f"{len({r.key for r in records})} classes under {base}"
+        )
+        return Path(root)
+    ddir = dataset_dir(name, root)
+    if _prepared(ddir, name):
+        print(f"{name} is already prepared in {ddir}; nothing to do")
+        return ddir
+    _remove_leftovers(ddir)
+    if ddir.exists() and any(p.name != "downloads" for p in ddir.iterdir()):
+        print(f"{ddir} holds an incomplete preparation (no {MARKER}); repairing it")
+        if archive is None and url is None:
+            try:  # files the user unpacked themselves, or an interrupted run that got far enough
+                return _finish(name, ddir, ["existing files"])
+            except LayoutError as err:
+                if not meta.url:
+                    raise LayoutError(f"{err}; {_where_to_get(meta, root)}") from err
+        fresh = False  # never delete what was there before this run
+    else:
+        fresh = True
+    made = [p for p in (Path(root).expanduser(), ddir) if not p.exists()]
+    try:
+        sources = _fetch(meta, ddir, archive, url, md5, progress, root)
+        _unpack(sources, ddir, max_bytes, max_members)
+        return _finish(name, ddir, [s.name for s in sources])
+    except BaseException:  # Ctrl-C too: leave nothing half-extracted behind
+        if fresh:
+            _remove_extracted(ddir, made)
+        raise
+
+
+def _remove_leftovers(ddir: Path) -> None:
+    """Remove the temporary files and folders of a killed run."""
+    leftovers = [
+        *ddir.parent.glob(f".{ddir.name}{TMP_MARK}*"),
+        *(ddir.glob(f".*{TMP_MARK}*") if ddir.is_dir() else []),
+    ]
+    for leftover in leftovers:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink()
+
+
+def _unpack(
+    sources: list[Path], ddir: Path, max_bytes: int | None, max_members: int | None
+) -> None:
+    """Extract archives into ddir; copy other files (a .mat, a list file) in atomically."""
+    for src in sources:
+        if is_archive(src):
+            print(f"extracting {src.name} into {ddir}")
+            safe_extract(src, ddir, max_bytes=max_bytes, max_members=max_members)
+        else:
+            ddir.mkdir(parents=True, exist_ok=True)
+            tmp = ddir / f".{src.name}{TMP_MARK}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, ddir / src.name)
+
+
+def _remove_extracted(ddir: Path, made: list[Path]) -> None:
+    """After a failed prepare in a fresh folder: remove everything but downloads/ (kept so that a
+    rerun resumes), then the folders this run created, where they are left empty."""
+    if ddir.is_dir():
+        for entry in ddir.iterdir():
+            if entry.name == "downloads" and entry.is_dir() and not entry.is_symlink():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        downloads = ddir / "downloads"
+        if downloads.is_dir() and not any(downloads.iterdir()):
+            downloads.rmdir()
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (downloads kept) or already gone
+            pass
+
+
+def _finish(name: str, ddir: Path, sources: list[str]) -> Path:
+    records = read_layout(name, ddir)
+    missing = [r.path for r in records if not (ddir / r.path).is_file()]
+    if missing:
+        raise LayoutError(
+            f"{ddir}: {len(missing)} of the {len(records)} listed images are "
+            f"missing (first: {missing[0]}); the archive is incomplete: prepare it "
+            "again from a full copy"
+        )
+    marker = {
+        "name": name,
+        "format": 1,
+        "images": len(records),
+        "classes": len({r.key for r in records}),
+        "sources": sources,
+    }
+    tmp = ddir / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1) + "\n")
+    os.replace(tmp, ddir / MARKER)  # written last: its presence means the folder is complete
+    print(f"prepared {name}: {marker['images']} images of {marker['classes']} classes in {ddir}")
+    return ddir
+
+
+def _where_to_get(meta: DatasetInfo, root: str | Path) -> str:
+    files = " and ".join(f.filename for f in meta.files)
+    if meta.file_sets:
+        files = "one of: " + "; ".join(meta.file_sets)
+    return (
+        f"{meta.name} needs {files}. Get them from {meta.source}, then run "
+        f"`msl-kit prepare {meta.name} --root {root} --archive FILE [FILE ...]` (or --url URL)"
+    )
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, root) -> list[Path]:
+    """Local archives as given, else downloads into ddir/downloads (resumed, verified)."""
+    archives = [Path(a).expanduser() for a in _as_list(archive)]
+    for path in archives:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"archive {path} is not a file; give the downloaded archive itself"
+            )
+        official = next((f for f in meta.files if f.filename == path.name and f.md5), None)
+        if official and md5sum(path) != official.md5:
+            warnings.warn(
+                f"{path} differs from the published {official.filename} (md5 "
+                f"{official.md5}); using it anyway since you gave it",
+                stacklevel=3,
+            )
+    if archives:
+        return archives
+    urls, md5s = _as_list(url), _as_list(md5)
+    if urls:
+        names = [Path(u.split("?")[0]).name or f"download{i}" for i, u in enumerate(urls)]
+        wanted = [
+            RemoteFile(n, md5s[i] if i < len(md5s) else None, (u,))
+            for i, (n, u) in enumerate(zip(names, urls))
+        ]
+    elif meta.url:
+        wanted = list(meta.files)
+    else:
+        raise FileNotFoundError(_where_to_get(meta, root))
+    paths = []
+    for remote in wanted:
+        dest, errors = ddir / "downloads" / remote.filename, []
+        for mirror in remote.urls:
+            try:
+                paths.append(download_file(mirror, dest, md5=remote.md5, progress=progress))
+                break
+            except OSError as err:  # DownloadError, URLError...: try the next mirror
+                errors.append(str(err))  # (a ChecksumError is a ValueError: final)
+        else:  # one line for the CLI: every mirror's reason, then where else to get the files
+            raise DownloadError(
+                f"could not download {remote.filename}: {' | '.join(errors)}. "
+                f"{_where_to_get(meta, root)}"
+            )
+    return paths
