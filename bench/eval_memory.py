@@ -33,9 +33,9 @@ def _status_kib(field: str) -> int:
 
 def child(name: str, batch: int, size: int, threads: int, out: str) -> None:
     """One measurement in this (fresh) process; writes a JSON line to `out`."""
+    import pretrainedmodels
     import torch
     import torch.nn.functional as F
-    import pretrainedmodels
 
     from msl_kit.models import build_model
 
