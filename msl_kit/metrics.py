@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor
 DEFAULT_BLOCK_SIZE = 4096  # 64 MiB float32 tile; see bench/knn.py for the measurements
 _EMPTY_KEY = torch.iinfo(torch.int64).min  # sorts below every real key
 _LOW32 = 0xFFFFFFFF
-Array = Union[Tensor, np.ndarray]  # embeddings: (N, D) floats; labels: (N,) integers
+Array = Tensor | np.ndarray  # embeddings: (N, D) floats; labels: (N,) integers
 
 
 def _as_embeddings(x: Array, name: str) -> Tensor:
