@@ -50,6 +50,7 @@ DATASETS = {  # key -> (registry name, preset, archives under ../shared/data)
     "cub": ("cub200", "cub_subset_convnet", ["CUB_200_2011_subset100.tgz"]),
 }
 RELEASED = dict(PRESETS["released"])
+ABLATIONS = "## Ablations"  # docs/results.md keeps this section (msl-kit sweep) on a rebuild
 PAPER = dict(PRESETS["paper"])
 
 
@@ -696,7 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
     text = render(invocations, load_records(args.results), str(shown))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    kept = ""  # sections written by hand after the report (the sweep ablations) survive a rebuild
+    if args.out.is_file() and ABLATIONS in args.out.read_text():
+        kept = "\n" + ABLATIONS + args.out.read_text().split(ABLATIONS, 1)[1]
+    args.out.write_text(text.rstrip("\n") + "\n" + kept)
     print(text)
     print(f"written: {args.out} (raw results in {args.results})")
     return 0
