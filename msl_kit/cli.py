@@ -176,8 +176,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"{args.weights} weights in {dest}; use --set model.pretrained={dest}")
         return 0
     if args.list or not args.name:
-        for d in datasets.list_datasets():
-            print(f"{d.name:<10} {d.size:<40} {d.licence:<36} {d.source}")
+        rows = datasets.list_datasets()
+        w = [max(len(getattr(d, k)) for d in rows) for k in ("name", "size", "licence")]
+        for d in rows:
+            print(f"{d.name:<{w[0]}}  {d.size:<{w[1]}}  {d.licence:<{w[2]}}  {d.source}")
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
     max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
