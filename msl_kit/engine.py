@@ -146,19 +146,27 @@ def train(
         callbacks = run.callbacks(callbacks)
         for cb in callbacks:
             cb.on_start(run.cfg, run.iteration, run.cfg.train.iterations)
-        for images, labels, indices in run.loader:
-            record = run.step(images, labels, indices)
-            if run.due(run.cfg.train.eval_every):
-                record.update(run.evaluate())
+        try:
+            for images, labels, indices in run.loader:
+                record = run.step(images, labels, indices)
+                if run.due(run.cfg.train.eval_every):
+                    record.update(run.evaluate())
+                    for cb in callbacks:
+                        cb.on_eval(run.iteration, run.results)
+                run.log(record)
                 for cb in callbacks:
-                    cb.on_eval(run.iteration, run.results)
-            run.log(record)
-            for cb in callbacks:
-                cb.on_step(record)
-            if run.due(run.cfg.train.checkpoint_every) or stop["signal"]:
-                run.save()
-            if stop["signal"] and not run.finished:
-                raise Interrupted(out, run.iteration)
+                    cb.on_step(record)
+                if run.due(run.cfg.train.checkpoint_every) or stop["signal"]:
+                    run.save()
+                if stop["signal"] and not run.finished:
+                    raise Interrupted(out, run.iteration)
+        except RuntimeError as e:
+            if not stop["signal"] or isinstance(e, DivergenceError):
+                raise
+            # DataLoader workers share the terminal's process group: Ctrl-C stopped them too, and
+            # the loader reports that as a RuntimeError. The last finished step is still whole.
+            run.save()
+            raise Interrupted(out, run.iteration) from None
         final = run.finish()
     for cb in callbacks:
         cb.on_end(final)
