@@ -84,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return 2
         out, cfg = Path(args.resume), None
+        if (out / "config.yaml").is_file():  # the run's threads (resume refuses an edited file)
+            _set_threads(load_config(out / "config.yaml"))
     else:
         cfg = load_config(
             args.config, [*(args.set or []), *(["eval.floors=false"] if args.no_baseline else [])]

@@ -228,20 +228,6 @@ def resolve(values: dict[str, Any]) -> Config:
     return cfg
 
 
-def apply_dict(cfg: Config, values: dict, prefix: str = "") -> Config:
-    """Apply a nested mapping onto `cfg` (its preset, if any, under the keys it sets)."""
-    flat = {f"{prefix}{k}": v for k, v in flatten(values).items()}
-    merged = {**flatten(to_dict(cfg)), **flat}
-    if "loss.preset" in flat:  # keys already in cfg are not explicit: let the preset set them
-        for k in PRESETS.get(flat["loss.preset"], {}):
-            if f"loss.{k}" not in flat:
-                merged.pop(f"loss.{k}", None)
-    new = resolve(merged)
-    for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, getattr(new, f.name))
-    return cfg
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is read as YAML so `1e-4`, `true`, `[1, 2]` and `null` work."""
     if "=" not in text:
@@ -287,14 +273,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(
-    source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    source: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults, then a YAML file (path or preset name), then `key=value` overrides in order."""
-    values = read_yaml(resolve_config_path(str(source))) if source is not None else {}
+    """Defaults, then a YAML file (path or preset name), then `key=value` overrides in order,
+    then `values` ({dotted key: typed value}); a preset fills in only what no key sets."""
+    flat = read_yaml(resolve_config_path(str(source))) if source is not None else {}
     for text in overrides:
         key, value = parse_override(text)
-        values[key] = value
-    return resolve(values)
+        flat[key] = value
+    flat.update(values or {})
+    return resolve(flat)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -133,6 +133,14 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip (torch's format since 1.6) or a raw pickle (protocol 2+ starts with 0x80): the
+    only files whose refusal by the weights-only unpickler means "holds Python objects"."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def safe_load(
     path: str | os.PathLike, what: str = "checkpoint", map_location: str | torch.device = "cpu"
 ) -> object:
@@ -147,7 +155,8 @@ def safe_load(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+        refused = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
+        if refused and _looks_like_torch_file(path):
             raise CheckpointError(
                 f"{what} {path} was refused: it holds Python objects other than tensors and "
                 "plain containers, which could run code when loaded. msl_kit never writes such "

@@ -58,6 +58,24 @@ def mined_pairs(
     return kept[0], kept[1]
 
 
+# The keys of `mining_stats`, in the order history.csv shows them (the engine logs them every
+# train.log_every iterations; viz_mining plots them).
+STAT_KEYS = (
+    "pos_kept",
+    "neg_kept",
+    "w_pos_mean",
+    "w_pos_max",
+    "w_neg_mean",
+    "w_neg_max",
+    "sim_pos_q10",
+    "sim_pos_q50",
+    "sim_pos_q90",
+    "sim_neg_q10",
+    "sim_neg_q50",
+    "sim_neg_q90",
+)
+
+
 def mining_stats(
     sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float, margin: float
 ) -> dict[str, float]:
@@ -95,7 +113,7 @@ def mining_stats(
         ("sim_{}_q90", 5),
     ):
         stats.update({name.format(kind): table[k][col] for k, kind in enumerate(("pos", "neg"))})
-    return stats
+    return {key: stats[key] for key in STAT_KEYS}
 
 
 def _quantiles(ordered: Tensor, counts: Tensor, qs: tuple[float, ...]) -> Tensor:

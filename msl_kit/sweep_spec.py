@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from msl_kit.config import CONFIG_DIR, Config, load_config, parse_override, set_key, validate
+from msl_kit.config import CONFIG_DIR, Config, load_config, parse_override
 
 STUDY_DIR = CONFIG_DIR / "sweeps"
 
@@ -125,13 +125,10 @@ def cells(spec: SweepSpec) -> list[dict]:
 
 def cell_config(spec: SweepSpec, params: dict, seed: int, threads: int = 0) -> Config:
     """The base config, then --set, then the cell's values and seed (ConfigError if invalid)."""
-    cfg = load_config(spec.config, spec.overrides)
-    for key, value in params.items():
-        set_key(cfg, key, value)
-    cfg.seed = seed
+    # One resolution of every source, so a grid over loss.preset applies the preset's numbers.
+    cfg = load_config(spec.config, spec.overrides, {**params, "seed": seed})
     if threads and not cfg.train.threads:  # an explicit train.threads wins
         cfg.train.threads = threads
-    validate(cfg)
     return cfg
 
 

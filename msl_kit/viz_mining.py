@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from msl_kit import losses
+from msl_kit.mining import STAT_KEYS
 from msl_kit.viz import NEG_COLOR, POS_COLOR, _fig_ax, _np, new_figure
 
 if TYPE_CHECKING:
@@ -35,20 +36,7 @@ LOSS_TITLES = {
 }
 # The columns engine.train writes to history.csv every log_every iterations (and passes to
 # the callbacks' on_step): what MS mining kept of that iteration's batch.
-MINING_COLUMNS = (
-    "pos_kept",
-    "neg_kept",
-    "w_pos_mean",
-    "w_pos_max",
-    "w_neg_mean",
-    "w_neg_max",
-    "sim_pos_q10",
-    "sim_pos_q50",
-    "sim_pos_q90",
-    "sim_neg_q10",
-    "sim_neg_q50",
-    "sim_neg_q90",
-)
+MINING_COLUMNS = STAT_KEYS
 
 
 # ----------------------------------------------------------------------------- one batch (03)

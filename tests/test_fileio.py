@@ -103,3 +103,11 @@ def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, c
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "[Errno 28]" in lines[0] and "is full" in lines[0]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no torn temp file left
+
+
+def test_a_text_file_is_called_corrupt_not_dangerous(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(fileio.CheckpointError, match="is truncated or corrupt") as info:
+        fileio.safe_load(path)
+    assert "could run code" not in str(info.value)

@@ -225,3 +225,11 @@ def test_jobs_run_cells_at_the_same_time(tmp_path):
         for r in rows
     }
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+
+
+def test_a_grid_over_the_preset_applies_its_numbers_and_explicit_keys_still_win():
+    spec = sweep.make_spec(grid=["loss.preset=released,paper"], overrides=["loss.alpha=3"])
+    released, paper = (sweep.cell_config(spec, params, 0) for params in sweep.cells(spec))
+    assert (released.loss.beta, released.loss.lam) == (40.0, 0.5)
+    assert (paper.loss.beta, paper.loss.lam) == (50.0, 1.0)
+    assert released.loss.alpha == paper.loss.alpha == 3.0  # --set beats the preset
