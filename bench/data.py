@@ -39,8 +39,9 @@ from torchvision import datasets as tvd
 from torchvision import transforms as tv
 
 from msl_kit import datasets
+from msl_kit.datasets.transforms import build_transform, load_image
 from msl_kit.models import preprocessing_spec
-from msl_kit.transforms import Preprocessing, build_transform, load_image
+from msl_kit.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = {"bninception": preprocessing_spec("bninception"), "resnet": preprocessing_spec("resnet50")}

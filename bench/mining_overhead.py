@@ -18,8 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from msl_kit import losses, recipe  # noqa: E402
-from msl_kit.config import load_config  # noqa: E402
+from msl_kit import losses
+from msl_kit.train import recipe
+from msl_kit.train.config import load_config
 
 
 def main() -> None:

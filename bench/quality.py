@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from msl_kit.losses import PRESETS  # noqa: E402
+from msl_kit.losses import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -194,7 +194,7 @@ def prepare_data(key: str, root: Path) -> None:
 
 
 def make_config(key: str, args: argparse.Namespace, seed: int, extra: list[str]):
-    from msl_kit.config import load_config
+    from msl_kit.train.config import load_config
 
     _, preset, _ = DATASETS[key]
     return load_config(
@@ -240,7 +240,7 @@ def _metrics(results: dict) -> dict:
 
 def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one (dataset, loss, seed) cell and return its record."""
-    from msl_kit import engine
+    from msl_kit.train import engine
 
     label, overrides, factory = methods(args.iters[key])[method]
     cfg = make_config(key, args, seed, overrides)
@@ -276,7 +276,7 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
 
 def run_floors(key: str, seeds: list[int], args: argparse.Namespace) -> list[dict]:
     """Raw pixels (seed-free) and the untrained network (per seed) on the same test set."""
-    from msl_kit import evaluation, recipe
+    from msl_kit.train import evaluation, recipe
 
     out = []
     for seed in seeds:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msl_kit.models import bninception_accepts, build_model
+from msl_kit.models import build_model
+from msl_kit.models.bninception import bninception_accepts
 
 torch.set_num_threads(1)
 

@@ -94,8 +94,8 @@ def _drag(page, selector: str, dx: float) -> None:
 
 def _trained_run(root: Path) -> Path:
     """A short run of the embedded default where 02_train writes runs (../runs/notebooks)."""
-    from msl_kit import engine
-    from msl_kit.config import load_config
+    from msl_kit.train import engine
+    from msl_kit.train.config import load_config
 
     cfg = load_config(None, ["train.iterations=40", "train.eval_every=20", "eval.floors=false"])
     run = root / "runs" / "notebooks" / "omniglot_small-browser"

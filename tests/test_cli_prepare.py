@@ -111,7 +111,7 @@ def _closed_port() -> int:
 def test_offline_or_bad_url_is_one_line_and_leaves_nothing(
     tmp_path, capsys, monkeypatch, url, says
 ):
-    monkeypatch.setattr("msl_kit.download.time.sleep", lambda s: None)  # retries, not waits
+    monkeypatch.setattr("msl_kit.files.download.time.sleep", lambda s: None)  # retries, not waits
     root = tmp_path / "data"
     with serve({}) as srv:
         given = {"closed": f"http://127.0.0.1:{_closed_port()}/x.tgz", "404": srv.url("x.tgz")}

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-from msl_kit.config import (
+from msl_kit.train.checks import ConfigError
+from msl_kit.train.config import (
     CONFIG_DIR,
     Config,
-    ConfigError,
     load_config,
     parse_override,
     save_config,

@@ -33,10 +33,11 @@ ARGS = [
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from msl_kit import cli, engine
+    from msl_kit.cli import main as cli
+    from msl_kit.train import engine, trainer
     mode, at = sys.argv[1], int(sys.argv[2])
     if mode == "step":
-        class Killer(engine.Callback):
+        class Killer(trainer.Callback):
             def on_step(self, record):
                 if record["iteration"] == at:
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -8,7 +8,8 @@ import torch
 from torchvision import transforms as tv
 
 import msl_kit.datasets as D
-from msl_kit.transforms import Preprocessing, build_transform
+from msl_kit.datasets.transforms import build_transform
+from msl_kit.preprocessing import Preprocessing
 
 BNINCEPTION = Preprocessing(
     color="BGR",

@@ -28,8 +28,10 @@ from _fixtures_data import (
 from sklearn.datasets import load_digits
 
 import msl_kit.datasets as D
-from msl_kit.download import ChecksumError, UnsafeArchiveError
-from msl_kit.transforms import CorruptImageError, Preprocessing, build_transform
+from msl_kit.datasets.transforms import CorruptImageError, build_transform
+from msl_kit.files.archives import TMP_MARK, UnsafeArchiveError
+from msl_kit.files.download import ChecksumError
+from msl_kit.preprocessing import Preprocessing
 
 CUB_TGZ = tar_bytes(cub_members())
 CUB_MD5 = hashlib.md5(CUB_TGZ).hexdigest()
@@ -202,8 +204,8 @@ def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, caps
         (ddir / D.MARKER).unlink()
         victim = next((ddir / "CUB_200_2011" / "images").rglob("*.jpg"))
         victim.unlink()
-        (tmp_path / f".cub200{D.TMP_MARK}abc").mkdir()
-        (ddir / f".classes.txt{D.TMP_MARK}").write_text("half a copy")
+        (tmp_path / f".cub200{TMP_MARK}abc").mkdir()
+        (ddir / f".classes.txt{TMP_MARK}").write_text("half a copy")
         with pytest.raises(D.LayoutError, match="not prepared"):
             D.build("cub200", tmp_path, "train")
         capsys.readouterr()
@@ -211,7 +213,7 @@ def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, caps
         assert "incomplete preparation" in capsys.readouterr().out
         assert len(srv.requests) == 1  # the verified download was reused, not fetched again
     assert victim.is_file() and (ddir / D.MARKER).is_file()
-    assert not list(tmp_path.glob(f".*{D.TMP_MARK}*")) and not list(ddir.glob(f".*{D.TMP_MARK}*"))
+    assert not list(tmp_path.glob(f".*{TMP_MARK}*")) and not list(ddir.glob(f".*{TMP_MARK}*"))
     assert len(D.build("cub200", tmp_path, "train")) == 9
 
 

@@ -21,7 +21,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from msl_kit.distributed import (
+from msl_kit.losses import MultiSimilarityLoss, multi_similarity_loss
+from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
+from msl_kit.sampler import PKSampler
+from msl_kit.train.distributed import (
     DistInfo,
     all_gather_with_grad,
     global_batch_loss,
@@ -29,9 +32,6 @@ from msl_kit.distributed import (
     is_distributed,
     wrap_ddp,
 )
-from msl_kit.losses import MultiSimilarityLoss, multi_similarity_loss
-from msl_kit.memory import CrossBatchMemory, xbm_step_loss
-from msl_kit.sampler import PKSampler
 
 WORLD_SIZE = 2
 SPAWN_TIMEOUT_S = 180

@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from _fixtures_data import bomb_tgz, serve, tar_bytes, zip_bytes
 
-from msl_kit.download import (
+from msl_kit.files.archives import (
     ArchiveLimitError,
-    ChecksumError,
     DamagedArchiveError,
-    DownloadError,
     UnsafeArchiveError,
-    download_file,
-    md5sum,
     safe_extract,
 )
+from msl_kit.files.download import ChecksumError, DownloadError, download_file, md5sum
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)  # several 1 MiB chunks and a ragged end
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

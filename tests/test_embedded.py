@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from msl_kit import datasets, embedded
+from msl_kit import datasets
+from msl_kit.datasets import embedded
 
 
 def test_embedded_set_is_the_documented_split():

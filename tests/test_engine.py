@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from msl_kit import cli, engine, recipe
-from msl_kit.checkpoint import load_checkpoint
-from msl_kit.config import load_config
+from msl_kit import cli
+from msl_kit.train import engine, recipe
+from msl_kit.train.checkpoint import load_checkpoint
+from msl_kit.train.config import load_config
 
 FAST = [
     "train.iterations=12",

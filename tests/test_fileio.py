@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from msl_kit import checkpoint, fileio
+from msl_kit.files import atomic as fileio
+from msl_kit.train import checkpoint
 
 
 @pytest.fixture
@@ -76,11 +77,6 @@ def test_atomic_writes_and_safe_load_round_trip(tmp_path):
     with pytest.raises(fileio.CheckpointError, match="weights file .*missing.pt does not exist"):
         fileio.safe_load(tmp_path / "missing.pt", "weights file")
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "w.pt"]
-
-
-def test_checkpoint_reexports_the_same_objects():
-    for name in ("CheckpointError", "atomic_write_bytes", "atomic_write_text", "safe_load"):
-        assert getattr(checkpoint, name) is getattr(fileio, name)
 
 
 def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, capsys):

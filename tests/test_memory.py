@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msl_kit.losses import MultiSimilarityLoss, multi_similarity_loss
-from msl_kit.memory import CrossBatchMemory, xbm_step_loss
+from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
 
 ALPHA, BETA, LAM, MARGIN = 2.0, 40.0, 0.5, 0.1
 
@@ -162,6 +162,67 @@ def test_matches_pml_cross_batch_memory():
         tangent = grad_ours - (grad_ours * emb).sum(1, keepdim=True) * emb
         assert tangent.abs().max() > 1e-3
         torch.testing.assert_close(tangent, grad_theirs.to(grad_ours.dtype), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mining", ["none", "ms"])
+def test_contrastive_with_memory_matches_pml_cross_batch_memory(mining):
+    """Cross-batch memory is not MS-only: contrastive + memory equals PML's CrossBatchMemory
+    around its ContrastiveLoss (cosine similarity, pos_margin 1, neg_margin 0.5). PML sums
+    pair losses with SumReducer; ours is sum_i L_i / B, so ours x B is PML's sum."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.losses import ContrastiveLoss as PMLContrastive
+    from pytorch_metric_learning.losses import CrossBatchMemory as PMLMemory
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+    from pytorch_metric_learning.reducers import SumReducer
+
+    from msl_kit.losses import build_loss
+
+    gen = torch.Generator().manual_seed(5)
+    size, dim, batch = 40, 6, 12
+    theirs = PMLMemory(
+        PMLContrastive(
+            pos_margin=1.0, neg_margin=0.5, distance=CosineSimilarity(), reducer=SumReducer()
+        ),
+        dim,
+        memory_size=size,
+        miner=MultiSimilarityMiner(epsilon=MARGIN) if mining == "ms" else None,
+    )
+    loss_fn = build_loss("contrastive", mining=mining)
+    ours = CrossBatchMemory(size=size)
+    centres = F.normalize(torch.randn(4, dim, generator=gen, dtype=torch.float64), dim=1)
+    for step in range(7):  # 84 items through 40 slots: the memory wraps around
+        labels = torch.arange(4).repeat_interleave(3)
+        noise = 0.7 * torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+        emb = F.normalize(centres[labels] + noise, dim=1)
+        indices = torch.arange(step * batch, (step + 1) * batch)
+        emb_ours = emb.clone().requires_grad_(True)
+        emb_theirs = emb.clone().requires_grad_(True)
+        ours.enqueue(emb_ours.detach(), labels, indices)
+        got = ours.loss(loss_fn.from_sim, emb_ours, labels, indices) * batch
+        expected = theirs(emb_theirs, labels)
+        assert got.item() > 0
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-9, atol=1e-12)
+        (grad_ours,) = torch.autograd.grad(got, emb_ours)
+        (grad_theirs,) = torch.autograd.grad(expected, emb_theirs)
+        tangent = grad_ours - (grad_ours * emb).sum(1, keepdim=True) * emb  # see the MS test
+        torch.testing.assert_close(tangent, grad_theirs.to(grad_ours.dtype), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ms", "contrastive", "triplet", "binomial", "lifted"])
+def test_every_pair_loss_scores_a_memory_like_a_naive_square_batch(name):
+    """from_sim(sim (B, M), labels, ref_labels=, ignore=) of every registered pair loss equals
+    its per-anchor losses on the square batch when the references are the batch itself."""
+    from msl_kit.losses import build_loss
+
+    gen = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(12, 5, generator=gen, dtype=torch.float64), dim=1)
+    labels = torch.arange(4).repeat_interleave(3)
+    loss_fn = build_loss(name)
+    square = loss_fn.from_sim(emb @ emb.T, labels)
+    as_memory = loss_fn.from_sim(
+        emb @ emb.T, labels, ref_labels=labels, ignore=torch.eye(12, dtype=torch.bool)
+    )
+    torch.testing.assert_close(as_memory, square)
 
 
 def test_own_copy_is_not_a_positive():

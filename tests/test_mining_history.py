@@ -6,9 +6,10 @@ import csv
 
 import torch
 
-from msl_kit import engine, losses
-from msl_kit.config import load_config
-from msl_kit.viz_mining import MINING_COLUMNS
+from msl_kit import losses
+from msl_kit.losses.mining import STAT_KEYS as MINING_COLUMNS
+from msl_kit.train import engine
+from msl_kit.train.config import load_config
 
 
 class _Recording(torch.nn.Module):

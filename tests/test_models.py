@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import http.server
 import threading
@@ -14,15 +13,15 @@ import torch
 from torch import nn
 
 from msl_kit import models
-from msl_kit.fileio import CheckpointError
+from msl_kit.files.atomic import CheckpointError
 from msl_kit.models import (
-    WEIGHT_URLS,
     EmbeddingModel,
     build_model,
     default_weight_paths,
     download_weights,
     preprocessing_spec,
 )
+from msl_kit.models.registry import BACKBONES, published_weights
 from msl_kit.preprocessing import Preprocessing
 
 torch.set_num_threads(1)
@@ -75,13 +74,13 @@ def test_missing_file_says_where_to_get_it(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError) as info:
             build_model(name, pretrained="default")
         message = str(info.value)
-        assert WEIGHT_URLS[name] in message and "model.pretrained" in message
+        assert published_weights()[name] in message and "model.pretrained" in message
         assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
         assert str(Path.home() / ".torch" / "models") in message
     with pytest.raises(FileNotFoundError, match="nowhere.pth.*model.pretrained"):
         build_model("resnet50", pretrained=tmp_path / "nowhere.pth")
     assert (
-        WEIGHT_URLS["bninception"]
+        published_weights()["bninception"]
         == "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
     )
 
@@ -114,7 +113,7 @@ def test_download_weights_from_a_local_server(tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_port}/resnet50-11ad3fa6.pth"
         path = download_weights("resnet50", tmp_path / "dest", url=url, progress=False)
-        from msl_kit import cli  # the same through `msl-kit prepare --weights`
+        from msl_kit import cli
 
         assert (
             cli.main(
@@ -214,33 +213,11 @@ def test_preprocessing_spec_builds_no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("preprocessing_spec built a network")
 
-    for name in (
-        "BNInceptionBackbone",
-        "ConvNetBackbone",
-        "_resnet50_backbone",
-        "load_backbone_weights",
-    ):
-        monkeypatch.setattr(models, name, refuse)
-    for name in models.MODEL_NAMES:
+    for name, spec in list(BACKBONES.items()):
+        monkeypatch.setitem(BACKBONES, name, dataclasses.replace(spec, build=refuse))
+    monkeypatch.setattr(models.builder, "load_backbone_weights", refuse)
+    for name in BACKBONES:
         assert isinstance(preprocessing_spec(name), Preprocessing)
-
-
-def test_models_imports_nothing_from_transforms():
-    from msl_kit import transforms
-
-    tree = ast.parse(Path(models.__file__).read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {
-        a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
-    }
-    assert "msl_kit.transforms" not in imported
-    assert not any(
-        isinstance(node, ast.ImportFrom)
-        and node.module == "msl_kit"
-        and any(a.name == "transforms" for a in node.names)
-        for node in ast.walk(tree)
-    )
-    assert transforms.Preprocessing is Preprocessing  # the old import path still works
 
 
 @pytest.mark.parametrize(

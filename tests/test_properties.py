@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msl_kit import checkpoint as ckpt
+from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.losses import MultiSimilarityLoss, pair_weights
 from msl_kit.metrics import retrieval_metrics
+from msl_kit.train import checkpoint as ckpt
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -262,12 +263,12 @@ def test_an_interrupted_atomic_write_never_changes_the_old_file(old, new, cut, e
             raise OSError(error, "simulated")
 
         with pytest.raises(OSError) as info:
-            ckpt.atomic_write_bytes(path, write)
+            atomic_write_bytes(path, write)
         assert info.value.errno == error and str(path) in str(info.value)
         assert path.read_bytes() == old and sorted(p.name for p in Path(folder).iterdir()) == [
             "checkpoint.pt"
         ]
-        ckpt.atomic_write_bytes(path, lambda f: f.write(new))
+        atomic_write_bytes(path, lambda f: f.write(new))
         assert path.read_bytes() == new and len(list(Path(folder).iterdir())) == 1
 
 

@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from msl_kit import cli, engine, explore, rundir
-from msl_kit.config import load_config
+from msl_kit import cli
+from msl_kit.notebook import explore
+from msl_kit.train import rundir
+from msl_kit.train.config import load_config
 
 DIGITS = ["--config", "digits"]
 FAST = [
@@ -253,9 +255,10 @@ def test_resume_overrides_extend_a_finished_run_and_others_are_refused(finished,
 # ----------------------------------------------------------------------------- Ctrl-C
 CHILD = """
 import os, signal, sys
-from msl_kit import cli, engine
+from msl_kit import cli
+from msl_kit.train import engine, trainer
 at = int(sys.argv[1])
-class Interrupt(engine.Callback):
+class Interrupt(trainer.Callback):
     def on_step(self, record):
         if record["iteration"] == at:
             os.kill(os.getpid(), signal.SIGINT)
@@ -269,7 +272,8 @@ sys.exit(cli.main(sys.argv[2:]))
 # worker loading batch `at` sends it to its group while the main process trains.
 CHILD_WORKERS = """
 import os, signal, sys
-from msl_kit import cli, trainer
+from msl_kit import cli
+from msl_kit.train import trainer
 at = int(sys.argv[1])
 real = trainer._SeededItems.__getitem__
 def getitem(self, key):
@@ -417,5 +421,8 @@ def test_skip_corrupt_means_the_same_in_training_evaluation_and_notebooks(tmp_pa
 
 
 def test_model_side_owns_the_preprocessing_spec():
-    source = (Path(engine.__file__).parent / "models.py").read_text()
-    assert "from msl_kit.transforms" not in source and "import transforms" not in source
+    import msl_kit.models
+
+    for path in Path(msl_kit.models.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert "msl_kit.datasets" not in source and "import transforms" not in source

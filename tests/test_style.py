@@ -1,5 +1,4 @@
-"""The codebase stays one a reader can hold in their head: ruff-clean, short functions, small
-modules."""
+"""The codebase stays one a reader can hold in their head: ruff-clean, short functions."""
 
 from __future__ import annotations
 
@@ -39,22 +38,22 @@ def test_ruff_format_is_applied():
     assert done.returncode == 0, done.stdout[-4000:]
 
 
-def test_no_function_over_80_lines_and_no_module_over_400():
-    long_functions, big_modules = [], []
-    for path in sorted(PACKAGE.glob("*.py")):
-        source = path.read_text()
-        if source.count("\n") > 400:
-            big_modules.append(f"{path.name}: {source.count(chr(10))} lines")
-        for node in ast.walk(ast.parse(source)):
+def test_no_function_over_80_lines():
+    """Modules have no size limit of their own: a module that grows is split by concept into a
+    subpackage (tests/test_layout.py holds the rules that keep such splits honest)."""
+    long_functions = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > 80:
-                    long_functions.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
-    assert not long_functions and not big_modules, long_functions + big_modules
+                    where = path.relative_to(PACKAGE)
+                    long_functions.append(f"{where}:{node.lineno} {node.name} ({length} lines)")
+    assert not long_functions, long_functions
 
 
 def test_losses_opens_with_the_readable_ms_loss():
-    tree = ast.parse((PACKAGE / "losses.py").read_text())
+    tree = ast.parse((PACKAGE / "losses" / "multi_similarity.py").read_text())
     first = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
     assert first.name == "multi_similarity_loss"
     body = first.body[1:] if isinstance(first.body[0].value, ast.Constant) else first.body

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from msl_kit import cli, sweep
-from msl_kit.config import ConfigError
+from msl_kit.train.checks import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]

@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from torchvision import transforms as tv
 
-from msl_kit.models import preprocessing_spec
-from msl_kit.transforms import (
+from msl_kit.datasets.transforms import (
     CorruptImageError,
     ImageTransform,
-    Preprocessing,
     build_transform,
     load_image,
     to_mode,
 )
+from msl_kit.models import preprocessing_spec
+from msl_kit.preprocessing import Preprocessing
 
 BNINCEPTION = Preprocessing(
     color="BGR",

@@ -10,9 +10,13 @@ from matplotlib.colors import to_rgba
 from matplotlib.offsetbox import AnnotationBbox
 from sklearn.decomposition import PCA
 
-from msl_kit import datasets, engine, explore, losses, recipe, viz, viz_mining, widgets
-from msl_kit.checkpoint import save_checkpoint
-from msl_kit.config import load_config, to_dict
+from msl_kit import datasets, losses, viz
+from msl_kit.losses.registry import LOSSES
+from msl_kit.notebook import explore, widgets
+from msl_kit.train import engine, recipe
+from msl_kit.train.checkpoint import save_checkpoint
+from msl_kit.train.config import load_config, to_dict
+from msl_kit.viz import mining as viz_mining
 
 RELEASED = losses.PRESETS["released"]
 
@@ -120,10 +124,10 @@ def test_weight_heatmap_is_pos_minus_neg(batch):
 def test_gpw_figure_shows_every_loss_with_its_own_weights(batch):
     sim, labels = batch
     fig = viz_mining.gpw_figure(sim, labels)
-    names = list(viz_mining.LOSS_TITLES)
+    names = list(LOSSES)
     scatter_axes = [ax for ax in fig.axes if scatter_points(ax)]
     heat_axes = [ax for ax in fig.axes if ax.images]
-    assert [ax.get_title() for ax in scatter_axes] == [viz_mining.LOSS_TITLES[n] for n in names]
+    assert [ax.get_title() for ax in scatter_axes] == [LOSSES[n].title for n in names]
     assert len(heat_axes) == len(names)
     pos = ((labels[:, None] == labels[None]) & ~torch.eye(16, dtype=torch.bool)).numpy()
     for name, ax in zip(names, scatter_axes):
@@ -172,7 +176,7 @@ def test_explorer_widget_redraws_in_place_when_a_slider_moves(batch):
     assert ui["image"].value != before
     assert ui["compare"].value == before_compare  # the other losses do not depend on MS's sliders
     assert [ax.get_title() for ax in explorer.compare_figure.axes if scatter_points(ax)] == [
-        viz_mining.LOSS_TITLES[n] for n in ("contrastive", "triplet", "binomial", "lifted")
+        LOSSES[n].title for n in ("contrastive", "triplet", "binomial", "lifted")
     ]
     assert ui["image"].value[:8] == b"\x89PNG\r\n\x1a\n"
     assert ui["preset"].value == "custom"

@@ -9,8 +9,11 @@ import pytest
 import torch
 from matplotlib.collections import PathCollection, PolyCollection
 
-from msl_kit import datasets, engine, explore, losses, viz, viz_mining, widgets
-from msl_kit.config import load_config
+from msl_kit import datasets, losses, viz
+from msl_kit.notebook import explore, widgets
+from msl_kit.train import engine
+from msl_kit.train.config import load_config
+from msl_kit.viz import mining as viz_mining
 
 RELEASED = losses.PRESETS["released"]
 
@@ -121,7 +124,7 @@ def test_weights_over_training_shows_each_snapshot_with_its_mined_share(batch):
 def _count_pair_weights(monkeypatch) -> list:
     calls = []
     real = losses.pair_weights
-    monkeypatch.setattr(losses, "pair_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(widgets, "pair_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# The source checkout this module runs from, if any: benchmarks live in its bench/ folder.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _table(rows: list[tuple[str, dict]], ks: list[int]) -> str:
@@ -72,8 +73,8 @@ def _default_out(config_name: str | None) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msl_kit import engine
-    from msl_kit.config import load_config
+    from msl_kit.train import engine
+    from msl_kit.train.config import load_config
 
     if args.resume:
         if args.config:
@@ -111,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _report(out: Path, results: dict, seconds: float) -> None:
-    from msl_kit.config import load_config
+    from msl_kit.train.config import load_config
 
     cfg = load_config(out / "config.yaml")
     floors = results.get("floors", {})
@@ -144,14 +145,14 @@ def _report(out: Path, results: dict, seconds: float) -> None:
 
 
 def _query_gallery(cfg) -> bool:
-    from msl_kit import datasets
+    from msl_kit.datasets.registry import info
 
-    return datasets.info(cfg.data.name).query_gallery
+    return info(cfg.data.name).query_gallery
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from msl_kit import engine, rundir
-    from msl_kit.checkpoint import atomic_write_text
+    from msl_kit.files.atomic import atomic_write_text
+    from msl_kit.train import engine, rundir
 
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("metrics_eval.json")
     rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
@@ -169,23 +170,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from msl_kit import datasets
+    from msl_kit.datasets.prepare import prepare
+    from msl_kit.datasets.registry import list_datasets
 
     if args.weights:
-        from msl_kit.models import download_weights
+        from msl_kit.models.weights import download_weights
 
         dest = download_weights(args.weights, args.root, url=args.url)
         print(f"{args.weights} weights in {dest}; use --set model.pretrained={dest}")
         return 0
     if args.list or not args.name:
-        rows = datasets.list_datasets()
+        rows = list_datasets()
         w = [max(len(getattr(d, k)) for d in rows) for k in ("name", "size", "licence")]
         for d in rows:
             print(f"{d.name:<{w[0]}}  {d.size:<{w[1]}}  {d.licence:<{w[2]}}  {d.source}")
         return 0
     archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
     max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
-    path = datasets.prepare(
+    path = prepare(
         args.name,
         args.root or "data",
         archive=archive,
@@ -198,7 +200,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = REPO / "bench" / f"{args.name}.py"
+    bench = REPO / "bench"
+    if not (bench / "loss.py").is_file():
+        print(
+            "error: the benchmarks come with the source checkout (bench/ beside msl_kit/), "
+            "not with the installed package: git clone the project and run msl-kit bench there",
+            file=sys.stderr,
+        )
+        return 2
+    script = bench / f"{args.name}.py"
     if not script.is_file():
         names = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
         print(f"error: no benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
@@ -218,16 +228,17 @@ def _print_cell(run: dict) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """`msl-kit sweep`: a grid or TPE search over dotted keys on Optuna (msl_kit.sweep)."""
-    from msl_kit import sweep
+    """`msl-kit sweep`: a grid or TPE search over dotted keys on Optuna (msl_kit.sweep.runner)."""
+    from msl_kit.sweep.runner import markdown, run_sweep
+    from msl_kit.sweep.spec import SweepError, make_spec
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
-        raise sweep.SweepError(f"--seeds must be integers like 0,1,2, got {args.seeds!r}") from None
+        raise SweepError(f"--seeds must be integers like 0,1,2, got {args.seeds!r}") from None
     if args.jobs < 1:
-        raise sweep.SweepError(f"--jobs must be at least 1, got {args.jobs}")
-    spec = sweep.make_spec(
+        raise SweepError(f"--jobs must be at least 1, got {args.jobs}")
+    spec = make_spec(
         args.grid or [],
         args.range or [],
         seeds,
@@ -237,8 +248,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.study,
     )
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = sweep.run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
-    print("\n" + sweep.markdown(result["summary"], result["keys"]))
+    result = run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
+    print("\n" + markdown(result["summary"], result["keys"]))
     for params in result["failed"]:
         print(f"failed: {params} (see the log above; rerun the command to retry)", file=sys.stderr)
     print(f"sweep folder: {out}  (sweep.csv, summary.csv, summary.md, optuna.db, runs/)")
@@ -252,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (default: embedded Omniglot demo on the CPU)")
-    p.add_argument("--config", help="preset name from configs/ or a YAML path")
+    p.add_argument("--config", help="recipe name (msl_kit/configs/) or a YAML path")
     p.add_argument(
         "--set",
         action="append",
@@ -328,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch is first imported: OpenMP's default spin-waiting made 2 busy cores ~10x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    from msl_kit.checkpoint import CheckpointError
-    from msl_kit.config import ConfigError
+    from msl_kit.files.atomic import CheckpointError
+    from msl_kit.train.checks import ConfigError
 
     try:
         return args.func(args)
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from msl_kit.engine import DivergenceError  # only here: `prepare` need not load the engine
+        from msl_kit.train.trainer import DivergenceError
 
         if os.environ.get("MSL_KIT_DEBUG") or not isinstance(e, DivergenceError):
             raise

@@ -17,30 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msl_kit import embedded
-from msl_kit.download import TMP_MARK
-from msl_kit.layouts import LayoutError, Record, read_folder, read_layout
-from msl_kit.prepare import MARKER, _prepared, dataset_dir, is_prepared, prepare
-from msl_kit.registry import REGISTRY, DatasetInfo, RemoteFile, info, list_datasets
-from msl_kit.transforms import CorruptImageError, load_image, to_mode
-
-__all__ = [  # with the registry and `prepare`, re-exported: one place to reach the data from
-    "MARKER",
-    "REGISTRY",
-    "TMP_MARK",
-    "DatasetInfo",
-    "DigitsDataset",
-    "EmbeddedDataset",
-    "ImageDataset",
-    "LayoutError",
-    "RemoteFile",
-    "build",
-    "dataset_dir",
-    "info",
-    "is_prepared",
-    "list_datasets",
-    "prepare",
-]
+from msl_kit.datasets import embedded
+from msl_kit.datasets.layouts.common import LayoutError, Record
+from msl_kit.datasets.layouts.official import read_folder
+from msl_kit.datasets.prepare import dataset_dir, is_complete
+from msl_kit.datasets.registry import (
+    info,
+    read_layout,
+)
+from msl_kit.datasets.transforms import CorruptImageError, load_image, to_mode
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -191,7 +176,7 @@ def build(
         if root is None:
             raise ValueError(f"{name} needs root, the folder it was prepared in")
         base = dataset_dir(name, root)
-        if not _prepared(base, name):
+        if not is_complete(base, name):
             raise LayoutError(
                 f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
                 f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from msl_kit.layouts import Record, omniglot_records
-from msl_kit.transforms import CorruptImageError
+from msl_kit.datasets.layouts.common import Record
+from msl_kit.datasets.layouts.official import omniglot_records
+from msl_kit.datasets.transforms import CorruptImageError
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "omniglot_small"
+DATA_DIR = Path(__file__).resolve().parent / "omniglot_small"
 ARCHIVES = {  # file -> md5 of the official archive
     "images_background_small1.zip": "e704a628b5459e08445c13499850abc4",
     "images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd",

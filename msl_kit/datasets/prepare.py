@@ -14,16 +14,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from msl_kit.download import (
-    TMP_MARK,
-    DownloadError,
-    download_file,
-    is_archive,
-    md5sum,
-    safe_extract,
-)
-from msl_kit.layouts import LayoutError, read_folder, read_layout
-from msl_kit.registry import DatasetInfo, RemoteFile, info
+from msl_kit.datasets.layouts.common import LayoutError
+from msl_kit.datasets.layouts.official import read_folder
+from msl_kit.datasets.registry import DatasetInfo, RemoteFile, info, read_layout
+from msl_kit.files.archives import TMP_MARK, is_archive, safe_extract
+from msl_kit.files.download import DownloadError, download_file, md5sum
 
 MARKER = ".msl_kit_prepared.json"
 
@@ -32,17 +27,18 @@ def dataset_dir(name: str, root: str | Path) -> Path:
     """Where `name` is prepared: `root/name`, or `root` itself when it holds that dataset's
     marker."""
     root = Path(root).expanduser()
-    return root if _prepared(root, name) else root / name
+    return root if is_complete(root, name) else root / name
 
 
 def is_prepared(name: str, root: str | Path) -> bool:
     """Whether `prepare(name, root)` has completed (its marker is there)."""
-    return name in ("digits", "folder", "omniglot_small") or _prepared(
+    return name in ("digits", "folder", "omniglot_small") or is_complete(
         dataset_dir(name, root), name
     )
 
 
-def _prepared(folder: Path, name: str) -> bool:
+def is_complete(folder: Path, name: str) -> bool:
+    """Whether `folder` holds a complete prepare of `name` (its marker, written last)."""
     try:
         return json.loads((folder / MARKER).read_text())["name"] == name
     except (OSError, ValueError, KeyError):
@@ -88,7 +84,7 @@ def prepare(
         )
         return Path(root)
     ddir = dataset_dir(name, root)
-    if _prepared(ddir, name):
+    if is_complete(ddir, name):
         print(f"{name} is already prepared in {ddir}; nothing to do")
         return ddir
     _remove_leftovers(ddir)

@@ -1,12 +1,19 @@
 """The dataset registry: every dataset msl_kit knows, its files, licence and splits.
 
 `msl-kit prepare --list` shows it; `prepare` reads what to fetch from it; `build` reads each
-dataset's splits and native colour from it.
+dataset's splits, native colour and layout reader from it. A new dataset is one layout file in
+`layouts/` plus one entry here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from msl_kit.datasets.layouts.cars import read_cars
+from msl_kit.datasets.layouts.common import Record, check_records
+from msl_kit.datasets.layouts.official import read_cub, read_inshop, read_omniglot, read_sop
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class DatasetInfo:
     grey: bool = False  # native colour: "L" when no transform says otherwise
     split_rule: str = ""
     file_sets: tuple[str, ...] = ()  # other sets of files `prepare` accepts, with their origin
+    reader: Callable[[Path], list[Record]] | None = None  # the prepared folder's layout reader
 
     @property
     def url(self) -> str:
@@ -73,6 +81,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             ),
             grey=True,
             split_rule="background alphabets train, evaluation alphabets test",
+            reader=read_omniglot,
         ),
         DatasetInfo(
             "omniglot_small",
@@ -101,6 +110,7 @@ REGISTRY: dict[str, DatasetInfo] = {
                 ),
             ),
             split_rule="classes 1-100 train (5,864), 101-200 test (5,924)",
+            reader=read_cub,
         ),
         DatasetInfo(
             "cars196",
@@ -121,6 +131,7 @@ REGISTRY: dict[str, DatasetInfo] = {
                 "the zip of kaggle.com/datasets/jutrera/stanford-car-dataset-by-classes-"
                 "folder (car_data/, anno_train.csv, anno_test.csv, names.csv)",
             ),
+            reader=read_cars,
         ),
         DatasetInfo(
             "sop",
@@ -130,6 +141,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             "https://cvgl.stanford.edu/projects/lifted_struct/",
             (RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),),
             split_rule="Ebay_train.txt (11,318 classes) / Ebay_test.txt (11,316 classes)",
+            reader=read_sop,
         ),
         DatasetInfo(
             "inshop",
@@ -142,6 +154,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             query_gallery=True,
             splits=("train", "val", "query", "gallery"),
             split_rule="list_eval_partition.txt: train 3,997 items; query / gallery 3,985 items",
+            reader=read_inshop,
         ),
         DatasetInfo(
             "folder",
@@ -165,3 +178,11 @@ def info(name: str) -> DatasetInfo:
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def read_layout(name: str, ddir: Path) -> list[Record]:
+    """The records of dataset `name` prepared in `ddir`, read by its registered layout reader."""
+    reader = info(name).reader
+    if reader is None:
+        raise ValueError(f"{name} has no official file layout to read")
+    return check_records(name, reader, ddir)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 # Re-exported: the spec used to be defined here and callers still import it from here.
-from msl_kit.preprocessing import CROP_MODES, Preprocessing  # noqa: F401
+from msl_kit.preprocessing import CROP_MODES, Preprocessing
 
 
 class CorruptImageError(OSError):

@@ -2,7 +2,7 @@
 
 `checkpoint`, `models` and the CLI write and read files through here, so that every file
 msl_kit writes is either the old version or the complete new one, never a torn one, and no
-file is ever unpickled into arbitrary Python objects. Downloads live in `msl_kit.download`.
+file is ever unpickled into arbitrary Python objects. Downloads live in `msl_kit.files.download`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-
-__all__ = [
-    "CheckpointError",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_torch_save",
-    "fsync_dir",
-    "safe_load",
-]
 
 
 class CheckpointError(RuntimeError):

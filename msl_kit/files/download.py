@@ -1,8 +1,8 @@
-"""Downloads that resume and verify; archive extraction (msl_kit.archives) re-exported.
+"""Downloads that resume and verify.
 
 Shared by `datasets.prepare` (archives) and `models` (weights). Nothing here is half-written:
 a download grows in `dest + ".part"` and is renamed once complete and verified. Archives are
-extracted by `msl_kit.archives.safe_extract`, which cannot escape its folder.
+extracted by `msl_kit.files.archives.safe_extract`, which cannot escape its folder.
 """
 
 from __future__ import annotations
@@ -17,37 +17,6 @@ import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
-
-from msl_kit.archives import (
-    BOMB_BYTES,
-    BOMB_RATIO,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_MEMBERS,
-    TMP_MARK,
-    ArchiveLimitError,
-    DamagedArchiveError,
-    UnsafeArchiveError,
-    is_archive,
-    safe_extract,
-)
-
-__all__ = [  # with the archive names of msl_kit.archives, re-exported
-    "BOMB_BYTES",
-    "BOMB_RATIO",
-    "CHUNK",
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_MEMBERS",
-    "TMP_MARK",
-    "ArchiveLimitError",
-    "ChecksumError",
-    "DamagedArchiveError",
-    "DownloadError",
-    "UnsafeArchiveError",
-    "download_file",
-    "is_archive",
-    "md5sum",
-    "safe_extract",
-]
 
 CHUNK = 1 << 20
 

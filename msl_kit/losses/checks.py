@@ -1,4 +1,4 @@
-"""Input checks shared by the pair losses (msl_kit.losses, msl_kit.gpw), and the float32
+"""Input checks shared by the pair losses (multi_similarity, gpw, proxy losses), and the float32
 working precision they compute in. Errors name the argument and say what to do next."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import Tensor
 MINING = ("ms", "none")  # MS mining with margin eps, or every pair
 
 
-def _check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
+def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
     if not isinstance(embeddings, Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"{name} must be a floating-point torch tensor of shape (B, D)")
     if embeddings.dim() != 2:
@@ -26,7 +26,7 @@ def _check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
 _LABEL_HINT = "map them to integers first, e.g. np.unique(labels, return_inverse=True)[1]"
 
 
-def _check_labels(labels: object, n: int, device: torch.device, name: str = "labels") -> Tensor:
+def check_labels(labels: object, n: int, device: torch.device, name: str = "labels") -> Tensor:
     if not isinstance(labels, Tensor):
         try:
             labels = torch.as_tensor(labels)
@@ -43,14 +43,14 @@ def _check_labels(labels: object, n: int, device: torch.device, name: str = "lab
     return labels if labels.device == device else labels.to(device)
 
 
-def _check_sim(
+def check_sim(
     sim: Tensor, labels: object, ref_labels: object, ignore: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     if not isinstance(sim, Tensor) or not sim.is_floating_point() or sim.dim() != 2:
         raise TypeError("sim must be a 2-D floating-point tensor (anchors x references)")
     if sim.shape[0] == 0:
         raise ValueError("sim has no rows (empty batch); the loss needs at least one anchor")
-    labels = _check_labels(labels, sim.shape[0], sim.device)
+    labels = check_labels(labels, sim.shape[0], sim.device)
     if ref_labels is None:
         if sim.shape[0] != sim.shape[1]:
             raise ValueError(
@@ -58,20 +58,20 @@ def _check_sim(
                 "ref_labels for a non-square (anchors x references) matrix"
             )
     else:
-        ref_labels = _check_labels(ref_labels, sim.shape[1], sim.device, "ref_labels")
+        ref_labels = check_labels(ref_labels, sim.shape[1], sim.device, "ref_labels")
     if ignore is not None and (ignore.dtype != torch.bool or ignore.shape != sim.shape):
         raise ValueError(f"ignore must be a bool tensor of shape {tuple(sim.shape)}")
     return labels, ref_labels
 
 
-def _check_mining(mining: object) -> str:
+def check_mining(mining: object) -> str:
     """`mining` must be exactly "ms" (MS mining) or "none" (every pair)."""
     if not isinstance(mining, str) or mining not in MINING:
         raise ValueError(f"mining must be 'ms' (MS mining) or 'none' (all pairs), got {mining!r}")
     return mining
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Disable autocast so that S = X R^T is formed in float32, not fp16 / bf16."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
@@ -84,5 +84,5 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _work_dtype(t: Tensor) -> torch.dtype:
+def work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -2,10 +2,9 @@
 
 Contrastive, triplet, binomial deviance and lifted structure, each a function of the
 similarity matrix S, boolean pair masks and row-wise reductions (no loop over anchors), with
-`gpw_pair_weights` giving each loss's per-pair weights by autograd. Contrastive and binomial
-take `mining="ms"` to restrict them to the pairs MS mining keeps (the paper's ablation "MS
-mining with other weightings"). `build_loss` and `LOSSES` are in `msl_kit.losses`, which
-also re-exports these names.
+`msl_kit.losses.gpw_weights` giving each loss's per-pair weights by autograd. Contrastive and
+binomial take `mining="ms"` to restrict them to the pairs MS mining keeps (the paper's ablation
+"MS mining with other weightings").
 """
 
 from __future__ import annotations
@@ -16,39 +15,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msl_kit._inputs import (
-    _check_embeddings,
-    _check_labels,
-    _check_mining,
-    _check_sim,
-    _no_autocast,
-    _work_dtype,
+from msl_kit.losses.checks import (
+    check_embeddings,
+    check_labels,
+    check_mining,
+    check_sim,
+    no_autocast,
+    work_dtype,
 )
-from msl_kit.losses import _DEF, PairWeights, build_loss, mined_pairs, pair_masks
+from msl_kit.losses.mining import mined_pairs
+from msl_kit.losses.multi_similarity import DEFAULTS, pair_masks
 
 
 def _self_sim(embeddings: Tensor) -> Tensor:
     """S = X X^T in float32 (float64 stays), differentiable, outside autocast."""
-    with _no_autocast(embeddings.device.type):
-        x = embeddings.to(_work_dtype(embeddings))
+    with no_autocast(embeddings.device.type):
+        x = embeddings.to(work_dtype(embeddings))
         return x @ x.T
 
 
 class _PairLoss(nn.Module):
     """Base: forward(embeddings, labels) = from_sim(X X^T, labels); sum_i L_i / B by default."""
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def from_sim(self, sim: Tensor, labels: Tensor) -> Tensor:
-        """The loss on a (B, B) similarity matrix."""
-        rows = self.per_anchor(sim, labels)
+    def from_sim(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
+        """The loss on a (B, B) similarity matrix, or on (B, M) anchors against references
+        labelled `ref_labels` with `ignore`d pairs (a cross-batch memory)."""
+        rows = self.per_anchor(sim, labels, ref_labels, ignore)
         return rows.sum() / rows.shape[0]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Loss of L2-normalised (B, D) embeddings with (B,) integer labels; a 0-dim tensor."""
-        _check_embeddings(embeddings)
-        labels = _check_labels(labels, embeddings.shape[0], embeddings.device)
+        check_embeddings(embeddings)
+        labels = check_labels(labels, embeddings.shape[0], embeddings.device)
         return self.from_sim(_self_sim(embeddings), labels)
 
 
@@ -65,16 +78,24 @@ def _masked_lse(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _self_masks(
-    sim: Tensor, labels: object, mining: str = "none", mining_margin: float = _DEF["margin"]
+    sim: Tensor,
+    labels: object,
+    ref_labels: object = None,
+    ignore: Tensor | None = None,
+    mining: str = "none",
+    mining_margin: float = DEFAULTS["margin"],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """sim in float32/64 and its (positive, negative) masks: all pairs, or the MS-mined ones
-    (anchors without both kept sets then have no pair at all, as in the MS loss)."""
-    labels, _ = _check_sim(sim, labels, None, None)
+    (anchors without both kept sets then have no pair at all, as in the MS loss). Without
+    `ref_labels`, sim is the batch against itself and the diagonal is no pair."""
+    labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
     if mining == "ms":
-        pos_mask, neg_mask = mined_pairs(sim, labels, margin=mining_margin)
+        pos_mask, neg_mask = mined_pairs(
+            sim, labels, ref_labels, margin=mining_margin, ignore=ignore
+        )
     else:
-        pos_mask, neg_mask = pair_masks(labels)
-    return sim.to(_work_dtype(sim)), pos_mask, neg_mask
+        pos_mask, neg_mask = pair_masks(labels, ref_labels, ignore)
+    return sim.to(work_dtype(sim)), pos_mask, neg_mask
 
 
 class ContrastiveLoss(_PairLoss):
@@ -91,15 +112,23 @@ class ContrastiveLoss(_PairLoss):
         pos_margin: float = 0.0,
         neg_margin: float = 0.5,
         mining: str = "none",
-        mining_margin: float = _DEF["margin"],
+        mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
-        self.mining, self.mining_margin = _check_mining(mining), mining_margin
+        self.mining, self.mining_margin = check_mining(mining), mining_margin
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
-        """Per-anchor L_i of a (B, B) similarity matrix."""
-        sim, pos_mask, neg_mask = _self_masks(sim, labels, self.mining, self.mining_margin)
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
+        """Per-anchor L_i of a (B, B) or (B, M) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(
+            sim, labels, ref_labels, ignore, self.mining, self.mining_margin
+        )
         pos = torch.where(pos_mask, F.relu(1.0 - self.pos_margin - sim), 0.0)
         neg = torch.where(neg_mask, F.relu(sim - self.neg_margin), 0.0)
         return (pos + neg).sum(1)
@@ -124,8 +153,10 @@ class TripletLoss(_PairLoss):
             raise ValueError(f"unknown triplet mining {mining!r}; choose one of {_TRIPLET_MINING}")
         self.margin, self.mining = margin, mining
 
-    def _hinges(self, sim: Tensor, labels: Tensor) -> Tensor:
-        sim, pos_mask, neg_mask = _self_masks(sim, labels)
+    def _hinges(
+        self, sim: Tensor, labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | None
+    ) -> Tensor:
+        sim, pos_mask, neg_mask = _self_masks(sim, labels, ref_labels, ignore)
         sim_ap, sim_an = sim[:, :, None], sim[:, None, :]
         mined = pos_mask[:, :, None] & neg_mask[:, None, :]
         if self.mining == "hard":
@@ -134,13 +165,25 @@ class TripletLoss(_PairLoss):
             mined = mined & (sim_an < sim_ap) & (sim_an > sim_ap - self.margin)
         return torch.where(mined, F.relu(sim_an - sim_ap + self.margin), 0.0)
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
         """Per-anchor sum of mined triplet hinges (the GPW weights count active triplets)."""
-        return self._hinges(sim, labels).sum((1, 2))
+        return self._hinges(sim, labels, ref_labels, ignore).sum((1, 2))
 
-    def from_sim(self, sim: Tensor, labels: Tensor) -> Tensor:
+    def from_sim(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
         """Mean hinge over mined triplets with a positive hinge; 0 (with grad) if none."""
-        hinges = self._hinges(sim, labels)
+        hinges = self._hinges(sim, labels, ref_labels, ignore)
         n_active = (hinges.detach() > 0).sum().clamp_min(1)
         return hinges.sum() / n_active
 
@@ -161,15 +204,23 @@ class BinomialDevianceLoss(_PairLoss):
         beta: float = 50.0,
         lam: float = 0.5,
         mining: str = "none",
-        mining_margin: float = _DEF["margin"],
+        mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
         self.alpha, self.beta, self.lam = alpha, beta, lam
-        self.mining, self.mining_margin = _check_mining(mining), mining_margin
+        self.mining, self.mining_margin = check_mining(mining), mining_margin
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
-        """Per-anchor L_i of a (B, B) similarity matrix."""
-        sim, pos_mask, neg_mask = _self_masks(sim, labels, self.mining, self.mining_margin)
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
+        """Per-anchor L_i of a (B, B) or (B, M) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(
+            sim, labels, ref_labels, ignore, self.mining, self.mining_margin
+        )
         pos = torch.where(pos_mask, F.softplus(self.alpha * (self.lam - sim)), 0.0)
         neg = torch.where(neg_mask, F.softplus(self.beta * (sim - self.lam)), 0.0)
         n_pos = pos_mask.sum(1).clamp_min(1)
@@ -189,24 +240,15 @@ class LiftedStructureLoss(_PairLoss):
         super().__init__()
         self.margin = margin
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
-        """Per-anchor L_i of a (B, B) similarity matrix."""
-        sim, pos_mask, neg_mask = _self_masks(sim, labels)
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
+        """Per-anchor L_i of a (B, B) or (B, M) similarity matrix."""
+        sim, pos_mask, neg_mask = _self_masks(sim, labels, ref_labels, ignore)
         pos_lse, has_pos = _masked_lse(self.margin - sim, pos_mask)
         neg_lse, has_neg = _masked_lse(sim, neg_mask)
         return torch.where(has_pos & has_neg, F.relu(pos_lse + neg_lse), 0.0)
-
-
-def gpw_pair_weights(name: str, sim: Tensor, labels: Tensor, **params: object) -> PairWeights:
-    """Each loss's per-pair weights by autograd on a leaf copy of a (B, B) sim.
-
-    pos = -dL/dS on positive pairs, neg = dL/dS on negative pairs, with L = sum_i L_i
-    (each row its own input), zero elsewhere; for "ms" this equals `pair_weights`.
-    """
-    loss = build_loss(name, **params)
-    labels, _ = _check_sim(sim, labels, None, None)
-    leaf = sim.detach().to(_work_dtype(sim)).requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss.per_anchor(leaf, labels).sum(), leaf)
-    pos_mask, neg_mask = pair_masks(labels)
-    return PairWeights(torch.where(pos_mask, -grad, 0.0), torch.where(neg_mask, grad, 0.0))

@@ -8,11 +8,11 @@ Training step (XBM's order): compute the batch loss; once the memory is active, 
 current batch *first* and then compute the anchors-against-memory term, so the current batch
 is among the references too (as detached copies):
 
-    ms = losses.MultiSimilarityLoss(**params)
-    loss = ms(emb, labels)
+    loss_fn = build_loss("contrastive")  # any pair loss of the registry, MS included
+    loss = loss_fn(emb, labels)
     if xbm.active(it):
         xbm.enqueue(emb.detach(), labels, indices)
-        loss = loss + xbm.weight * xbm.loss(ms.from_sim, emb, labels, indices)
+        loss = loss + xbm.weight * xbm.loss(loss_fn.from_sim, emb, labels, indices)
 
 `xbm_step_loss` does exactly that. Under DDP pass the all-gathered batch (see
 `distributed.global_batch_loss(..., indices=...)`) so every rank keeps the same memory.
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 # loss_fn(sim (B, M), labels (B,), ref_labels (M,), ignore (B, M) bool) -> 0-dim tensor,
-# called with keywords ref_labels= and ignore=: `MultiSimilarityLoss(...).from_sim` (the fast
-# path) or `losses.multi_similarity_loss` (the readable definition; same values, slower).
+# called with keywords ref_labels= and ignore=: the `from_sim` of any pair loss of the registry
+# (MS, contrastive, triplet, binomial, lifted), or `multi_similarity_loss` (the readable MS).
 SimLossFn = Callable[..., Tensor]
 
 

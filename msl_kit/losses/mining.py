@@ -1,8 +1,8 @@
 """What MS mining and weighting do to a batch: pair weights, kept pairs, statistics for logs.
 
-Closed forms on top of the fast path of `msl_kit.losses` (the same mining and weights, in the
-same pass), for notebook figures and widgets (`pair_weights`, `mined_pairs`) and training logs
-(`mining_stats`). All three are reachable as `losses.<name>` too.
+Closed forms on top of the fast path of `msl_kit.losses.multi_similarity` (the same mining and
+weights, in the same pass), for notebook figures and widgets (`pair_weights`, `mined_pairs`) and
+training logs (`mining_stats`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from msl_kit._inputs import _check_sim, _work_dtype
-from msl_kit.losses import _DEF, PairWeights, _ms_core, _stacked_masks
+from msl_kit.losses.checks import check_sim, work_dtype
+from msl_kit.losses.multi_similarity import DEFAULTS, PairWeights, ms_core, stacked_masks
 
 
 def pair_weights(
@@ -21,10 +21,10 @@ def pair_weights(
     labels: Tensor,
     ref_labels: Tensor | None = None,
     *,
-    alpha: float = _DEF["alpha"],
-    beta: float = _DEF["beta"],
-    lam: float = _DEF["lam"],
-    margin: float = _DEF["margin"],
+    alpha: float = DEFAULTS["alpha"],
+    beta: float = DEFAULTS["beta"],
+    lam: float = DEFAULTS["lam"],
+    margin: float = DEFAULTS["margin"],
     ignore: Tensor | None = None,
 ) -> PairWeights:
     """The paper's w+ and w- for every mined pair, in closed form (no autograd).
@@ -32,10 +32,10 @@ def pair_weights(
     `.pos[i, j]` = -dL/dS_ij and `.neg[i, j]` = dL/dS_ij with L = sum_i L_i, each row its
     own input; zero where a pair is not mined, not of that kind, or its anchor is invalid.
     """
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    masks = _stacked_masks(labels, ref_labels, ignore)
+    labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
+    masks = stacked_masks(labels, ref_labels, ignore)
     with torch.no_grad():
-        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, alpha, beta, lam, margin)
+        core = ms_core(sim.detach().to(work_dtype(sim)), masks, alpha, beta, lam, margin)
         weights = core.e.mul_(core.coef)
     return PairWeights(weights[0], weights[1])
 
@@ -45,15 +45,15 @@ def mined_pairs(
     labels: Tensor,
     ref_labels: Tensor | None = None,
     *,
-    margin: float = _DEF["margin"],
+    margin: float = DEFAULTS["margin"],
     ignore: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The pairs MS mining keeps, (kept_pos, kept_neg) as (B, M) bool; rows of anchors that
     lack either kept set are all False (those anchors do not count in the loss)."""
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    masks = _stacked_masks(labels, ref_labels, ignore)
+    labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
+    masks = stacked_masks(labels, ref_labels, ignore)
     with torch.no_grad():
-        core = _ms_core(sim.detach().to(_work_dtype(sim)), masks, 1.0, 1.0, 0.0, margin)
+        core = ms_core(sim.detach().to(work_dtype(sim)), masks, 1.0, 1.0, 0.0, margin)
     kept = core.kept & (core.coef > 0)
     return kept[0], kept[1]
 
@@ -86,11 +86,11 @@ def mining_stats(
     the `pair_weights` w+ / w- over the kept pairs; sim_{pos,neg}_q{10,50,90}: quantiles of
     every positive / negative similarity. NaN where a set is empty. No forward pass needed.
     """
-    labels, _ = _check_sim(sim, labels, None, None)
-    masks = _stacked_masks(labels, None, None)
+    labels, _ = check_sim(sim, labels, None, None)
+    masks = stacked_masks(labels, None, None)
     with torch.no_grad():  # few kernels, every reduction over both kinds at once
-        s = sim.detach().to(_work_dtype(sim))
-        core = _ms_core(s, masks, alpha, beta, lam, margin)
+        s = sim.detach().to(work_dtype(sim))
+        core = ms_core(s, masks, alpha, beta, lam, margin)
         kept = core.kept & (core.coef > 0)
         w = core.e.mul_(core.coef)  # zero off the kept pairs
         n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))

@@ -5,34 +5,33 @@ equations (pair masks, mining, a masked log-sum-exp). Everything below the "fast
 computes the same numbers (tested equal in value and gradient) in fewer passes; every caller
 uses it (the batch loss, `from_sim` for cross-batch memory, per-anchor losses, pair weights,
 mined pairs, mining stats).
-The other pair losses of the paper's General Pair Weighting view live in `msl_kit.gpw`.
-Pair weights, mined pairs and mining statistics of a batch live in `msl_kit.mining`.
+The other pair losses of the paper's General Pair Weighting view live in `msl_kit.losses.gpw`;
+pair weights, mined pairs and mining statistics of a batch in `msl_kit.losses.mining`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from msl_kit._inputs import (  # input checks and float32 working precision, shared with gpw
-    _check_embeddings,
-    _check_labels,
-    _check_mining,
-    _check_sim,
-    _no_autocast,
-    _work_dtype,
+from msl_kit.losses.checks import (
+    check_embeddings,
+    check_labels,
+    check_mining,
+    check_sim,
+    no_autocast,
+    work_dtype,
 )
 
 PRESETS: dict[str, dict[str, float]] = {
     "released": dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1),  # the released code
     "paper": dict(alpha=2.0, beta=50.0, lam=1.0, margin=0.1),  # the paper's text
 }
-_DEF = PRESETS["released"]  # every default below comes from here
+DEFAULTS = PRESETS["released"]  # every default below (and in gpw, mining) comes from here
 
 
 def multi_similarity_loss(
@@ -40,10 +39,10 @@ def multi_similarity_loss(
     labels: Tensor,
     ref_labels: Tensor | None = None,
     *,
-    alpha: float = _DEF["alpha"],
-    beta: float = _DEF["beta"],
-    lam: float = _DEF["lam"],
-    margin: float = _DEF["margin"],
+    alpha: float = DEFAULTS["alpha"],
+    beta: float = DEFAULTS["beta"],
+    lam: float = DEFAULTS["lam"],
+    margin: float = DEFAULTS["margin"],
     ignore: Tensor | None = None,
 ) -> Tensor:
     """MS loss of a (B, M) similarity matrix, sum_i L_i / B: the readable definition.
@@ -53,8 +52,8 @@ def multi_similarity_loss(
     mining and the loss (e.g. an anchor's own copy in a memory bank). A NaN among an anchor's
     pairs makes the loss NaN. Training code uses `MultiSimilarityLoss` (same numbers, faster).
     """
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    sim = sim.to(_work_dtype(sim))  # fp16 / bf16 inputs: float32 maths
+    labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
+    sim = sim.to(work_dtype(sim))  # fp16 / bf16 inputs: float32 maths
     pos, neg = pair_masks(labels, ref_labels, ignore)  # same label / different label
     # Mining (no gradient flows through it): compare each pair with the anchor's hardest
     # pair of the other kind, both taken from the un-mined sets.
@@ -88,7 +87,7 @@ def pair_masks(
     labels: Tensor, ref_labels: Tensor | None = None, ignore: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(B, M) positive and negative masks; the diagonal is no pair when ref_labels is None."""
-    masks = _stacked_masks(labels, ref_labels, ignore)
+    masks = stacked_masks(labels, ref_labels, ignore)
     return masks[0], masks[1]
 
 
@@ -114,7 +113,7 @@ def _kinds(device: torch.device) -> Tensor:
     return torch.tensor([False, True], device=device).view(2, 1, 1)
 
 
-def _stacked_masks(labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | None) -> Tensor:
+def stacked_masks(labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | None) -> Tensor:
     """(2, B, M) bool: [positive pairs, negative pairs]."""
     same = labels[:, None] == (labels if ref_labels is None else ref_labels)[None, :]
     masks = same.unsqueeze(0) != _kinds(labels.device)
@@ -125,14 +124,14 @@ def _stacked_masks(labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | N
     return masks
 
 
-class _Core(NamedTuple):
+class MSCore(NamedTuple):
     rows: Tensor  # (B,) L_i; 0 for anchors without both kept sets, NaN if a pair is NaN
     e: Tensor  # (2, B, M) shifted exponentials; the weights are e * coef
     coef: Tensor  # (2, B, 1) 1 / denominator for valid anchors, 0 otherwise
     kept: Tensor  # (2, B, M) bool: the pairs kept by mining (before the validity rule)
 
 
-def _ms_core(
+def ms_core(
     sim: Tensor,
     masks: Tensor,
     alpha: float,
@@ -140,7 +139,7 @@ def _ms_core(
     lam: float,
     margin: float,
     mining: str = "ms",
-) -> _Core:
+) -> MSCore:
     """The MS loss of each anchor and the weights of its pairs, no autograd."""
     sign, scale, shift = _constants(sim.device, sim.dtype, alpha, beta, lam)
     u = torch.where(masks, sim * sign, math.inf)
@@ -159,10 +158,10 @@ def _ms_core(
     rows = ((denom.log_().add_(top) / scale) * valid).sum(0).squeeze(-1)
     # a NaN pair fails every comparison and would vanish from the loss: surface it
     rows = rows.masked_fill(bound.isnan().any(0).squeeze(-1), math.nan)
-    return _Core(rows, e, coef, kept)
+    return MSCore(rows, e, coef, kept)
 
 
-def _signed_grad(core: _Core, sim: Tensor) -> Tensor:
+def _signed_grad(core: MSCore, sim: Tensor) -> Tensor:
     """dL/dS = w- - w+ (B, M), with L = sum_i L_i; consumes core.e."""
     sign = _constants(sim.device, sim.dtype, 1.0, 1.0, 0.0)[0]
     return core.e.mul_(core.coef * sign).sum(0).neg_()
@@ -182,7 +181,7 @@ class _MSRowsFn(torch.autograd.Function):
         margin: float,
         mining: str,
     ) -> Tensor:
-        core = _ms_core(sim, masks, alpha, beta, lam, margin, mining)
+        core = ms_core(sim, masks, alpha, beta, lam, margin, mining)
         ctx.save_for_backward(_signed_grad(core, sim))
         return core.rows
 
@@ -208,12 +207,12 @@ class _MSEmbeddingsFn(torch.autograd.Function):
         margin: float,
         mining: str,
     ) -> Tensor:
-        dtype = _work_dtype(emb)
-        with _no_autocast(emb.device.type):
+        dtype = work_dtype(emb)
+        with no_autocast(emb.device.type):
             x = emb if emb.dtype == dtype else emb.to(dtype)
             r = x if ref is None else ref if ref.dtype == dtype else ref.to(dtype)
             sim = x @ r.T
-            core = _ms_core(sim, masks, alpha, beta, lam, margin, mining)
+            core = ms_core(sim, masks, alpha, beta, lam, margin, mining)
         n = x.shape[0]
         ctx.save_for_backward(x, None if ref is None else r, _signed_grad(core, sim).div_(n))
         ctx.dtypes = (emb.dtype, None if ref is None else ref.dtype)
@@ -223,7 +222,7 @@ class _MSEmbeddingsFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, r, grad_sim = ctx.saved_tensors
         grad_emb = grad_ref = None
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             if r is None:
                 grad_emb = ((grad_sim + grad_sim.T) @ x).mul_(grad_out)
             else:
@@ -242,18 +241,18 @@ def ms_per_anchor(
     labels: Tensor,
     ref_labels: Tensor | None = None,
     *,
-    alpha: float = _DEF["alpha"],
-    beta: float = _DEF["beta"],
-    lam: float = _DEF["lam"],
-    margin: float = _DEF["margin"],
+    alpha: float = DEFAULTS["alpha"],
+    beta: float = DEFAULTS["beta"],
+    lam: float = DEFAULTS["lam"],
+    margin: float = DEFAULTS["margin"],
     ignore: Tensor | None = None,
     mining: str = "ms",
 ) -> Tensor:
     """Per-anchor MS losses L_i, shape (B,), zero for anchors without both kept sets."""
-    labels, ref_labels = _check_sim(sim, labels, ref_labels, ignore)
-    masks = _stacked_masks(labels, ref_labels, ignore)
+    labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
+    masks = stacked_masks(labels, ref_labels, ignore)
     return _MSRowsFn.apply(
-        sim.to(_work_dtype(sim)), masks, alpha, beta, lam, margin, _check_mining(mining)
+        sim.to(work_dtype(sim)), masks, alpha, beta, lam, margin, check_mining(mining)
     )
 
 
@@ -277,15 +276,15 @@ class MultiSimilarityLoss(nn.Module):
 
     def __init__(
         self,
-        alpha: float = _DEF["alpha"],
-        beta: float = _DEF["beta"],
-        lam: float = _DEF["lam"],
-        margin: float = _DEF["margin"],
+        alpha: float = DEFAULTS["alpha"],
+        beta: float = DEFAULTS["beta"],
+        lam: float = DEFAULTS["lam"],
+        margin: float = DEFAULTS["margin"],
         mining: str = "ms",
     ) -> None:
         super().__init__()
         self.alpha, self.beta, self.lam, self.margin = alpha, beta, lam, margin
-        self.mining = _check_mining(mining)
+        self.mining = check_mining(mining)
 
     @classmethod
     def from_preset(cls, name: str) -> MultiSimilarityLoss:
@@ -304,9 +303,15 @@ class MultiSimilarityLoss(nn.Module):
             alpha=self.alpha, beta=self.beta, lam=self.lam, margin=self.margin, mining=self.mining
         )
 
-    def per_anchor(self, sim: Tensor, labels: Tensor) -> Tensor:
-        """Per-anchor L_i of a (B, B) similarity matrix."""
-        return ms_per_anchor(sim, labels, **self._params())
+    def per_anchor(
+        self,
+        sim: Tensor,
+        labels: Tensor,
+        ref_labels: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> Tensor:
+        """Per-anchor L_i of a (B, B) or (B, M) similarity matrix."""
+        return ms_per_anchor(sim, labels, ref_labels, ignore=ignore, **self._params())
 
     def from_sim(
         self,
@@ -330,18 +335,18 @@ class MultiSimilarityLoss(nn.Module):
         ignore: Tensor | None = None,
     ) -> Tensor:
         """Loss of (B, D) embeddings against themselves or against (M, D) ref_embeddings."""
-        _check_embeddings(embeddings)
-        labels = _check_labels(labels, embeddings.shape[0], embeddings.device)
+        check_embeddings(embeddings)
+        labels = check_labels(labels, embeddings.shape[0], embeddings.device)
         if (ref_embeddings is None) != (ref_labels is None):
             raise ValueError("pass ref_embeddings and ref_labels together (or neither)")
         if ref_embeddings is not None:
-            _check_embeddings(ref_embeddings, "ref_embeddings")
+            check_embeddings(ref_embeddings, "ref_embeddings")
             if ref_embeddings.shape[1] != embeddings.shape[1]:
                 raise ValueError(
                     f"ref_embeddings has dim {ref_embeddings.shape[1]}, "
                     f"embeddings {embeddings.shape[1]}; they must match"
                 )
-            ref_labels = _check_labels(
+            ref_labels = check_labels(
                 ref_labels, ref_embeddings.shape[0], embeddings.device, "ref_labels"
             )
         n_refs = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
@@ -351,49 +356,6 @@ class MultiSimilarityLoss(nn.Module):
             raise ValueError(
                 f"ignore must be a bool tensor of shape ({embeddings.shape[0]}, {n_refs})"
             )
-        masks = _stacked_masks(labels, ref_labels, ignore)
+        masks = stacked_masks(labels, ref_labels, ignore)
         # _params() is (alpha, beta, lam, margin, mining) in that order, as apply() takes them
         return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, *self._params().values())
-
-
-# ----------------------------------------------------------------------------- registry
-# Names that live in modules building on this one: imported on first use (no import cycle).
-_GPW_NAMES = ("ContrastiveLoss", "TripletLoss", "BinomialDevianceLoss", "LiftedStructureLoss")
-_ELSEWHERE = {
-    **dict.fromkeys((*_GPW_NAMES, "gpw_pair_weights"), "msl_kit.gpw"),
-    **dict.fromkeys(("pair_weights", "mined_pairs", "mining_stats"), "msl_kit.mining"),
-}
-
-
-def _registry() -> dict[str, type[nn.Module]]:
-    from msl_kit import gpw
-
-    return {
-        "ms": MultiSimilarityLoss,
-        "contrastive": gpw.ContrastiveLoss,
-        "triplet": gpw.TripletLoss,
-        "binomial": gpw.BinomialDevianceLoss,
-        "lifted": gpw.LiftedStructureLoss,
-    }
-
-
-def __getattr__(name: str) -> object:
-    """`losses.LOSSES` (name -> class), the GPW names (in msl_kit.gpw) and `pair_weights`,
-    `mined_pairs`, `mining_stats` (in msl_kit.mining)."""
-    if name == "LOSSES":
-        return _registry()
-    if name in _ELSEWHERE:
-        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def build_loss(name: str, **params: object) -> nn.Module:
-    """The one loss builder: build_loss("ms", beta=50.0), build_loss("ms", mining="none"),
-    build_loss("triplet", margin=0.2), build_loss("binomial", mining="ms"), ..."""
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(registry)}")
-    try:
-        return registry[name](**params)
-    except TypeError as err:
-        raise TypeError(f"bad parameters for loss {name!r}: {err}") from None

@@ -1,13 +1,40 @@
 """BN-Inception as pretrainedmodels defines it, with a forward that frees each feature map as
 soon as no later layer reads it (bit-identical features, the Cadene state_dict layout).
 
-`msl_kit.models.build_model("bninception")` wraps it; its names are re-exported there.
+`msl_kit.models.build_model("bninception")` wraps it; the spec and the published weights'
+address live here beside it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from msl_kit.preprocessing import Preprocessing
+
+BNINCEPTION_WEIGHTS = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+
+
+def bninception_preprocessing() -> Preprocessing:
+    """pretrainedmodels' settings for its ImageNet weights (BGR, 0-255, mean 104/117/128, std 1;
+    a test checks them against its table) with the released recipe's sizes (256 -> 227) instead
+    of the table's 224, and the released two-step crop."""
+    return Preprocessing(
+        color="BGR",
+        value_range=255.0,
+        mean=(104.0, 117.0, 128.0),
+        std=(1.0, 1.0, 1.0),
+        input_size=227,
+        resize_size=256,
+        crop_scale=(0.16, 1.0),
+        hflip=True,
+        crop="two_step",
+    )
+
+
+def build_bninception(spec: Preprocessing) -> BNInceptionBackbone:
+    """BN-Inception features, max-pooled: images -> (B, 1024)."""
+    return BNInceptionBackbone()
 
 
 class BNInceptionBackbone(nn.Module):
@@ -33,7 +60,7 @@ class BNInceptionBackbone(nn.Module):
         for name, layer in reference.named_children():
             if name not in ("last_linear", "global_pool"):  # classifier and its average pool
                 self.add_module(name, layer)
-        self._stem, self._blocks = _bninception_plan(list(self._modules))
+        self._stem, self._blocks = bninception_plan(list(self._modules))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         bad = [side for side in images.shape[-2:] if not bninception_accepts(int(side))]
@@ -66,7 +93,7 @@ class BNInceptionBackbone(nn.Module):
         return x
 
 
-def _bninception_plan(names: list[str]) -> tuple[tuple[str, ...], tuple]:
+def bninception_plan(names: list[str]) -> tuple[tuple[str, ...], tuple]:
     """Layer names of the stem, then per inception block its branches, in concatenation order.
 
     pretrainedmodels registers each block's layers branch by branch (1x1; 3x3 reduce + 3x3;

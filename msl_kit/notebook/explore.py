@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from msl_kit import engine, evaluation, recipe, transforms
-from msl_kit.checkpoint import load_checkpoint
-from msl_kit.config import Config, load_config
+from msl_kit.datasets import transforms
 from msl_kit.sampler import PKSampler
+from msl_kit.train import engine, evaluation, recipe
+from msl_kit.train.checkpoint import load_checkpoint
+from msl_kit.train.config import Config, load_config
+from msl_kit.train.trainer import load_model_state
 
 
 def load_model(
@@ -29,7 +31,7 @@ def load_model(
         state = load_checkpoint(path)
         cfg = engine.stored_config(state, path)
         model = recipe.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
-        engine.load_model_state(model, state, path)
+        load_model_state(model, state, path)
     else:
         cfg = cfg or load_config()
         recipe.seed_everything(cfg.seed)  # as engine.train does before building the model

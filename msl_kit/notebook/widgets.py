@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from msl_kit import engine, losses, viz, viz_mining
-from msl_kit.config import Config
+from msl_kit.losses.mining import STAT_KEYS, pair_weights
+from msl_kit.losses.multi_similarity import PRESETS, PairWeights
+from msl_kit.train.config import Config
+from msl_kit.train.trainer import Callback
+from msl_kit.viz import mining as viz_mining
+from msl_kit.viz.common import new_figure, to_png
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -57,19 +61,19 @@ class PairWeightExplorer:
         compare: bool = True,
         dpi: int = 80,
     ) -> None:
-        if preset not in losses.PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(losses.PRESETS)}")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         self.sim, self.labels = sim.detach().float().cpu(), torch.as_tensor(labels).cpu()
-        self.params = dict(losses.PRESETS[preset])
+        self.params = dict(PRESETS[preset])
         self.compare, self.dpi = compare, dpi
-        self.weights: losses.PairWeights | None = None
+        self.weights: PairWeights | None = None
         self.figure: Figure | None = None
         self.compare_figure: Figure | None = None
         self.renders = 0
         self._ui: dict[str, Any] = {}
         self._syncing = False
         if compare:
-            others = {n: {} for n in viz_mining.LOSS_TITLES if n != "ms"}
+            others = {n: {} for n in viz_mining.other_pair_losses()}
             self.compare_figure = viz_mining.gpw_figure(self.sim, self.labels, others)
         self.update()
 
@@ -79,7 +83,7 @@ class PairWeightExplorer:
         return next(
             (
                 n
-                for n, p in losses.PRESETS.items()
+                for n, p in PRESETS.items()
                 if all(abs(self.params[k] - v) < 1e-9 for k, v in p.items())
             ),
             CUSTOM,
@@ -95,21 +99,21 @@ class PairWeightExplorer:
             )
         self.params.update({k: float(v) for k, v in params.items()})
         # computed once per move: the figure draws these very weights
-        self.weights = losses.pair_weights(self.sim, self.labels, **self.params)
+        self.weights = pair_weights(self.sim, self.labels, **self.params)
         self.figure = viz_mining.pair_weight_figure(
             self.sim, self.labels, weights=self.weights, **self.params
         )
         self.renders += 1
         if self._ui:
             self._sync_controls()
-            self._ui["image"].value = viz.to_png(self.figure, self.dpi)
+            self._ui["image"].value = to_png(self.figure, self.dpi)
         return self.figure
 
     def apply_preset(self, name: str) -> Figure:
-        """Set all four parameters from losses.PRESETS[name] in one redraw."""
-        if name not in losses.PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(losses.PRESETS)}")
-        return self.update(**losses.PRESETS[name])
+        """Set all four parameters from PRESETS[name] in one redraw."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return self.update(**PRESETS[name])
 
     def _sync_controls(self) -> None:
         # moving the controls to the current state must not trigger another redraw
@@ -141,9 +145,7 @@ class PairWeightExplorer:
             )
             for n, (lo, hi, step) in SLIDERS.items()
         }
-        preset = w.Dropdown(
-            options=[*losses.PRESETS, CUSTOM], value=self.preset, description="preset"
-        )
+        preset = w.Dropdown(options=[*PRESETS, CUSTOM], value=self.preset, description="preset")
         for name, slider in sliders.items():
             slider.add_class(f"msl-slider-{name}")
             slider.observe(
@@ -155,15 +157,13 @@ class PairWeightExplorer:
             ),
             "value",
         )
-        image = w.Image(value=viz.to_png(self.figure, self.dpi), format="png")
+        image = w.Image(value=to_png(self.figure, self.dpi), format="png")
         image.add_class("msl-pair-weights")
         row1, row2 = list(sliders.values())[:1], list(sliders.values())[1:]
         parts = [w.HBox([preset, *row1]), w.HBox(row2), image]
         self._ui = {"sliders": sliders, "preset": preset, "image": image}
         if self.compare:
-            self._ui["compare"] = w.Image(
-                value=viz.to_png(self.compare_figure, self.dpi), format="png"
-            )
+            self._ui["compare"] = w.Image(value=to_png(self.compare_figure, self.dpi), format="png")
             self._ui["compare"].add_class("msl-gpw-compare")
             parts.append(self._ui["compare"])
         self._ui["box"] = w.VBox(parts)
@@ -213,7 +213,7 @@ class SnapshotExplorer:
         self.sim_range = (min(lo, lam) - 0.05, 1.02)  # one axis for every snapshot
         self.dpi, self.renders, self._ui = dpi, 0, {}
         self.iteration = self.iterations[-1]
-        self.weights: losses.PairWeights | None = None
+        self.weights: PairWeights | None = None
         self.figure: Figure | None = None
         self.update(self.iteration)
 
@@ -228,7 +228,7 @@ class SnapshotExplorer:
             raise ValueError(f"no snapshot at iteration {iteration}; the run has {self.iterations}")
         self.iteration = int(iteration)
         sim = self.sims[self.iteration]
-        self.weights = losses.pair_weights(sim, self.labels, **self.params)
+        self.weights = pair_weights(sim, self.labels, **self.params)
         self.figure = viz_mining.pair_weight_figure(
             sim,
             self.labels,
@@ -239,7 +239,7 @@ class SnapshotExplorer:
         )
         self.renders += 1
         if self._ui:
-            self._ui["image"].value = viz.to_png(self.figure, self.dpi)
+            self._ui["image"].value = to_png(self.figure, self.dpi)
         return self.figure
 
     def widget(self) -> ipywidgets.VBox:
@@ -257,7 +257,7 @@ class SnapshotExplorer:
         )
         slider.add_class("msl-snapshot-slider")
         slider.observe(lambda change: self.update(change["new"]), "value")
-        image = w.Image(value=viz.to_png(self.figure, self.dpi), format="png")
+        image = w.Image(value=to_png(self.figure, self.dpi), format="png")
         image.add_class("msl-snapshot-weights")
         self._ui = {"slider": slider, "image": image, "box": w.VBox([slider, image])}
         return self._ui["box"]
@@ -276,7 +276,7 @@ def _in_notebook() -> bool:
     return getattr(get_ipython(), "kernel", None) is not None
 
 
-class _LivePanel(engine.Callback):
+class _LivePanel(Callback):
     """A figure that redraws in place in one notebook output while a run trains.
 
     Outside a notebook (or with `display=False`) it only records; `figure()` always works.
@@ -309,7 +309,7 @@ class _LivePanel(engine.Callback):
     def _image(self) -> Any:
         from IPython.display import Image
 
-        return Image(viz.to_png(self.figure()))
+        return Image(to_png(self.figure()))
 
     def redraw(self) -> None:
         """Replace the notebook output with the current figure (no-op outside notebooks)."""
@@ -345,7 +345,7 @@ class LiveCurves(_LivePanel):
 
     def figure(self) -> Figure:
         """Loss per iteration (left) and the evaluation metrics in % (right)."""
-        fig = viz.new_figure(10, 3.2)
+        fig = new_figure(10, 3.2)
         ax_loss, ax_eval = fig.subplots(1, 2)
         xlim = (0, max(self.total, 1))
         if self.steps:
@@ -365,7 +365,7 @@ class LiveMining(_LivePanel):
     """Engine callback: what MS is looking at as it learns, redrawn in place in a notebook.
 
     Keeps the mining statistics of the records the engine passes to `on_step` every
-    `train.log_every` iterations (viz_mining.MINING_COLUMNS) and draws
+    `train.log_every` iterations (STAT_KEYS) and draws
     `viz_mining.mining_dynamics` of them, with the run's λ.
     """
 
@@ -379,8 +379,8 @@ class LiveMining(_LivePanel):
         super().on_start(cfg, start_iteration, total)
 
     def on_step(self, record: dict) -> None:
-        if viz_mining.MINING_COLUMNS[0] in record:
-            keys = ("iteration", *viz_mining.MINING_COLUMNS)
+        if STAT_KEYS[0] in record:
+            keys = ("iteration", *STAT_KEYS)
             self.records.append({k: record.get(k) for k in keys})
             self._due()
 
@@ -388,7 +388,7 @@ class LiveMining(_LivePanel):
         """`viz_mining.mining_dynamics` of the records so far, or a note while there are none."""
         if self.records:
             return viz_mining.mining_dynamics(self.records, lam=self.lam, total=self.total or None)
-        fig = viz.new_figure(13, 1.2)
+        fig = new_figure(13, 1.2)
         fig.text(
             0.5,
             0.5,

@@ -27,45 +27,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from msl_kit.config import Config
-from msl_kit.sweep_spec import (
-    STUDY_DIR,
+from msl_kit.sweep.spec import (
     SweepError,
     SweepSpec,
     cell_config,
     cell_name,
     cells,
     check_spec,
-    load_study,
-    make_spec,
-    parse_grid,
-    parse_range,
 )
-
-__all__ = [  # with the spec names of msl_kit.sweep_spec, re-exported
-    "HOST",
-    "METRICS",
-    "STUDY_DIR",
-    "SweepError",
-    "SweepSpec",
-    "cell_config",
-    "cell_name",
-    "cell_states",
-    "cells",
-    "check_spec",
-    "load_study",
-    "make_spec",
-    "markdown",
-    "open_study",
-    "parse_grid",
-    "parse_range",
-    "reap",
-    "run_cell",
-    "run_sweep",
-    "run_worker",
-    "summarize",
-    "write_tables",
-]
+from msl_kit.train.config import Config
 
 HEARTBEAT_S, GRACE_S = 10, 60  # a worker silent for a minute is stale (other machines)
 POLL_S = 2.0  # how often an idle worker looks for work while others still run cells
@@ -166,7 +136,7 @@ def reap(study: Any, spec: SweepSpec, retry_failed: bool = False) -> None:
 
 def run_cell(cfg: Config, run_dir: Path) -> dict:
     """Train one cell (continuing its checkpoint if a killed worker left one); its record."""
-    from msl_kit import engine
+    from msl_kit.train import engine
 
     start, resume = datetime.now(), (run_dir / "checkpoint.pt").is_file()
     metrics = engine.train(cfg, run_dir, resume=resume)
@@ -347,7 +317,7 @@ def markdown(summary: list[dict], keys: list[str]) -> str:
 
 def write_tables(out: Path, study: Any, spec: SweepSpec) -> dict:
     """Write sweep.csv, summary.csv and summary.md from the study; return them with failures."""
-    from msl_kit.checkpoint import atomic_write_text
+    from msl_kit.files.atomic import atomic_write_text
 
     # One row per finished run (keys, seed, R@1, MAP@R, wall time, run folder), in grid order.
     table = sorted(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from msl_kit.config import CONFIG_DIR, Config, load_config, parse_override
+from msl_kit.train.config import CONFIG_DIR, Config, load_config, parse_override
 
 STUDY_DIR = CONFIG_DIR / "sweeps"
 

@@ -1,6 +1,6 @@
 """Checkpoints: saved atomically with the previous one kept, loaded safely, exact RNG state.
 
-The file primitives (atomic writes, `safe_load`) live in `msl_kit.fileio`.
+The file primitives (atomic writes, `safe_load`) live in `msl_kit.files.atomic`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-# Re-exported: these lived here before msl_kit.fileio existed, and callers still import them.
-from msl_kit.fileio import CheckpointError as CheckpointError
-from msl_kit.fileio import atomic_torch_save as atomic_torch_save
-from msl_kit.fileio import atomic_write_bytes as atomic_write_bytes
-from msl_kit.fileio import atomic_write_text as atomic_write_text
-from msl_kit.fileio import fsync_dir as fsync_dir
-from msl_kit.fileio import safe_load as safe_load
+from msl_kit.files.atomic import (
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    safe_load,
+)
 
 
 def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None:

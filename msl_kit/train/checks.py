@@ -9,8 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from msl_kit.datasets.registry import info
+from msl_kit.losses.registry import LOSSES, loss_spec
+from msl_kit.models.registry import backbone_spec
+from msl_kit.preprocessing import CROP_MODES
+
 if TYPE_CHECKING:
-    from msl_kit.config import Config
+    from msl_kit.train.config import Config
 
 
 class ConfigError(ValueError):
@@ -40,11 +45,9 @@ def validate(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    from msl_kit import datasets  # the registry the names come from
-
     d = cfg.data
     try:
-        datasets.info(d.name)
+        info(d.name)
     except ValueError as e:
         raise ConfigError(f"data.name = {d.name!r}: {e}") from None
     check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
@@ -53,14 +56,15 @@ def _check_data(cfg: Config) -> None:
         len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1
     )
     check(scale_ok, "data.crop_scale", d.crop_scale, "use 0 < low <= high <= 1, like [0.16, 1.0]")
-    choice("data.crop_mode", d.crop_mode, [None, "two_step", "fused"])
+    choice("data.crop_mode", d.crop_mode, [None, *CROP_MODES])
 
 
 def _check_model(cfg: Config) -> None:
-    from msl_kit import models
-
     m = cfg.model
-    choice("model.backbone", m.backbone, models.MODEL_NAMES)
+    try:
+        backbone_spec(m.backbone)
+    except ValueError as e:
+        raise ConfigError(f"model.backbone = {m.backbone!r}: {e}") from None
     check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
     check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
     check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
@@ -69,11 +73,17 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    from msl_kit import losses
-
     lo = cfg.loss
-    choice("loss.name", lo.name, losses.LOSSES)
+    choice("loss.name", lo.name, LOSSES)
+    spec = loss_spec(lo.name)
     choice("loss.mining", lo.mining, [None, "ms", "none"])
+    takes_mining = [name for name, s in LOSSES.items() if s.mining]
+    check(
+        lo.mining is None or spec.mining,
+        "loss.mining",
+        lo.mining,
+        f"loss.name={lo.name} has no MS mining option; it is for {', '.join(takes_mining)}",
+    )
     check(lo.alpha > 0, "loss.alpha", lo.alpha, "use a value > 0 (released recipe: 2)")
     check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
     check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
@@ -81,10 +91,10 @@ def _check_loss(cfg: Config) -> None:
     xbm = (lo.xbm_size, lo.xbm_start, lo.xbm_weight)
     check(min(xbm) >= 0, "loss.xbm_size/start/weight", xbm, "use values >= 0")
     check(
-        not lo.xbm_size or lo.name == "ms",
+        not lo.xbm_size or spec.pairs,
         "loss.xbm_size",
         lo.xbm_size,
-        "cross-batch memory works with loss.name=ms only",
+        f"cross-batch memory remembers pairs; loss.name={lo.name} scores no pairs",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from msl_kit.config_checks import ConfigError, validate
-from msl_kit.losses import PRESETS
+from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.train.checks import ConfigError, validate
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -110,6 +111,10 @@ class Config:
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     description: str = ""
+    # Modules imported before the config is checked, so that they can register their own
+    # losses, backbones or datasets (`register_loss`, `register_backbone`); recorded in
+    # config.yaml, so a resumed run or a sweep cell imports them again.
+    plugins: list[str] = field(default_factory=list)
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -224,8 +229,21 @@ def resolve(values: dict[str, Any]) -> Config:
             setattr(cfg.loss, k, float(v))
     for key, value in values.items():
         set_key(cfg, key, value)
+    import_plugins(cfg.plugins)
     validate(cfg)
     return cfg
+
+
+def import_plugins(names: list[str]) -> None:
+    """Import each plugin module (by dotted name, from sys.path / PYTHONPATH) once."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure of a user's module is theirs to see in one line
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({type(err).__name__}: {err}); put the module "
+                "on PYTHONPATH or fix it"
+            ) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

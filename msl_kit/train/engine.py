@@ -15,24 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from msl_kit import checkpoint as ckpt
-from msl_kit import distributed, evaluation, recipe, rundir
-from msl_kit.config import (
-    Config,
-    ConfigError,
-    flatten,
-    from_dict,
-    parse_override,
-    resolve,
-    to_dict,
-)
-from msl_kit.trainer import (  # noqa: F401  (re-exported: engine.Callback, ...)
-    Callback,
-    DivergenceError,
-    TensorBoardLogger,
-    Trainer,
-    load_model_state,
-)
+from msl_kit.files.atomic import CheckpointError
+from msl_kit.train import checkpoint as ckpt
+from msl_kit.train import distributed, evaluation, recipe, rundir
+from msl_kit.train.checks import ConfigError
+from msl_kit.train.config import Config, flatten, from_dict, parse_override, resolve, to_dict
+from msl_kit.train.trainer import Callback, DivergenceError, Trainer, load_model_state
 
 # What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
 RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")
@@ -49,7 +37,7 @@ class Interrupted(KeyboardInterrupt):
 def stored_config(state: dict, path: Path) -> Config:
     """The config a checkpoint was trained with; a clear error for files without one."""
     if not isinstance(state.get("config"), dict):
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"{path} holds weights but no stored config, so msl-kit cannot "
             "rebuild its model: it was not written by `msl-kit train`"
         )
@@ -61,7 +49,7 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
     stored = flatten(to_dict(stored_config(state, path)))
     on_disk = out / "config.yaml"
     if on_disk.is_file():
-        from msl_kit.config import read_yaml
+        from msl_kit.train.config import read_yaml
 
         edited = flatten(to_dict(resolve(read_yaml(on_disk))))
         changed = [

@@ -17,9 +17,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from msl_kit import datasets, losses, models, transforms
-from msl_kit.config import Config
-from msl_kit.evaluation import EvalOptions
+from msl_kit.datasets.dataset import ImageDataset, build
+from msl_kit.datasets.registry import info
+from msl_kit.datasets.transforms import build_transform
+from msl_kit.losses import registry as loss_registry
+from msl_kit.models import builder as model_builder
+from msl_kit.models.registry import backbone_spec
+from msl_kit.preprocessing import Preprocessing
+from msl_kit.train.config import Config
+from msl_kit.train.evaluation import EvalOptions
 
 
 def seed_everything(seed: int) -> None:
@@ -37,27 +43,20 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_options(cfg: Config) -> dict:
-    """The size options of the configured backbone (only the small convnet has any)."""
+    """The `model.*` options the configured backbone takes (only the small convnet has any)."""
     m = cfg.model
-    if m.backbone != "convnet":
-        return {}
-    return dict(
+    values = dict(
         in_channels=m.in_channels,
         image_size=m.image_size,
         resize_size=m.resize_size or m.image_size,
         width=m.width,
     )
+    return {k: values[k] for k in backbone_spec(m.backbone).options if k in values}
 
 
-def preprocessing(cfg: Config) -> transforms.Preprocessing:
+def preprocessing(cfg: Config) -> Preprocessing:
     """The backbone's preprocessing spec (no network is built) with the data overrides."""
-    m = cfg.model
-    spec = models.preprocessing_spec(
-        m.backbone,
-        image_size=m.image_size,
-        resize_size=m.resize_size or m.image_size,
-        in_channels=m.in_channels,
-    )
+    spec = model_builder.preprocessing_spec(cfg.model.backbone, **model_options(cfg))
     changes: dict = {}
     if cfg.data.crop_scale is not None:
         changes["crop_scale"] = tuple(cfg.data.crop_scale)
@@ -73,16 +72,16 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
     whose weights come from a checkpoint next."""
     m = cfg.model
     pretrained = m.pretrained if load_pretrained else None
-    model = models.build_model(
+    model = model_builder.build_model(
         m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn, **model_options(cfg)
     )
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
 
-def dataset(cfg: Config, split: str, transform=None) -> datasets.ImageDataset:
+def dataset(cfg: Config, split: str, transform=None) -> ImageDataset:
     """One split of the configured dataset: the only place the config's data keys are read."""
     d = cfg.data
-    return datasets.build(
+    return build(
         d.name,
         d.root,
         split,
@@ -100,17 +99,17 @@ class EvalData(NamedTuple):
     gallery: Dataset | None
 
 
-def eval_data(cfg: Config, spec: transforms.Preprocessing | None = None) -> EvalData:
+def eval_data(cfg: Config, spec: Preprocessing | None = None) -> EvalData:
     """The evaluation split (In-Shop's test: query and gallery) with the eval transform."""
-    tf = transforms.build_transform(spec or preprocessing(cfg), train=False)
-    if datasets.info(cfg.data.name).query_gallery and cfg.eval.split == "test":
+    tf = build_transform(spec or preprocessing(cfg), train=False)
+    if info(cfg.data.name).query_gallery and cfg.eval.split == "test":
         return EvalData(dataset(cfg, "query", tf), dataset(cfg, "gallery", tf))
     return EvalData(dataset(cfg, cfg.eval.split, tf), None)
 
 
-def train_data(cfg: Config, spec: transforms.Preprocessing | None = None) -> Dataset:
+def train_data(cfg: Config, spec: Preprocessing | None = None) -> Dataset:
     """The training split with the train transform (augmentation)."""
-    return dataset(cfg, "train", transforms.build_transform(spec or preprocessing(cfg), train=True))
+    return dataset(cfg, "train", build_transform(spec or preprocessing(cfg), train=True))
 
 
 def eval_options(cfg: Config) -> EvalOptions:
@@ -121,21 +120,19 @@ def eval_options(cfg: Config) -> EvalOptions:
 
 
 def loss_params(cfg: Config) -> dict:
-    """The parameters `losses.build_loss` gets for the configured loss."""
+    """The parameters the configured loss gets: the `loss.*` keys its registry entry names,
+    and `loss.mining` where it is set and the loss takes it."""
     lc = cfg.loss
-    params: dict = {}
-    if lc.name == "ms":
-        params = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
-    elif lc.name == "triplet":
-        params = dict(margin=lc.margin)
-    if lc.mining is not None:
+    spec = loss_registry.loss_spec(lc.name)
+    params = {key: getattr(lc, key) for key in spec.keys}
+    if lc.mining is not None and spec.mining:
         params["mining"] = lc.mining
     return params
 
 
 def build_loss(cfg: Config) -> nn.Module:
-    """The configured loss (alpha/beta/lam/margin parametrise MS; margin is also triplet's)."""
-    return losses.build_loss(cfg.loss.name, **loss_params(cfg))
+    """The configured loss, built from the loss registry."""
+    return loss_registry.build_loss(cfg.loss.name, **loss_params(cfg))
 
 
 def lr_factor(iteration: int, cfg: Config) -> float:

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from msl_kit.checkpoint import atomic_write_text
+from msl_kit.files.atomic import atomic_write_text
 
 LOCK = ".msl_kit.lock"
 RUN_FILES = (

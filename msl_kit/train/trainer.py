@@ -16,11 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from msl_kit import checkpoint as ckpt
-from msl_kit import distributed, evaluation, losses, recipe, rundir
-from msl_kit.config import Config, ConfigError, save_config, to_dict
-from msl_kit.memory import CrossBatchMemory, xbm_step_loss
+from msl_kit.files.atomic import CheckpointError, atomic_write_text
+from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
+from msl_kit.losses.mining import mining_stats
 from msl_kit.sampler import PKSampler
+from msl_kit.train import checkpoint as ckpt
+from msl_kit.train import distributed, evaluation, recipe, rundir
+from msl_kit.train.checks import ConfigError
+from msl_kit.train.config import Config, save_config, to_dict
 
 
 class DivergenceError(RuntimeError):
@@ -106,7 +109,7 @@ def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
-        raise ckpt.CheckpointError(
+        raise CheckpointError(
             f"{path} does not fit the model its config describes: {detail}"
         ) from None
 
@@ -149,7 +152,8 @@ class Trainer:
             CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
         )
         self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
-        self.ms_on_sim = losses.MultiSimilarityLoss(**self.ms).from_sim  # XBM: the fast path
+        # XBM scores anchors against the memory with the configured pair loss's own from_sim
+        self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm else None
         self.iteration, self.history, self.results = 0, [], {}
         self.best: dict = {"iteration": 0, "recall@1": -1.0}
         self.floors: dict = {}
@@ -273,7 +277,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def step_loss(e: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return xbm_step_loss(
-                self.xbm, self.iteration, self.loss_fn(e, y), self.ms_on_sim, e, y, idx
+                self.xbm, self.iteration, self.loss_fn(e, y), self.memory_loss, e, y, idx
             )
 
         if self.dist.world_size > 1:  # every rank scores the gathered global batch
@@ -283,7 +287,7 @@ class Trainer:
         return loss, loss.detach()
 
     def _mining(self, emb: torch.Tensor, labels: torch.Tensor) -> dict:
-        return losses.mining_stats(emb @ emb.T, labels, **self.ms)
+        return mining_stats(emb @ emb.T, labels, **self.ms)
 
     def evaluate(self) -> dict:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
@@ -360,5 +364,5 @@ class Trainer:
         if self.resumes:
             final["resumes"] = self.resumes
         if self.main:
-            ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(final, indent=2) + "\n")
+            atomic_write_text(self.out / "metrics.json", json.dumps(final, indent=2) + "\n")
         return final

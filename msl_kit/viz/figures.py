@@ -9,7 +9,6 @@ when a UMAP is drawn.
 
 from __future__ import annotations
 
-import io
 import textwrap
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,69 +19,24 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from msl_kit import datasets, metrics
+from msl_kit import metrics
+from msl_kit.datasets.registry import DatasetInfo, list_datasets
+from msl_kit.viz.common import (
+    NEG_COLOR,
+    POS_COLOR,
+    QUERY_COLOR,
+    SPLIT_COLORS,
+    as_image_array,
+    fig_ax,
+    new_figure,
+    show_image,
+    to_numpy,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-POS_COLOR, NEG_COLOR, QUERY_COLOR = "#1a9850", "#d73027", "#222222"
-SPLIT_COLORS = {"train": "#2166ac", "val": "#762a83", "test": "#b35806", "query": "#b35806"}
-
-
-# ----------------------------------------------------------------------------- basics
-def new_figure(width: float, height: float) -> Figure:
-    """A pyplot-free Figure with constrained layout."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def to_png(fig: Figure, dpi: int = 80) -> bytes:
-    """The figure rendered as PNG bytes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def _fig_ax(ax: Axes | None, width: float, height: float) -> tuple[Figure, Axes]:
-    if ax is None:
-        fig = new_figure(width, height)
-        return fig, fig.add_subplot()
-    return ax.figure, ax
-
-
-def _np(x: Any) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu()
-        return (x.float() if x.is_floating_point() else x).numpy()
-    return np.asarray(x)
-
-
-def as_image_array(image: Any) -> np.ndarray:
-    """(H, W) or (H, W, 3) floats in [0, 1] from a PIL image, uint8 array or (C, H, W) tensor."""
-    if isinstance(image, Tensor):  # a transformed tensor: undo the normalisation by min-max
-        a = image.detach().float().cpu().numpy()
-        a = a.transpose(1, 2, 0) if a.ndim == 3 else a
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    else:
-        a = np.asarray(image)
-        a = a / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    return a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a
-
-
-def _show(ax: Axes, image: Any, frame: str | None = None, title: str = "") -> None:
-    img = as_image_array(image)
-    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-    ax.set_xticks([]), ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
-    for spine in ax.spines.values():
-        spine.set_visible(frame is not None)
-        if frame is not None:
-            spine.set_edgecolor(frame), spine.set_linewidth(4)
 
 
 # ----------------------------------------------------------------------------- data (01)
@@ -92,7 +46,7 @@ def dataset_overview() -> pd.DataFrame:
 
     local = ("digits", "folder", "omniglot_small")  # nothing to download
 
-    def where(d: datasets.DatasetInfo) -> str:
+    def where(d: DatasetInfo) -> str:
         return d.url or ("none needed" if d.name in local else "bring your own")
 
     return pd.DataFrame(
@@ -105,7 +59,7 @@ def dataset_overview() -> pd.DataFrame:
                 "split": d.split_rule,
                 "download": where(d),
             }
-            for d in datasets.list_datasets()
+            for d in list_datasets()
         ]
     )
 
@@ -182,7 +136,7 @@ def sample_grid(
         name = ds.classes[c] if hasattr(ds, "classes") else str(c)
         for col, ax in enumerate(axes[r]):
             if col < len(idx):
-                _show(ax, ds[int(idx[col])][0])
+                show_image(ax, ds[int(idx[col])][0])
             else:
                 ax.axis("off")
         short = "\n".join(textwrap.wrap(name.replace("_", " "), 14)[:2])
@@ -199,7 +153,7 @@ def recall_curves(
 
     from msl_kit.paper import find_runs
 
-    fig, ax = _fig_ax(ax, 6, 3.6)
+    fig, ax = fig_ax(ax, 6, 3.6)
     for run in find_runs(runs):
         path = run / "history.csv"
         history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
@@ -218,7 +172,7 @@ def embedding_2d(
     emb: Any, method: str = "umap", *, seed: int = 0, **umap_options: Any
 ) -> np.ndarray:
     """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import)."""
-    x = _np(emb).astype(np.float32)
+    x = to_numpy(emb).astype(np.float32)
     if method == "pca":
         x = x - x.mean(0)
         _, _, vt = np.linalg.svd(x, full_matrices=False)
@@ -273,8 +227,8 @@ def embedding_figure(
     import matplotlib
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    fig, ax = _fig_ax(ax, 6, 6)
-    points, labels = np.asarray(points), _np(labels)
+    fig, ax = fig_ax(ax, 6, 6)
+    points, labels = np.asarray(points), to_numpy(labels)
     classes = np.unique(labels)
     cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     colors = cmap(np.searchsorted(classes, labels) % cmap.N)
@@ -328,27 +282,20 @@ def retrieval_grid(
 ) -> Figure:
     """Queries (left, black frame) and their top-k neighbours: green frame same class, red not."""
     _, neighbours = metrics.knn(emb, k)  # query = gallery, the query itself excluded
-    labels = _np(labels)
+    labels = to_numpy(labels)
     if queries is None:
         rng = np.random.default_rng(seed)
         queries = sorted(rng.choice(len(labels), min(n_queries, len(labels)), replace=False))
     fig = new_figure(1.25 * (k + 1), 1.35 * len(queries))
     axes = fig.subplots(len(queries), k + 1, squeeze=False)
     for row, q in enumerate(queries):
-        _show(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
+        show_image(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
         for col, j in enumerate(neighbours[q].tolist(), start=1):
             hit = labels[j] == labels[q]
-            _show(
+            show_image(
                 axes[row, col],
                 images[j],
                 POS_COLOR if hit else NEG_COLOR,
                 f"top {col}" if row == 0 else "",
             )
     return fig
-
-
-# ----------------------------------------------------------------------------- sweeps (06)
-
-
-# The sweep heatmap lives in viz_sweep (it needs only the helpers above); re-exported here.
-from msl_kit.viz_sweep import sensitivity_heatmap  # noqa: E402, F401

@@ -18,31 +18,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from msl_kit import losses
-from msl_kit.mining import STAT_KEYS
-from msl_kit.viz import NEG_COLOR, POS_COLOR, _fig_ax, _np, new_figure
+from msl_kit.losses.gpw_weights import gpw_pair_weights
+from msl_kit.losses.mining import STAT_KEYS, mined_pairs, pair_weights
+from msl_kit.losses.multi_similarity import PRESETS, PairWeights, pair_masks
+from msl_kit.losses.registry import LOSSES, loss_spec
+from msl_kit.viz.common import NEG_COLOR, POS_COLOR, fig_ax, new_figure, to_numpy
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-LOSS_TITLES = {
-    "ms": "Multi-Similarity",
-    "contrastive": "Contrastive",
-    "triplet": "Triplet (semi-hard)",
-    "binomial": "Binomial deviance",
-    "lifted": "Lifted structure",
-}
-# The columns engine.train writes to history.csv every log_every iterations (and passes to
-# the callbacks' on_step): what MS mining kept of that iteration's batch.
-MINING_COLUMNS = STAT_KEYS
+
+def other_pair_losses() -> list[str]:
+    """The registered pair losses besides MS, in registry order: the GPW comparison's columns."""
+    return [name for name, spec in LOSSES.items() if spec.pairs and name != "ms"]
 
 
 # ----------------------------------------------------------------------------- one batch (03)
 def _class_lines(ax: Axes, labels: Any) -> None:
     """White lines between class blocks; the class ids as ticks at block centres."""
-    y = _np(labels)
+    y = to_numpy(labels)
     starts = np.r_[0, np.flatnonzero(np.diff(y)) + 1, len(y)]
     for e in starts[1:-1] - 0.5:
         ax.axhline(e, color="w", lw=0.6), ax.axvline(e, color="w", lw=0.6)
@@ -54,8 +50,8 @@ def _class_lines(ax: Axes, labels: Any) -> None:
 
 def similarity_heatmap(sim: Tensor, labels: Tensor, *, ax: Axes | None = None) -> Figure:
     """The (B, B) similarity matrix with class blocks outlined (labels sorted)."""
-    fig, ax = _fig_ax(ax, 4.4, 3.8)
-    im = ax.imshow(_np(sim), cmap="viridis", vmin=-1, vmax=1)
+    fig, ax = fig_ax(ax, 4.4, 3.8)
+    im = ax.imshow(to_numpy(sim), cmap="viridis", vmin=-1, vmax=1)
     _class_lines(ax, labels)
     ax.set_title("similarity S = X Xᵀ", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
@@ -67,10 +63,10 @@ def similarity_histograms(
 ) -> Figure:
     """Positive and negative similarities (all pairs outlined, mined pairs filled) with the
     MS thresholds: lambda and the median per-anchor mining bounds."""
-    fig, ax = _fig_ax(ax, 5.0, 3.4)
-    s = _np(sim)
-    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
-    kept = losses.mined_pairs(torch.as_tensor(s), torch.as_tensor(labels), margin=margin)
+    fig, ax = fig_ax(ax, 5.0, 3.4)
+    s = to_numpy(sim)
+    pos_mask, neg_mask = (m.numpy() for m in pair_masks(torch.as_tensor(labels)))
+    kept = mined_pairs(torch.as_tensor(s), torch.as_tensor(labels), margin=margin)
     kept_pos, kept_neg = (m.numpy() for m in kept)
     bins = np.linspace(min(s.min(), lam) - 0.05, max(s.max(), lam) + 0.05, 41)
     for mask, kept, color, name in (
@@ -104,18 +100,23 @@ def similarity_histograms(
 def weight_scatter(
     sim: Tensor,
     labels: Tensor,
-    weights: losses.PairWeights,
+    weights: PairWeights,
     *,
     title: str = "",
     ax: Axes | None = None,
 ) -> Figure:
     """Each pair's weight against its similarity: w+ of positives (green), w- of negatives (red)."""
-    fig, ax = _fig_ax(ax, 4.0, 3.2)
-    s = _np(sim)
-    pos_mask, neg_mask = (m.numpy() for m in losses.pair_masks(torch.as_tensor(labels)))
-    ax.scatter(s[pos_mask], _np(weights.pos)[pos_mask], s=9, c=POS_COLOR, label="positive w⁺")
+    fig, ax = fig_ax(ax, 4.0, 3.2)
+    s = to_numpy(sim)
+    pos_mask, neg_mask = (m.numpy() for m in pair_masks(torch.as_tensor(labels)))
+    ax.scatter(s[pos_mask], to_numpy(weights.pos)[pos_mask], s=9, c=POS_COLOR, label="positive w⁺")
     ax.scatter(
-        s[neg_mask], _np(weights.neg)[neg_mask], s=9, c=NEG_COLOR, marker="x", label="negative w⁻"
+        s[neg_mask],
+        to_numpy(weights.neg)[neg_mask],
+        s=9,
+        c=NEG_COLOR,
+        marker="x",
+        label="negative w⁻",
     )
     if not (weights.pos.any() or weights.neg.any()):
         ax.text(
@@ -133,7 +134,7 @@ def weight_scatter(
 
 
 def weight_heatmap(
-    weights: losses.PairWeights,
+    weights: PairWeights,
     labels: Tensor | None = None,
     *,
     title: str = "",
@@ -143,8 +144,8 @@ def weight_heatmap(
     unmined."""
     from matplotlib.colors import LinearSegmentedColormap
 
-    fig, ax = _fig_ax(ax, 4.0, 3.6)
-    signed = _np(weights.pos) - _np(weights.neg)
+    fig, ax = fig_ax(ax, 4.0, 3.6)
+    signed = to_numpy(weights.pos) - to_numpy(weights.neg)
     vmax = float(np.abs(signed).max()) or 1.0
     cmap = LinearSegmentedColormap.from_list("gpw", [NEG_COLOR, "white", POS_COLOR])
     ax.imshow(signed, cmap=cmap, vmin=-vmax, vmax=vmax)
@@ -162,20 +163,20 @@ def pair_weight_figure(
     beta: float,
     lam: float,
     margin: float,
-    weights: losses.PairWeights | None = None,
+    weights: PairWeights | None = None,
     title: str = "",
     sim_range: tuple[float, float] | None = None,
 ) -> Figure:
     """The MS view of one batch: similarity histograms with thresholds, w vs S, weight matrix.
 
-    `weights` are the batch's `losses.pair_weights` under these parameters when the caller
+    `weights` are the batch's `pair_weights` under these parameters when the caller
     already has them (the explorers compute them once per slider move); else computed here.
     `sim_range` fixes the similarity axes, so figures of several snapshots line up.
     """
     fig = new_figure(13, 3.6)
     axes = fig.subplots(1, 3, width_ratios=[1.3, 1, 0.9])
     if weights is None:
-        weights = losses.pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
+        weights = pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
     similarity_histograms(sim, labels, lam=lam, margin=margin, ax=axes[0])
     weight_scatter(sim, labels, weights, title="MS pair weights", ax=axes[1])
     weight_heatmap(weights, labels, ax=axes[2])
@@ -189,13 +190,13 @@ def pair_weight_figure(
 def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None = None) -> Figure:
     """General Pair Weighting side by side: per loss, weight vs similarity above, weight matrix
     below (MS at the released preset, the others at their defaults unless `loss_params`)."""
-    others = {n: {} for n in LOSS_TITLES if n != "ms"}
-    loss_params = loss_params or {"ms": losses.PRESETS["released"], **others}
+    others = {n: {} for n in other_pair_losses()}
+    loss_params = loss_params or {"ms": PRESETS["released"], **others}
     fig = new_figure(3.2 * len(loss_params), 6.2)
     axes = fig.subplots(2, len(loss_params), squeeze=False)
     for col, (name, params) in enumerate(loss_params.items()):
-        weights = losses.gpw_pair_weights(name, sim, labels, **params)
-        weight_scatter(sim, labels, weights, title=LOSS_TITLES.get(name, name), ax=axes[0, col])
+        weights = gpw_pair_weights(name, sim, labels, **params)
+        weight_scatter(sim, labels, weights, title=loss_spec(name).title, ax=axes[0, col])
         weight_heatmap(weights, labels, ax=axes[1, col])
     return fig
 
@@ -203,8 +204,8 @@ def gpw_figure(sim: Tensor, labels: Tensor, loss_params: dict[str, dict] | None 
 def mined_fractions(sim: Tensor, labels: Tensor, margin: float) -> tuple[float, float]:
     """The fraction of positive and of negative pairs of a (B, B) batch that MS mining keeps."""
     sim, labels = torch.as_tensor(sim), torch.as_tensor(labels)
-    kept = losses.mined_pairs(sim, labels, margin=margin)
-    masks = losses.pair_masks(labels)
+    kept = mined_pairs(sim, labels, margin=margin)
+    masks = pair_masks(labels)
     return tuple(float(k.sum()) / max(int(m.sum()), 1) for k, m in zip(kept, masks))  # type: ignore
 
 
@@ -223,7 +224,7 @@ def weights_over_training(
     fig = new_figure(3.3 * len(sims), 6.4)
     axes = fig.subplots(2, len(sims), squeeze=False)
     for col, (iteration, sim) in enumerate(sorted(sims.items())):
-        weights = losses.pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
+        weights = pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
         pos, neg = mined_fractions(sim, labels, margin)
         title = f"iteration {iteration}\nmined: {pos:.0%} of positives, {neg:.0%} of negatives"
         weight_scatter(sim, labels, weights, title=title, ax=axes[0, col])
@@ -238,7 +239,7 @@ def mining_history(history: pd.DataFrame | Iterable[dict] | str | Path) -> pd.Da
     """The rows of a training history that carry mining statistics, by iteration.
 
     `history` is a DataFrame, on_step records, a history.csv or a run folder. A history
-    without the MINING_COLUMNS (a run from before they were recorded) raises ValueError.
+    without the STAT_KEYS (a run from before they were recorded) raises ValueError.
     """
     import pandas as pd
 
@@ -247,7 +248,7 @@ def mining_history(history: pd.DataFrame | Iterable[dict] | str | Path) -> pd.Da
         history = pd.read_csv(path)
     elif not isinstance(history, pd.DataFrame):
         history = pd.DataFrame(list(history))
-    missing = [c for c in MINING_COLUMNS if c not in history]
+    missing = [c for c in STAT_KEYS if c not in history]
     if missing:
         raise ValueError(
             f"this history has no mining statistics (missing {', '.join(missing)}); "

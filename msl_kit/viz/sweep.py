@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msl_kit import losses
-from msl_kit.viz import _fig_ax
+from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.viz.common import fig_ax
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,7 +47,7 @@ def sensitivity_heatmap(
         table = Path(table) / "sweep.csv" if Path(table).is_dir() else Path(table)
     df = pd.read_csv(table) if isinstance(table, Path) else pd.DataFrame(table)
     grid = df.groupby([y, x])[value].mean().unstack(x).sort_index().sort_index(axis=1)
-    fig, ax = _fig_ax(ax, 5.2, 4)
+    fig, ax = fig_ax(ax, 5.2, 4)
     image = ax.imshow(100 * grid.to_numpy(), origin="lower", cmap="viridis", aspect="auto")
     for (i, j), v in np.ndenumerate(100 * grid.to_numpy()):
         ax.text(
@@ -63,7 +63,7 @@ def sensitivity_heatmap(
     ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
     names = {k: k.rsplit(".", 1)[-1] for k in (x, y)}  # loss.beta -> the preset's "beta"
     for preset, marker in zip(mark, "*P^s"):
-        p = losses.PRESETS[preset]
+        p = PRESETS[preset]
         if all(n in p for n in names.values()):
             px = _axis_position(grid.columns, p[names[x]])
             py = _axis_position(grid.index, p[names[y]])

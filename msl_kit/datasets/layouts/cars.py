@@ -1,7 +1,6 @@
 """Readers of the three Cars196 layouts in circulation (see `read_cars`).
 
-Imported by `msl_kit.layouts` when a Cars196 folder is read; it builds on that module's
-primitives (records, confined paths, list-file checks) and the DML split, CARS_TRAIN_CLASSES.
+Built on the readers' shared primitives (records, confined paths, list-file checks).
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msl_kit.layouts import CARS_TRAIN_CLASSES, LayoutError, Record, _inside, _int, _search
+from msl_kit.datasets.layouts.common import LayoutError, Record, inside, search, to_int
+
+CARS_TRAIN_CLASSES = 98  # the DML split: classes 1-98 train, 99-196 test
 
 _LEGACY = "'annotations' (relative_im_path, class) and 'class_names', as in cars_annos.mat"
 _DEVKIT = "'annotations' (fname, class), as in the devkit's cars_train_annos.mat"
@@ -25,7 +26,7 @@ def read_cars(ddir: Path) -> list[Record]:
         ("cars_train_annos.mat", _cars_devkit),
         ("anno_train.csv", _cars_csv),
     ):
-        base = _search(ddir, marker)
+        base = search(ddir, marker)
         if base is not None:
             return reader(ddir, base)
     raise LayoutError(
@@ -89,7 +90,7 @@ def _cars_legacy(ddir: Path, base: str) -> list[Record]:
     """car_ims.tgz + cars_annos.mat: car_ims/NNNNNN.jpg, one list of all 16,185 images."""
     path = ddir / base / "cars_annos.mat"
     names, annos = _loadmat(path, _LEGACY, names=True, fields=("relative_im_path", "class"))
-    return [_car(_inside(base, rel), cls, names, path, "its class_names") for rel, cls in annos]
+    return [_car(inside(base, rel), cls, names, path, "its class_names") for rel, cls in annos]
 
 
 def _cars_devkit(ddir: Path, base: str) -> list[Record]:
@@ -106,7 +107,7 @@ def _cars_devkit(ddir: Path, base: str) -> list[Record]:
     )
     withlabels = "cars_test_annos_withlabels.mat"  # torchvision puts it beside devkit/
     test_at = next((d for d in (top, base) if (ddir / d / withlabels).is_file()), None)
-    test_at = test_at if test_at is not None else _search(ddir, withlabels)
+    test_at = test_at if test_at is not None else search(ddir, withlabels)
     if test_at is None:
         raise LayoutError(
             f"{ddir} has the devkit but no cars_test_annos_withlabels.mat (the "
@@ -119,12 +120,12 @@ def _cars_devkit(ddir: Path, base: str) -> list[Record]:
     ):
         _, annos = _loadmat(anno, _DEVKIT, names=False, fields=("fname", "class"))
         # a Kaggle re-upload nests the folders: cars_train/cars_train/*.jpg
-        folders = [_inside(top, f"cars_{split}"), _inside(top, f"cars_{split}", f"cars_{split}")]
+        folders = [inside(top, f"cars_{split}"), inside(top, f"cars_{split}", f"cars_{split}")]
         folder = next(
             (f for f in folders if annos and (ddir / f / annos[0][0]).is_file()), folders[0]
         )
         out += [
-            _car(_inside(folder, fname), cls, names, anno, "cars_meta.mat") for fname, cls in annos
+            _car(inside(folder, fname), cls, names, anno, "cars_meta.mat") for fname, cls in annos
         ]
     return out
 
@@ -149,7 +150,7 @@ def _cars_csv(ddir: Path, base: str) -> list[Record]:
     """The car_data mirror: car_data/car_data/{train,test}/<class name>/NNNNN.jpg with
     anno_{train,test}.csv (image,x1,y1,x2,y2,class; no header) and names.csv beside car_data/."""
     names = [row[0] for row in _csv_rows(ddir / base / "names.csv", "class name")]
-    tops = [_inside(base, "car_data", "car_data"), _inside(base, "car_data"), base or "."]
+    tops = [inside(base, "car_data", "car_data"), inside(base, "car_data"), base or "."]
     images = next((t for t in tops if (ddir / t / "train").is_dir()), tops[0])
     out = []
     for split in ("train", "test"):
@@ -158,10 +159,10 @@ def _cars_csv(ddir: Path, base: str) -> list[Record]:
             p.name: p.relative_to(ddir).as_posix() for p in (ddir / images / split).glob("*/*")
         }
         for fname, *_, cls in _csv_rows(anno, "image,x1,y1,x2,y2,class"):
-            cls_id = _int(cls, anno, "class (the last column)")
+            cls_id = to_int(cls, anno, "class (the last column)")
             # the folder is named after the class, '/' made '-' (Ram C/V -> Ram C-V): where a file
             # is missing, that is the path the error names
             name = names[cls_id - 1].replace("/", "-") if 1 <= cls_id <= len(names) else "?"
-            rel = found.get(fname) or _inside(images, split, name, fname)
+            rel = found.get(fname) or inside(images, split, name, fname)
             out.append(_car(rel, cls_id, names, anno, "names.csv"))
     return out

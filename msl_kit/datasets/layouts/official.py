@@ -1,113 +1,28 @@
-"""Readers of each dataset's official file layout: list files -> (path, class, split) records.
-
-Every path read from a list file is confined to the dataset folder before it is used.
-Cars196's three layouts are read in msl_kit.layouts_cars.
-"""
+"""Readers of the official file layouts of CUB-200-2011, SOP, In-Shop and Omniglot, and of a
+folder of your own images: list files -> (path, class, split) records."""
 
 from __future__ import annotations
 
 import csv
-import os
 import posixpath
-import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".bmp",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".gif",
+from msl_kit.datasets.layouts.common import (
+    IMAGE_EXTENSIONS,
+    LayoutError,
+    Record,
+    find,
+    inside,
+    read_rows,
+    to_int,
 )
 
 
-class LayoutError(FileNotFoundError):
-    """A dataset folder that does not hold the files of the official layout."""
-
-
-class Record(NamedTuple):
-    path: str  # relative to the dataset folder, '/'-separated, confined to it
-    key: object  # sortable class key (class id, (alphabet, character), item id...)
-    cls: str  # class name shown to people
-    split: str
-
-
-def _inside(*parts: str) -> str:
-    """Join '/'-paths relative to the dataset folder; refuse any that leave it."""
-    path = posixpath.normpath(posixpath.join(*(p.replace("\\", "/") for p in parts)))
-    if path.startswith(("/", "../")) or path == ".." or re.match(r"[A-Za-z]:", path):
-        raise LayoutError(
-            f"listed path {parts[-1]!r} points outside the dataset folder; the list "
-            "file is damaged or malicious"
-        )
-    return path
-
-
-def _search(ddir: Path, filename: str, depth: int = 3) -> str | None:
-    """The folder (relative to ddir) holding `filename`, searched breadth-first, sorted; or None."""
-    level = [ddir]
-    for _ in range(depth + 1):
-        for folder in level:
-            if (folder / filename).is_file():
-                return folder.relative_to(ddir).as_posix()
-        level = [folder / name for folder in level for name in _subfolders(folder)]
-    return None
-
-
-def _subfolders(folder: Path) -> list[str]:
-    """Sorted names of the folders in `folder` but downloads/. scandir knows which entries are
-    folders without a stat each: Cars holds 8,144 images in one folder, SOP 120k in 12."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and e.name != "downloads")
-
-
-def _find(ddir: Path, filename: str, depth: int = 3) -> str:
-    """Like _search, but a LayoutError when `filename` is nowhere."""
-    found = _search(ddir, filename, depth)
-    if found is None:
-        raise LayoutError(f"{ddir} has no {filename}; is this the right archive?")
-    return found
-
-
-def _rows(path: Path, expected: str, skip: int = 0) -> list[list[str]]:
-    """Whitespace-separated rows with as many fields as `expected` names (blank lines skipped);
-    a LayoutError naming the file, the line and the expected fields otherwise."""
-    width = len(expected.split())
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise LayoutError(
-            f"{path} is not a text list file ({err.reason}); expected rows of '{expected}'"
-        ) from None
-    rows = []
-    for number, line in enumerate(lines[skip:], start=skip + 1):
-        fields = line.split()
-        if fields and len(fields) != width:
-            raise LayoutError(f"{path}, line {number}: expected '{expected}'; got {line.strip()!r}")
-        if fields:
-            rows.append(fields)
-    return rows
-
-
-def _int(value: str, path: Path, what: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise LayoutError(f"{path}: {what} must be an integer; got {value!r}") from None
-
-
-def _read_cub(ddir: Path) -> list[Record]:
-    base = ddir / _find(ddir, "images.txt")
-    images = dict(_rows(base / "images.txt", "image_id path"))
-    labels = dict(_rows(base / "image_class_labels.txt", "image_id class_id"))
-    names = dict(_rows(base / "classes.txt", "class_id name"))
+def read_cub(ddir: Path) -> list[Record]:
+    base = ddir / find(ddir, "images.txt")
+    images = dict(read_rows(base / "images.txt", "image_id path"))
+    labels = dict(read_rows(base / "image_class_labels.txt", "image_id class_id"))
+    names = dict(read_rows(base / "classes.txt", "class_id name"))
     out = []
     rel_base = base.relative_to(ddir).as_posix()
     for image_id, rel in images.items():
@@ -116,13 +31,13 @@ def _read_cub(ddir: Path) -> list[Record]:
                 f"{base / 'image_class_labels.txt'}: expected a row for image "
                 f"{image_id} of images.txt; there is none"
             )
-        cls = _int(labels[image_id], base / "image_class_labels.txt", "class_id")
+        cls = to_int(labels[image_id], base / "image_class_labels.txt", "class_id")
         if str(cls) not in names:
             raise LayoutError(
                 f"{base / 'classes.txt'}: expected a row for class {cls}; there is none"
             )
         split = "train" if cls <= 100 else "test"
-        out.append(Record(_inside(rel_base, "images", rel), cls, names[str(cls)], split))
+        out.append(Record(inside(rel_base, "images", rel), cls, names[str(cls)], split))
     return out
 
 
@@ -130,41 +45,30 @@ def _read_cub(ddir: Path) -> list[Record]:
 # Three layouts in circulation, one DML split: classes 1-98 train, 99-196 test (8,054 / 8,131),
 # whatever split a file calls train or test (that is the classification split). Class ids are
 # the 1-based ids every layout shares (cars_annos.mat = cars_meta.mat = names.csv order).
-CARS_TRAIN_CLASSES = 98
-
-
-def _read_cars(ddir: Path) -> list[Record]:
-    """Cars196 from whichever layout the folder holds (msl_kit.layouts_cars, imported on first
-    use since it builds on this module)."""
-    from msl_kit.layouts_cars import read_cars
-
-    return read_cars(ddir)
-
-
-def _read_sop(ddir: Path) -> list[Record]:
-    base = _find(ddir, "Ebay_train.txt")
+def read_sop(ddir: Path) -> list[Record]:
+    base = find(ddir, "Ebay_train.txt")
     out = []
     for split in ("train", "test"):  # image_id class_id super_class_id path, after a header
         path = ddir / base / f"Ebay_{split}.txt"
-        for _, cls, _, rel in _rows(path, "image_id class_id super_class_id path", skip=1):
-            out.append(Record(_inside(base, rel), _int(cls, path, "class_id"), cls, split))
+        for _, cls, _, rel in read_rows(path, "image_id class_id super_class_id path", skip=1):
+            out.append(Record(inside(base, rel), to_int(cls, path, "class_id"), cls, split))
     return out
 
 
-def _read_inshop(ddir: Path) -> list[Record]:
-    base = _find(ddir, "list_eval_partition.txt")
+def read_inshop(ddir: Path) -> list[Record]:
+    base = find(ddir, "list_eval_partition.txt")
     # a count line, then a header line
-    rows = _rows(
+    rows = read_rows(
         ddir / base / "list_eval_partition.txt", "image_name item_id evaluation_status", skip=2
     )
     # the images (img/...) sit beside the list file, above it, or in an Img/ folder
     parent = posixpath.dirname(base) or "."
-    candidates = [base, parent, _inside(parent, "Img")]
+    candidates = [base, parent, inside(parent, "Img")]
     image_base = next((c for c in candidates if rows and (ddir / c / rows[0][0]).is_file()), base)
-    return [Record(_inside(image_base, rel), item, item, split) for rel, item, split in rows]
+    return [Record(inside(image_base, rel), item, item, split) for rel, item, split in rows]
 
 
-def _read_omniglot(ddir: Path) -> list[Record]:
+def read_omniglot(ddir: Path) -> list[Record]:
     """Every images_background*/images_evaluation* folder of a prepared Omniglot."""
     tops = [p.name for p in ddir.iterdir() if p.is_dir() and p.name.startswith(_OMNIGLOT_TOPS)]
     paths = [
@@ -227,7 +131,7 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
                 f"got {','.join(bad[0][1])!r}"
             )
         out = [
-            Record(_inside(p.strip()), _natural(lab.strip()), lab.strip(), s.strip())
+            Record(inside(p.strip()), natural(lab.strip()), lab.strip(), s.strip())
             for _, (p, lab, s) in rows
         ]
         return root.parent, out
@@ -240,7 +144,7 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
                 if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file():
                     rel = img.relative_to(root).as_posix()
                     cls = class_dir.name
-                    out.append(Record(rel, _natural(cls), cls, split_dir.name))
+                    out.append(Record(rel, natural(cls), cls, split_dir.name))
     if not out:
         raise LayoutError(
             f"{root} holds no images as <split>/<class>/<image> (e.g. train/cat/1.jpg)"
@@ -248,28 +152,5 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
     return root, out
 
 
-def _natural(label: str) -> tuple:
+def natural(label: str) -> tuple:
     return (0, int(label), "") if label.isdigit() else (1, 0, label)
-
-
-_READERS: dict[str, Callable[[Path], list[Record]]] = {
-    "cub200": _read_cub,
-    "cars196": _read_cars,
-    "sop": _read_sop,
-    "inshop": _read_inshop,
-    "omniglot": _read_omniglot,
-}
-
-
-def read_layout(name: str, ddir: Path) -> list[Record]:
-    """The records of dataset `name` prepared in `ddir`, read from its official list files."""
-    try:
-        records = _READERS[name](ddir)
-    except (KeyError, ValueError, IndexError) as err:
-        raise LayoutError(
-            f"{ddir}: a list file of {name} is malformed ({err!r}); "
-            "prepare it again from a full copy"
-        ) from err
-    if not records:
-        raise LayoutError(f"{ddir}: the {name} list files name no images")
-    return records

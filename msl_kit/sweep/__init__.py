@@ -1,0 +1,56 @@
+"""Sweeps over dotted config keys: what a sweep runs (`spec`: grids, ranges, named studies, no
+Optuna) and how (`runner`: Optuna, one run folder per cell, tables)."""
+
+from msl_kit.sweep.runner import (
+    HOST,
+    METRICS,
+    POLL_S,
+    cell_states,
+    markdown,
+    open_study,
+    reap,
+    run_cell,
+    run_sweep,
+    run_worker,
+    summarize,
+    write_tables,
+)
+from msl_kit.sweep.spec import (
+    STUDY_DIR,
+    SweepError,
+    SweepSpec,
+    cell_config,
+    cell_name,
+    cells,
+    check_spec,
+    load_study,
+    make_spec,
+    parse_grid,
+    parse_range,
+)
+
+__all__ = [
+    "HOST",
+    "METRICS",
+    "POLL_S",
+    "STUDY_DIR",
+    "SweepError",
+    "SweepSpec",
+    "cell_config",
+    "cell_name",
+    "cell_states",
+    "cells",
+    "check_spec",
+    "load_study",
+    "make_spec",
+    "markdown",
+    "open_study",
+    "parse_grid",
+    "parse_range",
+    "reap",
+    "run_cell",
+    "run_sweep",
+    "run_worker",
+    "summarize",
+    "write_tables",
+]
