@@ -20,9 +20,11 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str) -> None:
         # One line of readable length however large the value a file or --set gave (a 3 MB
-        # YAML value would otherwise be repeated whole in the message).
-        line = " ".join(str(message).split())
-        super().__init__(line if len(line) <= 600 else f"{line[:500]} ... {line[-80:]}")
+        # YAML value would otherwise be repeated whole in the message): long words are cut,
+        # then the line (the list of valid keys alone is ~1,200 characters).
+        words = [w if len(w) <= 160 else f"{w[:120]}...{w[-20:]}" for w in str(message).split()]
+        line = " ".join(words)
+        super().__init__(line if len(line) <= 2000 else f"{line[:1800]} ... {line[-150:]}")
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
