@@ -216,6 +216,10 @@ class Trainer:
                 # recorded before config.yaml changes: a crash before the next checkpoint loses
                 # neither (engine.resumed_config replays it)
                 rundir.write_config(self.out, config_text(self.cfg), extension=record)
+        elif self.main:  # an extension replayed after a crash: config.yaml shows what runs now
+            shown = self.out / "config.yaml"
+            if not shown.is_file() or shown.read_text() != config_text(self.cfg):
+                rundir.write_config(self.out, config_text(self.cfg))
 
     def _floors(self) -> dict:
         """Raw pixels and the untrained network on the evaluation data: what training must beat."""
