@@ -294,13 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", choices=["test", "val"])
     p.add_argument("--device")
-    p.add_argument("--metric", choices=["ip", "euclidean"], help="ranking (default: the run's)")
-    p.add_argument(
-        "--lone-queries",
-        choices=["miss", "skip"],
-        help="queries without a relevant item: misses in R@K, or left out like PML (default: "
-        "the run's eval.lone_queries)",
-    )
+    p.add_argument("--metric", choices=["ip", "euclidean"], help="default: the run's eval.metric")
+    p.add_argument("--lone-queries", choices=["miss", "skip"], help="skip: left out of R@K (PML)")
     p.add_argument("--out", help="where to write the metrics JSON (default beside the checkpoint)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("prepare", help="download / verify / extract a dataset")

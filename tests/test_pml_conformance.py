@@ -161,8 +161,8 @@ def _ranked_gallery(top: list[int], gallery_labels: list[int]) -> torch.Tensor:
 
 def _synthetic_accuracy(shift: int, ref_includes_query: bool, lone: str) -> dict:
     """msl_kit's metrics on embeddings whose kNN lists are PML's (gallery labels + `shift`),
-    averaged over the queries; with `ref_includes_query` each query's own gallery item is left out (PML drops the first
-    neighbour, the query itself)."""
+    averaged over the queries; with `ref_includes_query` each query's own gallery item is left
+    out (PML drops the first neighbour, the query itself)."""
     per_query = []
     for q_label, row in zip(QUERY_LABELS, KNN_LABELS):
         counts = dict(LABEL_COUNTS)
