@@ -1,4 +1,4 @@
-"""Retrieval metrics: exact blocked kNN by inner product, Recall@K, MAP@R, R-precision, NMI.
+"""Retrieval metrics: exact blocked kNN, Recall@K, MAP@R, R-precision, NMI.
 
 Pure maths (torch, numpy, scikit-learn). The kNN never builds the N x N similarity matrix: it
 walks (block x block) tiles on the embeddings' device and keeps a running top-k per row. In
@@ -7,14 +7,15 @@ read by columns, row block b, so only half the matrix products are computed.
 
 Ranking is exact and deterministic: a running top-k entry is one int64 key that orders
 (score descending, gallery index ascending), so equal scores always put the lower gallery
-index first, whatever the block size or block order.
+index first, whatever the block size or block order. `metric="euclidean"` ranks by the score
+-|q - g|^2 = 2 q.g - |q|^2 - |g|^2 (float32), so the smallest squared distance comes first.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,18 @@ DEFAULT_BLOCK_SIZE = 4096  # 64 MiB float32 tile; see bench/knn.py for the measu
 _EMPTY_KEY = torch.iinfo(torch.int64).min  # sorts below every real key
 _LOW32 = 0xFFFFFFFF
 Array = Tensor | np.ndarray  # embeddings: (N, D) floats; labels: (N,) integers
+METRICS = ("ip", "euclidean")  # rank by largest inner product, or by smallest squared distance
+# A query with no same-class gallery item: a miss in Recall@K, or left out of it (PML's way)
+LONE_QUERIES = {
+    "miss": "count as misses in Recall@K, which then cannot reach 1 (lone_queries='miss')",
+    "skip": "are left out of Recall@K (lone_queries='skip')",
+}
+
+
+def _choice(name: str, value: object, options: Collection[str]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
 
 
 def _as_embeddings(x: Array, name: str) -> Tensor:
@@ -43,12 +56,12 @@ def _as_embeddings(x: Array, name: str) -> Tensor:
     return x
 
 
-def _check_norms(x: Tensor, name: str) -> None:
+def _check_norms(x: Tensor, name: str, metric: str = "ip") -> None:
     """Refuse rows whose inner products could overflow the score dtype (metrics only; `knn`
     itself ranks whatever scores come out, inf included)."""
     # |q . g| <= |q| |g| (also for every partial sum of the product), so rows shorter than
-    # sqrt(max) cannot overflow the scores; longer ones would rank inf / NaN silently
-    limit = math.sqrt(torch.finfo(x.dtype).max)
+    # sqrt(max) (half that for squared distances) cannot overflow; longer ones rank inf / NaN
+    limit = math.sqrt(torch.finfo(x.dtype).max) / (2 if metric == "euclidean" else 1)
     longest = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
     if not longest < limit:
         raise ValueError(
@@ -61,14 +74,11 @@ def _check_norms(x: Tensor, name: str) -> None:
 def _as_labels(labels: Array, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         labels = np.asarray(labels)
-        # strings, objects: torch's own error says nothing useful
-        if labels.dtype.kind not in "iub":
-            if labels.dtype.kind != "f":
-                raise ValueError(
-                    f"{name} must be integers; got {labels.dtype} values (map class "
-                    f"names to ints first, e.g. "
-                    f"np.unique(labels, return_inverse=True)[1])"
-                )
+        if labels.dtype.kind not in "iubf":  # strings, objects: torch's error says nothing useful
+            raise ValueError(
+                f"{name} must be integers; got {labels.dtype} values (map class names to ints "
+                f"first, e.g. np.unique(labels, return_inverse=True)[1])"
+            )
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
         raise ValueError(
@@ -117,9 +127,7 @@ def _merge(run_keys: Tensor, rows: Tensor, cand_keys: Tensor) -> Tensor:
     counts = torch.bincount(rows, minlength=n_rows)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    padded = torch.full(
-        (n_rows, int(counts.max())), _EMPTY_KEY, dtype=torch.int64, device=rows.device
-    )
+    padded = run_keys.new_full((n_rows, int(counts.max())), _EMPTY_KEY)
     padded[rows, slot] = cand_keys
     return torch.cat([run_keys, padded], 1).topk(k, dim=1).values  # keys are unique: no ties
 
@@ -166,21 +174,25 @@ def knn(
     *,
     exclude_self: bool | None = None,
     block_size: int | None = None,
+    metric: str = "ip",
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k gallery items by inner product for each query: (Q, k) sims and indices.
+    """Exact top-k gallery items by inner product for each query: (Q, k) sims and indices
+    (`metric="euclidean"`: smallest squared distance first, the scores being -|q - g|^2).
 
     `gallery=None` means the queries are the gallery; then `exclude_self` (default True) drops
     each query's own index (duplicates of it stay). With a gallery, `exclude_self=True` drops
-    gallery item i for query i. Ties rank the lower gallery index first. Inputs: torch tensors
-    or numpy arrays, finite; scores are float32 (on CUDA, fp16/bf16 inputs multiply in half
-    precision). Memory stays O(block_size^2 + Q k) on the embeddings' device.
-    """
+    gallery item i for query i. Ties rank the lower gallery index first. Inputs: tensors or
+    numpy arrays, finite; scores float32 (on CUDA, fp16/bf16 inputs multiply in half precision).
+    Memory stays O(block_size^2 + Q k) on the embeddings' device."""
     x = _as_embeddings(query, "query")
     symmetric = gallery is None
     g = x if symmetric else _as_embeddings(gallery, "gallery").to(x.device, x.dtype)
     if g.shape[1] != x.shape[1]:
         raise ValueError(f"query has dimension {x.shape[1]} but gallery has {g.shape[1]}")
     exclude_self = symmetric if exclude_self is None else bool(exclude_self)
+    euclidean = _choice("metric", metric, METRICS) == "euclidean"
+    sq_x = x.float().square().sum(1) if euclidean else None
+    sq_g = sq_x if symmetric or not euclidean else g.float().square().sum(1)
     n_query, n_gallery = x.shape[0], g.shape[0]
     available = n_gallery - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
@@ -201,7 +213,10 @@ def knn(
     def tile(q0: int, g0: int) -> tuple[Tensor, Tensor]:
         xq, xg = x[q0 : q0 + b], g[g0 : g0 + b]
         sims = torch.mm(xq, xg.T, out=tile_buf[: len(xq) * len(xg)].view(len(xq), len(xg)))
-        return sims.float(), mask_buf[: sims.numel()].view(sims.shape)
+        sims = sims.float()
+        if sq_x is not None:  # -|q - g|^2, one value per pair: symmetric tiles stay symmetric
+            sims = sims.mul_(2).sub_(sq_x[q0 : q0 + b, None]).sub_(sq_g[None, g0 : g0 + b])
+        return sims, mask_buf[: sims.numel()].view(sims.shape)
 
     if symmetric:
         for a0 in starts_q:  # diagonal tiles first: every row block then has a tight threshold
@@ -240,21 +255,22 @@ def _neighbour_hits(
     gallery: Array | None,
     gallery_labels: Array | None,
     block_size: int | None,
+    metric: str = "ip",
+    lone_queries: str = "miss",
 ) -> tuple[Tensor, Tensor]:
     """(Q, k) bool: does the j-th neighbour share the query's label; and each query's R."""
+    _choice("metric", metric, METRICS)
+    _choice("lone_queries", lone_queries, LONE_QUERIES)
     x = _as_embeddings(embeddings, "embeddings")
-    _check_norms(x, "embeddings")
+    _check_norms(x, "embeddings", metric)
     q_labels = _as_labels(labels, x.shape[0], "labels")
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("pass both gallery and gallery_labels, or neither (query = gallery)")
-    if gallery is None:
-        g_labels = q_labels
-        self_count = 1
-    else:
+    g_labels, self_count = q_labels, 1
+    if gallery is not None:
         g = _as_embeddings(gallery, "gallery")
-        _check_norms(g, "gallery")
-        g_labels = _as_labels(gallery_labels, g.shape[0], "gallery_labels")
-        self_count = 0
+        _check_norms(g, "gallery", metric)
+        g_labels, self_count = _as_labels(gallery_labels, g.shape[0], "gallery_labels"), 0
     uniq, counts = torch.unique(g_labels, return_counts=True)
     pos = torch.searchsorted(uniq, q_labels).clamp_max(len(uniq) - 1)
     r = torch.where(uniq[pos] == q_labels, counts[pos], 0) - self_count
@@ -262,9 +278,8 @@ def _neighbour_hits(
     if lonely:
         warnings.warn(
             f"{lonely} of {len(r)} queries have no relevant item in the gallery (their "
-            f"class has one image, or none in the gallery): they count as misses in "
-            f"Recall@K, which then cannot reach 1, and are left out of MAP@R and "
-            f"R-precision (nan when no query has one)",
+            f"class has one image, or none in the gallery): they {LONE_QUERIES[lone_queries]}, and "
+            f"are left out of MAP@R and R-precision (nan when no query has one)",
             UserWarning,
             stacklevel=3,
         )
@@ -274,16 +289,25 @@ def _neighbour_hits(
         raise ValueError(
             f"k={k} exceeds the {available} gallery items each query can retrieve; use smaller ks"
         )
-    _, idx = knn(x, k, None if gallery is None else g, block_size=block_size)
+    _, idx = knn(x, k, None if gallery is None else g, block_size=block_size, metric=metric)
     hits = g_labels[idx.cpu()] == q_labels[:, None]
     return hits, r
 
 
-def _check_ks(ks: Sequence[int]) -> list[int]:
-    ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
-    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+def _check_ks(ks: int | Sequence[int]) -> list[int]:
+    """A positive int or a sequence of them (bools are not ranks)."""
+    items = list(ks) if isinstance(ks, (list, tuple, range, np.ndarray)) else [ks]
+    if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in items):
+        raise TypeError(f"ks must be a positive int or a sequence of them; got {ks!r}")
+    if not items or min(items) < 1:
         raise ValueError(f"ks must be positive ints, e.g. (1, 2, 4, 8); got {ks!r}")
-    return [int(k) for k in ks]
+    return [int(k) for k in items]
+
+
+def _recall(hits: Tensor, r: Tensor, ks: list[int], lone_queries: str) -> dict[int, float]:
+    """R@K per K over every query, or over those with a relevant item ("skip"; nan if none)."""
+    found = (hits.cumsum(1) > 0)[r > 0 if lone_queries == "skip" else slice(None)]
+    return {k: float(found[:, k - 1].double().mean()) if len(found) else math.nan for k in ks}
 
 
 def recall_at_k(
@@ -294,20 +318,21 @@ def recall_at_k(
     gallery: Array | None = None,
     gallery_labels: Array | None = None,
     block_size: int | None = None,
+    metric: str = "ip",
+    lone_queries: str = "miss",
 ) -> dict[int, float]:
     """Fraction of queries with at least one same-label item among their top-K, for each K.
 
     Query = gallery (the query itself excluded by index) unless `gallery` and
-    `gallery_labels` are given (In-Shop style, nothing excluded). Ranking by inner product.
-    A query with no same-label gallery item (a one-image class) counts as a miss, so the
-    value is then at most the fraction of queries that have one; a warning gives the count.
+    `gallery_labels` are given (In-Shop style, nothing excluded). Ranking by inner product
+    (`metric="ip"`) or smallest Euclidean distance (`"euclidean"`). A query with no same-label
+    gallery item (a one-image class) counts as a miss (`lone_queries="miss"`: R@K is at most
+    the fraction of queries with one) or is left out (`"skip"`, PML's; nan if none is left).
     """
     ks = _check_ks(ks)
-    hits, _ = _neighbour_hits(
-        embeddings, labels, lambda r: max(ks), gallery, gallery_labels, block_size
-    )
-    found = hits.cumsum(1) > 0
-    return {k: float(found[:, k - 1].double().mean()) for k in ks}
+    where = (gallery, gallery_labels, block_size, metric, lone_queries)
+    hits, r = _neighbour_hits(embeddings, labels, lambda r: max(ks), *where)
+    return _recall(hits, r, ks, lone_queries)
 
 
 def retrieval_metrics(
@@ -319,14 +344,16 @@ def retrieval_metrics(
     gallery_labels: Array | None = None,
     max_r: int | None = 1000,
     block_size: int | None = None,
+    metric: str = "ip",
+    lone_queries: str = "miss",
 ) -> dict[str, float]:
     """Recall@K for each K plus "map@r" and "r_precision" (Musgrave et al., 2020).
 
     R is the number of gallery items sharing the query's label (the query itself excluded in
     the query = gallery case). R-precision = same-label items in the top R / R; MAP@R = sum of
     precision@i over the same-label ranks i <= R, divided by R. Queries with R = 0 are left
-    out of map@r and r_precision (nan if none is left) but count as misses in recall (a
-    warning says how many: a split of one image per class gives recall 0 and map@r nan).
+    out of map@r and r_precision (nan if none is left); in recall they count as misses or
+    are left out, as `lone_queries` says (see `recall_at_k`, also for `metric`).
     A class larger than `max_r` would make the kNN wide (Q x R keys), so R is clipped to
     `max_r` for those queries (MAP@max_r), with a warning; `max_r=None` never clips.
     """
@@ -340,17 +367,16 @@ def retrieval_metrics(
             r_max = int(max_r)
         return max(max(ks), r_max)
 
-    hits, r = _neighbour_hits(embeddings, labels, k_needed, gallery, gallery_labels, block_size)
+    where = (gallery, gallery_labels, block_size, metric, lone_queries)
+    hits, r = _neighbour_hits(embeddings, labels, k_needed, *where)
     if clip["r"] is not None:
         warnings.warn(
             f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
-            f"use R clipped to {max_r} for those queries; pass max_r=None for exact "
-            f"values",
+            f"use R clipped to {max_r} for those queries; pass max_r=None for exact values",
             stacklevel=2,
         )
         r = r.clamp_max(int(max_r))
-    found = hits.cumsum(1) > 0
-    out = {f"recall@{k}": float(found[:, k - 1].double().mean()) for k in ks}
+    out = {f"recall@{k}": v for k, v in _recall(hits, r, ks, lone_queries).items()}
     ranks = torch.arange(1, hits.shape[1] + 1)
     relevant = hits & (ranks[None, :] <= r[:, None])
     has_r = r > 0
@@ -370,6 +396,5 @@ def nmi(embeddings: Array, labels: Array, *, seed: int = 0, n_init: int = 10) ->
 
     x = _as_embeddings(embeddings, "embeddings").float().cpu().numpy()
     y = _as_labels(labels, x.shape[0], "labels").numpy()
-    n_classes = len(np.unique(y))
-    clusters = KMeans(n_clusters=n_classes, n_init=n_init, random_state=seed).fit_predict(x)
+    clusters = KMeans(len(np.unique(y)), n_init=n_init, random_state=seed).fit_predict(x)
     return float(normalized_mutual_info_score(y, clusters))

@@ -183,6 +183,8 @@ def load_run(run_dir: str | Path, protocol: str = "final") -> dict:
         "loss": loss.get("name"),
         "iterations": metrics.get("iteration"),
         "split": metrics.get("split"),
+        # how Recall@K was counted; runs from before the option counted such queries as misses
+        "lone_queries": metrics.get("lone_queries", "miss"),
     }
     return {**row, **_percent(numbers)}
 
@@ -234,6 +236,7 @@ def results_table(run_dir: str | Path) -> pd.DataFrame:
 
     metrics = _read_metrics(Path(run_dir))
     floors, best = metrics.get("floors") or {}, metrics.get("best") or {}
+    lone = metrics.get("lone_queries", "miss")  # how Recall@K counted lone queries, every row
     rows = [
         {"model": "raw pixels", "at": None, **_percent(floors.get("raw_pixels", {}))},
         {"model": "untrained network", "at": 0, **_percent(floors.get("untrained", {}))},
@@ -243,6 +246,7 @@ def results_table(run_dir: str | Path) -> pd.DataFrame:
     rows = [r for r in rows if "R@1" in r]  # floors are off for some datasets (eval.floors)
     table = pd.DataFrame(rows)
     table["at"] = table["at"].astype("Int64")
+    table["lone_queries"] = lone
     return table.set_index("model")
 
 
@@ -261,6 +265,7 @@ def _order_columns(table: pd.DataFrame) -> pd.DataFrame:
             "loss",
             "iterations",
             "split",
+            "lone_queries",
         )
         if c in table.columns
     ]

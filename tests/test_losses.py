@@ -101,7 +101,7 @@ PARAMS = [
     dict(alpha=0.1, beta=200.0, lam=0.5, margin=0.1),
     dict(alpha=50.0, beta=1.0, lam=0.0, margin=0.0),
     dict(alpha=2.0, beta=200.0, lam=1.0, margin=2.0),
-    dict(alpha=10.0, beta=100.0, lam=-0.5, margin=-0.2),
+    dict(alpha=10.0, beta=100.0, lam=-0.5, margin=0.0),
 ]
 
 
@@ -634,7 +634,7 @@ def test_input_validation():
     alpha=st.floats(0.1, 20),
     beta=st.floats(1, 200),
     lam=st.floats(-1, 1),
-    margin=st.floats(-0.5, 1.5),
+    margin=st.floats(0, 1.5),  # the loss refuses negative margins
     scale=st.floats(0.1, 3),
 )
 def test_property_ms_finite_nonnegative_equals_loop(
@@ -713,12 +713,14 @@ def test_losses_module_opens_with_the_readable_definition():
     assert source.count("40.0") == 1 and "beta=40.0" in source.split("PRESETS")[1]
 
 
+@pytest.mark.parametrize("mining", ["ms", "none"])
 @pytest.mark.parametrize("params", PARAMS[:3] + PARAMS[4:], ids=str)
 @pytest.mark.parametrize("case", batches(), ids=lambda c: c[0])
-def test_fast_path_equals_readable_definition(case, params):
+def test_fast_path_equals_readable_definition(case, params, mining):
     """Every fast entry point (from_sim, per_anchor, the embeddings module) gives the readable
-    multi_similarity_loss's value and gradient."""
+    multi_similarity_loss's value and gradient, with MS mining and without."""
     _, x, labels = case
+    params = {**params, "mining": mining}
     s_read, s_fast = (x @ x.T).requires_grad_(True), (x @ x.T).requires_grad_(True)
     readable = multi_similarity_loss(s_read, labels, **params)
     fast = MultiSimilarityLoss(**params).from_sim(s_fast, labels)
@@ -827,17 +829,20 @@ def loop_pairs(sim, labels, margin=0.1, mining="ms"):
             min_pos, max_neg = min(sim[i, j] for j in pos), max(sim[i, k] for k in neg)
             pos = [j for j in pos if sim[i, j] - margin < max_neg]
             neg = [k for k in neg if sim[i, k] + margin > min_pos]
-        out.append((pos, neg) if pos and neg else ([], []))
+        out.append((pos, neg) if (pos and neg) or mining == "none" else ([], []))
     return out
 
 
 def loop_ms_no_mining(sim, labels, alpha=2.0, beta=40.0, lam=0.5, margin=0.1):
+    """The paper's equation over every pair: each term on its own, so an anchor without a
+    positive (a singleton class) keeps its negative term."""
     total = sim.new_zeros(())
     for i, (pos, neg) in enumerate(loop_pairs(sim, labels, mining="none")):
         if pos:
             total = (
                 total + torch.log1p(sum(torch.exp(-alpha * (sim[i, j] - lam)) for j in pos)) / alpha
             )
+        if neg:
             total = (
                 total + torch.log1p(sum(torch.exp(beta * (sim[i, k] - lam)) for k in neg)) / beta
             )

@@ -23,6 +23,16 @@ def _table(rows: list[tuple[str, dict]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _counted(m: dict) -> str:
+    """How a table's numbers were counted (absent in runs from before both options: ip, miss)."""
+    lone = m.get("lone_queries", "miss")
+    fate = "count as misses in R@K" if lone == "miss" else "are left out of R@K"
+    return (
+        f"ranked by {'inner product' if m.get('metric', 'ip') == 'ip' else 'Euclidean distance'}; "
+        f"queries without a relevant item {fate} (eval.lone_queries={lone})"
+    )
+
+
 class _Progress:
     """A tqdm bar over iterations showing the loss and the latest R@1."""
 
@@ -138,6 +148,7 @@ def _report(out: Path, results: dict, seconds: float) -> None:
         f"{results.get('iteration')} iterations in {seconds:.0f} s:"
     )
     print(_table(rows, cfg.eval.ks))
+    print(_counted(results))
     print(
         f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json, "
         "snapshots/)"
@@ -156,10 +167,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("metrics_eval.json")
     rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
-    results, cfg = engine.evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)
+    results, cfg = engine.evaluate_checkpoint(
+        args.checkpoint,
+        split=args.split,
+        device=args.device,
+        metric=args.metric,
+        lone_queries=args.lone_queries,
+    )
+    counted = {"metric": cfg.eval.metric, "lone_queries": cfg.eval.lone_queries}
     print(_table([(Path(args.checkpoint).name, results)], cfg.eval.ks))
+    print(_counted(counted))
     record = {
         **results,
+        **counted,
         "split": cfg.eval.split,
         "checkpoint": str(args.checkpoint),
         "written_by": "msl-kit evaluate",
@@ -285,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", choices=["test", "val"])
     p.add_argument("--device")
+    p.add_argument("--metric", choices=["ip", "euclidean"], help="default: the run's eval.metric")
+    p.add_argument("--lone-queries", choices=["miss", "skip"], help="skip: left out of R@K (PML)")
     p.add_argument("--out", help="where to write the metrics JSON (default beside the checkpoint)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("prepare", help="download / verify / extract a dataset")

@@ -19,6 +19,7 @@ from msl_kit.losses.checks import (
     check_embeddings,
     check_labels,
     check_mining,
+    check_number,
     check_sim,
     no_autocast,
     work_dtype,
@@ -77,6 +78,21 @@ def _masked_lse(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.logsumexp(filled, 1), has_any
 
 
+def _margin(name: str, value: object, high: float = math.inf) -> float:
+    """A finite margin in [0, high)."""
+    allowed = f"use 0 <= {name} < {high:g}" if high < math.inf else f"use {name} >= 0"
+    return check_number(name, value, allowed, lambda v: 0 <= v < high)
+
+
+def _unit(name: str, value: object) -> float:
+    """A finite similarity threshold in [-1, 1]."""
+    return check_number(name, value, "similarities lie in [-1, 1]: use a value there", _in_unit)
+
+
+def _in_unit(v: float) -> bool:
+    return -1 <= v <= 1
+
+
 def _self_masks(
     sim: Tensor,
     labels: object,
@@ -115,8 +131,10 @@ class ContrastiveLoss(_PairLoss):
         mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
-        self.pos_margin, self.neg_margin = pos_margin, neg_margin
-        self.mining, self.mining_margin = check_mining(mining), mining_margin
+        self.pos_margin = _margin("pos_margin", pos_margin, 2.0)
+        self.neg_margin = _unit("neg_margin", neg_margin)
+        self.mining = check_mining(mining)
+        self.mining_margin = _margin("mining_margin", mining_margin, 2.0)
 
     def per_anchor(
         self,
@@ -151,7 +169,7 @@ class TripletLoss(_PairLoss):
         super().__init__()
         if mining not in _TRIPLET_MINING:
             raise ValueError(f"unknown triplet mining {mining!r}; choose one of {_TRIPLET_MINING}")
-        self.margin, self.mining = margin, mining
+        self.margin, self.mining = _margin("margin", margin), mining
 
     def _hinges(
         self, sim: Tensor, labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | None
@@ -207,8 +225,11 @@ class BinomialDevianceLoss(_PairLoss):
         mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
-        self.alpha, self.beta, self.lam = alpha, beta, lam
-        self.mining, self.mining_margin = check_mining(mining), mining_margin
+        self.alpha = check_number("alpha", alpha, "use a value > 0", lambda v: v > 0)
+        self.beta = check_number("beta", beta, "use 0 < beta <= 1000", lambda v: 0 < v <= 1000)
+        self.lam = _unit("lam", lam)
+        self.mining = check_mining(mining)
+        self.mining_margin = _margin("mining_margin", mining_margin, 2.0)
 
     def per_anchor(
         self,
@@ -238,7 +259,8 @@ class LiftedStructureLoss(_PairLoss):
 
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
-        self.margin = margin
+        # any finite margin: it shifts a log-sum-exp (negative values clamp some anchors to 0)
+        self.margin = check_number("margin", margin, "use a finite number", lambda v: True)
 
     def per_anchor(
         self,

@@ -3,10 +3,8 @@
 Read `multi_similarity_loss` first: it is the loss of DESIGN.md written as the paper's
 equations (pair masks, mining, a masked log-sum-exp). Everything below the "fast path" line
 computes the same numbers (tested equal in value and gradient) in fewer passes; every caller
-uses it (the batch loss, `from_sim` for cross-batch memory, per-anchor losses, pair weights,
-mined pairs, mining stats).
-The other pair losses of the paper's General Pair Weighting view live in `msl_kit.losses.gpw`;
-pair weights, mined pairs and mining statistics of a batch in `msl_kit.losses.mining`.
+uses it. The other General Pair Weighting losses live in `msl_kit.losses.gpw`; pair weights,
+mined pairs and mining statistics of a batch in `msl_kit.losses.mining`.
 """
 
 from __future__ import annotations
@@ -18,10 +16,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from msl_kit.losses.checks import (
+from msl_kit.losses.checks import (  # input checks and float32 working precision
     check_embeddings,
+    check_ignore,
     check_labels,
     check_mining,
+    check_ms_numbers,
     check_sim,
     no_autocast,
     work_dtype,
@@ -44,24 +44,29 @@ def multi_similarity_loss(
     lam: float = DEFAULTS["lam"],
     margin: float = DEFAULTS["margin"],
     ignore: Tensor | None = None,
+    mining: str = "ms",
 ) -> Tensor:
     """MS loss of a (B, M) similarity matrix, sum_i L_i / B: the readable definition.
 
     ref_labels (M,) label the columns; when None, sim is the batch against itself and the
     diagonal (an anchor with itself) is no pair. `ignore` (B, M) bool drops pairs from the
     mining and the loss (e.g. an anchor's own copy in a memory bank). A NaN among an anchor's
-    pairs makes the loss NaN. Training code uses `MultiSimilarityLoss` (same numbers, faster).
+    pairs makes the loss NaN. mining="none" keeps every pair. Training code uses
+    `MultiSimilarityLoss` (same numbers, faster).
     """
     labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
+    alpha, beta, lam, margin = check_ms_numbers(alpha, beta, lam, margin)
     sim = sim.to(work_dtype(sim))  # fp16 / bf16 inputs: float32 maths
     pos, neg = pair_masks(labels, ref_labels, ignore)  # same label / different label
     # Mining (no gradient flows through it): compare each pair with the anchor's hardest
     # pair of the other kind, both taken from the un-mined sets.
     min_pos = torch.where(pos, sim, math.inf).amin(1, keepdim=True).detach()
     max_neg = torch.where(neg, sim, -math.inf).amax(1, keepdim=True).detach()
-    kept_pos = pos & (sim - margin < max_neg)  # positives not far above every negative
-    kept_neg = neg & (sim + margin > min_pos)  # negatives close to the hardest positive
-    valid = kept_pos.any(1) & kept_neg.any(1)  # an anchor counts only with both kinds
+    mine = check_mining(mining) == "ms"
+    kept_pos = pos & (sim - margin < max_neg) if mine else pos  # not far above every negative
+    kept_neg = neg & (sim + margin > min_pos) if mine else neg  # close to the hardest positive
+    # mined: an anchor counts only with both kinds; unmined: each term alone (paper, PML)
+    valid = kept_pos.any(1) & kept_neg.any(1) if mine else kept_pos.any(1) | kept_neg.any(1)
     # 1/a log(1 + sum e^(a z)) as a log-sum-exp with an extra zero: finite for any beta
     pos_term = _log1p_sum_exp(-alpha * (sim - lam), kept_pos) / alpha
     neg_term = _log1p_sum_exp(beta * (sim - lam), kept_neg) / beta
@@ -153,7 +158,8 @@ def ms_core(
     top = row_max.clamp_min(0)
     e = expo.sub_(top).exp_()
     denom = e.sum(-1, keepdim=True).add_((-top).exp_())
-    valid = (row_max > -math.inf).all(0)  # both kept sets non-empty
+    # MS mining: both kept sets non-empty; none: any pair (see multi_similarity_loss)
+    valid = (row_max > -math.inf).all(0) if mining == "ms" else (row_max > -math.inf).any(0)
     coef = valid / denom
     rows = ((denom.log_().add_(top) / scale) * valid).sum(0).squeeze(-1)
     # a NaN pair fails every comparison and would vanish from the loss: surface it
@@ -270,8 +276,9 @@ class MultiSimilarityLoss(nn.Module):
     copies) crashes the released code (min of an empty set); here a one-image class's anchor
     does not count and copies stay ordinary positives.
     A NaN in the embeddings gives a NaN loss (never a finite number). mining="none" keeps
-    every pair (the paper's ablation "MS weighting without mining"); anchors still need a
-    positive and a negative pair to count.
+    every pair (the paper's ablation "MS weighting without mining"); an anchor without a
+    positive keeps its negative term (the paper's equation, PML). alpha > 0, 0 < beta <= 1000,
+    lam in [-1, 1], margin >= 0, all finite.
     """
 
     def __init__(
@@ -283,7 +290,7 @@ class MultiSimilarityLoss(nn.Module):
         mining: str = "ms",
     ) -> None:
         super().__init__()
-        self.alpha, self.beta, self.lam, self.margin = alpha, beta, lam, margin
+        self.alpha, self.beta, self.lam, self.margin = check_ms_numbers(alpha, beta, lam, margin)
         self.mining = check_mining(mining)
 
     @classmethod
@@ -320,9 +327,8 @@ class MultiSimilarityLoss(nn.Module):
         ref_labels: Tensor | None = None,
         ignore: Tensor | None = None,
     ) -> Tensor:
-        """The loss of a (B, M) similarity matrix (with `ref_labels` when M is a memory bank,
-        e.g. `CrossBatchMemory.loss(ms.from_sim, ...)`); the fast path of
-        `multi_similarity_loss`."""
+        """The loss of a (B, M) similarity matrix (`ref_labels` when M is a memory bank, e.g.
+        `CrossBatchMemory.loss(ms.from_sim, ...)`); the fast path of `multi_similarity_loss`."""
         rows = ms_per_anchor(sim, labels, ref_labels, ignore=ignore, **self._params())
         return rows.sum() / rows.shape[0]
 
@@ -350,12 +356,7 @@ class MultiSimilarityLoss(nn.Module):
                 ref_labels, ref_embeddings.shape[0], embeddings.device, "ref_labels"
             )
         n_refs = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
-        if ignore is not None and (
-            ignore.dtype != torch.bool or ignore.shape != (embeddings.shape[0], n_refs)
-        ):
-            raise ValueError(
-                f"ignore must be a bool tensor of shape ({embeddings.shape[0]}, {n_refs})"
-            )
+        check_ignore(ignore, (embeddings.shape[0], n_refs))
         masks = stacked_masks(labels, ref_labels, ignore)
         # _params() is (alpha, beta, lam, margin, mining) in that order, as apply() takes them
         return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, *self._params().values())

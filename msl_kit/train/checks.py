@@ -6,6 +6,8 @@ bad value never surfaces as a traceback (or a silently wrong run) deep inside tr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,14 @@ if TYPE_CHECKING:
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message says how to fix it."""
+
+    def __init__(self, message: str) -> None:
+        # One line of readable length however large the value a file or --set gave (a 3 MB
+        # YAML value would otherwise be repeated whole in the message): long words are cut,
+        # then the line (the list of valid keys alone is ~1,200 characters).
+        words = [w if len(w) <= 160 else f"{w[:120]}...{w[-20:]}" for w in str(message).split()]
+        line = " ".join(words)
+        super().__init__(line if len(line) <= 2000 else f"{line[:1800]} ... {line[-150:]}")
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -36,12 +46,28 @@ def choice(key: str, value: Any, options: Iterable[Any]) -> None:
 
 def validate(cfg: Config) -> None:
     """Check every value of `cfg`; each failure names the key and the allowed range."""
+    _check_finite(cfg)
+    check(0 <= cfg.seed < 2**32, "seed", cfg.seed, "use an integer in [0, 2**32)")
     _check_data(cfg)
     _check_model(cfg)
     _check_loss(cfg)
     _check_train(cfg)
     _check_eval(cfg)
     _check_device(cfg.device)
+
+
+def _check_finite(cfg: Config) -> None:
+    """No NaN or inf in any float key: a NaN passes every range check written as `not (x < lo)`
+    and slips through `min()`; inf would train silently (loss.alpha) or diverge (train.lr)."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            values = value if isinstance(value, list) else [value]
+            finite = all(math.isfinite(v) for v in values if isinstance(v, float))
+            check(finite, f"{section.name}.{f.name}", value, "use a finite number")
 
 
 def _check_data(cfg: Config) -> None:
@@ -145,6 +171,8 @@ def _check_eval(cfg: Config) -> None:
     )
     check(bool(e.ks) and min(e.ks) >= 1, "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
     check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
+    choice("eval.metric", e.metric, ["ip", "euclidean"])
+    choice("eval.lone_queries", e.lone_queries, ["miss", "skip"])
 
 
 def _check_device(name: str) -> None:

@@ -99,6 +99,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 256
     floors: bool = True  # also score raw pixels and the untrained network (metrics.json "floors")
+    metric: str = "ip"  # rank by inner product, or "euclidean" (smallest squared distance)
+    lone_queries: str = "miss"  # a query with no same-class item: a miss in R@K, or "skip" (PML)
 
 
 @dataclass
@@ -287,6 +289,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:  # a binary file: name it, not only the codec
+        raise ConfigError(
+            f"{path} is not a YAML text file (byte {e.start} is not UTF-8); give a config "
+            "written as text, e.g. a copy of configs/digits.yaml"
+        ) from None
     return flatten(values)
 
 
@@ -310,9 +317,14 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_text(cfg: Config) -> str:
+    """`cfg` as the YAML text a run's config.yaml holds."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write `cfg` as YAML that `load_config(path)` reads back to the same config."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(config_text(cfg))
 
 
 def from_dict(values: dict) -> Config:

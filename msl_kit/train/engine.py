@@ -45,10 +45,17 @@ def stored_config(state: dict, path: Path) -> Config:
 
 
 def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] = ()) -> Config:
-    """The stored config of a run, refusing an edited config.yaml, with the allowed overrides."""
-    stored = flatten(to_dict(stored_config(state, path)))
+    """The stored config of a run, refusing an edited config.yaml, with the allowed overrides.
+
+    Extensions that an earlier `--resume --set` recorded but no checkpoint holds yet (a crash
+    came before the next save) are replayed first and added to `state["resumes"]`."""
+    done = list(state.get("resumes", []))
+    pending = [e for e in rundir.read_written(out)["extensions"] if e not in done]
+    base = _with_overrides(stored_config(state, path), [t for e in pending for t in e["overrides"]])
+    stored = flatten(to_dict(base))
+    state["resumes"] = done + pending
     on_disk = out / "config.yaml"
-    if on_disk.is_file():
+    if on_disk.is_file() and not rundir.kit_wrote(on_disk):  # the kit's own writes are no edits
         from msl_kit.train.config import read_yaml
 
         edited = flatten(to_dict(resolve(read_yaml(on_disk))))
@@ -64,7 +71,18 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
                 "file with "
                 f"`msl-kit train --config {on_disk} --out NEW_DIR`"
             )
-    values = dict(stored)
+    cfg = _with_overrides(base, overrides)
+    if cfg.train.iterations < state["iteration"]:
+        raise ConfigError(
+            f"train.iterations = {cfg.train.iterations} is below the {state['iteration']} "
+            f"iterations this run has already done; use a larger value"
+        )
+    return cfg
+
+
+def _with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """`cfg` with `--set` overrides of RESUME_KEYS only (anything else is refused)."""
+    values = flatten(to_dict(cfg))
     for text in overrides:
         key, value = parse_override(text)
         if key not in RESUME_KEYS:
@@ -74,13 +92,7 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
                 "to change it"
             )
         values[key] = value
-    cfg = resolve(values)
-    if cfg.train.iterations < state["iteration"]:
-        raise ConfigError(
-            f"train.iterations = {cfg.train.iterations} is below the {state['iteration']} "
-            f"iterations this run has already done; use a larger value"
-        )
-    return cfg
+    return resolve(values)
 
 
 @contextlib.contextmanager
@@ -162,13 +174,25 @@ def train(
 
 
 def evaluate_checkpoint(
-    path: str | Path, *, split: str | None = None, device: str | None = None
+    path: str | Path,
+    *,
+    split: str | None = None,
+    device: str | None = None,
+    metric: str | None = None,
+    lone_queries: str | None = None,
 ) -> tuple[dict, Config]:
-    """Load a checkpoint (safely) with its stored config and evaluate it."""
+    """Load a checkpoint (safely) with its stored config and evaluate it; the given options
+    replace the stored eval.split, device, eval.metric, eval.lone_queries."""
     path = Path(path)
     state = ckpt.load_checkpoint(path)
     values = flatten(to_dict(stored_config(state, path)))
-    values.update({k: v for k, v in (("eval.split", split), ("device", device)) if v})
+    given = {
+        "eval.split": split,
+        "device": device,
+        "eval.metric": metric,
+        "eval.lone_queries": lone_queries,
+    }
+    values.update({k: v for k, v in given.items() if v})
     cfg = resolve(values)  # the changed values are validated like any others
     dev = recipe.pick_device(cfg.device)
     model = recipe.build_model(cfg, load_pretrained=False)

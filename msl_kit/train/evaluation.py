@@ -23,12 +23,15 @@ PIXEL_SIDE = (
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How embeddings are extracted: loader batch and workers, autocast, memory format."""
+    """How embeddings are extracted (loader batch and workers, autocast, memory format) and
+    ranked (`metrics.METRICS`, `metrics.LONE_QUERIES`)."""
 
     batch_size: int = 256
     workers: int = 0
     amp: str = "none"  # none, bf16, fp16
     channels_last: bool = False
+    metric: str = "ip"  # inner product, or "euclidean"
+    lone_queries: str = "miss"  # queries without a relevant item: misses in R@K, or "skip"
 
 
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -70,15 +73,20 @@ def extract(
 Embed = Callable[[Dataset], tuple[torch.Tensor, torch.Tensor]]
 
 
-def score(embed: Embed, query: Dataset, gallery: Dataset | None, ks: Sequence[int]) -> dict:
+def score(
+    embed: Embed,
+    query: Dataset,
+    gallery: Dataset | None,
+    ks: Sequence[int],
+    opts: EvalOptions = EvalOptions(),
+) -> dict:
     """R@K, MAP@R and R-precision of `embed`'s vectors; query = gallery where gallery is None."""
     emb, labels = embed(query)
+    how = dict(ks=tuple(ks), metric=opts.metric, lone_queries=opts.lone_queries)
     if gallery is None:
-        return metrics.retrieval_metrics(emb, labels, ks=tuple(ks))
+        return metrics.retrieval_metrics(emb, labels, **how)
     g_emb, g_labels = embed(gallery)
-    return metrics.retrieval_metrics(
-        emb, labels, ks=tuple(ks), gallery=g_emb, gallery_labels=g_labels
-    )
+    return metrics.retrieval_metrics(emb, labels, gallery=g_emb, gallery_labels=g_labels, **how)
 
 
 def evaluate(
@@ -90,7 +98,7 @@ def evaluate(
     opts: EvalOptions = EvalOptions(),
 ) -> dict:
     """R@K, MAP@R and R-precision of `model` on the evaluation data."""
-    return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks)
+    return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks, opts)
 
 
 def pixel_features(
@@ -110,7 +118,7 @@ def pixel_baseline(
     query: Dataset, gallery: Dataset | None, ks: Sequence[int], opts: EvalOptions = EvalOptions()
 ) -> dict:
     """The same metrics on raw pixels of the same evaluation data: the floor training must beat."""
-    return score(lambda ds: pixel_features(ds, opts), query, gallery, ks)
+    return score(lambda ds: pixel_features(ds, opts), query, gallery, ks, opts)
 
 
 def max_rank(query: Dataset, gallery: Dataset | None) -> int:

@@ -114,8 +114,14 @@ def train_data(cfg: Config, spec: Preprocessing | None = None) -> Dataset:
 
 def eval_options(cfg: Config) -> EvalOptions:
     """How the configured run extracts embeddings."""
+    e = cfg.eval
     return EvalOptions(
-        cfg.eval.batch_size, cfg.data.workers, cfg.train.amp, cfg.model.channels_last
+        e.batch_size,
+        cfg.data.workers,
+        cfg.train.amp,
+        cfg.model.channels_last,
+        e.metric,
+        e.lone_queries,
     )
 
 

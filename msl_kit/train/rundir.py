@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,11 @@ from pathlib import Path
 from msl_kit.files.atomic import atomic_write_text
 
 LOCK = ".msl_kit.lock"
+# The sha256 of every config.yaml the kit wrote into a run, and the resume extensions, each
+# recorded before the config.yaml it leads to (see `write_config`).
+WRITTEN = ".msl_kit.config.json"
 RUN_FILES = (
+    WRITTEN,
     "config.yaml",
     "history.csv",
     "checkpoint.pt",
@@ -85,6 +90,7 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
     folder = Path(folder)
     if new and folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file; choose a folder")
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(folder)  # first: a folder in use is reported as such
@@ -109,6 +115,41 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
         yield folder
     finally:
         lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a run refused before its first write leaves nothing
+            if created and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def read_written(folder: Path) -> dict:
+    """What the kit recorded of its writes to `folder`/config.yaml: {"sha256": [...],
+    "extensions": [...]} (both empty for runs from before the record, or without one)."""
+    try:
+        record = json.loads((Path(folder) / WRITTEN).read_text())
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    return {k: list(record.get(k) or []) for k in ("sha256", "extensions")}
+
+
+def write_config(folder: Path, text: str, extension: dict | None = None) -> None:
+    """Write `text` as folder/config.yaml, recording its hash (and the resume `extension` that
+    changes it) first, both atomically: whenever a crash comes, a resume knows every config.yaml
+    the kit wrote from a user's edit, and the extension is replayed rather than lost."""
+    record = read_written(folder)
+    record["sha256"].append(hashlib.sha256(text.encode()).hexdigest())
+    if extension is not None:
+        record["extensions"].append(extension)
+    atomic_write_text(Path(folder) / WRITTEN, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(Path(folder) / "config.yaml", text)
+
+
+def kit_wrote(path: Path) -> bool:
+    """Whether the file at `path` (a run's config.yaml) is byte for byte one the kit wrote."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return False
+    return digest in read_written(Path(path).parent)["sha256"]
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -126,6 +167,15 @@ def write_history(path: Path, rows: list[dict]) -> None:
 def check_metrics_out(path: Path) -> None:
     """`msl-kit evaluate --out`: never replace a checkpoint, a run's files or a foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise RunFolderError(f"--out {path} is a folder; give a file name like {path}/metrics.json")
+    if not path.parent.is_dir():
+        raise RunFolderError(
+            f"cannot write {path}: the folder {path.parent} does not exist; create it or "
+            "choose another --out"
+        )
+    if not os.access(path.parent, os.W_OK):
+        raise RunFolderError(f"cannot write {path}: {path.parent} is not writable")
     if not path.exists():
         return
     written_by = None

@@ -23,7 +23,7 @@ from msl_kit.sampler import PKSampler
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
 from msl_kit.train.checks import ConfigError
-from msl_kit.train.config import Config, save_config, to_dict
+from msl_kit.train.config import Config, config_text, to_dict
 
 
 class DivergenceError(RuntimeError):
@@ -141,6 +141,20 @@ class Trainer:
                 f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
             )
         train_set = recipe.train_data(cfg, spec)
+        # Built before anything is written: a batch the data cannot fill (data.val_fraction left
+        # too few classes) is refused while the run folder is still empty, so the same --out
+        # works once the config is fixed. PKSampler draws no random numbers here.
+        sampler = PKSampler(
+            train_set.labels,
+            cfg.train.batch_size,
+            cfg.train.samples_per_class,
+            cfg.seed,
+            iterations=cfg.train.iterations,
+            start=state["iteration"] if state is not None else 0,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+            class_draw=cfg.train.class_draw,
+        )
         self.loss_fn = loss_fn or recipe.build_loss(cfg)
         self.optimizer = recipe.build_optimizer(self.model, cfg)
         self.scheduler = recipe.build_schedule(self.optimizer, cfg)
@@ -162,22 +176,11 @@ class Trainer:
             self._restore(state, state_path, overrides or [])
         else:
             if self.main:
-                save_config(cfg, out / "config.yaml")
+                rundir.write_config(out, config_text(cfg))
             if cfg.eval.floors:
                 self.floors = self._floors()
             self._snapshot_weights()
         self.net = distributed.wrap_ddp(self.model, dist)
-        sampler = PKSampler(
-            train_set.labels,
-            cfg.train.batch_size,
-            cfg.train.samples_per_class,
-            cfg.seed,
-            iterations=cfg.train.iterations,
-            start=self.iteration,
-            num_replicas=dist.world_size,
-            rank=dist.rank,
-            class_draw=cfg.train.class_draw,
-        )
         self.loader = DataLoader(
             _SeededItems(train_set, cfg.seed),
             batch_sampler=_KeyedBatches(sampler, self.iteration),
@@ -207,15 +210,20 @@ class Trainer:
             # Set the unreadable file aside: the next save would keep it as the fallback copy.
             (self.out / "checkpoint.pt").replace(self.out / "checkpoint.corrupt.pt")
         if overrides:
-            self.resumes.append(
-                {
-                    "iteration": self.iteration,
-                    "overrides": overrides,
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            )
+            record = {
+                "iteration": self.iteration,
+                "overrides": overrides,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            self.resumes.append(record)
             if self.main:  # config.yaml shows what the run now does; the change is in metrics.json
-                save_config(self.cfg, self.out / "config.yaml")
+                # recorded before config.yaml changes: a crash before the next checkpoint loses
+                # neither (engine.resumed_config replays it)
+                rundir.write_config(self.out, config_text(self.cfg), extension=record)
+        elif self.main:  # an extension replayed after a crash: config.yaml shows what runs now
+            shown = self.out / "config.yaml"
+            if not shown.is_file() or shown.read_text() != config_text(self.cfg):
+                rundir.write_config(self.out, config_text(self.cfg))
 
     def _floors(self) -> dict:
         """Raw pixels and the untrained network on the evaluation data: what training must beat."""
@@ -358,6 +366,8 @@ class Trainer:
             **self.results,
             "iteration": self.iteration,
             "split": self.cfg.eval.split,
+            "metric": self.cfg.eval.metric,  # how the numbers were counted: name it in tables
+            "lone_queries": self.cfg.eval.lone_queries,
             "best": self.best,
             "floors": self.floors,
         }
