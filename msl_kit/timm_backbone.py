@@ -104,19 +104,23 @@ def weights_source(name: str) -> str:
     return cfg.get("url") or cfg.get("file") or "(timm lists no published weights for it)"
 
 
-def build_timm_backbone(name: str, pretrained: str | os.PathLike | None = None) -> nn.Module:
+def build_timm_backbone(
+    name: str, pretrained: str | os.PathLike | None = None, *, global_pool: str | None = None
+) -> nn.Module:
     """timm model `name` without classifier (images -> pooled features), `.feature_dim` set.
 
     `pretrained`: None (random init), a weights file (.safetensors or torch) in timm's layout,
-    or "hub" (timm's own download; offline, one line says which file to fetch). The model also
-    carries `.preprocessing` (see `timm_preprocessing`).
+    or "hub" (timm's own download; offline, one line says which file to fetch). `global_pool`
+    overrides the model's own pooling where timm allows it (CNNs: "avg", "max", "avgmax" =
+    (avg + max) / 2; ViTs: "token", "avg"). The model carries `.preprocessing` too.
     """
     timm = _timm()
     check_timm_name(name)
+    kwargs = {"num_classes": 0} | ({"global_pool": global_pool} if global_pool else {})
     if pretrained is not None and str(pretrained) == HUB:
-        model = _from_hub(name)
+        model = _from_hub(name, kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = timm.create_model(name, pretrained=False, **kwargs)
         if pretrained is not None:
             load_timm_weights(model, pretrained)
     # Models with a pre-logits layer (MobileNetV3, some ConvNeXts) output head_hidden_size.
@@ -125,10 +129,10 @@ def build_timm_backbone(name: str, pretrained: str | os.PathLike | None = None) 
     return model
 
 
-def _from_hub(name: str) -> nn.Module:
+def _from_hub(name: str, kwargs: dict) -> nn.Module:
     """timm's own pretrained download; a failure (offline) is one line saying what to fetch."""
     try:
-        return _timm().create_model(name, pretrained=True, num_classes=0)
+        return _timm().create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # hub, urllib and file errors differ by source and version
         raise RuntimeError(
             f"could not download timm weights for {name} ({type(e).__name__}); fetch "

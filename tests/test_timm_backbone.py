@@ -81,6 +81,16 @@ def test_random_init_and_feature_dim():
         assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 512)
 
 
+def test_global_pool_override():
+    # Proxy-Anchor's ResNet-50 adds average and max pooling; timm's "avgmax" is their mean.
+    backbone = build_timm_backbone("resnet18", global_pool="avgmax").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = backbone.forward_features(images)
+        want = 0.5 * (maps.mean((2, 3)) + maps.amax((2, 3)))
+        torch.testing.assert_close(backbone(images), want)
+
+
 def test_feature_dim_follows_a_pre_logits_layer():
     backbone = build_timm_backbone("mobilenetv3_small_050")  # 1024-wide pre-logits layer
     with torch.no_grad():
