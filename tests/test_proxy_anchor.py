@@ -162,14 +162,20 @@ def test_bad_batches_are_one_line(x, labels, match):
     assert "\n" not in str(e.value)
 
 
-def test_bf16_autocast_is_finite_and_computed_in_fp32():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_finite_and_computed_in_fp32(device, dtype):
     torch.manual_seed(0)
-    loss = ProxyAnchorLoss(10, 32)
-    layer = torch.nn.Linear(16, 32)
-    inputs, labels = torch.randn(24, 16), torch.randint(0, 10, (24,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    loss = ProxyAnchorLoss(10, 32).to(device)
+    layer = torch.nn.Linear(16, 32).to(device)
+    inputs = torch.randn(24, 16, device=device)
+    labels = torch.randint(0, 10, (24,), device=device)
+    with torch.autocast(device, dtype=dtype):
         emb = layer(inputs)
-        assert emb.dtype == torch.bfloat16  # autocast is really on
+        assert emb.dtype == dtype  # autocast is really on
         value = loss(emb, labels)
     value.backward()
     assert value.dtype == torch.float32 and torch.isfinite(value)
