@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CROP_MODES = ("two_step", "fused")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")  # PIL resampling filters
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,16 @@ class Preprocessing:
     hflip: bool = True  # random horizontal flip at train time (off for digits and characters)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     crop: str = "two_step"  # "two_step" (torchvision, the released recipe) or "fused"
+    interpolation: str = "bilinear"  # resampling filter; timm's pretrained configs give theirs
 
     def __post_init__(self) -> None:
         if self.crop not in CROP_MODES:
             raise ValueError(f"Preprocessing.crop must be one of {CROP_MODES}, not {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Preprocessing.interpolation must be one of {INTERPOLATIONS}, "
+                f"not {self.interpolation!r}"
+            )
 
     @property
     def channels(self) -> int:
