@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna storage URL shared by several machines (default sqlite:///OUT/optuna.db)",
     )
     p.set_defaults(func=cmd_sweep)
+    from msl_kit.cli_use import add_use_commands  # embed, search, export
+
+    add_use_commands(sub)
     return parser
 
 
