@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +100,16 @@ def export(checkpoint: str | Path, out: str | Path, *, onnx: bool | None = None)
     wrapped = UInt8Model(model.float().to(memory_format=torch.contiguous_format), spec).eval()
     size = spec.input_size
     example = torch.randint(0, 256, (2, spec.channels, size, size), dtype=torch.uint8)
-    with torch.no_grad():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.9+ calls TorchScript deprecated; it is still the one format that loads with
+        # plain `torch.jit.load` (no Python source, no msl_kit), which is what export promises.
+        # The tracer warns about the model's input-shape check: a constant for a fixed C.
+        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(wrapped, example, check_trace=False)
         dim = int(traced(example).shape[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, lambda f: torch.jit.save(traced, f))
+        atomic_write_bytes(out, lambda f: torch.jit.save(traced, f))
     info = describe(spec, dim, ckpt, sha256_file(ckpt))
     info["torchscript"] = out.name
     info["onnx"] = write_onnx(wrapped, example, out.with_suffix(".onnx"), onnx)
@@ -124,15 +130,20 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, wanted: bool
     import io
 
     buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (example,),
-        buf,
-        input_names=["images"],
-        output_names=["embeddings"],
-        dynamic_axes={"images": {0: "n"}, "embeddings": {0: "n"}},
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter (the newer one needs onnxscript too, a heavier extra);
+        # torch deprecates it and parts of itself, none of which the user can act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamic_axes={"images": {0: "n"}, "embeddings": {0: "n"}},
+            dynamo=False,
+        )
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
     return path.name
 
