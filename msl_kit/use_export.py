@@ -13,7 +13,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +64,7 @@ def to_uint8(normalised: torch.Tensor, spec: transforms.Preprocessing) -> torch.
 def describe(spec: transforms.Preprocessing, dim: int, ckpt: Path, sha: str) -> dict:
     """model.json: everything a user needs to feed the exported model without msl_kit."""
     channels = spec.channels
+    colour = "grey" if channels == 1 else "RGB"
     return {
         "format": EXPORT_FORMAT,
         "input": {
@@ -77,7 +77,7 @@ def describe(spec: transforms.Preprocessing, dim: int, ckpt: Path, sha: str) -> 
         "crop": {"size": spec.input_size, "position": "center", "mode": spec.crop},
         "how": (
             f"resize so the shorter side is {spec.resize_size} px (bilinear), crop the centre "
-            f"{spec.input_size} x {spec.input_size}, give uint8 {'grey' if channels == 1 else 'RGB'}"
+            f"{spec.input_size} x {spec.input_size}, give uint8 {colour}"
             " as (N, C, S, S); the module does colour order, scaling and mean/std"
         ),
         "model_preprocessing": dataclasses.asdict(spec),
@@ -146,12 +146,3 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, wanted: bool
         )
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
     return path.name
-
-
-def check_uint8(images: np.ndarray, size: int, channels: int) -> None:
-    """The shape the exported model expects, said in one line when it is not that."""
-    if images.dtype != np.uint8 or images.shape[1:] != (channels, size, size):
-        raise EmbedError(
-            f"the exported model takes uint8 (N, {channels}, {size}, {size}); got "
-            f"{images.dtype} {tuple(images.shape)}"
-        )
