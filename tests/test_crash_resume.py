@@ -33,7 +33,7 @@ ARGS = [
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from msl_kit.cli import main as cli
+    from msl_kit.cli import app as cli
     from msl_kit.train import engine, trainer
     mode, at = sys.argv[1], int(sys.argv[2])
     if mode == "step":

@@ -238,6 +238,19 @@ def test_only_package_inits_re_export_and_they_list_it():
     assert not facades, facades
 
 
+def test_no_package_name_hides_one_of_its_modules():
+    """`msl_kit.use.search` must be one thing: a package exporting a function named like one of
+    its modules would shadow the module (`from msl_kit.use import search` gets the function)."""
+    clashes = []
+    for name, path in MODULES.items():
+        if path.name != "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        exported = {a.asname or a.name for _, a in _from_imports(tree)}
+        clashes += [f"{name}.{n}" for n in exported if f"{name}.{n}" in MODULES]
+    assert not clashes, clashes
+
+
 def _from_imports(tree: ast.Module):
     for node in tree.body:
         if isinstance(node, ast.ImportFrom):

@@ -1,9 +1,10 @@
-"""The five notebooks: stored clean, and executed headless with papermill in order on the CPU.
+"""The notebooks: stored clean, and executed headless with papermill in order on the CPU.
 
 All run with their default parameters on the embedded Omniglot-small set, only the folders
 changed to a temporary one: 02 trains into `runs/`; 03 and 04 find that run as the latest one
 there (03 also steps through its snapshots); 05 gathers it with a run folder that claims the
-CUB 512-d setting, so the paper's rows must appear beside it.
+CUB 512-d setting, so the paper's rows must appear beside it; 07 embeds the held-out split
+with that run and with its first snapshot and searches it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ["01_prepare_data", "02_train", "03_pair_weights", "04_embeddings_umap", "05_recall_tables"]
+NAMES = [
+    "01_prepare_data",
+    "02_train",
+    "03_pair_weights",
+    "04_embeddings_umap",
+    "05_recall_tables",
+    "07_search",
+]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -222,6 +230,21 @@ def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
     assert float(r1[2]) > float(r1[1]) + 15  # the trained map separates the characters
     assert "image/png" in mimes(outputs(nb, "viz.embeddings_before_after"))
     assert "image/png" in mimes(outputs(nb, "viz.retrieval_grid"))
+
+
+@pytest.mark.slow
+def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, runs):
+    _, run_dir = nb02
+    nb = execute("07_search", work, runs=str(runs), out_dir=str(work / "07"))
+    for name in ("trained.npz", "untrained.npz", "trained.png", "untrained.png"):
+        assert (work / "07" / name).stat().st_size > 1000
+    assert "2240 held-out images -> " in text(outputs(nb, "embed(run"))
+    assert "image/png" in mimes(outputs(nb, "grid(hits"))
+    scores = outputs(nb, "pd.DataFrame")[0]["data"]["text/plain"].splitlines()
+    before, after = (float(line.split()[-2]) for line in scores[-2:])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert abs(after - metrics["recall@1"]) < 1e-3  # the R@1 evaluate wrote
+    assert after > before + 0.15
 
 
 @pytest.mark.slow

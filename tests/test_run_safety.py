@@ -18,7 +18,7 @@ from PIL import Image
 
 from msl_kit import cli
 from msl_kit.notebook import explore
-from msl_kit.train import rundir
+from msl_kit.train import engine, rundir
 from msl_kit.train.config import load_config
 
 DIGITS = ["--config", "digits"]
@@ -414,7 +414,7 @@ def test_skip_corrupt_means_the_same_in_training_evaluation_and_notebooks(tmp_pa
         assert cli.main(["train", "--out", str(out), *FAST_ARGS, *sets]) == 0
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.pt")]) == 0
-    model, cfg = explore.load_model(out)
+    model, cfg = engine.load_model(out)
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         emb, labels, _ = explore.split_embeddings(model, cfg)
     assert len(emb) == 4 * 6

@@ -213,7 +213,7 @@ def test_snapshot_similarities_are_one_batch_under_each_snapshot(tiny_run):
     sims, labels = explore.snapshot_similarities(tiny_run, n_classes=3, per_class=2)
     assert list(sims) == [0, 2, 4] and labels.tolist() == sorted(labels.tolist())
     assert torch.bincount(labels).max() == 2 and len(labels.unique()) == 3
-    model, cfg = explore.load_model(tiny_run)  # the final checkpoint is iteration 4
+    model, cfg = engine.load_model(tiny_run)  # the final checkpoint is iteration 4
     final, same_labels = explore.batch_similarity(model, cfg, n_classes=3, per_class=2)
     torch.testing.assert_close(sims[4], final) and torch.equal(labels, same_labels)
     assert not torch.allclose(sims[0], sims[4])
@@ -247,7 +247,7 @@ def test_class_groups_and_one_class_per_alphabet_in_the_grid():
 
 def test_split_embeddings_can_take_a_few_whole_classes():
     cfg = load_config("digits", ["model.embedding_dim=16", "model.width=16"])
-    model, _ = explore.load_model(cfg=cfg)
+    model, _ = engine.load_model(cfg=cfg)
     emb, labels, images = explore.split_embeddings(model, cfg, max_classes=2, seed=1)
     test = datasets.build("digits", None, "test")
     assert len(labels.unique()) == 2 and len(emb) == len(images)

@@ -1,5 +1,5 @@
-"""The `msl-kit` command line: a thin shell over the library (`msl_kit.cli.main`)."""
+"""The `msl-kit` command line: a thin shell over the library (`msl_kit.cli.app`)."""
 
-from msl_kit.cli.main import main
+from msl_kit.cli.app import main
 
 __all__ = ["main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from msl_kit.cli.main import main
+from msl_kit.cli.app import main
 
 sys.exit(main())

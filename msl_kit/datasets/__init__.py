@@ -22,7 +22,7 @@ from msl_kit.datasets.layouts.common import (
     subfolders,
     to_int,
 )
-from msl_kit.datasets.prepare import (
+from msl_kit.datasets.preparation import (
     MARKER,
     dataset_dir,
     is_complete,

@@ -20,7 +20,7 @@ from PIL import Image
 from msl_kit.datasets import embedded
 from msl_kit.datasets.layouts.common import LayoutError, Record
 from msl_kit.datasets.layouts.official import read_folder
-from msl_kit.datasets.prepare import dataset_dir, is_complete
+from msl_kit.datasets.preparation import dataset_dir, is_complete
 from msl_kit.datasets.registry import (
     info,
     read_layout,
@@ -179,7 +179,7 @@ def build(
         if not is_complete(base, name):
             raise LayoutError(
                 f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
-                f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"
+                f"(or msl_kit.datasets.preparation({name!r}, {str(root)!r}))"
             )
         records = read_layout(name, base)
     chosen = _select(records, split, val_fraction, seed)

@@ -15,28 +15,7 @@ from torch.utils.data import Dataset, Subset
 from msl_kit.datasets import transforms
 from msl_kit.sampler import PKSampler
 from msl_kit.train import engine, evaluation, recipe
-from msl_kit.train.checkpoint import load_checkpoint
-from msl_kit.train.config import Config, load_config
-from msl_kit.train.trainer import load_model_state
-
-
-def load_model(
-    checkpoint: str | Path | None = None, cfg: Config | None = None, device: str = "cpu"
-) -> tuple[nn.Module, Config]:
-    """A trained model and its stored config from a checkpoint file or run folder, or, with no
-    checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        path = path / "checkpoint.pt" if path.is_dir() else path
-        state = load_checkpoint(path)
-        cfg = engine.stored_config(state, path)
-        model = recipe.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
-        load_model_state(model, state, path)
-    else:
-        cfg = cfg or load_config()
-        recipe.seed_everything(cfg.seed)  # as engine.train does before building the model
-        model = recipe.build_model(cfg)
-    return model.to(device).eval(), cfg
+from msl_kit.train.config import Config
 
 
 def snapshots(run_dir: str | Path) -> list[Path]:
@@ -67,7 +46,7 @@ def pick_model(
     else a fresh model of `cfg` (the default config when None); `note` says which."""
     path = Path(checkpoint) if checkpoint is not None else latest_run(runs)
     if path is None:
-        model, cfg = load_model(cfg=cfg)
+        model, cfg = engine.load_model(cfg=cfg)
         return Picked(
             model,
             cfg,
@@ -76,7 +55,7 @@ def pick_model(
             f"a FRESH, untrained {cfg.model.backbone} on {cfg.data.name} "
             "(run 02_train first to see a trained model)",
         )
-    model, cfg = load_model(path)
+    model, cfg = engine.load_model(path)
     run = path if path.is_dir() else path.parent
     metrics = run / "metrics.json"
     score = ""
@@ -96,7 +75,7 @@ def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, 
     {iteration: S} and the batch's labels."""
     sims, labels = {}, None
     for path in snapshots(run_dir):
-        model, cfg = load_model(path)
+        model, cfg = engine.load_model(path)
         sims[int(path.stem.split("_")[1])], labels = batch_similarity(model, cfg, **batch)
     if labels is None:
         raise FileNotFoundError(

@@ -200,3 +200,22 @@ def evaluate_checkpoint(
     model.to(dev)
     data = recipe.eval_data(cfg)
     return evaluation.evaluate(model, *data, dev, cfg.eval.ks, recipe.eval_options(cfg)), cfg
+
+
+def load_model(
+    checkpoint: str | Path | None = None, cfg: Config | None = None, device: str = "cpu"
+) -> tuple[nn.Module, Config]:
+    """A trained model and its stored config from a checkpoint file or run folder, or, with no
+    checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        state = ckpt.load_checkpoint(path)
+        cfg = stored_config(state, path)
+        model = recipe.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
+        load_model_state(model, state, path)
+    else:
+        cfg = cfg or resolve({})
+        recipe.seed_everything(cfg.seed)  # as engine.train does before building the model
+        model = recipe.build_model(cfg)
+    return model.to(device).eval(), cfg

@@ -190,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from msl_kit.datasets.prepare import prepare
+    from msl_kit.datasets.preparation import prepare
     from msl_kit.datasets.registry import list_datasets
 
     if args.weights:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna storage URL shared by several machines (default sqlite:///OUT/optuna.db)",
     )
     p.set_defaults(func=cmd_sweep)
+    from msl_kit.cli.use import add_use_commands  # embed, search, export
+
+    add_use_commands(sub)
     return parser
 
 

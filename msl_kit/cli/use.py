@@ -1,0 +1,119 @@
+"""`msl-kit embed | search | export`: use a trained model on your own images (thin shell)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed a folder / CSV / dataset split into FILE.npz (resumable)."""
+    from msl_kit.use.embedding import embed
+
+    if (args.images is None) == (args.dataset is None):
+        return _fail("give either --images PATH or --dataset NAME (with --split)")
+    options = dict(dataset=args.dataset, root=args.root, split=args.split)
+    options.update(batch_size=args.batch_size, workers=args.workers, device=args.device)
+    if args.chunk_size is not None:
+        options["chunk_size"] = args.chunk_size
+    try:
+        emb = embed(args.checkpoint, args.images, args.out, **options)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; the finished pieces are kept in {args.out}.part/: "
+            "rerun the same command to embed only what is missing",
+            file=sys.stderr,
+        )
+        return 130
+    if emb.skipped:
+        first = ", ".join(Path(p).name for p in emb.skipped[:3])
+        print(
+            f"skipped {len(emb.skipped)} unreadable or non-image file(s) (first: {first}); "
+            "they are listed in the file's `skipped`",
+            file=sys.stderr,
+        )
+    labels = f", {len(emb.classes)} classes" if emb.labels is not None else ", no labels"
+    print(f"{len(emb)} images -> {emb.dim}-d vectors{labels}: {args.out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Top-k gallery images of each query; table, CSV and grid."""
+    from msl_kit.use import retrieval as use_search
+    from msl_kit.use.index import Embeddings
+
+    if args.k < 1:
+        return _fail(f"-k must be at least 1, got {args.k}")
+    gallery = Embeddings.load(args.index)
+    query = use_search.load_query(args.query, gallery, args.checkpoint, progress=True)
+    backend = None
+    if args.faiss:
+        backend, note = use_search.faiss_backend(Path(args.index), gallery)
+        print(note, file=sys.stderr)
+    hits = gallery.search(query, args.k, exclude_self=not args.keep_self, backend=backend)
+    print(use_search.table(hits, None if args.show < 0 else args.show))
+    r1 = hits.recall_at_1()
+    if r1 is not None:
+        print(f"R@1 {100 * r1:.1f}% over {len(hits.scores)} labelled queries (top hit same class)")
+    if args.out:
+        use_search.write_csv(hits, args.out)
+        print(f"results written to {args.out}")
+    if args.grid:
+        use_search.grid(hits, n_queries=args.grid_queries).savefig(args.grid, dpi=120)
+        print(f"grid written to {args.grid}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """TorchScript (+ ONNX where onnx is installed) and model.json."""
+    from msl_kit.use.exporting import export
+
+    info = export(args.checkpoint, args.out, onnx=True if args.onnx else None)
+    made = [args.out, str(Path(args.out).with_name("model.json"))]
+    if info["onnx"]:
+        made.append(str(Path(args.out).with_name(info["onnx"])))
+    print(f"wrote {', '.join(made)}")
+    print(f"feed it: {info['how']}")
+    return 0
+
+
+def add_use_commands(sub: Any) -> None:
+    """Register `embed`, `search` and `export` on msl-kit's subcommand parser."""
+    p = sub.add_parser("embed", help="turn a folder of images into vectors (FILE.npz)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--images", help="a folder (class sub-folders = labels), a CSV path[,label]")
+    p.add_argument("--dataset", help="or a prepared dataset's split (with --root, --split)")
+    p.add_argument("--root", help="the folder --dataset was prepared in")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help="FILE.npz (rerun after an interrupt to resume)")
+    p.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: the run's)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
+    p.add_argument("--chunk-size", type=int, help="images per resumable piece (default 4096)")
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("search", help="the k nearest gallery images of each query")
+    p.add_argument("--index", required=True, help="FILE.npz made by msl-kit embed")
+    p.add_argument("--query", required=True, help="an image, folder, CSV, or embeddings file")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--checkpoint", help="embed the query with this (default: the index's)")
+    p.add_argument("--out", help="write every row to this CSV")
+    p.add_argument("--grid", help="draw queries beside their top k into this PNG")
+    p.add_argument("--grid-queries", type=int, default=6, help="queries in the grid")
+    p.add_argument("--show", type=int, default=5, help="queries printed (-1: all)")
+    p.add_argument("--faiss", action="store_true", help="faiss IndexFlatIP, kept as FILE.faiss")
+    p.add_argument(
+        "--keep-self", action="store_true", help="let a query that is in the gallery find itself"
+    )
+    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("export", help="TorchScript (+ ONNX) of a checkpoint, uint8 in")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--out", required=True, help="model.pt (model.json and model.onnx beside)")
+    p.add_argument("--onnx", action="store_true", help="fail if ONNX cannot be written")
+    p.set_defaults(func=cmd_export)
