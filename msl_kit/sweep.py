@@ -104,13 +104,14 @@ def _storage(url: str) -> Any:
 
 
 def open_study(spec: SweepSpec, url: str, *, create: bool = False) -> Any:
-    """The spec's study in `url`, with a GridSampler (grid) or TPESampler (search)."""
+    """The spec's study in `url` (made if missing with `create`), with a GridSampler (grid) or
+    TPESampler (search); a storage that cannot be read or written is one SweepError line."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # The heartbeat and its retry callback are marked experimental; they are the point here.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         storage = _storage(url)
-        study = _create(spec, url, storage, create)
+        study = _create(spec, storage, create)
         study.set_user_attr("opened_by", f"{HOST}:{os.getpid()}")  # fails now if read-only
     except SweepError:
         raise
@@ -125,18 +126,15 @@ def open_study(spec: SweepSpec, url: str, *, create: bool = False) -> Any:
     return study
 
 
-def _create(spec: SweepSpec, url: str, storage: Any, create: bool) -> Any:
+def _create(spec: SweepSpec, storage: Any, create: bool) -> Any:
     if spec.trials:
         sampler = optuna.samplers.TPESampler()
     else:
         sampler = optuna.samplers.GridSampler({**spec.grid, "seed": spec.seeds})
+    # Other studies may share a --storage; the sweep folder's mark says which one is this one's.
     name = spec.fingerprint()
-    others = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if create and url.startswith("sqlite") and others and name not in others:
-        raise SweepError(
-            f"{url} holds a sweep with other keys, values, seeds or --set; "
-            "rerun that exact command or choose another --out"
-        )
+    if not create:  # a worker joins the study its sweep made
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     return optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
     )

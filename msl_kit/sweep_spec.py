@@ -291,27 +291,23 @@ def claim_out(out: str | Path, study: str) -> Iterator[Path]:
 
 
 def prepare_cell(cfg: Config, run_dir: Path) -> bool:
-    """Whether the cell's folder holds a checkpoint to continue. A folder of another config is
-    refused; one killed before its first checkpoint (nothing to resume) is cleared for a restart."""
+    """Whether the cell's folder holds a checkpoint to continue; one of another config is refused.
+    A folder with no checkpoint yet (killed early) holds nothing to keep: it is cleared, so that
+    the cell starts again (its name carries this config's hash: it is this cell's folder)."""
     if not run_dir.exists():
         return False
-    want = config_hash(cfg)
     if any((run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
         from msl_kit import checkpoint, engine
 
         state, path = checkpoint.load_latest(run_dir)
-        if config_hash(engine.stored_config(state, path)) != want:
+        if config_hash(engine.stored_config(state, path)) != config_hash(cfg):
             raise SweepError(f"{run_dir} holds a run of another config; move it away and rerun")
         return True
     foreign = sorted({p.name for p in run_dir.iterdir()} - EARLY_RUN_FILES)
-    try:
-        held = config_hash(load_config(run_dir / "config.yaml"))
-    except (OSError, ValueError):  # absent or cut off: the kill came while it was written
-        held = want
-    if foreign or held != want:
-        what = f"files msl-kit did not write ({', '.join(foreign[:3])})" if foreign else ""
+    if foreign:
         raise SweepError(
-            f"{run_dir} holds {what or 'a run of another config'}; move it away and rerun"
+            f"{run_dir} holds files msl-kit did not write ({', '.join(foreign[:3])}); "
+            "move them away and rerun"
         )
     try:
         owner = json.loads((run_dir / rundir.LOCK).read_text())
