@@ -1,19 +1,17 @@
 """Sweeps over dotted config keys on Optuna: a grid, or a TPE search over ranges.
 
-Every cell is a normal run folder (`engine.train`) under OUT/runs/. Optuna's storage is the
-bookkeeping: `sqlite:///OUT/optuna.db` by default, or any `--storage` URL that several machines
-share. A rerun of the same command skips finished cells; a cell left RUNNING by a killed worker
-is failed and queued again (Optuna's heartbeat; on the same host a dead pid says so at once).
-The sweep folder is claimed like a run folder, and each cell is its full config: the config's
-hash is in its folder name and in its trial, and a result is reported only for its own config.
-SIGINT / SIGTERM stop every worker (each checkpoints its cell); rerunning the command resumes.
-Pure orchestration: reports go through `on_cell` and return values, never drawing.
-The spec (`SweepSpec`, `make_spec`, cells and their configs) lives in msl_kit.sweep_spec and is
-re-exported here.
+Every cell is a normal run folder (`engine.train`) under OUT/runs/, named and checked by its full
+config's hash; a result is reported only for its own config. Optuna's storage is the bookkeeping:
+`sqlite:///OUT/optuna.db` by default, or a `--storage` URL that several machines share. A rerun
+of the same command skips finished cells; a cell left RUNNING by a killed worker is failed and
+queued again (Optuna's heartbeat; on the same host a dead pid says so at once). SIGINT / SIGTERM
+stop every worker (each checkpoints its cell). Pure orchestration: reports go through `on_cell`
+and return values. The spec, cells, their configs and folders (msl_kit.sweep_spec) are re-exported.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -113,8 +111,6 @@ def open_study(spec: SweepSpec, url: str, *, create: bool = False) -> Any:
         storage = _storage(url)
         study = _create(spec, storage, create)
         study.set_user_attr("opened_by", f"{HOST}:{os.getpid()}")  # fails now if read-only
-    except SweepError:
-        raise
     except (SQLAlchemyError, optuna.exceptions.OptunaError, ImportError, OSError, ValueError) as e:
         while e.__cause__ is not None:  # Optuna wraps the driver's message
             e = e.__cause__
@@ -187,8 +183,7 @@ def reap(study: Any, spec: SweepSpec, retry_failed: bool = False) -> None:
 
 
 def run_cell(cfg: Config, run_dir: Path) -> dict:
-    """Train one cell (continuing its checkpoint if a killed worker left one, after checking
-    that the checkpoint is of this very config); its record."""
+    """Train one cell (continuing a checkpoint of its very config if one was left); its record."""
     from msl_kit import engine
 
     start, resume = datetime.now(), prepare_cell(cfg, run_dir)
@@ -262,21 +257,37 @@ def run_worker(
     out = Path(out)
     study = open_study(spec, url)
     objective = _objective(spec, out, threads, on_cell)
-    while True:
-        reap(study, spec)
-        todo, running = _pending(study, spec)
-        if not todo and not running:
-            return
-        if not todo:  # wait for cells elsewhere: one of them may turn stale and come back
-            time.sleep(POLL_S)
-            continue
-        study.optimize(
-            objective,
-            n_trials=1,
-            catch=(Exception,),
-            gc_after_trial=False,
-            callbacks=[lambda s, t: write_tables(out, s, spec)],
-        )
+    quiet = _QuietStop()
+    optuna.logging.get_logger("optuna.study._optimize").addFilter(quiet)
+    try:
+        while True:
+            reap(study, spec)
+            todo, running = _pending(study, spec)
+            if not todo and not running:
+                return
+            if not todo:  # wait for cells elsewhere: one of them may turn stale and come back
+                time.sleep(POLL_S)
+                continue
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(Exception,),
+                gc_after_trial=False,
+                callbacks=[lambda s, t: write_tables(out, s, spec)],
+            )
+    finally:
+        optuna.logging.get_logger("optuna.study._optimize").removeFilter(quiet)
+
+
+class _QuietStop(logging.Filter):
+    """Drops Optuna's log of a trial stopped by Ctrl-C / SIGTERM (a failure with a traceback)."""
+
+    stopped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        self.stopped = self.stopped or isinstance(error, KeyboardInterrupt)
+        return not self.stopped
 
 
 def run_sweep(
@@ -327,19 +338,17 @@ def _run_workers(jobs: int, args: tuple) -> None:
         for p in procs:
             p.join()
     except KeyboardInterrupt:
+        started = [p for p in procs if p.pid is not None]
         try:
-            for p in procs:
-                if p.pid is not None and p.is_alive():
-                    p.terminate()  # SIGTERM: the engine checkpoints the cell, then it stops
+            for p in started:
+                p.terminate()  # SIGTERM: the engine checkpoints the cell, then the worker stops
             deadline = time.monotonic() + STOP_S
-            for p in procs:
-                if p.pid is not None:
-                    p.join(max(0.0, deadline - time.monotonic()))
-        finally:  # a second Ctrl-C, or a worker that does not stop: no worker outlives us
-            for p in procs:
-                if p.pid is not None and p.is_alive():
-                    p.kill()
-                    p.join()
+            for p in started:
+                p.join(max(0.0, deadline - time.monotonic()))
+        finally:  # a second Ctrl-C, or a worker that does not stop: no worker outlives the sweep
+            for p in (p for p in started if p.is_alive()):
+                p.kill()
+                p.join()
         raise
     if any(p.exitcode for p in procs):
         raise SweepError(
