@@ -1,4 +1,5 @@
-"""What a sweep runs: the spec from CLI strings or a named study, its cells and their configs.
+"""What a sweep runs and where: the spec from CLI strings or a named study, its cells and their
+configs, the folders it owns (the sweep folder's claim, each cell's folder) and its tables.
 
 A cell is its full resolved config: `config_hash` names it, its folder name carries the hash,
 and equal values (40 and 40.0) are one cell. No Optuna here: `msl_kit.sweep` runs a checked
@@ -35,7 +36,7 @@ HOST = socket.gethostname()
 METRICS = ("recall@1", "map@r")
 MARK = "sweep.json"  # written first into a sweep folder: whose it is
 TABLES = ("sweep.csv", "summary.csv", "summary.md")
-SWEEP_FILES = {MARK, *TABLES, "runs", rundir.LOCK, *(f"optuna.db{s}" for s in ("", "-journal"))}
+SWEEP_FILES = {MARK, *TABLES, "runs", rundir.LOCK, "optuna.db"}
 # What a run folder may hold before its first checkpoint (the engine writes these first).
 EARLY_RUN_FILES = {*rundir.RUN_FILES, rundir.LOCK, "snapshots", "tensorboard"}
 
@@ -243,7 +244,7 @@ def sigterm_interrupts() -> Iterator[None]:
 def _own(name: str) -> bool:
     # An atomic write cut off by a kill leaves `.sweep.csv.<random>.tmp`.
     temp = name.endswith(".tmp") and any(name.startswith(f".{t}.") for t in TABLES)
-    return name in SWEEP_FILES or temp or name.startswith("optuna.db-")
+    return name in SWEEP_FILES or temp or name.startswith("optuna.db-")  # SQLite's journal
 
 
 def check_out(out: Path, study: str) -> None:
