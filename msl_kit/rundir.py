@@ -99,7 +99,7 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
         if (folder / "checkpoint.pt").exists() or (folder / "checkpoint.prev.pt").exists():
             hint = f"it holds a run: continue it with `msl-kit train --resume {folder}`"
         elif (folder / "config.yaml").exists():  # nothing to resume: --resume would refuse it
-            hint = "it holds a run stopped before its first checkpoint: delete the folder"
+            hint = "it holds a config.yaml but no checkpoint, so there is nothing to resume"
         else:
             hint = "it holds files msl-kit did not write"
         raise RunFolderError(

@@ -212,8 +212,8 @@ def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, caps
     assert cli.main(["train", "--resume", str(cell)]) == 2
     one_line_error(capsys, f"cannot resume from {cell}: no checkpoint.pt found")
     assert cli.main(["train", "--config", "digits", "--out", str(cell)]) == 2
-    err = one_line_error(capsys, f"{cell} is not empty (it holds a run stopped before")
-    assert "--resume" not in err
+    err = one_line_error(capsys, f"{cell} is not empty (it holds a config.yaml but no checkpoint")
+    assert "--resume" not in err and "nothing to resume" in err
     assert cli.main(sweep_args(out, "loss.beta=10", sets=sets)) == 0  # was: "not empty" forever
     (row,) = rows(out)
     assert (out / row["run"] / "metrics.json").is_file() and row["resumed"] == "False"
