@@ -247,10 +247,30 @@ def _print_cell(run: dict) -> None:
     )
 
 
+def _sweep_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this sweep: the same arguments, with the --out it writes."""
+    import shlex
+
+    argv = ["msl-kit", "sweep"]
+    for flag, value in (
+        ("--study", args.study),
+        ("--config", args.config),
+        ("--seeds", args.seeds),
+        ("--trials", args.trials or None),
+        ("--jobs", args.jobs if args.jobs != 1 else None),
+        ("--storage", args.storage),
+        ("--out", out),
+    ):
+        argv += [flag, str(value)] if value is not None else []
+    for flag, values in (("--grid", args.grid), ("--range", args.range), ("--set", args.set)):
+        argv += [a for v in values or [] for a in (flag, v)]
+    return shlex.join(argv)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`msl-kit sweep`: a grid or TPE search over dotted keys on Optuna (msl_kit.sweep.runner)."""
-    from msl_kit.sweep.runner import markdown, run_sweep
-    from msl_kit.sweep.spec import SweepError, make_spec
+    from msl_kit.sweep.runner import run_sweep
+    from msl_kit.sweep.spec import SweepError, make_spec, markdown
 
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -268,7 +288,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.study,
     )
     out = Path(args.out or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
+    try:
+        result = run_sweep(spec, out, jobs=args.jobs, storage=args.storage, on_cell=_print_cell)
+    except KeyboardInterrupt:  # every worker has stopped; finished cells and checkpoints are kept
+        print(f"\ninterrupted; resume the sweep with: {_sweep_command(args, out)}", file=sys.stderr)
+        return 130
     print("\n" + markdown(result["summary"], result["keys"]))
     for params in result["failed"]:
         print(f"failed: {params} (see the log above; rerun the command to retry)", file=sys.stderr)
