@@ -265,6 +265,20 @@ def test_5_a_signal_stops_every_worker_and_names_the_rerun(tmp_path, how):
     assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2  # each worker checkpointed its cell
 
 
+@pytest.mark.slow
+def test_5_workers_stop_when_the_sweep_parent_is_killed(tmp_path):
+    """SIGKILL leaves the parent no chance to stop its workers: each asked the kernel to send
+    it SIGTERM when the parent dies, so it checkpoints its cell and stops; a rerun resumes."""
+    out = tmp_path / "S"
+    sets = ["train.iterations=100000", "train.checkpoint_every=500", "eval.floors=false"]
+    proc = start(sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2")))
+    wait_for(lambda: len(list(out.glob("runs/*/config.yaml"))) == 2, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert group_gone(proc.pid, timeout=180), "a worker outlived its killed parent"
+    assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2  # each worker checkpointed its cell
+
+
 # ----------------------------------------------------------------------------- 6
 @pytest.mark.parametrize(
     "argv, message",

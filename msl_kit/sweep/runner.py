@@ -11,9 +11,12 @@ and return values. What a sweep runs (spec, cells, configs, folders, tables) is 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -283,9 +286,22 @@ def run_sweep(
         return write_tables(out, open_study(spec, url), spec)  # fresh: workers ran elsewhere
 
 
-def _worker(*args: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGTERM when the sweep's parent dies, even by SIGKILL, so no
+    worker trains on alone (it checkpoints its cell and stops); elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(parent: int, *args: Any) -> None:
     with sigterm_interrupts():
         try:
+            _die_with_parent(parent)
             run_worker(*args)
         except KeyboardInterrupt:
             sys.exit(130)  # the parent reports the stop, once
@@ -297,7 +313,7 @@ def _run_workers(jobs: int, args: tuple) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # fork after torch's threads started is unsafe
-    procs = [ctx.Process(target=_worker, args=args) for _ in range(jobs)]
+    procs = [ctx.Process(target=_worker, args=(os.getpid(), *args)) for _ in range(jobs)]
     try:
         for p in procs:
             p.start()
