@@ -235,7 +235,9 @@ class RandomBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
 
     def __len__(self) -> int:
-        total = self.iterations if self.iterations is not None else self.num_items // self.batch_size
+        total = (
+            self.iterations if self.iterations is not None else self.num_items // self.batch_size
+        )
         return max(total - self.start, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -246,6 +248,9 @@ class RandomBatchSampler(Sampler[list[int]]):
         for batch_number in range(self.start, self.start + len(self)):
             epoch, pos = divmod(batch_number, per_epoch)
             if epoch != seen:  # one generator per epoch: a resumed run jumps straight to it
-                order, seen = np.random.default_rng([self.seed, epoch]).permutation(self.num_items), epoch
+                order, seen = (
+                    np.random.default_rng([self.seed, epoch]).permutation(self.num_items),
+                    epoch,
+                )
             batch = order[pos * self.batch_size : (pos + 1) * self.batch_size]
             yield [int(i) for i in batch[lo : lo + per_rank]]

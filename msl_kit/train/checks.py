@@ -162,7 +162,10 @@ def _check_train(cfg: Config) -> None:
         f"use 0 (off) to train.iterations ({t.iterations}) iterations with the backbone frozen",
     )
     choice("train.optimizer", t.optimizer, ["adam", "adamw"])
-    for key, value in (("grad_clip_value", t.grad_clip_value), ("grad_clip_norm", t.grad_clip_norm)):
+    for key, value in (
+        ("grad_clip_value", t.grad_clip_value),
+        ("grad_clip_norm", t.grad_clip_norm),
+    ):
         check(value >= 0, f"train.{key}", value, "use 0 (off) or a positive threshold, e.g. 10")
     mults = (t.backbone_lr_mult, t.head_lr_mult)
     check(min(mults) >= 0, "train.backbone_lr_mult/head_lr_mult", mults, "use values >= 0")
