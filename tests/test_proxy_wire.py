@@ -222,3 +222,44 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
     )
     final, want = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt")
     assert torch.equal(final["loss"]["proxies"], want["loss"]["proxies"])
+
+
+def test_paper_carries_proxy_anchor_with_a_source_for_every_method():
+    from msl_kit import paper
+
+    cub = paper.paper_table("cub200", 512).set_index("run")
+    assert cub.loc["Proxy-Anchor", "R@1"] == 68.4  # the paper (DESIGN.md)
+    assert list(cub.loc["Proxy-Anchor (released model)", ["R@1", "R@2", "R@4", "R@8"]]) == [
+        69.1,
+        78.9,
+        86.1,
+        91.2,
+    ]
+    assert cub.loc["Proxy-Anchor (released model)", "protocol"] == "reported"
+    assert {e["method"] for e in paper.PAPER_RESULTS} == set(paper.SOURCES)
+
+
+def test_proxy_view_weights_are_the_losss_on_all_proxies():
+    from msl_kit.losses.proxy_anchor import proxy_anchor_loss, proxy_weights
+    from msl_kit.viz.proxies import batch_proxies, proxy_vs_ms_figure
+
+    g = torch.Generator().manual_seed(0)
+    emb, labels = (
+        torch.randn(12, 8, generator=g),
+        torch.tensor([3, 3, 3, 7, 7, 7, 9, 9, 9, 1, 1, 1]),
+    )
+    proxies = torch.randn(10, 8, generator=g)
+    sim, proxy_labels, shown, _ = batch_proxies(emb, labels, proxies)
+    assert sim.shape == (12, 10) and shown.tolist() == [1, 3, 7, 9]
+    # Scored against all 10 proxies (the negative term's 1/C), not only the batch's four.
+    loss = ProxyAnchorLoss(10, 8)
+    with torch.no_grad():
+        loss.proxies.copy_(proxies)
+    s = loss.similarities(emb).detach().requires_grad_()
+    proxy_anchor_loss(s, labels).backward()
+    w = proxy_weights(sim, proxy_labels)
+    torch.testing.assert_close(w.neg - w.pos, s.grad, atol=1e-6, rtol=1e-5)
+    stand_in, local, cols, note = batch_proxies(emb, labels)
+    assert stand_in.shape == (12, 4) and local.max() == 3 and "class means" in note
+    fig = proxy_vs_ms_figure(emb, labels, proxies)
+    assert len(fig.axes) == 4 and "10 proxies" in fig.axes[1].get_title()
