@@ -169,7 +169,7 @@ class Trainer:
         ms_keys = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
         self.ms = ms_keys if spec.pairs else dict(PRESETS["released"])
         # XBM scores anchors against the memory with the configured pair loss's own from_sim
-        self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm else None
+        self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm is not None else None
         self.iteration, self.history, self.results = 0, [], {}
         self.best: dict = {"iteration": 0, "recall@1": -1.0}
         self.floors: dict = {}
@@ -365,7 +365,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "xbm": self.xbm.state_dict() if self.xbm else None,
+            "xbm": self.xbm.state_dict() if self.xbm is not None else None,
             "loss": self.loss_fn.state_dict(),  # the proxies of a proxy loss
             "iteration": self.iteration,
             "history": self.history,
