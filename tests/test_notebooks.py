@@ -50,7 +50,7 @@ def test_notebook_is_stored_clean_with_parameters_and_kernelspec(name):
     assert len(tagged) == 1 and tagged[0] is code[0]
     ast.parse(tagged[0].source)  # plain assignments papermill can override
     assert all(len(line) <= 100 for c in code for line in c.source.splitlines())
-    assert any("from msl_kit import" in c.source for c in code)
+    assert any(re.search(r"^from msl_kit[.\w]* import ", c.source, re.M) for c in code)
 
 
 @pytest.mark.parametrize("name", NAMES)
