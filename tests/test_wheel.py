@@ -29,14 +29,17 @@ def wheel_env(tmp_path_factory) -> tuple[Path, dict]:
     (wheel,) = (base / "dist").glob("msl_kit-*.whl")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((venv / "lib").glob("python*/site-packages"))
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
          "--no-deps", "-q", str(wheel)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
+    # Only now: had pip seen this environment's msl_kit through deps.pth, it would have called
+    # the wheel "already satisfied" and installed nothing.
+    site = next((venv / "lib").glob("python*/site-packages"))
+    assert list(site.glob("msl_kit-*.dist-info")), "the wheel was not installed"
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
     }
