@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from msl_kit.files.atomic import CheckpointError, atomic_write_text
 from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.losses.mining import mining_stats
+from msl_kit.models.weights import uses_weights
 from msl_kit.sampler import PKSampler
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
@@ -226,12 +227,18 @@ class Trainer:
                 rundir.write_config(self.out, config_text(self.cfg))
 
     def _floors(self) -> dict:
-        """Raw pixels and the untrained network on the evaluation data: what training must beat."""
+        """Raw pixels, the untrained network and, with pretrained weights, the backbone as
+        loaded (its pooled features, no head) on the evaluation data: what training must beat."""
         ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
-        return {
+        floors = {
             "raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
             "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts),
         }
+        if uses_weights(self.cfg.model.pretrained):
+            floors["backbone"] = evaluation.backbone_baseline(
+                self.model, *self.eval_data, self.device, ks, opts
+            )
+        return floors
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
         """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
