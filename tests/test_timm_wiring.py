@@ -58,6 +58,23 @@ def test_bad_timm_name_is_one_line_with_close_names_before_anything_is_written(t
     assert "close names: vit_small_patch16_224" in err
 
 
+def test_offline_hub_is_one_cli_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    original = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return original(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    out = tmp_path / "run"
+    sets = _sets("model.backbone=timm:resnet18", "model.pretrained=hub")
+    assert cli.main(["train", *sets, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: could not download timm weights for resnet18")
+    assert "resnet18.a1_in1k/resolve/main/model.safetensors" in err and not out.exists()
+
+
 def test_dino_spec_through_the_config_equals_timms_resolved_data_config():
     model = timm.create_model("vit_small_patch16_224.dino", pretrained=False)
     want = timm.data.resolve_data_config({}, model=model)
@@ -245,3 +262,19 @@ def test_backbone_floor_is_the_loaded_features_l2_normalised(tmp_path, capsys):
     assert floors["backbone"] != floors["untrained"]
     printed = capsys.readouterr().out
     assert "convnet as loaded (features)" in printed and "convnet + untrained head" in printed
+
+
+def test_floors_listed_by_name(tmp_path):
+    path = tmp_path / "convnet.pt"
+    torch.save(ConvNetBackbone(in_channels=1, image_size=8, width=64).state_dict(), path)
+    keys = [f"model.pretrained={path}", "train.iterations=1", "eval.floors=[backbone]", *QUICK]
+    results = engine.train(load_config("digits", keys), tmp_path / "run")
+    assert set(results["floors"]) == {"backbone"}  # no pixel pass (SOP's recipe)
+    with pytest.raises(ConfigError, match="the backbone floor scores pretrained features"):
+        load_config("digits", ["eval.floors=[backbone]"])
+    with pytest.raises(ConfigError, match="use one of raw_pixels, untrained, backbone"):
+        load_config("digits", ["eval.floors=[pixels]"])
+    assert load_config("digits", ["eval.floors=[raw_pixels, untrained]"]).eval.floors == [
+        "raw_pixels",
+        "untrained",
+    ]

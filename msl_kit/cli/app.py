@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-baseline",
         action="store_true",
-        help="skip the raw-pixel and untrained floors (= --set eval.floors=false)",
+        help="skip every floor: raw pixels, untrained, backbone (= --set eval.floors=false)",
     )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")

@@ -208,7 +208,7 @@ def _from_hub(name: str, kwargs: dict) -> nn.Module:
     except TypeError:  # an argument the model does not take (img_size): _create retries
         raise
     except Exception as e:  # hub, urllib and file errors differ by source and version
-        raise RuntimeError(
+        raise ConnectionError(  # an OSError: the CLI prints it as one `error:` line
             f"could not download timm weights for {name} ({type(e).__name__}); fetch "
             f"{weights_source(name)} where a network exists and pass model.pretrained=PATH"
         ) from None

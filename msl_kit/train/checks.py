@@ -17,7 +17,9 @@ from msl_kit.models.builder import preprocessing_spec
 from msl_kit.models.head import HEAD_INITS
 from msl_kit.models.registry import backbone_spec
 from msl_kit.models.timm import GLOBAL_POOLS, HUB
+from msl_kit.models.weights import uses_weights
 from msl_kit.preprocessing import CROP_MODES
+from msl_kit.train.evaluation import FLOORS
 
 if TYPE_CHECKING:
     from msl_kit.train.config import Config
@@ -220,6 +222,16 @@ def _check_eval(cfg: Config) -> None:
     check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
     choice("eval.metric", e.metric, ["ip", "euclidean"])
     choice("eval.lone_queries", e.lone_queries, ["miss", "skip"])
+    if isinstance(e.floors, list):
+        for name in e.floors:
+            choice("eval.floors", name, FLOORS)
+    named = e.floors if isinstance(e.floors, list) else []
+    check(
+        "backbone" not in named or uses_weights(cfg.model.pretrained),
+        "eval.floors",
+        e.floors,
+        "the backbone floor scores pretrained features: set model.pretrained too",
+    )
 
 
 def _check_device(name: str) -> None:

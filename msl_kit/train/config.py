@@ -105,7 +105,9 @@ class EvalConfig:
     split: str = "test"  # test or val (inshop evaluates query against gallery)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 256
-    floors: bool = True  # also score raw pixels and the untrained network (metrics.json "floors")
+    # metrics.json "floors": true = raw pixels, the untrained network and, with pretrained
+    # weights, the backbone as loaded; false = none; or a list of them, e.g. [backbone]
+    floors: bool | list[str] = True
     metric: str = "ip"  # rank by inner product, or "euclidean" (smallest squared distance)
     lone_queries: str = "miss"  # a query with no same-class item: a miss in R@K, or "skip" (PML)
 

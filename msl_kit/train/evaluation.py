@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import metrics
 
+FLOORS = ("raw_pixels", "untrained", "backbone")  # metrics.json "floors" keys; eval.floors lists
 PIXEL_SIDE = (
     32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
 )

@@ -228,16 +228,20 @@ class Trainer:
 
     def _floors(self) -> dict:
         """Raw pixels, the untrained network and, with pretrained weights, the backbone as
-        loaded (its pooled features, no head) on the evaluation data: what training must beat."""
-        ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
-        floors = {
-            "raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
-            "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts),
-        }
-        if uses_weights(self.cfg.model.pretrained):
+        loaded (its pooled features, no head) on the evaluation data: what training must beat.
+        `eval.floors` as a list keeps only the floors it names."""
+        cfg = self.cfg
+        ks, opts, data = cfg.eval.ks, recipe.eval_options(cfg), self.eval_data
+        wanted = cfg.eval.floors if isinstance(cfg.eval.floors, list) else evaluation.FLOORS
+        floors = {}
+        if "raw_pixels" in wanted:
+            floors["raw_pixels"] = evaluation.pixel_baseline(*data, ks, opts)
+        if "backbone" in wanted and uses_weights(cfg.model.pretrained):
             floors["backbone"] = evaluation.backbone_baseline(
-                self.model, *self.eval_data, self.device, ks, opts
+                self.model, *data, self.device, ks, opts
             )
+        if "untrained" in wanted:
+            floors["untrained"] = evaluation.evaluate(self.model, *data, self.device, ks, opts)
         return floors
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
