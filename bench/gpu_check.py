@@ -14,10 +14,9 @@ import time
 import torch
 
 from msl_kit import losses, metrics, models
-from msl_kit.losses.multi_similarity import PRESETS
-from msl_kit.losses.proxy_anchor import ProxyAnchorLoss
+from msl_kit.losses.registry import loss_spec
 from msl_kit.train import recipe
-from msl_kit.train.config import read_yaml, resolve, resolve_config_path, valid_keys
+from msl_kit.train.config import load_config
 
 TIMM_RECIPES = (
     "cub200_vits16_dino_384",
@@ -101,35 +100,28 @@ def knn_timing(device: torch.device, n: int, dim: int) -> None:
 
 
 def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> None:
-    """One recipe's training step on fake images at its input size: random weights (no
-    download), its batch, autocast, optimizer and clipping; prints images/s and peak memory.
-
-    The model comes from the recipe through `recipe.build_model`; the loss and the optimizer
-    are built here from the recipe's values, so the step runs whatever train.* / loss.* keys
-    this build's config knows (keys it does not know are read from the YAML directly).
-    """
-    raw = read_yaml(resolve_config_path(name))
-    known = set(valid_keys())
-    flat = {k: v for k, v in raw.items() if k in known and not k.startswith("loss.")}
-    flat.update({"model.pretrained": None, "device": str(device), "data.workers": 0})
+    """One recipe's training step on fake images at its input size, as the trainer builds it:
+    model, loss, optimizer groups, autocast and clipping from the recipe, random weights (no
+    download); prints images/s and peak memory."""
+    overrides = ["model.pretrained=null", f"device={device}", "data.workers=0"]
     if quick:  # a few images: checks the script, measures nothing
-        flat.update({"train.batch_size": 4, "train.samples_per_class": 2})
-    cfg = resolve(flat)
+        overrides += ["train.batch_size=4", "train.samples_per_class=2"]
+    cfg = load_config(name, overrides)
+    t = cfg.train
     torch.manual_seed(0)
     model = recipe.build_model(cfg).to(device)
-    batch, side, dim = cfg.train.batch_size, model.preprocessing.input_size, cfg.model.embedding_dim
-    if raw.get("loss.name") == "proxy_anchor":  # random batches over the 100 training classes
-        loss_fn = ProxyAnchorLoss(100, dim, raw.get("loss.margin", 0.1), raw.get("loss.alpha", 32))
-        labels = torch.randint(0, 100, (batch,), device=device)
+    batch, side = t.batch_size, model.preprocessing.input_size
+    classes = 100  # CUB's training classes; the proxies' count for Proxy-Anchor
+    needs = loss_spec(cfg.loss.name).needs_classes
+    loss_fn = recipe.build_loss(cfg, classes if needs else None).to(device)
+    if t.sampler == "random":
+        labels = torch.randint(0, classes, (batch,), device=device)
     else:
-        loss_fn = losses.MultiSimilarityLoss(**PRESETS["released"])
-        labels = torch.arange(batch // cfg.train.samples_per_class, device=device)
-        labels = labels.repeat_interleave(cfg.train.samples_per_class)
-    loss_fn = loss_fn.to(device)
-    params = [p for p in (*model.parameters(), *loss_fn.parameters()) if p.requires_grad]
-    make = torch.optim.AdamW if raw.get("train.optimizer") == "adamw" else torch.optim.Adam
-    opt = make(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    amp = cfg.train.amp if device.type == "cuda" else "none"  # CPU smoke runs in float32
+        labels = torch.arange(batch // t.samples_per_class, device=device)
+        labels = labels.repeat_interleave(t.samples_per_class)
+    opt = recipe.build_optimizer(model, cfg, loss_fn)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    amp = t.amp if device.type == "cuda" else "none"  # CPU smoke runs in float32
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     images = torch.randn(batch, 3, side, side, device=device)
 
@@ -140,10 +132,10 @@ def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> Non
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        if raw.get("train.grad_clip_norm"):
-            torch.nn.utils.clip_grad_norm_(params, raw["train.grad_clip_norm"])
-        if raw.get("train.grad_clip_value"):
-            torch.nn.utils.clip_grad_value_(params, raw["train.grad_clip_value"])
+        if t.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(params, t.grad_clip_value)
+        if t.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
         scaler.step(opt)
         scaler.update()
 

@@ -420,7 +420,7 @@ ROW_NOTES = [
     "the released (2, 40, 0.5, 0.1) or the paper's (2, 50, 1, 0.1) numbers.",
     "- PML MS: pytorch-metric-learning's `MultiSimilarityMiner(epsilon=0.1)` then "
     "`MultiSimilarityLoss(alpha=2, beta=40, base=0.5)`, wrapped in an `nn.Module` and passed to "
-    "`msl_kit.engine.train(..., loss_fn=...)`.",
+    "`msl_kit.train.engine.train(..., loss_fn=...)`.",
     "- contrastive: `ContrastiveLoss(pos_margin=0, neg_margin=0.5)` on cosine similarities, "
     "summed over pairs / B.",
     '- triplet: `TripletLoss(margin=0.1, mining="semihard")`, '
@@ -431,7 +431,7 @@ ROW_NOTES = [
     "- untrained convnet: the same network at its seed's initialisation, "
     "evaluated like the trained ones.",
     "- raw pixels: the evaluation images after the eval transform, average-pooled to at most "
-    "32 px, flattened, L2-normalised (`msl_kit.evaluation.pixel_baseline`).",
+    "32 px, flattened, L2-normalised (`msl_kit.train.evaluation.pixel_baseline`).",
     "- Retrieval: every test image queries all the others (itself excluded), "
     "ranked by inner product.",
 ]

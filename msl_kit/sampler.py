@@ -1,4 +1,5 @@
-"""P x K batch sampling: P distinct classes, K indices each, reproducible and DDP-aware."""
+"""Batch sampling, reproducible and DDP-aware: P x K (P distinct classes, K indices each) or
+plain shuffled batches (what proxy losses train on)."""
 
 from __future__ import annotations
 
@@ -195,3 +196,61 @@ class PKSampler(Sampler[list[int]]):
                     left[pos] = left[-1]
                     left.pop()
             yield batch
+
+
+class RandomBatchSampler(Sampler[list[int]]):
+    """Batch sampler of shuffled batches: each epoch a seeded permutation of all items cut into
+    `batch_size` batches, the last partial batch dropped (drop_last), as proxy losses train.
+
+    Length: `iterations` batches when given (epochs follow each other, each reshuffled), else
+    one epoch. `start` skips that many batches of the same seeded stream (exact resume). Under
+    DDP every rank draws the same global batch and keeps its own `batch_size / num_replicas`
+    slice.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        iterations: int | None = None,
+        start: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if num_items < batch_size:
+            raise ValueError(
+                f"a batch of {batch_size} needs {batch_size} items but the data has only "
+                f"{num_items}; lower train.batch_size"
+            )
+        if batch_size % num_replicas:
+            raise ValueError(f"batch_size {batch_size} cannot be split evenly over {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.iterations, self.start = iterations, start
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def __len__(self) -> int:
+        total = (
+            self.iterations if self.iterations is not None else self.num_items // self.batch_size
+        )
+        return max(total - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_epoch = self.num_items // self.batch_size
+        per_rank = self.batch_size // self.num_replicas
+        lo = self.rank * per_rank
+        order, seen = np.arange(0), -1
+        for batch_number in range(self.start, self.start + len(self)):
+            epoch, pos = divmod(batch_number, per_epoch)
+            if epoch != seen:  # one generator per epoch: a resumed run jumps straight to it
+                order, seen = (
+                    np.random.default_rng([self.seed, epoch]).permutation(self.num_items),
+                    epoch,
+                )
+            batch = order[pos * self.batch_size : (pos + 1) * self.batch_size]
+            yield [int(i) for i in batch[lo : lo + per_rank]]

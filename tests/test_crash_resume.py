@@ -33,7 +33,8 @@ ARGS = [
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from msl_kit.cli import app as cli
+    from msl_kit import cli
+    from msl_kit.cli import run as cli_run
     from msl_kit.train import engine, trainer
     mode, at = sys.argv[1], int(sys.argv[2])
     if mode == "step":
@@ -41,7 +42,7 @@ CHILD = textwrap.dedent("""
             def on_step(self, record):
                 if record["iteration"] == at:
                     os.kill(os.getpid(), signal.SIGKILL)
-        cli._Progress.on_end = lambda self, r: None
+        cli_run._Progress.on_end = lambda self, r: None
         real_train = engine.train
         engine.train = lambda *a, callbacks=(), **k: real_train(
             *a, callbacks=[*callbacks, Killer()], **k

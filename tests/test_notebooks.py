@@ -50,7 +50,7 @@ def test_notebook_is_stored_clean_with_parameters_and_kernelspec(name):
     assert len(tagged) == 1 and tagged[0] is code[0]
     ast.parse(tagged[0].source)  # plain assignments papermill can override
     assert all(len(line) <= 100 for c in code for line in c.source.splitlines())
-    assert any("from msl_kit import" in c.source for c in code)
+    assert any(re.search(r"^from msl_kit[.\w]* import ", c.source, re.M) for c in code)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -209,7 +209,12 @@ def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
     mined = re.search(r"MS mines (\d+)% of its positive and (\d+)% of its negative", head)
     assert int(mined[1]) > 0 and int(mined[2]) > 0  # a trained model that still mines pairs
     assert "batch of 32: 8 classes x 4" in head
-    for name in ("ms_weights.png", "gpw.png", "weights_over_training.png"):
+    for name in (
+        "ms_weights.png",
+        "gpw.png",
+        "weights_over_training.png",
+        "proxy_anchor_weights.png",
+    ):
         assert (work / "03" / name).stat().st_size > 1000
     assert "image/png" in mimes(outputs(nb, "viz_mining.similarity_heatmap"))
     assert "image/png" in mimes(outputs(nb, "viz_mining.similarity_histograms"))
@@ -217,6 +222,7 @@ def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
     assert "image/png" in mimes(snapshots) and WIDGET_VIEW in mimes(snapshots)
     assert WIDGET_VIEW in mimes(outputs(nb, "widgets.pair_weight_explorer"))  # the sliders
     assert "image/png" in mimes(outputs(nb, "viz_mining.gpw_figure"))
+    assert "image/png" in mimes(outputs(nb, "viz_proxies.proxy_vs_ms_figure"))
 
 
 @pytest.mark.slow

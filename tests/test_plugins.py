@@ -109,3 +109,25 @@ def test_the_registries_feed_validation_and_an_unimportable_plugin_is_one_line(p
         )
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_a_registered_dataset_is_read_through_its_own_reader(tmp_path, monkeypatch):
+    """A dataset is one layout reader plus one registry entry: `register_dataset` makes its name
+    valid in a config and `read_layout` reads its prepared folder with that reader."""
+    from msl_kit.datasets import registry
+    from msl_kit.datasets.layouts.common import Record
+    from msl_kit.train.config import load_config
+
+    def read_toy(ddir: Path) -> list[Record]:
+        rows = (ddir / "list.txt").read_text().split()
+        return [Record(p, int(p[0]), p[0], "train" if p[0] < "5" else "test") for p in rows]
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # leave no trace
+    toy = registry.DatasetInfo("toyset", "toy", "4 images", "MIT", "a test", reader=read_toy)
+    registry.register_dataset(toy)
+    (tmp_path / "list.txt").write_text("1a.png 2b.png 6c.png 7d.png")
+    assert load_config(values={"data.name": "toyset"}).data.name == "toyset"
+    records = registry.read_layout("toyset", tmp_path)
+    assert [(r.path, r.split) for r in records][:2] == [("1a.png", "train"), ("2b.png", "train")]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_dataset(registry.DatasetInfo("toyset", "other", "", "", ""))

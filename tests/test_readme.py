@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -43,8 +47,29 @@ def test_environment_yml_installs_what_the_readme_installs():
     assert pip_lines == [f"-e .{extras}"]
 
 
+def _python_examples() -> list[str]:
+    return re.findall(r"```python\n(.+?)\n```", (REPO / "README.md").read_text(), flags=re.S)
+
+
 def test_python_example_runs(capsys):
-    text = (REPO / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.+?)\n```", text, flags=re.S)
+    example = _python_examples()[0]
     exec(compile(example, "README.md", "exec"), {})
     assert "{1: " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_use_example_runs_as_written_after_the_readme_train_command(tmp_path):
+    """The README's `msl-kit train --out runs/demo` (shortened here), then its Python example
+    of embed / search / export, as written, from that folder."""
+    (example,) = [e for e in _python_examples() if "msl_kit.use" in e]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, "-m", "msl_kit.cli", "train", "--out", "runs/demo"]
+    train += ["--set", "train.iterations=20", "--set", "train.eval_every=0", "--no-baseline"]
+    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = subprocess.run(
+        [sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "held-out characters" in run.stdout
+    assert (tmp_path / "test.npz").is_file() and (tmp_path / "model.pt").is_file()

@@ -38,8 +38,11 @@ def trials(out: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=summary.study_name, storage=url).trials
 
 
-def cli_args(out: Path, *extra: str) -> list[str]:
-    return ["sweep", *GRID, *(a for s in TINY for a in ("--set", s)), "--out", str(out), *extra]
+def cli_args(out: Path, *extra: str, grid: list[str] = GRID) -> list[str]:
+    return ["sweep", *grid, *(a for s in TINY for a in ("--set", s)), "--out", str(out), *extra]
+
+
+GRID_LAM3 = ["--grid", "loss.beta=10,40", "--grid", "loss.lam=0.3"]
 
 
 # ----------------------------------------------------------------------------- specs (fast)
@@ -71,7 +74,9 @@ def test_spec_errors_are_caught_before_training():
         sweep.make_spec(["loss.beta=1,2"], ["loss.lam=0:1"], trials=2)
     spec = sweep.make_spec(["loss.beta=10,40", "loss.lam=0.3,0.5"], seeds=[0, 1])
     assert len(sweep.cells(spec)) == 4 and spec.keys == ["loss.beta", "loss.lam"]
-    assert sweep.cell_name(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1) == "beta=10_lam=0.3_seed=1"
+    name = sweep.cell_name(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1)
+    digest = sweep.config_hash(sweep.cell_config(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1))
+    assert name == f"beta=10_lam=0.3_seed=1_{digest[:10]}"
 
 
 @pytest.mark.parametrize(
@@ -122,13 +127,13 @@ def test_named_studies_load(tmp_path):
 # ----------------------------------------------------------------------------- runs
 def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert cli.main(cli_args(out, "--seeds", "0,1", "--grid", "loss.lam=0.3")) == 0
+    assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == [
-        "beta=10_lam=0.3_seed=0",
-        "beta=10_lam=0.3_seed=1",
-        "beta=40_lam=0.3_seed=0",
-        "beta=40_lam=0.3_seed=1",
+    assert [r.rsplit("_", 1)[0] for r in runs] == [  # + the cell's config hash
+        "beta=10.0_lam=0.3_seed=0",
+        "beta=10.0_lam=0.3_seed=1",
+        "beta=40.0_lam=0.3_seed=0",
+        "beta=40.0_lam=0.3_seed=1",
     ]
     for run in runs:
         for name in ("config.yaml", "history.csv", "checkpoint.pt", "metrics.json"):
@@ -138,18 +143,18 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     assert {"loss.beta", "loss.lam", "seed", "recall@1", "map@r", "wall_s", "run"} <= set(rows[0])
     assert yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())["loss"]["beta"] == 10
     summary = read_csv(out / "summary.csv")
-    assert [(r["loss.beta"], r["seeds"]) for r in summary] == [("10", "2"), ("40", "2")]
+    assert [(r["loss.beta"], r["seeds"]) for r in summary] == [("10.0", "2"), ("40.0", "2")]
     mean = sum(float(r["recall@1"]) for r in rows[:2]) / 2
     assert float(summary[0]["recall@1_mean"]) == pytest.approx(mean)
     assert " ± " in (out / "summary.md").read_text()
     printed = capsys.readouterr().out
     assert "| loss.beta | loss.lam | seeds | R@1 | MAP@R | wall s |" in printed
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")}
-    assert cli.main(cli_args(out, "--seeds", "0,1", "--grid", "loss.lam=0.3")) == 0  # all done
+    assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0  # all done
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")} == before
     assert len(trials(out)) == 4
     assert cli.main(cli_args(out, "--seeds", "0")) == 2  # another spec in the same folder
-    assert "holds a sweep with other keys" in capsys.readouterr().err
+    assert "holds another sweep" in capsys.readouterr().err
 
 
 def test_search_with_tpe(tmp_path):
@@ -157,10 +162,8 @@ def test_search_with_tpe(tmp_path):
     result = sweep.run_sweep(spec, tmp_path / "tpe")
     assert len(result["rows"]) == 2 and result["keys"] == ["loss.beta"]
     assert all(10 <= r["loss.beta"] <= 160 for r in result["rows"])
-    assert sorted(p.name for p in (tmp_path / "tpe" / "runs").iterdir()) == [
-        "trial0000_seed=0",
-        "trial0001_seed=0",
-    ]
+    names = sorted(p.name for p in (tmp_path / "tpe" / "runs").iterdir())
+    assert [n.rsplit("_", 1)[0] for n in names] == ["trial0000_seed=0", "trial0001_seed=0"]
 
 
 # ----------------------------------------------------------------------------- processes (slow)
@@ -205,7 +208,9 @@ def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
 @pytest.mark.slow
 def test_jobs_run_cells_at_the_same_time(tmp_path):
     out = tmp_path / "sweep"
-    proc = start(cli_args(out, "--jobs", "2", "--grid", "loss.lam=0.5"))  # 2 cells, 2 workers
+    proc = start(
+        cli_args(out, "--jobs", "2", grid=GRID[:2] + ["--grid", "loss.lam=0.5"])
+    )  # 2 cells, 2 workers
     log = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, log
     rows = read_csv(out / "sweep.csv")

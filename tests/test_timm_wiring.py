@@ -270,8 +270,8 @@ def test_floors_listed_by_name(tmp_path):
     keys = [f"model.pretrained={path}", "train.iterations=1", "eval.floors=[backbone]", *QUICK]
     results = engine.train(load_config("digits", keys), tmp_path / "run")
     assert set(results["floors"]) == {"backbone"}  # no pixel pass (SOP's recipe)
-    with pytest.raises(ConfigError, match="the backbone floor scores pretrained features"):
-        load_config("digits", ["eval.floors=[backbone]"])
+    keys[0] = "model.pretrained=none"  # the backbone floor applies only to loaded weights
+    assert engine.train(load_config("digits", keys), tmp_path / "none")["floors"] == {}
     with pytest.raises(ConfigError, match="use one of raw_pixels, untrained, backbone"):
         load_config("digits", ["eval.floors=[pixels]"])
     assert load_config("digits", ["eval.floors=[raw_pixels, untrained]"]).eval.floors == [

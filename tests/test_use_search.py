@@ -159,3 +159,12 @@ def test_python_api_search_and_csv(small, tmp_path):
     assert hits.gallery.paths[hits.indices[0, 0]] == written[0]
     write_csv(hits, tmp_path / "h.csv")
     assert (tmp_path / "h.csv").read_text().count("\n") == 3
+
+
+def test_thumbnail_titles_keep_the_class_whole_and_fit():
+    from msl_kit.use.retrieval import short
+
+    assert short("Japanese_(katakana)/character23") == "Japane../character23"
+    assert short("Latin/character21") == "Latin/character21"
+    long_flat = "a_very_long_file_name_without_folders.png"
+    assert len(short(long_flat)) == 20 and short(long_flat).startswith("a_very_lo..")

@@ -36,6 +36,7 @@ from msl_kit.datasets.registry import (
     info,
     list_datasets,
     read_layout,
+    register_dataset,
 )
 from msl_kit.datasets.transforms import (
     CorruptImageError,
@@ -71,6 +72,7 @@ __all__ = [
     "load_image",
     "prepare",
     "read_layout",
+    "register_dataset",
     "read_rows",
     "search",
     "subfolders",

@@ -168,6 +168,14 @@ REGISTRY: dict[str, DatasetInfo] = {
 }
 
 
+def register_dataset(dataset: DatasetInfo) -> None:
+    """Add a dataset (from a plugin module): its files and splits, and the `reader` of its
+    prepared folder's layout; an existing name is refused."""
+    if dataset.name in REGISTRY and REGISTRY[dataset.name] != dataset:
+        raise ValueError(f"a dataset named {dataset.name!r} is already registered; pick another")
+    REGISTRY[dataset.name] = dataset
+
+
 def list_datasets() -> list[DatasetInfo]:
     """Every registered dataset, in registry order."""
     return list(REGISTRY.values())

@@ -7,7 +7,7 @@ choices and the notebooks' menus all read their choices from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from msl_kit.losses.gpw import (
     TripletLoss,
 )
 from msl_kit.losses.multi_similarity import MultiSimilarityLoss
+from msl_kit.losses.proxy_anchor import ProxyAnchorLoss
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,11 @@ class LossSpec:
     `keys` are passed as keyword arguments from the config's loss section; `mining` says the
     class takes `mining="ms" | "none"` (passed where `loss.mining` is set); `pairs` says it
     scores a similarity matrix (`from_sim(sim, labels, ref_labels=, ignore=)`), so it works
-    with cross-batch memory and the GPW weight views.
+    with cross-batch memory and the GPW weight views. `needs_classes` says it learns one
+    proxy per training class: the recipe passes `num_classes` (the train split's class count,
+    labels 0..C-1) and `dim` (`model.embedding_dim`), and its parameters get their own
+    optimizer group. `defaults` are the loss's own values of shared `loss.*` keys (Proxy-Anchor's
+    alpha is 32, MS's 2): a config fills them in wherever no key or preset sets them.
     """
 
     cls: type[nn.Module]
@@ -35,6 +40,8 @@ class LossSpec:
     keys: tuple[str, ...] = ()
     mining: bool = False
     pairs: bool = True
+    needs_classes: bool = False
+    defaults: dict[str, float] = field(default_factory=dict)
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -45,6 +52,14 @@ LOSSES: dict[str, LossSpec] = {
     "triplet": LossSpec(TripletLoss, "Triplet (semi-hard)", ("margin",)),
     "binomial": LossSpec(BinomialDevianceLoss, "Binomial deviance", mining=True),
     "lifted": LossSpec(LiftedStructureLoss, "Lifted structure"),
+    "proxy_anchor": LossSpec(
+        ProxyAnchorLoss,
+        "Proxy-Anchor",
+        ("margin", "alpha"),
+        pairs=False,
+        needs_classes=True,
+        defaults={"alpha": 32.0, "margin": 0.1},  # the paper's scale and margin
+    ),
 }
 
 

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from msl_kit.datasets import transforms
+from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.losses.registry import loss_spec
 from msl_kit.sampler import PKSampler
+from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import engine, evaluation, recipe
 from msl_kit.train.config import Config
 
@@ -66,7 +69,10 @@ def pick_model(
 
 
 def ms_params(cfg: Config) -> dict[str, float]:
-    """The MS loss numbers of a config: alpha, beta, lam, margin."""
+    """The MS loss numbers of a config: alpha, beta, lam, margin (the released preset for a
+    proxy loss, whose loss.alpha / margin are its own scale and margin)."""
+    if not loss_spec(cfg.loss.name).pairs:
+        return dict(PRESETS["released"])
     return {k: float(getattr(cfg.loss, k)) for k in ("alpha", "beta", "lam", "margin")}
 
 
@@ -126,7 +132,7 @@ def split_embeddings(
 
 
 @torch.no_grad()
-def batch_similarity(
+def batch_embeddings(
     model: nn.Module,
     cfg: Config,
     *,
@@ -135,12 +141,34 @@ def batch_similarity(
     split: str = "train",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """S = X X^T and labels of one P x K batch of `split` (eval transform), sorted by label."""
+    """Embeddings and labels of one P x K batch of `split` (eval transform), sorted by label."""
     tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
     ds = recipe.dataset(cfg, split, tf)
     n_classes = min(n_classes, len(np.unique(ds.labels)))
     batch = next(iter(PKSampler(ds.labels, n_classes * per_class, per_class, seed)))
     order = sorted(batch, key=lambda i: (int(ds.labels[i]), i))
     images = torch.stack([ds[i][0] for i in order]).to(next(model.parameters()).device)
-    emb = model.eval()(images).float().cpu()
-    return emb @ emb.T, torch.as_tensor(ds.labels[order])
+    return model.eval()(images).float().cpu(), torch.as_tensor(ds.labels[order])
+
+
+def batch_similarity(model: nn.Module, cfg: Config, **batch: Any) -> tuple[Tensor, Tensor]:
+    """S = X X^T and labels of one P x K batch (`batch_embeddings`' options)."""
+    emb, labels = batch_embeddings(model, cfg, **batch)
+    return emb @ emb.T, labels
+
+
+def proxy_params(cfg: Config) -> dict[str, float]:
+    """Proxy-Anchor's alpha and margin: the run's own for a proxy run, else the published."""
+    spec = loss_spec("proxy_anchor")
+    if cfg.loss.name == "proxy_anchor":
+        return {"alpha": float(cfg.loss.alpha), "margin": float(cfg.loss.margin)}
+    return {k: float(v) for k, v in spec.defaults.items()}
+
+
+def run_proxies(run: str | Path | None) -> Tensor | None:
+    """The learned proxies (C, D) of a run trained with a proxy loss; None for other runs."""
+    if run is None:
+        return None
+    path = Path(run) / "checkpoint.pt" if Path(run).is_dir() else Path(run)
+    proxies = (ckpt.load_checkpoint(path).get("loss") or {}).get("proxies")
+    return proxies.float() if proxies is not None else None

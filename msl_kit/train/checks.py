@@ -17,7 +17,6 @@ from msl_kit.models.builder import preprocessing_spec
 from msl_kit.models.head import HEAD_INITS
 from msl_kit.models.registry import backbone_spec
 from msl_kit.models.timm import GLOBAL_POOLS, HUB
-from msl_kit.models.weights import uses_weights
 from msl_kit.preprocessing import CROP_MODES
 from msl_kit.train.evaluation import FLOORS
 
@@ -169,7 +168,14 @@ def _check_loss(cfg: Config) -> None:
         not lo.xbm_size or spec.pairs,
         "loss.xbm_size",
         lo.xbm_size,
-        f"cross-batch memory remembers pairs; loss.name={lo.name} scores no pairs",
+        f"cross-batch memory scores batch-to-memory pairs, but loss.name={lo.name} scores "
+        "samples against its learned proxies, not pairs: use loss.xbm_size=0",
+    )
+    check(
+        0 <= lo.proxy_lr_mult <= 1e4,
+        "loss.proxy_lr_mult",
+        lo.proxy_lr_mult,
+        "use 0 <= value <= 10000 (Proxy-Anchor's release: 100)",
     )
 
 
@@ -177,23 +183,38 @@ def _check_train(cfg: Config) -> None:
     t = cfg.train
     k = t.samples_per_class
     check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
-    check(
-        k >= 2,
-        "train.samples_per_class",
-        k,
-        "pair losses need 2 or more images per class in a batch (released recipe: 5)",
-    )
-    check(
-        t.batch_size >= 2 * k and t.batch_size % k == 0,
-        "train.batch_size",
-        t.batch_size,
-        f"use a multiple of train.samples_per_class ({k}) holding 2 or more classes",
-    )
+    choice("train.sampler", t.sampler, ["pk", "random"])
+    if t.sampler == "pk":
+        check(
+            k >= 2,
+            "train.samples_per_class",
+            k,
+            "pair losses need 2 or more images per class in a batch (released recipe: 5)",
+        )
+        check(
+            t.batch_size >= 2 * k and t.batch_size % k == 0,
+            "train.batch_size",
+            t.batch_size,
+            f"use a multiple of train.samples_per_class ({k}) holding 2 or more classes",
+        )
+    check(t.batch_size >= 2, "train.batch_size", t.batch_size, "use 2 or more")
     check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
     check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
     check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
     check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
     check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
+    check(
+        0 <= t.warmup_frozen <= t.iterations,
+        "train.warmup_frozen",
+        t.warmup_frozen,
+        f"use 0 (off) to train.iterations ({t.iterations}) iterations with the backbone frozen",
+    )
+    choice("train.optimizer", t.optimizer, ["adam", "adamw"])
+    for key, value in (
+        ("grad_clip_value", t.grad_clip_value),
+        ("grad_clip_norm", t.grad_clip_norm),
+    ):
+        check(value >= 0, f"train.{key}", value, "use 0 (off) or a positive threshold, e.g. 10")
     mults = (t.backbone_lr_mult, t.head_lr_mult)
     check(min(mults) >= 0, "train.backbone_lr_mult/head_lr_mult", mults, "use values >= 0")
     choice("train.class_draw", t.class_draw, ["uniform", "released"])
@@ -225,13 +246,6 @@ def _check_eval(cfg: Config) -> None:
     if isinstance(e.floors, list):
         for name in e.floors:
             choice("eval.floors", name, FLOORS)
-    named = e.floors if isinstance(e.floors, list) else []
-    check(
-        "backbone" not in named or uses_weights(cfg.model.pretrained),
-        "eval.floors",
-        e.floors,
-        "the backbone floor scores pretrained features: set model.pretrained too",
-    )
 
 
 def _check_device(name: str) -> None:

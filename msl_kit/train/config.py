@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.losses.registry import LOSSES
 from msl_kit.train.checks import ConfigError, validate
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -66,7 +67,9 @@ class ModelConfig:
 class LossConfig:
     # alpha/beta/lam/margin parametrise MS; margin is also the triplet margin and the MS-mining
     # margin of the other losses; contrastive, binomial and lifted keep their published numbers.
-    name: str = "ms"  # ms, contrastive, triplet, binomial, lifted
+    # alpha and margin are also Proxy-Anchor's scale and margin (32 and 0.1 unless a key sets
+    # them: the registry's defaults for that loss).
+    name: str = "ms"  # ms, contrastive, triplet, binomial, lifted, proxy_anchor
     preset: str | None = None  # "released" or "paper": the four numbers, unless a key sets one
     alpha: float = _MS["alpha"]
     beta: float = _MS["beta"]
@@ -76,6 +79,7 @@ class LossConfig:
     xbm_size: int = 0  # cross-batch memory slots; 0 turns XBM off
     xbm_start: int = 0  # iteration from which the memory term is added
     xbm_weight: float = 1.0
+    proxy_lr_mult: float = 100.0  # proxies' lr = train.lr x this (Proxy-Anchor's release: 100)
 
 
 @dataclass
@@ -88,6 +92,11 @@ class TrainConfig:
     lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is x lr_gamma
     lr_gamma: float = 0.1
     warmup: int = 0  # linear warm-up iterations
+    warmup_frozen: int = 0  # iterations in which the backbone is frozen (head and proxies train)
+    optimizer: str = "adam"  # adam (MS release) or adamw (Proxy-Anchor release)
+    sampler: str = "pk"  # pk: P classes x K images; random: shuffled batches, drop_last
+    grad_clip_value: float = 0.0  # clip each gradient element to +-value; 0 = off
+    grad_clip_norm: float = 0.0  # clip the total gradient norm; 0 = off
     backbone_lr_mult: float = 1.0
     head_lr_mult: float = 1.0
     class_draw: str = "uniform"  # PKSampler: "uniform" classes, or "released" (by floor(n/K))
@@ -106,7 +115,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 256
     # metrics.json "floors": true = raw pixels, the untrained network and, with pretrained
-    # weights, the backbone as loaded; false = none; or a list of them, e.g. [backbone]
+    # weights, the backbone as loaded; false = none; or a list of those that apply: [backbone]
     floors: bool | list[str] = True
     metric: str = "ip"  # rank by inner product, or "euclidean" (smallest squared distance)
     lone_queries: str = "miss"  # a query with no same-class item: a miss in R@K, or "skip" (PML)
@@ -241,8 +250,20 @@ def resolve(values: dict[str, Any]) -> Config:
     for key, value in values.items():
         set_key(cfg, key, value)
     import_plugins(cfg.plugins)
+    _loss_defaults(cfg, values)
     validate(cfg)
     return cfg
+
+
+def _loss_defaults(cfg: Config, values: dict[str, Any]) -> None:
+    """The chosen loss's own values of shared keys (Proxy-Anchor's alpha 32) where neither a
+    key nor a preset set them; after the plugins, which may register the loss."""
+    spec = LOSSES.get(cfg.loss.name)
+    if spec is None or values.get("loss.preset") is not None:
+        return  # an unknown name fails in validate; a preset's numbers are what was asked
+    for key, value in spec.defaults.items():
+        if f"loss.{key}" not in values:
+            setattr(cfg.loss, key, float(value))
 
 
 def import_plugins(names: list[str]) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from msl_kit.datasets.dataset import ImageDataset, build
 from msl_kit.datasets.registry import info
@@ -24,6 +24,7 @@ from msl_kit.losses import registry as loss_registry
 from msl_kit.models import builder as model_builder
 from msl_kit.models.registry import backbone_spec
 from msl_kit.preprocessing import Preprocessing
+from msl_kit.sampler import PKSampler, RandomBatchSampler
 from msl_kit.train.config import Config
 from msl_kit.train.evaluation import EvalOptions
 
@@ -136,20 +137,41 @@ def eval_options(cfg: Config) -> EvalOptions:
     )
 
 
-def loss_params(cfg: Config) -> dict:
+def num_classes(train_set: Dataset) -> int:
+    """The training classes' count, for one proxy each; their labels must be 0..C-1.
+
+    `datasets.build` numbers each split's classes 0..C-1 already (sorted class keys, so the same
+    class gets the same proxy on every run and rank); this refuses any other labelling rather
+    than let a label index past the proxies or leave proxies without data.
+    """
+    labels = np.unique(np.asarray(train_set.labels))
+    if labels.size == 0 or labels[0] != 0 or labels[-1] != labels.size - 1:
+        raise ValueError(
+            f"the training labels must be 0..C-1 for one proxy per class, got {labels.size} "
+            f"classes labelled {labels[:3].tolist()}...; number the classes from 0"
+        )
+    return int(labels.size)
+
+
+def loss_params(cfg: Config, classes: int | None = None) -> dict:
     """The parameters the configured loss gets: the `loss.*` keys its registry entry names,
-    and `loss.mining` where it is set and the loss takes it."""
+    `loss.mining` where it is set and the loss takes it, and for a proxy loss `num_classes`
+    (`classes`, the train split's class count) and `dim` (`model.embedding_dim`)."""
     lc = cfg.loss
     spec = loss_registry.loss_spec(lc.name)
     params = {key: getattr(lc, key) for key in spec.keys}
     if lc.mining is not None and spec.mining:
         params["mining"] = lc.mining
+    if spec.needs_classes:
+        if classes is None:
+            raise ValueError(f"loss.name={lc.name} learns one proxy per class: pass `classes`")
+        params.update(num_classes=classes, dim=cfg.model.embedding_dim)
     return params
 
 
-def build_loss(cfg: Config) -> nn.Module:
-    """The configured loss, built from the loss registry."""
-    return loss_registry.build_loss(cfg.loss.name, **loss_params(cfg))
+def build_loss(cfg: Config, classes: int | None = None) -> nn.Module:
+    """The configured loss, built from the loss registry (`classes`: see `loss_params`)."""
+    return loss_registry.build_loss(cfg.loss.name, **loss_params(cfg, classes))
 
 
 def lr_factor(iteration: int, cfg: Config) -> float:
@@ -159,8 +181,14 @@ def lr_factor(iteration: int, cfg: Config) -> float:
     return warm * t.lr_gamma ** sum(iteration >= s for s in t.lr_steps)
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam with separate backbone and head groups, so both lr multipliers take effect."""
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(
+    model: nn.Module, cfg: Config, loss: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """`train.optimizer` with one named group each for the backbone, the head and, where the
+    loss learns parameters (Proxy-Anchor's proxies), the loss at lr x `loss.proxy_lr_mult`."""
     t = cfg.train
     groups = [
         {
@@ -174,7 +202,29 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
             "name": "head",
         },
     ]
-    return torch.optim.Adam([g for g in groups if g["params"]], weight_decay=t.weight_decay)
+    if loss is not None:
+        groups.append(
+            {
+                "params": [p for p in loss.parameters() if p.requires_grad],
+                "lr": t.lr * cfg.loss.proxy_lr_mult,
+                "name": "loss",
+            }
+        )
+    cls = OPTIMIZERS[t.optimizer]
+    return cls([g for g in groups if g["params"]], weight_decay=t.weight_decay)
+
+
+def build_sampler(
+    cfg: Config, labels: np.ndarray, start: int = 0, num_replicas: int = 1, rank: int = 0
+) -> Sampler[list[int]]:
+    """`train.sampler`: P x K batches, or shuffled batches with drop_last, from `start` on."""
+    t = cfg.train
+    common = dict(iterations=t.iterations, start=start, num_replicas=num_replicas, rank=rank)
+    if t.sampler == "random":
+        return RandomBatchSampler(len(labels), t.batch_size, cfg.seed, **common)
+    return PKSampler(
+        labels, t.batch_size, t.samples_per_class, cfg.seed, class_draw=t.class_draw, **common
+    )
 
 
 def build_schedule(

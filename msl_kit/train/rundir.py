@@ -102,11 +102,12 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
         ) from None
     if new and any(p.name != LOCK for p in folder.iterdir()):
         lock.unlink(missing_ok=True)
-        hint = (
-            f"it holds a run: continue it with `msl-kit train --resume {folder}`"
-            if (folder / "checkpoint.pt").exists() or (folder / "config.yaml").exists()
-            else "it holds files msl-kit did not write"
-        )
+        if (folder / "checkpoint.pt").exists() or (folder / "checkpoint.prev.pt").exists():
+            hint = f"it holds a run: continue it with `msl-kit train --resume {folder}`"
+        elif (folder / "config.yaml").exists():  # nothing to resume: --resume would refuse it
+            hint = "it holds a config.yaml but no checkpoint, so there is nothing to resume"
+        else:
+            hint = "it holds files msl-kit did not write"
         raise RunFolderError(
             f"{folder} is not empty ({hint}), or choose another --out (a new or "
             "empty folder); nothing in it was changed"

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msl_kit.files.atomic import CheckpointError, atomic_write_text
 from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.losses.mining import mining_stats
+from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.losses.registry import loss_spec
 from msl_kit.models.weights import uses_weights
-from msl_kit.sampler import PKSampler
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
 from msl_kit.train.checks import ConfigError
@@ -75,7 +76,7 @@ class _SeededItems(Dataset):
 
 
 class _KeyedBatches:
-    def __init__(self, sampler: PKSampler, start: int) -> None:
+    def __init__(self, sampler: Sampler[list[int]], start: int) -> None:
         self.sampler, self.start = sampler, start
 
     def __len__(self) -> int:
@@ -145,19 +146,17 @@ class Trainer:
         # Built before anything is written: a batch the data cannot fill (data.val_fraction left
         # too few classes) is refused while the run folder is still empty, so the same --out
         # works once the config is fixed. PKSampler draws no random numbers here.
-        sampler = PKSampler(
+        sampler = recipe.build_sampler(
+            cfg,
             train_set.labels,
-            cfg.train.batch_size,
-            cfg.train.samples_per_class,
-            cfg.seed,
-            iterations=cfg.train.iterations,
             start=state["iteration"] if state is not None else 0,
             num_replicas=dist.world_size,
             rank=dist.rank,
-            class_draw=cfg.train.class_draw,
         )
-        self.loss_fn = loss_fn or recipe.build_loss(cfg)
-        self.optimizer = recipe.build_optimizer(self.model, cfg)
+        spec = loss_spec(cfg.loss.name)
+        classes = recipe.num_classes(train_set) if spec.needs_classes else None
+        self.loss_fn = (loss_fn or recipe.build_loss(cfg, classes)).to(self.device)
+        self.optimizer = recipe.build_optimizer(self.model, cfg, self.loss_fn)
         self.scheduler = recipe.build_schedule(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=cfg.train.amp == "fp16" and self.device.type == "cuda"
@@ -166,9 +165,12 @@ class Trainer:
         self.xbm = (
             CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
         )
-        self.ms = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
+        # MS mining statistics of each logged batch; for a proxy loss loss.alpha / margin are
+        # its own scale and margin, so the statistics use MS's released numbers.
+        ms_keys = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
+        self.ms = ms_keys if spec.pairs else dict(PRESETS["released"])
         # XBM scores anchors against the memory with the configured pair loss's own from_sim
-        self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm else None
+        self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm is not None else None
         self.iteration, self.history, self.results = 0, [], {}
         self.best: dict = {"iteration": 0, "recall@1": -1.0}
         self.floors: dict = {}
@@ -197,6 +199,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if state.get("loss"):  # the proxies (checkpoints of parameter-free losses hold {})
+            self.loss_fn.load_state_dict(state["loss"])
         if self.xbm is not None:
             self.xbm.load_state_dict(state["xbm"])
         self.iteration, self.history, self.best = (
@@ -276,20 +280,52 @@ class Trainer:
         _check_finite(n, "the loss", loss.detach(), self.out)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._adjust_grads()
         if not self.scaler.is_enabled():  # (fp16's scaler skips non-finite steps itself)
             # One reduction over every gradient: a per-tensor check would sync the GPU ~200 times.
-            grad_max = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            grad_max = torch.nn.utils.clip_grad_norm_(self._params(), float("inf"))
             _check_finite(n, "a gradient", grad_max, self.out)
-        lr = self.optimizer.param_groups[-1]["lr"]
+        lrs = {g.get("name"): g["lr"] for g in self.optimizer.param_groups}
+        lr = [v for k, v in lrs.items() if k != "loss"][-1]  # the head's (or last model group's)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.iteration = n
         record = {"iteration": n, "loss": float(loss_value), "lr": lr}
+        if "loss" in lrs:
+            record["lr_loss"] = lrs["loss"]  # the proxies' group: lr x loss.proxy_lr_mult
         if n % cfg.train.log_every == 0 or self.finished:
             # Mining statistics of this very batch: no second forward, one B x B product.
             record.update(self._mining(emb.detach(), labels))
         return record
+
+    def _params(self) -> list[nn.Parameter]:
+        """Every trained parameter: the model's and the loss's (Proxy-Anchor's proxies)."""
+        return [*self.model.parameters(), *self.loss_fn.parameters()]
+
+    def _adjust_grads(self) -> None:
+        """Warm-up freezing, the DDP scale of loss parameters, clipping; before the step."""
+        t = self.cfg.train
+        if self.iteration < t.warmup_frozen:
+            # Proxy-Anchor's warm-up trains only the head and the proxies. A None gradient makes
+            # Adam / AdamW skip a parameter (no moment, no decay), as requires_grad=False does in
+            # the release; the backward still runs through the backbone, so DDP's reducer sees
+            # every parameter it expects (it cannot change which ones mid-run).
+            for p in self.model.backbone.parameters():
+                p.grad = None
+        if self.dist.world_size > 1:
+            # Every rank computes the whole global loss, scaled by N for DDP's mean (see
+            # distributed.global_batch_loss); the loss's parameters are outside DDP, so their
+            # gradient is N times the full one, the same on every rank: undo the N.
+            for p in self.loss_fn.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.dist.world_size)
+        if t.grad_clip_value or t.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients (no-op without fp16)
+            if t.grad_clip_value:
+                torch.nn.utils.clip_grad_value_(self._params(), t.grad_clip_value)
+            if t.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(self._params(), t.grad_clip_norm)
 
     def _loss(
         self, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
@@ -340,7 +376,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "xbm": self.xbm.state_dict() if self.xbm else None,
+            "xbm": self.xbm.state_dict() if self.xbm is not None else None,
+            "loss": self.loss_fn.state_dict(),  # the proxies of a proxy loss
             "iteration": self.iteration,
             "history": self.history,
             "best": self.best,

@@ -362,15 +362,29 @@ def embed(
     images: str | Path | None = None,
     out: str | Path | None = None,
     *,
+    dataset: str | None = None,
+    root: str | None = None,
+    split: str = "test",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
-    **options,
 ) -> Embeddings:
-    """Embeddings of a folder, CSV, image or (`dataset=`, `split=`) prepared split by a
-    checkpoint's model, written to `out` (FILE.npz) when given.
-
-    Options: dataset, root, split, batch_size, workers, device, chunk_size. Rerunning after
-    an interrupt embeds only what OUT.part/ lacks; an up-to-date `out` is read, not redone.
+    """Embeddings of a folder, CSV or image, or of a prepared split (`dataset=`, `split=`),
+    by a checkpoint's model (a checkpoint file or a run folder), written to `out` (FILE.npz)
+    when given. Rerunning after an interrupt embeds only what OUT.part/ lacks; an up-to-date
+    `out` is read, not redone. batch_size / workers / device default to the run's own.
     """
+    options = dict(
+        dataset=dataset,
+        root=root,
+        split=split,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        chunk_size=chunk_size,
+    )
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:
             return embed(checkpoint, images, Path(tmp) / "e.npz", progress=progress, **options)

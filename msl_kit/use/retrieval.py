@@ -173,9 +173,16 @@ def _cell(ax, path: str, frame: str, title: str, width: int = 4) -> None:
 
 
 def short(text: str, width: int = 20) -> str:
-    """`text` cut in the middle to `width` characters (file and class names under thumbnails)."""
+    """`text` within `width` characters for a thumbnail's title: a path-like class name keeps
+    its last part whole and shortens what comes before it; anything else is cut in the middle."""
+    if len(text) <= width:
+        return text
+    head, sep, last = text.rpartition("/")
+    room = width - len(last) - 3
+    if sep and room >= 3:
+        return f"{head[:room]}..{sep}{last}"
     half = (width - 2) // 2
-    return text if len(text) <= width else f"{text[:half]}..{text[-half:]}"
+    return f"{text[:half]}..{text[-half:]}"
 
 
 def _query_title(path: str, classes: np.ndarray | None, i: int) -> str:

@@ -1,0 +1,93 @@
+"""`msl-kit prepare` (datasets and weights) and `msl-kit bench` (the checkout's benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+# The source checkout this module runs from, if any: benchmarks live in its bench/ folder.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from msl_kit.datasets.preparation import prepare
+    from msl_kit.datasets.registry import list_datasets
+
+    if args.weights:
+        from msl_kit.models.weights import download_weights
+
+        dest = download_weights(args.weights, args.root, url=args.url)
+        print(f"{args.weights} weights in {dest}; use --set model.pretrained={dest}")
+        return 0
+    if args.list or not args.name:
+        rows = list_datasets()
+        w = [max(len(getattr(d, k)) for d in rows) for k in ("name", "size", "licence")]
+        for d in rows:
+            print(f"{d.name:<{w[0]}}  {d.size:<{w[1]}}  {d.licence:<{w[2]}}  {d.source}")
+        return 0
+    archive = args.archive[0] if args.archive and len(args.archive) == 1 else args.archive
+    max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
+    path = prepare(
+        args.name,
+        args.root or "data",
+        archive=archive,
+        url=args.url,
+        max_bytes=max_bytes,
+        max_members=args.max_files,
+    )
+    print(f"{args.name} ready in {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench = REPO / "bench"
+    if not (bench / "loss.py").is_file():
+        print(
+            "error: the benchmarks come with the source checkout (bench/ beside msl_kit/), "
+            "not with the installed package: git clone the project and run msl-kit bench there",
+            file=sys.stderr,
+        )
+        return 2
+    script = bench / f"{args.name}.py"
+    if not script.is_file():
+        names = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
+        print(f"error: no benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """`prepare` and `bench`."""
+    p = sub.add_parser("prepare", help="download / verify / extract a dataset")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--root", help="dataset folder (default data/), or where --weights go")
+    p.add_argument("--archive", nargs="+", help="local archive file(s) instead of downloading")
+    p.add_argument("--url", help="download from this URL instead of the official one")
+    p.add_argument("--list", action="store_true", help="list the datasets")
+    p.add_argument(
+        "--max-size",
+        type=float,
+        metavar="GB",
+        help="refuse archives declaring more than this many GB (default 20)",
+    )
+    p.add_argument(
+        "--max-files",
+        type=int,
+        metavar="N",
+        help="refuse archives of more than N members (default 500000)",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="BACKBONE",
+        help="download a backbone's ImageNet weights instead "
+        "(into --root if given, else the default cache path)",
+    )
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("bench", help="run a benchmark script from bench/")
+    p.add_argument("name", help="loss, knn, data, train_step, quality")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
