@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +280,16 @@ def test_floors_listed_by_name(tmp_path):
         "raw_pixels",
         "untrained",
     ]
+
+
+def test_timm_is_imported_only_on_use():
+    code = (
+        "import sys, msl_kit, msl_kit.models, msl_kit.models.registry, msl_kit.train.config\n"
+        "from msl_kit.train.config import load_config\n"
+        "load_config(None)\n"
+        "assert 'timm' not in sys.modules, 'timm imported'\n"
+        "load_config(None, ['model.backbone=timm:resnet18'])\n"
+        "assert 'timm' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
