@@ -15,7 +15,7 @@ import torch
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from msl_kit import metrics  # noqa: E402
+from msl_kit import metrics, paper  # noqa: E402
 from msl_kit.cli import app as cli  # noqa: E402
 from msl_kit.models.builder import build_model, preprocessing_spec  # noqa: E402
 from msl_kit.models.convnet import ConvNetBackbone  # noqa: E402
@@ -264,6 +264,8 @@ def test_backbone_floor_is_the_loaded_features_l2_normalised(tmp_path, capsys):
     assert floors["backbone"] != floors["untrained"]
     printed = capsys.readouterr().out
     assert "convnet as loaded (features)" in printed and "convnet + untrained head" in printed
+    table = paper.results_table(out)
+    assert table.loc["backbone as loaded", "R@1"] == pytest.approx(100 * want["recall@1"], abs=0.01)
 
 
 def test_floors_listed_by_name(tmp_path):
