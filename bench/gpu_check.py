@@ -1,7 +1,8 @@
-"""The GPU checks of issue 4 in one script: loss fp32 vs bf16, BN-Inception train images/s, kNN
-at SOP size.
+"""The GPU checks of issues 4 and 20 in one script: loss fp32 vs bf16, BN-Inception train
+images/s, kNN at SOP size, and one short step of each timm recipe (ViT-S/16 DINO on CUB, Cars,
+SOP; ResNet-50 Proxy-Anchor on CUB) at its batch, size and autocast: images/s, peak memory.
 
-python bench/gpu_check.py                      # on a CUDA machine; about 2-3 minutes on one H100
+python bench/gpu_check.py                      # on a CUDA machine; about 3-4 minutes on one H100
 python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
 """
 
@@ -13,6 +14,16 @@ import time
 import torch
 
 from msl_kit import losses, metrics, models
+from msl_kit.losses.registry import loss_spec
+from msl_kit.train import recipe
+from msl_kit.train.config import load_config
+
+TIMM_RECIPES = (
+    "cub200_vits16_dino_384",
+    "cars196_vits16_dino_384",
+    "sop_vits16_dino_384",
+    "cub200_resnet50_512",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -88,6 +99,69 @@ def knn_timing(device: torch.device, n: int, dim: int) -> None:
     print(f"recall_at_k {n}x{dim} on {device}: {time.perf_counter() - start:.2f} s  {result}")
 
 
+def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> None:
+    """One recipe's training step on fake images at its input size, as the trainer builds it:
+    model, loss, optimizer groups, autocast and clipping from the recipe, random weights (no
+    download); prints images/s and peak memory."""
+    overrides = ["model.pretrained=null", f"device={device}", "data.workers=0"]
+    if quick:  # a few images: checks the script, measures nothing
+        overrides += ["train.batch_size=4", "train.samples_per_class=2"]
+    cfg = load_config(name, overrides)
+    t = cfg.train
+    torch.manual_seed(0)
+    model = recipe.build_model(cfg).to(device)
+    batch, side = t.batch_size, model.preprocessing.input_size
+    classes = 100  # CUB's training classes; the proxies' count for Proxy-Anchor
+    needs = loss_spec(cfg.loss.name).needs_classes
+    loss_fn = recipe.build_loss(cfg, classes if needs else None).to(device)
+    if t.sampler == "random":
+        labels = torch.randint(0, classes, (batch,), device=device)
+    else:
+        labels = torch.arange(batch // t.samples_per_class, device=device)
+        labels = labels.repeat_interleave(t.samples_per_class)
+    opt = recipe.build_optimizer(model, cfg, loss_fn)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    amp = t.amp if device.type == "cuda" else "none"  # CPU smoke runs in float32
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    images = torch.randn(batch, 3, side, side, device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=PRECISIONS[amp], enabled=amp != "none"):
+            emb = model(images)
+        loss = loss_fn(emb.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if t.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(params, t.grad_clip_value)
+        if t.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
+        scaler.step(opt)
+        scaler.update()
+
+    step()  # warm-up: kernels, allocator, optimizer state
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    speed = batch * steps / (time.perf_counter() - start)
+    peak = (
+        f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        if device.type == "cuda"
+        else "not measured on the CPU"
+    )
+    print(
+        f"recipe {name}: {cfg.model.backbone} batch {batch} at {side} px, {amp}: "
+        f"{speed:.1f} images/s, peak memory {peak}"
+    )
+
+
+PRECISIONS = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def main() -> None:
     """Run the three checks and print their figures."""
     parser = argparse.ArgumentParser(
@@ -113,6 +187,8 @@ def main() -> None:
         speed = train_throughput(device, batch, size, steps, amp, warmup=1 if args.quick else 3)
         print(f"BN-Inception train batch {batch} at {size} px, {label}: {speed:.1f} images/s")
     knn_timing(device, n, 512)
+    for name in TIMM_RECIPES:
+        recipe_step(device, name, args.quick, steps=1 if args.quick else 3)
 
 
 if __name__ == "__main__":

@@ -268,8 +268,9 @@ def compare_with_paper(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_table(run_dir: str | Path) -> pd.DataFrame:
-    """One run's evaluation beside its floors (metrics.json), in %: raw pixels, the untrained
-    network, the final model and the best of the evaluations, with the iteration of each."""
+    """One run's evaluation beside its floors (metrics.json), in %: raw pixels, the backbone as
+    loaded (runs from pretrained weights), the untrained network, the final model and the best
+    of the evaluations, with the iteration of each."""
     import pandas as pd
 
     metrics = _read_metrics(Path(run_dir))
@@ -277,6 +278,7 @@ def results_table(run_dir: str | Path) -> pd.DataFrame:
     lone = metrics.get("lone_queries", "miss")  # how Recall@K counted lone queries, every row
     rows = [
         {"model": "raw pixels", "at": None, **_percent(floors.get("raw_pixels", {}))},
+        {"model": "backbone as loaded", "at": 0, **_percent(floors.get("backbone", {}))},
         {"model": "untrained network", "at": 0, **_percent(floors.get("untrained", {}))},
         {"model": "trained: final", "at": metrics.get("iteration"), **_percent(metrics)},
         {"model": "trained: best of evaluations", "at": best.get("iteration"), **_percent(best)},

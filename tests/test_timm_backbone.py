@@ -172,7 +172,7 @@ def test_offline_hub_says_which_file_to_fetch(monkeypatch):
 
     original = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(ConnectionError) as e:
         build_timm_backbone("vit_small_patch16_224.dino", pretrained="hub")
     message = str(e.value)
     assert "\n" not in message and "model.pretrained=PATH" in message

@@ -353,3 +353,65 @@ def test_jpeg_draft_decodes_smaller_without_changing_the_result(tmp_path):
 def test_to_mode_is_identity_for_the_right_mode():
     img = Image.new("RGB", (4, 4))
     assert to_mode(img, "RGB") is img
+
+
+# --- interpolation: timm's eval transform, torchvision's with the same filter ----------------
+
+
+def _embedded_character() -> Image.Image:
+    """A real image: the first test character of the embedded Omniglot zips (grey, 105 px)."""
+    from msl_kit.datasets.dataset import build
+
+    return build("omniglot_small", None, "test")[0][0]
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224.dino", "resnet18", "resnet50.tv_in1k"])
+@pytest.mark.parametrize("crop", ["two_step", "fused"])
+def test_eval_equals_timms_own_eval_transform(name, crop):
+    timm = pytest.importorskip("timm")
+    from msl_kit.models.timm import timm_preprocessing
+
+    spec = dataclasses.replace(timm_preprocessing(name), crop=crop)
+    config = timm.data.resolve_data_config(model=timm.create_model(name, pretrained=False))
+    assert spec.interpolation == config["interpolation"]
+    reference = timm.data.create_transform(**config, is_training=False)
+    character = _embedded_character()
+    assert character.mode in ("1", "L")  # grey: our transform makes it RGB for an RGB model
+    other = "bilinear" if spec.interpolation == "bicubic" else "bicubic"
+    for img in (character, smooth_image(320, 240), smooth_image(180, 260, seed=1)):
+        ours = build_transform(spec, train=False)(img)
+        ref = reference(img.convert("RGB"))
+        assert ours.shape == ref.shape == (3, spec.input_size, spec.input_size)
+        if crop == "two_step":  # timm's Resize -> CenterCrop, the same PIL filter
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        else:  # one resampling of the same box with the same filter (naive reference)
+            t = ImageTransform(spec, train=False)
+            rgb = img.convert("RGB")
+            size = (spec.input_size,) * 2
+            once = rgb.resize(
+                size, Image.Resampling[spec.interpolation.upper()], box=t.center_box(rgb.size)
+            )
+            torch.testing.assert_close(ours, t.to_tensor(once), atol=1e-6, rtol=0)
+        # the filter matters: the other one gives a different tensor
+        changed = build_transform(dataclasses.replace(spec, interpolation=other), train=False)
+        assert (changed(img) - ours).abs().max() > 1e-3
+
+
+def test_train_crop_with_bicubic_matches_torchvision_with_the_same_seed():
+    spec = dataclasses.replace(RESNET, interpolation="bicubic")
+    bicubic = tv.InterpolationMode.BICUBIC
+    reference = tv.Compose(
+        [
+            tv.Resize(spec.resize_size, interpolation=bicubic),
+            tv.RandomResizedCrop(spec.input_size, scale=spec.crop_scale, interpolation=bicubic),
+            tv.RandomHorizontalFlip(),
+            tv.ToTensor(),
+            tv.Normalize(spec.mean, spec.std),
+        ]
+    )
+    ours_t, img = build_transform(spec, train=True), smooth_image(400, 300, seed=3)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        ours = ours_t(img)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(ours, reference(img), atol=1e-5, rtol=0)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 def _table(rows: list[tuple[str, dict]], ks: list[int]) -> str:
     cols = [f"R@{k}" for k in ks] + ["MAP@R"]
-    lines = [f"{'':<28}" + "".join(f"{c:>8}" for c in cols)]
+    width = max([28, *(len(name) + 1 for name, _ in rows)])  # timm names run long
+    lines = [" " * width + "".join(f"{c:>8}" for c in cols)]
     for name, m in rows:
         vals = [m.get(f"recall@{k}", float("nan")) for k in ks] + [m.get("map@r", float("nan"))]
-        lines.append(f"{name:<28}" + "".join(f"{100 * v:>8.1f}" for v in vals))
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * v:>8.1f}" for v in vals))
     return "\n".join(lines)
 
 
@@ -122,11 +123,17 @@ def _report(out: Path, results: dict, seconds: float) -> None:
 
     cfg = load_config(out / "config.yaml")
     floors = results.get("floors", {})
+    untrained = (
+        f"{cfg.model.backbone} + untrained head"
+        if "backbone" in floors
+        else f"untrained {cfg.model.backbone}"
+    )
     rows = [
         (name, floors[key])
         for key, name in (
             ("raw_pixels", "raw pixels"),
-            ("untrained", f"untrained {cfg.model.backbone}"),
+            ("backbone", f"{cfg.model.backbone} as loaded (features)"),
+            ("untrained", untrained),
         )
         if key in floors
     ]
@@ -203,7 +210,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-baseline",
         action="store_true",
-        help="skip the raw-pixel and untrained floors (= --set eval.floors=false)",
+        help="skip every floor: raw pixels, untrained, backbone (= --set eval.floors=false)",
     )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")

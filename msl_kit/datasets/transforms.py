@@ -1,7 +1,8 @@
 """Train / eval transforms built from a backbone's preprocessing spec, and image decoding.
 
 `build_transform(spec, train)` does what torchvision's Resize -> RandomResizedCrop / CenterCrop
--> flip -> ToTensor -> Normalize does, drawing the crop from torch's generator exactly as
+-> flip -> ToTensor -> Normalize does (resampling with `spec.interpolation`, as timm's eval
+transform does with a timm model's), drawing the crop from torch's generator exactly as
 torchvision does. With `spec.crop == "two_step"` (the default) the geometry is torchvision's
 too: resize the whole image, crop, resample the crop. With "fused" the crop box is mapped back
 onto the source and PIL resamples it once, straight to the network's input size: faster, and
@@ -107,6 +108,8 @@ class ImageTransform:
         no_crop = tuple(spec.crop_scale) == (1.0, 1.0) and spec.resize_size == spec.input_size
         self.random_crop = train and not no_crop
         self.load_hint = (self.mode, spec.resize_size)
+        # PIL's filter of that name, as torchvision's and timm's PIL transforms resample
+        self.resample = Image.Resampling[spec.interpolation.upper()]
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_mode(img, self.mode)
@@ -116,14 +119,14 @@ class ImageTransform:
         if self.spec.crop == "two_step":
             # torchvision's Resize, then crop + resize (RandomResizedCrop) or crop (CenterCrop)
             if (rw, rh) != img.size:
-                img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+                img = img.resize((rw, rh), self.resample)
             left, top, w, h = crop
             img = img.crop((left, top, left + w, top + h))
             if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
+                img = img.resize((size, size), self.resample)
         else:
             box = self._to_source(img.size, *crop)
-            img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            img = img.resize((size, size), self.resample, box=box)
         if self.train and self.spec.hflip and torch.rand(1).item() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.to_tensor(img)

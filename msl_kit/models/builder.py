@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from torch import nn
+
 from msl_kit.models.head import EmbeddingHead, EmbeddingModel
 from msl_kit.models.registry import backbone_spec
-from msl_kit.models.weights import load_backbone_weights, resolve_weights
+from msl_kit.models.weights import load_backbone_weights, resolve_weights, uses_weights
 from msl_kit.preprocessing import Preprocessing
 
 
@@ -45,18 +47,50 @@ def build_model(
     pretrained: str | os.PathLike | None = None,
     *,
     freeze_bn: bool = False,
+    head_init: str = "kaiming_fan_out",
+    freeze_bn_affine: bool = False,
+    freeze_modules: tuple[str, ...] | list[str] = (),
     **options: Any,
 ) -> EmbeddingModel:
-    """Build backbone + head. `pretrained`: a backbone weights file, "default", or None.
+    """Build backbone + head. `pretrained`: a backbone weights file, "default", or None / "none"
+    ("hub" for timm backbones: timm's own download).
 
-    Options (convnet only): in_channels (1 or 3, default 3), image_size (64), resize_size
-    (= image_size), width (64). `.preprocessing` is `preprocessing_spec(name, **options)`.
+    Options are the backbone's (convnet: in_channels, image_size, resize_size, width; timm:
+    global_pool, input_size, resize_size). `head_init`: "kaiming_fan_out" (the released
+    recipe) or "orthogonal". `freeze_bn_affine` stops BatchNorm weight / bias training;
+    `freeze_modules` names backbone modules (e.g. "patch_embed") whose parameters stay fixed.
     """
     spec = backbone_spec(name)
     options = _options(name, options)
     preprocessing = spec.preprocessing(**options)
-    backbone = spec.build(preprocessing, **options)
-    if pretrained is not None:
-        load_backbone_weights(backbone, resolve_weights(name, pretrained))
-    head = EmbeddingHead(int(backbone.feature_dim), embedding_dim)
+    pretrained = pretrained if uses_weights(pretrained) else None
+    if spec.takes_pretrained:
+        backbone = spec.build(preprocessing, pretrained=pretrained, **options)
+    else:
+        backbone = spec.build(preprocessing, **options)
+        if pretrained is not None:
+            load_backbone_weights(backbone, resolve_weights(name, pretrained))
+    freeze(backbone, name, freeze_modules, bn_affine=freeze_bn_affine)
+    head = EmbeddingHead(int(backbone.feature_dim), embedding_dim, init=head_init)
     return EmbeddingModel(backbone, head, preprocessing, name=name, freeze_bn=freeze_bn)
+
+
+def freeze(
+    backbone: nn.Module, name: str, modules: tuple[str, ...] | list[str], bn_affine: bool = False
+) -> None:
+    """Stop training the parameters of `backbone`'s named `modules` (and BatchNorm's weight and
+    bias with `bn_affine`): requires_grad False, so no optimizer group holds them."""
+    found = dict(backbone.named_modules())
+    missing = [m for m in modules if m not in found or not m]
+    if missing:
+        top = ", ".join(n for n, _ in backbone.named_children())
+        raise ValueError(
+            f"model.freeze_modules: {name} has no module {missing[0]!r}; its top-level modules "
+            f"are {top}"
+        )
+    for module_name in modules:
+        found[module_name].requires_grad_(False)
+    if bn_affine:
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)

@@ -11,15 +11,21 @@ from torch import nn
 
 from msl_kit.preprocessing import Preprocessing
 
+HEAD_INITS = ("kaiming_fan_out", "orthogonal")
+
 
 class EmbeddingHead(nn.Module):
-    """Linear(features -> dim) with Kaiming init and zero bias, then L2 normalisation."""
+    """Linear(features -> dim) with Kaiming (or orthogonal) init and zero bias, then L2 norm."""
 
-    def __init__(self, feature_dim: int, embedding_dim: int) -> None:
+    def __init__(self, feature_dim: int, embedding_dim: int, init: str = "kaiming_fan_out") -> None:
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {HEAD_INITS}, not {init!r}")
         self.linear = nn.Linear(feature_dim, embedding_dim)
-        # The released recipe: kaiming_normal_(a=0, mode="fan_out") on the weight, zero bias.
-        nn.init.kaiming_normal_(self.linear.weight, a=0, mode="fan_out")
+        if init == "orthogonal":  # Hyp-ViT's head (and Proxy-Anchor's ViT successors')
+            nn.init.orthogonal_(self.linear.weight)
+        else:  # the released recipe: kaiming_normal_(a=0, mode="fan_out")
+            nn.init.kaiming_normal_(self.linear.weight, a=0, mode="fan_out")
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

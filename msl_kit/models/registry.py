@@ -8,6 +8,7 @@ the config's `plugins`). Config validation, the recipe and the CLI read their ch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from msl_kit.models.bninception import (
 )
 from msl_kit.models.convnet import build_convnet, convnet_preprocessing
 from msl_kit.models.resnet import RESNET50_WEIGHTS, build_resnet50, resnet50_preprocessing
+from msl_kit.models.timm import build_timm, check_timm_name, timm_preprocessing
 from msl_kit.preprocessing import Preprocessing
 
 
@@ -28,13 +30,15 @@ class BackboneSpec:
     """How to build a backbone: `build(spec, **options)` -> a module mapping images to pooled
     features with a `.feature_dim`; `preprocessing(**options)` -> its input spec without
     building the network; `options` are the `model.*` config keys both take; `weights_url`
-    the published weights that `model.pretrained=default` looks for."""
+    the published weights that `model.pretrained=default` looks for. With `takes_pretrained`,
+    `build(spec, pretrained=..., **options)` loads weights itself (a file path or "hub")."""
 
     build: Callable[..., nn.Module]
     preprocessing: Callable[..., Preprocessing]
     options: tuple[str, ...] = ()
     weights_url: str | None = None
     description: str = ""
+    takes_pretrained: bool = False
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -57,8 +61,26 @@ BACKBONES: dict[str, BackboneSpec] = {
         description="small Conv-BN-ReLU-pool stack for the CPU recipes",
     ),
 }
+
+
+@functools.lru_cache(maxsize=64)  # config checks, the recipe and build_model each ask
+def timm_backbone(name: str) -> BackboneSpec:
+    """The entry of "timm:<name>"; ValueError naming close timm names if timm has no `name`.
+
+    timm is imported here, on first use: `import msl_kit` and the registry stay without it.
+    """
+    check_timm_name(name)
+    return BackboneSpec(
+        functools.partial(build_timm, name),
+        functools.partial(timm_preprocessing, name),
+        options=("global_pool", "input_size", "resize_size"),
+        description=f"timm's {name} without classifier, its own pooling",
+        takes_pretrained=True,
+    )
+
+
 # Families named by a prefix, "family:model" (e.g. "timm:resnet18"): name -> spec maker.
-BACKBONE_FAMILIES: dict[str, Callable[[str], BackboneSpec]] = {}
+BACKBONE_FAMILIES: dict[str, Callable[[str], BackboneSpec]] = {"timm": timm_backbone}
 
 
 def register_backbone(name: str, spec: BackboneSpec) -> None:

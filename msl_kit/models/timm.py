@@ -26,7 +26,9 @@ from msl_kit.files.atomic import safe_load
 from msl_kit.preprocessing import Preprocessing
 
 __all__ = [
+    "GLOBAL_POOLS",
     "HUB",
+    "build_timm",
     "build_timm_backbone",
     "check_timm_name",
     "load_timm_weights",
@@ -35,6 +37,10 @@ __all__ = [
 ]
 
 HUB = "hub"  # pretrained=HUB: timm's own download (Hugging Face hub or the config's url)
+# Poolings that keep the width timm reports (num_features): "catavgmax" doubles it and "map"
+# adds an attention pool that no weights file holds. CNNs take avg / max / avgmax; ViTs also
+# "token" (the class token) and avg / avgmax / max over the patch tokens.
+GLOBAL_POOLS = ("avg", "max", "avgmax", "token")
 # Classifier module names timm uses; a weights file saved with a classifier carries these.
 CLASSIFIER_NAMES = ("head", "fc", "classifier", "head_dist", "last_linear")
 
@@ -69,11 +75,19 @@ def _pretrained_cfg(name: str) -> dict:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def timm_preprocessing(name: str) -> Preprocessing:
+def timm_preprocessing(
+    name: str,
+    input_size: int | None = None,
+    resize_size: int | None = None,
+    global_pool: str | None = None,
+) -> Preprocessing:
     """The preprocessing spec of timm model `name`, from its pretrained config.
 
     Input size, interpolation, mean and std are `resolve_data_config`'s; the resize before the
     center crop is timm's eval transform's floor(input_size / crop_pct). Values in [0, 1], RGB.
+    `input_size` replaces the config's side (CPU runs at 64 px), the resize following it by
+    crop_pct; `resize_size` replaces the resize (Hyp-ViT evaluates CUB at 256, not 248).
+    `global_pool` is the registry's other option: the input does not depend on it.
     Augmentation fields (crop scale, flip) keep the Preprocessing defaults: recipes set them.
     """
     timm = _timm()
@@ -84,13 +98,20 @@ def timm_preprocessing(name: str) -> Preprocessing:
             f"timm model {name!r} expects {height}x{width} inputs; msl_kit crops squares only: "
             "pick a model with a square input size"
         )
+    side = int(input_size or height)
+    resize = int(resize_size or math.floor(side / data["crop_pct"]))  # as transforms_factory
+    if resize < side:
+        raise ValueError(
+            f"model.resize_size = {resize} is smaller than timm:{name}'s input size {side}; "
+            f"use {side} or more (timm's own: {math.floor(side / data['crop_pct'])})"
+        )
     return Preprocessing(
         color="L" if channels == 1 else "RGB",
         value_range=1.0,
         mean=tuple(float(m) for m in data["mean"]),
         std=tuple(float(s) for s in data["std"]),
-        input_size=int(height),
-        resize_size=math.floor(height / data["crop_pct"]),  # as timm's transforms_factory
+        input_size=side,
+        resize_size=resize,
         interpolation=data["interpolation"],
     )
 
@@ -105,36 +126,89 @@ def weights_source(name: str) -> str:
 
 
 def build_timm_backbone(
-    name: str, pretrained: str | os.PathLike | None = None, *, global_pool: str | None = None
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    global_pool: str | None = None,
+    input_size: int | None = None,
 ) -> nn.Module:
     """timm model `name` without classifier (images -> pooled features), `.feature_dim` set.
 
     `pretrained`: None (random init), a weights file (.safetensors or torch) in timm's layout,
     or "hub" (timm's own download; offline, one line says which file to fetch). `global_pool`
     overrides the model's own pooling where timm allows it (CNNs: "avg", "max", "avgmax" =
-    (avg + max) / 2; ViTs: "token", "avg"). The model carries `.preprocessing` too.
+    (avg + max) / 2; ViTs: "token", "avg"). `input_size` other than the config's builds models
+    with a fixed patch grid (ViTs) for that side; CNNs take any side as they are. The model
+    carries `.preprocessing` too.
     """
-    timm = _timm()
     check_timm_name(name)
+    if pretrained is not None and str(pretrained) == "default":
+        raise ValueError(
+            f"timm:{name} has no 'default' weights path: use model.pretrained=hub (timm's "
+            "download) or model.pretrained=PATH (a .safetensors or torch file)"
+        )
     kwargs = {"num_classes": 0} | ({"global_pool": global_pool} if global_pool else {})
+    if global_pool and global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
+    spec = timm_preprocessing(name, input_size)
+    if input_size and input_size != timm_preprocessing(name).input_size:
+        kwargs["img_size"] = int(input_size)
     if pretrained is not None and str(pretrained) == HUB:
-        model = _from_hub(name, kwargs)
+        model = _create(name, kwargs, hub=True)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(name, kwargs, hub=False)
         if pretrained is not None:
             load_timm_weights(model, pretrained)
     # Models with a pre-logits layer (MobileNetV3, some ConvNeXts) output head_hidden_size.
     model.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
-    model.preprocessing = timm_preprocessing(name)
+    model.preprocessing = spec
     return model
+
+
+def build_timm(
+    name: str,
+    spec: Preprocessing,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    global_pool: str | None = None,
+    input_size: int | None = None,
+    resize_size: int | None = None,
+) -> nn.Module:
+    """The registry's constructor for "timm:<name>": `build_timm_backbone` carrying `spec`
+    (which already holds `input_size` and `resize_size`)."""
+    model = build_timm_backbone(name, pretrained, global_pool=global_pool, input_size=input_size)
+    model.preprocessing = spec
+    return model
+
+
+def _create(name: str, kwargs: dict, hub: bool) -> nn.Module:
+    """timm.create_model; `img_size` only where the model takes it (CNNs take any size)."""
+
+    def make(args: dict) -> nn.Module:
+        return _from_hub(name, args) if hub else _timm().create_model(name, **args)
+
+    try:
+        try:
+            return make(kwargs)
+        except TypeError as e:  # "unexpected keyword argument 'img_size'": a CNN
+            if "img_size" not in kwargs or "img_size" not in str(e):
+                raise
+        return make({k: v for k, v in kwargs.items() if k != "img_size"})
+    except AssertionError as e:  # timm asserts on a pooling the model does not have
+        raise ValueError(
+            f"timm:{name} does not take global_pool={kwargs.get('global_pool')!r} ({e}); CNNs "
+            "take avg, max or avgmax, ViTs also token"
+        ) from None
 
 
 def _from_hub(name: str, kwargs: dict) -> nn.Module:
     """timm's own pretrained download; a failure (offline) is one line saying what to fetch."""
     try:
         return _timm().create_model(name, pretrained=True, **kwargs)
+    except TypeError:  # an argument the model does not take (img_size): _create retries
+        raise
     except Exception as e:  # hub, urllib and file errors differ by source and version
-        raise RuntimeError(
+        raise ConnectionError(  # an OSError: the CLI prints it as one `error:` line
             f"could not download timm weights for {name} ({type(e).__name__}); fetch "
             f"{weights_source(name)} where a network exists and pass model.pretrained=PATH"
         ) from None

@@ -15,6 +15,12 @@ from msl_kit.models.registry import published_weights
 
 # A backbone file may also carry its ImageNet classifier, which we drop.
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.")
+NO_WEIGHTS = ("none", "")  # model.pretrained=none on the command line reads as this string
+
+
+def uses_weights(pretrained: str | os.PathLike | None) -> bool:
+    """Whether `pretrained` asks for weights: not None, "none" or ""."""
+    return pretrained is not None and str(pretrained).strip().lower() not in NO_WEIGHTS
 
 
 def default_weight_paths(name: str) -> list[Path]:

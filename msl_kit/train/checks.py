@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from msl_kit.datasets.registry import info
 from msl_kit.losses.registry import LOSSES, loss_spec
+from msl_kit.models.builder import preprocessing_spec
+from msl_kit.models.head import HEAD_INITS
 from msl_kit.models.registry import backbone_spec
+from msl_kit.models.timm import GLOBAL_POOLS, HUB
 from msl_kit.preprocessing import CROP_MODES
+from msl_kit.train.evaluation import FLOORS
 
 if TYPE_CHECKING:
     from msl_kit.train.config import Config
@@ -88,14 +92,58 @@ def _check_data(cfg: Config) -> None:
 def _check_model(cfg: Config) -> None:
     m = cfg.model
     try:
-        backbone_spec(m.backbone)
-    except ValueError as e:
+        spec = backbone_spec(m.backbone)
+    except (ValueError, ImportError) as e:  # a timm name timm lacks lists the close ones
         raise ConfigError(f"model.backbone = {m.backbone!r}: {e}") from None
     check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
     check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
     check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
     choice("model.in_channels", m.in_channels, [1, 3])
     check(m.width >= 1, "model.width", m.width, "use 1 or more")
+    choice("model.head_init", m.head_init, HEAD_INITS)
+    check(
+        not m.freeze_bn_affine or m.freeze_bn,
+        "model.freeze_bn_affine",
+        m.freeze_bn_affine,
+        "it goes with model.freeze_bn=true (running statistics fixed too, as Proxy-Anchor's "
+        "--bn-freeze)",
+    )
+    check(all(m.freeze_modules), "model.freeze_modules", m.freeze_modules, "name modules")
+    _check_pretrained(m.backbone, m.pretrained, spec.takes_pretrained)
+    _check_timm_options(cfg, spec.options)
+
+
+def _check_pretrained(backbone: str, pretrained: str | None, own_download: bool) -> None:
+    """`hub` only where the backbone downloads its own weights, `default` only where not."""
+    word = "default" if own_download else HUB
+    allowed = (
+        "use hub (timm's own download), a weights file path, or none"
+        if own_download
+        else "use default (the published file's cache path), a weights file path, or none"
+    )
+    message = f"{backbone} takes no {word}: {allowed}"
+    check(pretrained != word, "model.pretrained", pretrained, message)
+
+
+def _check_timm_options(cfg: Config, options: tuple[str, ...]) -> None:
+    """global_pool and input_size only for the backbones that take them; sizes that fit."""
+    m = cfg.model
+    for key, unset in (("global_pool", None), ("input_size", 0)):
+        value = getattr(m, key)
+        check(
+            value == unset or key in options,
+            f"model.{key}",
+            value,
+            f"only timm backbones take it; {m.backbone} has none",
+        )
+    choice("model.global_pool", m.global_pool, [None, *GLOBAL_POOLS])
+    check(m.input_size >= 0, "model.input_size", m.input_size, "use 0 (timm's own) or 16 or more")
+    check(m.input_size == 0 or m.input_size >= 16, "model.input_size", m.input_size, "use 16+")
+    if "input_size" in options and (m.input_size or m.resize_size):
+        try:  # resize_size below the input size: timm_preprocessing says so in one line
+            preprocessing_spec(m.backbone, input_size=m.input_size, resize_size=m.resize_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_loss(cfg: Config) -> None:
@@ -195,6 +243,9 @@ def _check_eval(cfg: Config) -> None:
     check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
     choice("eval.metric", e.metric, ["ip", "euclidean"])
     choice("eval.lone_queries", e.lone_queries, ["miss", "skip"])
+    if isinstance(e.floors, list):
+        for name in e.floors:
+            choice("eval.floors", name, FLOORS)
 
 
 def _check_device(name: str) -> None:

@@ -47,12 +47,19 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "convnet"
     embedding_dim: int = 64
-    pretrained: str | None = None  # path to backbone weights, or "default" for the usual cache path
+    # A weights file; "default" (bninception / resnet50: the usual cache path); "hub" (timm:
+    # timm's own download); null or none: random init
+    pretrained: str | None = None
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (released CUB/Cars recipe)
+    freeze_bn_affine: bool = False  # with freeze_bn: BatchNorm weight / bias stop training too
+    freeze_modules: list[str] = field(default_factory=list)  # backbone modules kept fixed
+    head_init: str = "kaiming_fan_out"  # the released recipe's; "orthogonal" (Hyp-ViT)
     image_size: int = 28  # convnet only; bninception / resnet50 fix their own sizes
-    resize_size: int = 0  # convnet only; 0 = image_size
+    resize_size: int = 0  # convnet: 0 = image_size; timm: 0 = timm's input_size / crop_pct
     in_channels: int = 1  # convnet only
     width: int = 64  # convnet only
+    global_pool: str | None = None  # timm only: None = the model's own; avg, max, avgmax, token
+    input_size: int = 0  # timm only: the side the network sees; 0 = timm's pretrained config
     channels_last: bool = False
 
 
@@ -107,7 +114,9 @@ class EvalConfig:
     split: str = "test"  # test or val (inshop evaluates query against gallery)
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 256
-    floors: bool = True  # also score raw pixels and the untrained network (metrics.json "floors")
+    # metrics.json "floors": true = raw pixels, the untrained network and, with pretrained
+    # weights, the backbone as loaded; false = none; or a list of those that apply: [backbone]
+    floors: bool | list[str] = True
     metric: str = "ip"  # rank by inner product, or "euclidean" (smallest squared distance)
     lone_queries: str = "miss"  # a query with no same-class item: a miss in R@K, or "skip" (PML)
 

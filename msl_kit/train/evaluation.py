@@ -7,6 +7,7 @@ config: `msl_kit.recipe` turns a config into these.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from msl_kit import metrics
 
+FLOORS = ("raw_pixels", "untrained", "backbone")  # metrics.json "floors" keys; eval.floors lists
 PIXEL_SIDE = (
     32  # pixels are average-pooled to at most this side: 227 px RGB would need 3.6 GB for CUB
 )
@@ -53,18 +55,31 @@ def _loader(dataset: Dataset, opts: EvalOptions, device: torch.device) -> DataLo
 
 @torch.no_grad()
 def extract(
-    model: nn.Module, dataset: Dataset, device: torch.device, opts: EvalOptions = EvalOptions()
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    opts: EvalOptions = EvalOptions(),
+    *,
+    backbone_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of a whole dataset, in dataset order, on the CPU."""
+    """Embeddings and labels of a whole dataset, in dataset order, on the CPU.
+
+    `backbone_only`: `model.backbone`'s pooled features, L2-normalised, instead of the head's
+    embeddings (the frozen-backbone floor); the model's own train / eval switch is used.
+    """
     was_training = model.training
     model.eval()
     embs, labels = [], []
+    forward = model.backbone if backbone_only else model
     for images, y, _ in _loader(dataset, opts, device):
         images = images.to(device, non_blocking=True)
         if opts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(opts.amp, device):
-            embs.append(model(images).float().cpu())
+            out = forward(images).float()
+        if backbone_only:  # the features as the head would receive them, ranked by cosine
+            out = nn.functional.normalize(out, dim=1)
+        embs.append(out.cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(embs), torch.cat(labels)
@@ -99,6 +114,20 @@ def evaluate(
 ) -> dict:
     """R@K, MAP@R and R-precision of `model` on the evaluation data."""
     return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks, opts)
+
+
+def backbone_baseline(
+    model: nn.Module,
+    query: Dataset,
+    gallery: Dataset | None,
+    device: torch.device,
+    ks: Sequence[int],
+    opts: EvalOptions = EvalOptions(),
+) -> dict:
+    """The metrics of `model.backbone`'s pooled features as loaded, L2-normalised, no head:
+    the floor a fine-tuned pretrained backbone must beat (fine-tuning can lower it)."""
+    embed = functools.partial(extract, model, device=device, opts=opts, backbone_only=True)
+    return score(embed, query, gallery, ks, opts)
 
 
 def pixel_features(

@@ -44,15 +44,19 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_options(cfg: Config) -> dict:
-    """The `model.*` options the configured backbone takes (only the small convnet has any)."""
+    """The `model.*` options the configured backbone takes (the convnet's sizes, timm's
+    pooling and sizes); 0 or None is the backbone's own value and is left out."""
     m = cfg.model
     values = dict(
         in_channels=m.in_channels,
         image_size=m.image_size,
-        resize_size=m.resize_size or m.image_size,
+        resize_size=m.resize_size or None,  # convnet: image_size; timm: input_size / crop_pct
         width=m.width,
+        global_pool=m.global_pool,
+        input_size=m.input_size or None,
     )
-    return {k: values[k] for k in backbone_spec(m.backbone).options if k in values}
+    taken = backbone_spec(m.backbone).options
+    return {k: values[k] for k in taken if values.get(k) is not None}
 
 
 def preprocessing(cfg: Config) -> Preprocessing:
@@ -74,7 +78,14 @@ def build_model(cfg: Config, *, load_pretrained: bool = True) -> nn.Module:
     m = cfg.model
     pretrained = m.pretrained if load_pretrained else None
     model = model_builder.build_model(
-        m.backbone, m.embedding_dim, pretrained, freeze_bn=m.freeze_bn, **model_options(cfg)
+        m.backbone,
+        m.embedding_dim,
+        pretrained,
+        freeze_bn=m.freeze_bn,
+        head_init=m.head_init,
+        freeze_bn_affine=m.freeze_bn_affine,
+        freeze_modules=tuple(m.freeze_modules),
+        **model_options(cfg),
     )
     return model.to(memory_format=torch.channels_last) if m.channels_last else model
 

@@ -21,6 +21,7 @@ from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.losses.mining import mining_stats
 from msl_kit.losses.multi_similarity import PRESETS
 from msl_kit.losses.registry import loss_spec
+from msl_kit.models.weights import uses_weights
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
 from msl_kit.train.checks import ConfigError
@@ -230,12 +231,22 @@ class Trainer:
                 rundir.write_config(self.out, config_text(self.cfg))
 
     def _floors(self) -> dict:
-        """Raw pixels and the untrained network on the evaluation data: what training must beat."""
-        ks, opts = self.cfg.eval.ks, recipe.eval_options(self.cfg)
-        return {
-            "raw_pixels": evaluation.pixel_baseline(*self.eval_data, ks, opts),
-            "untrained": evaluation.evaluate(self.model, *self.eval_data, self.device, ks, opts),
-        }
+        """Raw pixels, the untrained network and, with pretrained weights, the backbone as
+        loaded (its pooled features, no head) on the evaluation data: what training must beat.
+        `eval.floors` as a list keeps only the floors it names."""
+        cfg = self.cfg
+        ks, opts, data = cfg.eval.ks, recipe.eval_options(cfg), self.eval_data
+        wanted = cfg.eval.floors if isinstance(cfg.eval.floors, list) else evaluation.FLOORS
+        floors = {}
+        if "raw_pixels" in wanted:
+            floors["raw_pixels"] = evaluation.pixel_baseline(*data, ks, opts)
+        if "backbone" in wanted and uses_weights(cfg.model.pretrained):
+            floors["backbone"] = evaluation.backbone_baseline(
+                self.model, *data, self.device, ks, opts
+            )
+        if "untrained" in wanted:
+            floors["untrained"] = evaluation.evaluate(self.model, *data, self.device, ks, opts)
+        return floors
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
         """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
