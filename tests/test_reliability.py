@@ -104,8 +104,8 @@ def capture(monkeypatch) -> dict:
         seen["initial"] = _params(seen["model"])
         return seen["model"]
 
-    def optimizer(model, cfg):
-        seen["optimizer"] = real_optimizer(model, cfg)
+    def optimizer(model, cfg, *loss):
+        seen["optimizer"] = real_optimizer(model, cfg, *loss)
         return seen["optimizer"]
 
     monkeypatch.setattr(recipe, "build_model", build)

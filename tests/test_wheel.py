@@ -20,10 +20,13 @@ def wheel_env(tmp_path_factory) -> tuple[Path, dict]:
     """A fresh venv holding only the built wheel; its dependencies (torch & co.) come from this
     environment's site-packages as a plain path, so msl_kit's own editable hook is not seen."""
     base = tmp_path_factory.mktemp("wheel")
+    # No PYTHONPATH (other tests put the checkout there): pip would see the checkout's
+    # msl_kit.egg-info, call the wheel "already satisfied" and install nothing.
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
          "-w", str(base / "dist"), "-q"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=clean,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (base / "dist").glob("msl_kit-*.whl")
@@ -32,7 +35,7 @@ def wheel_env(tmp_path_factory) -> tuple[Path, dict]:
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
          "--no-deps", "-q", str(wheel)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=clean,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
     # Only now: had pip seen this environment's msl_kit through deps.pth, it would have called
@@ -40,9 +43,7 @@ def wheel_env(tmp_path_factory) -> tuple[Path, dict]:
     site = next((venv / "lib").glob("python*/site-packages"))
     assert list(site.glob("msl_kit-*.dist-info")), "the wheel was not installed"
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-    }
+    env = {k: v for k, v in clean.items() if k != "VIRTUAL_ENV"}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
     empty = base / "empty"
     empty.mkdir()
