@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,18 @@ def shared_data() -> Path:
             f"real data folder {SHARED_DATA} is absent (it exists only beside the team's checkout)"
         )
     return SHARED_DATA
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    """`msl-kit ARGS` from the checkout in a new session (its own process group, so a test can
+    signal the whole group as a terminal would), one thread, output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "msl_kit.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )

@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import start_cli
 
 from msl_kit import cli, sweep
 from msl_kit.train.checks import ConfigError
@@ -167,22 +166,10 @@ def test_search_with_tpe(tmp_path):
 
 
 # ----------------------------------------------------------------------------- processes (slow)
-def start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "msl_kit.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
     out = tmp_path / "sweep"
-    proc = start(cli_args(out))
+    proc = start_cli(cli_args(out))
     deadline = time.monotonic() + 120
     while len(list(out.glob("runs/*"))) < 3:  # the third cell's folder: it is training now
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -194,7 +181,7 @@ def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
     states = [t.state.name for t in trials(out)]
     assert sorted(states) == ["COMPLETE", "COMPLETE", "RUNNING"]
 
-    again = start(cli_args(out))
+    again = start_cli(cli_args(out))
     log = again.communicate(timeout=180)[0]
     assert again.returncode == 0, log
     assert len(read_csv(out / "sweep.csv")) == 4 and len(list(out.glob("runs/*"))) == 4
@@ -208,7 +195,7 @@ def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
 @pytest.mark.slow
 def test_jobs_run_cells_at_the_same_time(tmp_path):
     out = tmp_path / "sweep"
-    proc = start(
+    proc = start_cli(
         cli_args(out, "--jobs", "2", grid=GRID[:2] + ["--grid", "loss.lam=0.5"])
     )  # 2 cells, 2 workers
     log = proc.communicate(timeout=240)[0]

@@ -13,13 +13,13 @@ import random
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from conftest import start_cli
 
 from msl_kit import cli, sweep
 from msl_kit.cli import app as cli_app
@@ -48,20 +48,6 @@ def one_line_error(capsys, start: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith(f"error: {start}") and err.count("\n") == 1, err
     return err
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    """The CLI in a new session (its own process group), output captured."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "msl_kit.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -146,7 +132,7 @@ def test_2_equal_values_are_one_cell_and_the_sweep_ends(tmp_path):
         sweep.make_spec(["loss.beta=40.0"]).fingerprint()
     )
     out = tmp_path / "S"
-    proc = start(sweep_args(out, "loss.beta=40,40.0"))
+    proc = start_cli(sweep_args(out, "loss.beta=40,40.0"))
     log = proc.communicate(timeout=120)[0]  # was: 3,385 trials in 10 minutes, never ending
     assert proc.returncode == 0, log
     assert len(rows(out)) == 1 and len(list((out / "runs").iterdir())) == 1
@@ -179,7 +165,7 @@ def test_3_a_folder_the_sweep_does_not_own_is_refused_untouched(tmp_path, capsys
 @pytest.mark.slow
 def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
     run = tmp_path / "live"
-    train = start(["train", "--config", "digits", "--set", "train.iterations=100000",
+    train = start_cli(["train", "--config", "digits", "--set", "train.iterations=100000",
                    "--set", "eval.floors=false", "--out", str(run)])  # fmt: skip
     try:
         wait_for(lambda: (run / "config.yaml").is_file(), train)
@@ -203,7 +189,7 @@ def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
 def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, capsys):
     out = tmp_path / "S"
     sets = ["train.iterations=300", "train.checkpoint_every=0", "eval.floors=false"]
-    proc = start(sweep_args(out, "loss.beta=10", sets=sets))
+    proc = start_cli(sweep_args(out, "loss.beta=10", sets=sets))
     wait_for(lambda: any(out.glob("runs/*/config.yaml")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -225,15 +211,15 @@ def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(
     sets = ["train.iterations=6", "train.checkpoint_every=2", "eval.floors=false"]
     grid = ("loss.beta=10,40",)
     began = time.monotonic()
-    ref = start(sweep_args(tmp_path / "ref", *grid, sets=sets))
+    ref = start_cli(sweep_args(tmp_path / "ref", *grid, sets=sets))
     assert ref.wait(timeout=300) == 0, ref.communicate()[0]
     whole = time.monotonic() - began
     delay = random.uniform(0, whole)
-    killed = start(sweep_args(tmp_path / "S", *grid, sets=sets))
+    killed = start_cli(sweep_args(tmp_path / "S", *grid, sets=sets))
     time.sleep(delay)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    again = start(sweep_args(tmp_path / "S", *grid, sets=sets))
+    again = start_cli(sweep_args(tmp_path / "S", *grid, sets=sets))
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, f"killed after {delay:.2f} s of {whole:.2f} s\n{log}"
     same = ["loss.beta", "seed", "recall@1", "map@r", "run", "config"]
@@ -249,7 +235,7 @@ def test_5_a_signal_stops_every_worker_and_names_the_rerun(tmp_path, how):
     out = tmp_path / "S"
     sets = ["train.iterations=100000", "train.checkpoint_every=500", "eval.floors=false"]
     args = sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2"))
-    proc = start(args)
+    proc = start_cli(args)
     wait_for(lambda: len(list(out.glob("runs/*/config.yaml"))) == 2, proc)  # both training
     if how.startswith("SIGTERM"):
         proc.send_signal(signal.SIGTERM)  # was: the parent exits, the workers train on
@@ -271,7 +257,7 @@ def test_5_workers_stop_when_the_sweep_parent_is_killed(tmp_path):
     it SIGTERM when the parent dies, so it checkpoints its cell and stops; a rerun resumes."""
     out = tmp_path / "S"
     sets = ["train.iterations=100000", "train.checkpoint_every=500", "eval.floors=false"]
-    proc = start(sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2")))
+    proc = start_cli(sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2")))
     wait_for(lambda: len(list(out.glob("runs/*/config.yaml"))) == 2, proc)
     proc.kill()
     proc.communicate(timeout=60)
