@@ -140,8 +140,9 @@ def test_wrong_keys_are_listed(tmp_path):
         build_timm_backbone("resnet18", pretrained=str(path))
     message = str(e.value)
     assert "\n" not in message
-    assert "1 missing (layer4.1.bn2.weight)" in message
-    assert "1 unexpected (extra.weight)" in message and "1 wrong shape (conv1.weight)" in message
+    assert "missing keys 1 (layer4.1.bn2.weight)" in message
+    assert "unexpected keys 1 (extra.weight)" in message
+    assert "shape mismatches 1 (conv1.weight)" in message
 
 
 def test_another_models_file_is_refused(tmp_path):

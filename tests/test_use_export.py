@@ -120,9 +120,9 @@ def test_onnx_runs_where_onnxruntime_is_installed(run, tmp_path):
 
 
 def test_model_json_names_the_checkpoint(run, tmp_path):
+    from msl_kit.files.download import sha256sum
     from msl_kit.use.exporting import export
-    from msl_kit.use.index import sha256_file
 
     info = export(run, tmp_path / "m.pt", onnx=False)
-    assert info["checkpoint_sha256"] == sha256_file(run / "checkpoint.pt")
+    assert info["checkpoint_sha256"] == sha256sum(run / "checkpoint.pt")
     assert info["onnx"] == "" and not (tmp_path / "m.onnx").exists()

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -30,8 +31,16 @@ class ChecksumError(ValueError):
 
 
 def md5sum(path: str | Path) -> str:
-    """The hex md5 of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
+    """The hex md5 of a file (what the datasets publish), read in 1 MiB chunks."""
+    return _digest(path, hashlib.md5(usedforsecurity=False))
+
+
+def sha256sum(path: str | Path) -> str:
+    """The hex sha256 of a file (a checkpoint's identity), read in 1 MiB chunks."""
+    return _digest(path, hashlib.sha256())
+
+
+def _digest(path: str | Path, digest: Any) -> str:  # a hashlib object
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)

@@ -14,68 +14,51 @@ margin 0.1 and alpha 32 by default; proxies drawn with Kaiming-normal, fan_out m
 sqrt(2 / num_classes)); the released recipe gives them 100x the backbone's learning rate.
 
 `proxy_anchor_loss` is the loss of a (B, C) similarity matrix; `ProxyAnchorLoss` owns the
-proxies; `proxy_weights` is the General Pair Weighting view: the weight the loss puts on each
-data-to-proxy pair, to show beside MS's pair weights.
+proxies; `proxy_weights` is the General Pair Weighting view (a `PairWeights`, as MS's): the
+weight the loss puts on each data-to-proxy pair, to show beside MS's pair weights.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ProxyAnchorLoss", "ProxyWeights", "proxy_anchor_loss", "proxy_weights"]
+from msl_kit.losses.checks import check_labels, check_number, no_autocast, work_dtype
+from msl_kit.losses.multi_similarity import PairWeights
 
 MARGIN = 0.1  # the paper's delta
 ALPHA = 32.0  # the paper's scale
 
 
-class ProxyWeights(NamedTuple):
-    """Per-pair weights of a (B, C) data-to-proxy similarity matrix, zero elsewhere."""
-
-    pos: Tensor  # -dL/dS on (x, proxy of x's class)
-    neg: Tensor  # dL/dS on (x, proxy of another class)
-
-
-def _check_params(margin: float, alpha: float) -> None:
-    """Refuse a margin or scale that would make the loss meaningless, in one line."""
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(
-            f"Proxy-Anchor alpha must be a finite number > 0 (32 published), not {alpha!r}"
-        )
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
-        raise ValueError(
-            f"Proxy-Anchor margin must be a finite number (0.1 published), not {margin!r}"
-        )
+def _check_params(margin: object, alpha: object) -> tuple[float, float]:
+    """The margin and scale as floats: finite, alpha > 0; else one line."""
+    margin = check_number("margin", margin, "use a finite margin (0.1 published)", math.isfinite)
+    alpha = check_number("alpha", alpha, "use a value > 0 (32 published)", lambda v: v > 0)
+    return margin, alpha
 
 
-def _check_sim(sim: Tensor, labels: Tensor) -> None:
+def _check_sim(sim: Tensor, labels: object) -> Tensor:
     """A (B, C) floating similarity matrix and B integer labels in [0, C), else one line."""
-    if sim.dim() != 2 or not sim.is_floating_point():
-        raise ValueError(
-            f"similarities must be a float (B, C) tensor, not {tuple(sim.shape)} {sim.dtype}"
-        )
-    if labels.dim() != 1 or labels.shape[0] != sim.shape[0]:
-        raise ValueError(
-            f"labels must be one integer per row of the batch ({sim.shape[0]}), "
-            f"not shape {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, not {labels.dtype}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= sim.shape[1]):
-        raise ValueError(
-            f"labels must lie in [0, {sim.shape[1]}) (one proxy per training class), got "
-            f"{int(labels.min())}..{int(labels.max())}: map the training classes to 0..C-1 and "
-            "build the loss with num_classes = their count"
-        )
+    if not isinstance(sim, Tensor) or sim.dim() != 2 or not sim.is_floating_point():
+        raise TypeError("similarities must be a floating-point (B, C) tensor (samples x proxies)")
+    labels = check_labels(labels, sim.shape[0], sim.device)
+    if labels.numel():
+        low, high = (int(v) for v in torch.aminmax(labels))  # one sync, not two
+        if low < 0 or high >= sim.shape[1]:
+            raise ValueError(
+                f"labels must lie in [0, {sim.shape[1]}) (one proxy per training class), got "
+                f"{low}..{high}: map the training classes to 0..C-1 and build the loss with "
+                "num_classes = their count"
+            )
+    return labels
 
 
 def _logits(sim: Tensor, labels: Tensor, margin: float, alpha: float) -> tuple[Tensor, Tensor]:
     """Exponents of both terms, (B, C) each, -inf outside their pairs (fp32 or wider)."""
-    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))  # fp16 / bf16: fp32 maths
+    sim = sim.to(work_dtype(sim))  # fp16 / bf16: fp32 maths
     pos = F.one_hot(labels.long(), sim.shape[1]).bool()
     minus_inf = torch.tensor(-math.inf, dtype=sim.dtype, device=sim.device)
     pos_logits = torch.where(pos, -alpha * (sim - margin), minus_inf)
@@ -98,8 +81,8 @@ def proxy_anchor_loss(
     samples' classes in [0, C). Computed in float32 (float64 stays float64). An empty batch
     gives 0 that still back-propagates.
     """
-    _check_params(margin, alpha)
-    _check_sim(sim, labels)
+    margin, alpha = _check_params(margin, alpha)
+    labels = _check_sim(sim, labels)
     pos_logits, neg_logits = _logits(sim, labels, margin, alpha)
     if sim.shape[0] == 0:
         return pos_logits.sum() * 0.0
@@ -111,7 +94,7 @@ def proxy_anchor_loss(
 
 def proxy_weights(
     sim: Tensor, labels: Tensor, *, margin: float = MARGIN, alpha: float = ALPHA
-) -> ProxyWeights:
+) -> PairWeights:
     """The GPW view of Proxy-Anchor: `.pos` = -dL/dS on positive pairs, `.neg` = dL/dS on
     negative pairs of a (B, C) data-to-proxy similarity matrix, zero elsewhere (closed form).
 
@@ -119,15 +102,15 @@ def proxy_weights(
     sample's weight on its proxy is alpha / |P+| times its softmax share (against a constant
     1) among the proxy's positives, the hardest positive getting the most.
     """
-    _check_params(margin, alpha)
-    _check_sim(sim, labels)
+    margin, alpha = _check_params(margin, alpha)
+    labels = _check_sim(sim, labels)
     with torch.no_grad():
         pos_logits, neg_logits = _logits(sim, labels, margin, alpha)
         n_with_pos = torch.bincount(labels.long(), minlength=sim.shape[1]).gt(0).sum().clamp(min=1)
         # d/dz log(1 + sum exp z) = exp(z - lse): a softmax with the "1" as an extra entry.
         pos = (pos_logits - _log1p_sum_exp(pos_logits)).exp() * (alpha / n_with_pos)
         neg = (neg_logits - _log1p_sum_exp(neg_logits)).exp() * (alpha / sim.shape[1])
-    return ProxyWeights(pos.to(sim.dtype), neg.to(sim.dtype))
+    return PairWeights(pos.to(sim.dtype), neg.to(sim.dtype))
 
 
 class ProxyAnchorLoss(nn.Module):
@@ -149,9 +132,8 @@ class ProxyAnchorLoss(nn.Module):
                     f"ProxyAnchorLoss {name} must be an integer >= 1, not {value!r}"
                     + (": pass the number of training classes" if name == "num_classes" else "")
                 )
-        _check_params(margin, alpha)
+        self.margin, self.alpha = _check_params(margin, alpha)
         self.num_classes, self.dim = num_classes, dim
-        self.margin, self.alpha = float(margin), float(alpha)
         self.proxies = nn.Parameter(torch.empty(num_classes, dim))
         # The released code's init: Kaiming normal, fan_out (= num_classes for this shape).
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
@@ -170,9 +152,9 @@ class ProxyAnchorLoss(nn.Module):
                 f"embeddings must be (batch, {self.dim}) to match the proxies, not "
                 f"{tuple(embeddings.shape)}: build the loss with dim = the embedding size"
             )
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        dtype = work_dtype(embeddings)
         # autocast would run the matmul in half precision; the loss's exponents need fp32.
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with no_autocast(embeddings.device.type):
             x = F.normalize(embeddings.to(dtype), dim=1)
             p = F.normalize(self.proxies.to(dtype), dim=1)
             return x @ p.T
@@ -180,5 +162,5 @@ class ProxyAnchorLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Loss of a batch: embeddings (B, dim), labels (B,) integers in [0, num_classes)."""
         sim = self.similarities(embeddings)
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with no_autocast(embeddings.device.type):
             return proxy_anchor_loss(sim, labels, margin=self.margin, alpha=self.alpha)

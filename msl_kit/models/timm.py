@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from msl_kit.files.atomic import safe_load
+from msl_kit.models.state_dicts import mismatches, without_classifier
 from msl_kit.preprocessing import Preprocessing
 
 __all__ = [
@@ -252,27 +253,11 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     target = model.state_dict()
-    classifier = tuple(f"{n}." for n in CLASSIFIER_NAMES)
-    state = {k: v for k, v in state.items() if k in target or not k.startswith(classifier)}
-    problems = _mismatches(state, target)
+    state = without_classifier(state, target, tuple(f"{n}." for n in CLASSIFIER_NAMES))
+    problems = mismatches(state, target)
     if problems:
         raise ValueError(
             f"weights file {path} does not fit timm model {type(model).__name__}: {problems}. "
             "Is it this model's timm weights file (the same model.backbone name)?"
         )
     model.load_state_dict(state, strict=True)
-
-
-def _mismatches(state: Mapping, target: Mapping) -> str:
-    """Missing keys, unexpected keys and shape mismatches, a few named of each; '' if none."""
-    shape = sorted(k for k in state.keys() & target.keys() if state[k].shape != target[k].shape)
-    kinds = {
-        "missing": sorted(target.keys() - state.keys()),
-        "unexpected": sorted(state.keys() - target.keys()),
-        "wrong shape": shape,
-    }
-    return "; ".join(
-        f"{len(keys)} {kind} ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
-        for kind, keys in kinds.items()
-        if keys
-    )

@@ -12,6 +12,7 @@ from torch import nn
 from msl_kit.files.atomic import safe_load
 from msl_kit.files.download import download_file
 from msl_kit.models.registry import published_weights
+from msl_kit.models.state_dicts import mismatches, without_classifier
 
 # A backbone file may also carry its ImageNet classifier, which we drop.
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.")
@@ -74,27 +75,16 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             "`backbone.state_dict()` or use the published ImageNet file"
         )
     target = backbone.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES) or k in target}
+    state = without_classifier(state, target, CLASSIFIER_PREFIXES)
     for key, ours in target.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(ours)
         elif key in state and state[key].shape == (1, *ours.shape):
             state[key] = state[key].reshape(ours.shape)
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
-    problems = [
-        f"{label} {len(keys)} ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", shapes),
-        )
-        if keys
-    ]
+    problems = mismatches(state, target)
     if problems:
         raise ValueError(
-            f"{path} does not fit this backbone: {'; '.join(problems)}. Is it the "
+            f"{path} does not fit this backbone: {problems}. Is it the "
             "weights file of this backbone (model.backbone), saved as a bare "
             "state_dict?"
         )

@@ -42,13 +42,13 @@ from msl_kit.sweep.spec import (
     claim_out,
     config_hash,
     markdown,
-    pid_alive,
     prepare_cell,
     sigterm_interrupts,
     summarize,
     table_csv,
 )
 from msl_kit.train.config import Config
+from msl_kit.train.rundir import pid_alive
 
 HEARTBEAT_S, GRACE_S = 10, 60  # a worker silent for a minute is stale (other machines)
 POLL_S = 2.0  # how often an idle worker looks for work while others still run cells

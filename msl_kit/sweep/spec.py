@@ -16,7 +16,6 @@ import io
 import itertools
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -30,6 +29,7 @@ import yaml
 from msl_kit.files.atomic import atomic_write_text
 from msl_kit.train import rundir
 from msl_kit.train.config import CONFIG_DIR, Config, flatten, load_config, parse_override, to_dict
+from msl_kit.train.rundir import pid_alive
 
 STUDY_DIR = CONFIG_DIR / "sweeps"
 HOST = socket.gethostname()
@@ -211,15 +211,6 @@ def cell_name(spec: SweepSpec, params: dict, seed: int, trial: int | None = None
     names = short if len(set(short)) == len(short) else list(params)
     parts = [f"{n}={v}" for n, v in zip(names, params.values())] + [f"seed={seed}", digest]
     return "_".join(parts).replace("/", "-").replace(" ", "")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on this host)."""
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except OSError as e:
-        return not isinstance(e, ProcessLookupError)  # PermissionError: another user's, alive
-    return True
 
 
 @contextlib.contextmanager

@@ -111,22 +111,13 @@ def evaluate(
     device: torch.device,
     ks: Sequence[int],
     opts: EvalOptions = EvalOptions(),
+    *,
+    backbone_only: bool = False,
 ) -> dict:
-    """R@K, MAP@R and R-precision of `model` on the evaluation data."""
-    return score(lambda ds: extract(model, ds, device, opts), query, gallery, ks, opts)
-
-
-def backbone_baseline(
-    model: nn.Module,
-    query: Dataset,
-    gallery: Dataset | None,
-    device: torch.device,
-    ks: Sequence[int],
-    opts: EvalOptions = EvalOptions(),
-) -> dict:
-    """The metrics of `model.backbone`'s pooled features as loaded, L2-normalised, no head:
-    the floor a fine-tuned pretrained backbone must beat (fine-tuning can lower it)."""
-    embed = functools.partial(extract, model, device=device, opts=opts, backbone_only=True)
+    """R@K, MAP@R and R-precision of `model` on the evaluation data. `backbone_only`: of its
+    backbone's pooled features as loaded, L2-normalised, no head (the floor a fine-tuned
+    pretrained backbone must beat: fine-tuning can lower it)."""
+    embed = functools.partial(extract, model, device=device, opts=opts, backbone_only=backbone_only)
     return score(embed, query, gallery, ks, opts)
 
 

@@ -41,7 +41,8 @@ class RunFolderError(OSError):
     """A run folder that cannot be used as asked; the message says what to do instead."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +64,7 @@ def _take_lock(folder: Path) -> Path:
             except (OSError, ValueError):
                 owner = {}
             same_host = owner.get("host") == me["host"]
-            if same_host and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+            if same_host and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
                 warnings.warn(
                     f"{lock} was left by a process that is gone (pid {owner['pid']}); "
                     "taking the folder over",

@@ -241,8 +241,8 @@ class Trainer:
         if "raw_pixels" in wanted:
             floors["raw_pixels"] = evaluation.pixel_baseline(*data, ks, opts)
         if "backbone" in wanted and uses_weights(cfg.model.pretrained):
-            floors["backbone"] = evaluation.backbone_baseline(
-                self.model, *data, self.device, ks, opts
+            floors["backbone"] = evaluation.evaluate(
+                self.model, *data, self.device, ks, opts, backbone_only=True
             )
         if "untrained" in wanted:
             floors["untrained"] = evaluation.evaluate(self.model, *data, self.device, ks, opts)

@@ -26,9 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from msl_kit.datasets import transforms
 from msl_kit.datasets.dataset import build
+from msl_kit.datasets.layouts.official import natural
 from msl_kit.files.atomic import atomic_write_bytes
+from msl_kit.files.download import sha256sum
 from msl_kit.train import engine, evaluation, recipe
-from msl_kit.use.index import FORMAT, Embeddings, is_index, sha256_file, write_npz
+from msl_kit.use.index import FORMAT, Embeddings, is_index, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
 SHOWN = 3  # skipped files named in the message
@@ -55,14 +57,10 @@ class ImageList:
     where: str = ""
 
 
-def _natural(name: str) -> tuple:
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
 def _labelled(paths: list[str], names: list[str] | None, where: str) -> ImageList:
     if names is None:
         return ImageList(paths, None, [], where=where)
-    classes = sorted(set(names), key=_natural)
+    classes = sorted(set(names), key=natural)
     index = {c: i for i, c in enumerate(classes)}
     return ImageList(
         paths, np.array([index[n] for n in names], dtype=np.int64), classes, None, where
@@ -220,7 +218,7 @@ def prepare_job(
         raise EmbedError(f"no files to embed in {items.where or images}")
     # whole batches per chunk: batches then fall where evaluate's fall (same vectors)
     chunk = max(1, -(-chunk_size // opts.batch_size)) * opts.batch_size
-    sha = sha256_file(path)
+    sha = sha256sum(path)
     spec_d = dataclasses.asdict(spec)
     fp = _fingerprint(sha, items, spec_d, opts, chunk)
     return Job(model.eval(), dev, opts, tf, items, path, sha, spec_d, chunk, fp)

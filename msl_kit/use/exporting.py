@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
+from msl_kit.files.download import sha256sum
 from msl_kit.preprocessing import Preprocessing
 from msl_kit.train import engine, recipe
 from msl_kit.use.embedding import EmbedError, checkpoint_file
-from msl_kit.use.index import sha256_file
 
 EXPORT_FORMAT = "msl-kit export 1"
 
@@ -111,7 +111,7 @@ def export(checkpoint: str | Path, out: str | Path, *, onnx: bool | None = None)
         traced = torch.jit.trace(wrapped, example, check_trace=False)
         dim = int(traced(example).shape[1])
         atomic_write_bytes(out, lambda f: torch.jit.save(traced, f))
-    info = describe(spec, dim, ckpt, sha256_file(ckpt))
+    info = describe(spec, dim, ckpt, sha256sum(ckpt))
     info["torchscript"] = out.name
     info["onnx"] = write_onnx(wrapped, example, out.with_suffix(".onnx"), onnx)
     atomic_write_text(out.with_name("model.json"), json.dumps(info, indent=2) + "\n")

@@ -10,7 +10,6 @@ The writer fixes member order and zip timestamps, so the same inputs give the sa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import zipfile
 from collections.abc import Callable, Iterable
@@ -26,15 +25,6 @@ FORMAT = "msl-kit embeddings 1"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no clock in the bytes
 _COPY = 1 << 22  # bytes per read when streaming a member into the archive
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_COPY), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_index(path: str | Path) -> bool:

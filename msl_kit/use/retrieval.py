@@ -17,8 +17,9 @@ import numpy as np
 
 from msl_kit.datasets import embedded
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
+from msl_kit.files.download import sha256sum
 from msl_kit.use.embedding import EmbedError, checkpoint_file, embed
-from msl_kit.use.index import Backend, Embeddings, Hits, is_index, sha256_file
+from msl_kit.use.index import Backend, Embeddings, Hits, is_index
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,7 +46,7 @@ def load_query(
         raise EmbedError(
             f"the index's checkpoint {ckpt} is gone: give the same file with --checkpoint"
         )
-    if sha256_file(ckpt) != index.checkpoint_sha256:
+    if sha256sum(ckpt) != index.checkpoint_sha256:
         raise EmbedError(
             f"{ckpt} is not the checkpoint that embedded the index (sha256 differs): "
             f"search with {index.checkpoint} or re-embed the gallery"

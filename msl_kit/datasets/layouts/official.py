@@ -153,4 +153,5 @@ def read_folder(root: Path) -> tuple[Path, list[Record]]:
 
 
 def natural(label: str) -> tuple:
+    """Sort key of a class name: numbers in numeric order first, then names."""
     return (0, int(label), "") if label.isdigit() else (1, 0, label)
