@@ -127,6 +127,8 @@ def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):
     other.write_bytes((run / "checkpoint.pt").read_bytes() + b"\0")  # not the same file
     assert cli.main([*base, written[0], "--checkpoint", str(other)]) == 2
     assert "sha256 differs" in error()
+    assert cli.main([*base, str(index), "--checkpoint", str(other)]) == 2  # an index query too
+    assert "sha256 differs" in error()
     foreign = Embeddings.load(index)
     rogue = tmp_path / "rogue.npz"
     shutil.copy(index, rogue)

@@ -35,11 +35,11 @@ def load_query(
     progress: bool = False,
 ) -> Embeddings:
     """The query set: an Embeddings, an embeddings file, or images embedded by the index's
-    checkpoint (or `checkpoint`, which must be the same file by sha256)."""
-    if isinstance(query, Embeddings):
+    checkpoint. A given `checkpoint` must be that same file (sha256), whatever the query."""
+    if checkpoint is None and isinstance(query, Embeddings):
         return query
-    path = Path(query)
-    if path.suffix == ".npz" and is_index(path):
+    path = None if isinstance(query, Embeddings) else Path(query)
+    if checkpoint is None and path.suffix == ".npz" and is_index(path):
         return Embeddings.load(path)
     ckpt = checkpoint_file(checkpoint or index.checkpoint)
     if not ckpt.is_file():
@@ -51,6 +51,10 @@ def load_query(
             f"{ckpt} is not the checkpoint that embedded the index (sha256 differs): "
             f"search with {index.checkpoint} or re-embed the gallery"
         )
+    if path is None:  # a given checkpoint was checked above; the vectors are the query's own
+        return query
+    if path.suffix == ".npz" and is_index(path):
+        return Embeddings.load(path)  # its own sha256 is checked against the index's next
     return embed(ckpt, path, None, progress=progress)
 
 
