@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,21 @@ def test_file_is_deterministic_and_rerun_is_a_no_op(run, tree, tmp_path):
     with np.load(a) as z:  # a plain numpy archive, no pickle
         assert z.files[:2] == ["embeddings", "paths"] and "labels" not in z.files  # no labels
         assert json.loads(str(z["preprocessing"]))["input_size"] == 28
+
+
+def test_an_image_replaced_at_the_same_path_is_embedded_again(run, tree, tmp_path):
+    """Up to date means the same files, not only the same names: a rerun after one image was
+    replaced (same path, new content) gives that image's new vector."""
+    _, written = tree
+    for i, src in enumerate(written[:4]):
+        shutil.copy(src, tmp_path / f"{i}.png")
+    out = tmp_path / "e.npz"
+    before = embed(run, tmp_path, out, progress=False).embeddings
+    first = tmp_path / "0.png"
+    first.write_bytes(Path(written[40]).read_bytes())  # another character's drawing
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    after = embed(run, tmp_path, out, progress=False).embeddings
+    assert not np.allclose(before[0], after[0]) and np.allclose(before[1:], after[1:])
 
 
 def _embed_cmd(run: Path, images: Path, out: Path) -> list[str]:

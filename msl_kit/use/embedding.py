@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -167,6 +168,12 @@ def _fingerprint(sha: str, items: ImageList, spec: dict, opts, chunk: int) -> st
     digest = hashlib.sha256(json.dumps([sha, spec, how, chunk]).encode())
     for p in items.paths:
         digest.update(p.encode() + b"\0")
+        if items.dataset is None:  # a file replaced at the same path is new input
+            try:
+                st = os.stat(p)
+                digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:  # unreadable now: skipped (and counted) when embedded
+                pass
     if items.labels is not None:
         digest.update(items.labels.astype("<i8").tobytes() + "\0".join(items.classes).encode())
     return digest.hexdigest()
@@ -389,8 +396,10 @@ def embed(
     out = Path(out)
     check_out(out)
     job = prepare_job(checkpoint, images, **options)
-    if out.exists() and Embeddings.load(out).inputs_sha256 == job.fingerprint:
-        return Embeddings.load(out)  # already done: the same job wrote it
+    if out.exists():
+        done = Embeddings.load(out)
+        if done.inputs_sha256 == job.fingerprint:
+            return done  # already done: the same job wrote it
     part = out.with_name(out.name + ".part")
     _start_part(job, part)
     run_chunks(job, part, progress)
