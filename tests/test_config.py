@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import yaml
 
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import (
     CONFIG_DIR,
     Config,
@@ -16,6 +15,7 @@ from msl_kit.train.config import (
     save_config,
     valid_keys,
 )
+from msl_kit.train.validation import ConfigError
 
 
 def test_defaults_equal_the_embedded_omniglot_preset():

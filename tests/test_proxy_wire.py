@@ -22,9 +22,9 @@ from msl_kit.losses.registry import loss_spec
 from msl_kit.sampler import RandomBatchSampler
 from msl_kit.train import distributed, recipe
 from msl_kit.train.checkpoint import load_checkpoint
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import load_config
 from msl_kit.train.trainer import Trainer
+from msl_kit.train.validation import ConfigError
 
 # digits.yaml sets MS's alpha 2 explicitly, so a proxy run on it names Proxy-Anchor's 32.
 PROXY = ["loss.name=proxy_anchor", "loss.alpha=32", "train.threads=1"]
@@ -225,7 +225,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
 
 
 def test_paper_carries_proxy_anchor_with_a_source_for_every_method():
-    from msl_kit import paper
+    from msl_kit.reports import paper
 
     cub = paper.paper_table("cub200", 512).set_index("run")
     assert cub.loc["Proxy-Anchor", "R@1"] == 68.4  # the paper (DESIGN.md)

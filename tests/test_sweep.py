@@ -19,7 +19,7 @@ import yaml
 from conftest import start_cli
 
 from msl_kit import cli, sweep
-from msl_kit.train.checks import ConfigError
+from msl_kit.train.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]

@@ -20,8 +20,8 @@ from msl_kit.cli import app as cli  # noqa: E402
 from msl_kit.models.builder import build_model, preprocessing_spec  # noqa: E402
 from msl_kit.models.convnet import ConvNetBackbone  # noqa: E402
 from msl_kit.train import engine, recipe  # noqa: E402
-from msl_kit.train.checks import ConfigError  # noqa: E402
 from msl_kit.train.config import config_text, load_config  # noqa: E402
+from msl_kit.train.validation import ConfigError  # noqa: E402
 
 QUICK = ["train.threads=1", "train.eval_every=0", "train.checkpoint_every=0"]
 

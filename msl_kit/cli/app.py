@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from msl_kit.cli.data import add_data_commands
+from msl_kit.cli.bench import add_bench_command
+from msl_kit.cli.prepare import add_prepare_command
 from msl_kit.cli.run import add_run_commands
 from msl_kit.cli.sweep import add_sweep_command
 from msl_kit.cli.use import add_use_commands
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_commands(sub)  # train, evaluate
-    add_data_commands(sub)  # prepare, bench
+    add_prepare_command(sub)
+    add_bench_command(sub)
     add_sweep_command(sub)
     add_use_commands(sub)  # embed, search, export
     return parser
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from msl_kit.files.atomic import CheckpointError
-    from msl_kit.train.checks import ConfigError
+    from msl_kit.train.validation import ConfigError
 
     try:
         return args.func(args)

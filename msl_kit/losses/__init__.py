@@ -22,6 +22,7 @@ from msl_kit.losses.multi_similarity import (
     multi_similarity_loss,
     pair_masks,
 )
+from msl_kit.losses.proxy_anchor import ProxyAnchorLoss, proxy_weights
 from msl_kit.losses.registry import LOSSES, LossSpec, build_loss, loss_spec, register_loss
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LossSpec",
     "MultiSimilarityLoss",
     "PairWeights",
+    "ProxyAnchorLoss",
     "TripletLoss",
     "build_loss",
     "gpw_pair_weights",
@@ -45,6 +47,7 @@ __all__ = [
     "multi_similarity_loss",
     "pair_masks",
     "pair_weights",
+    "proxy_weights",
     "register_loss",
     "xbm_step_loss",
 ]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msl_kit.losses.checks import (
+from msl_kit.losses.inputs import (
     check_embeddings,
     check_labels,
     check_mining,

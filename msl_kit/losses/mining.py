@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from msl_kit.losses.checks import check_sim, work_dtype
+from msl_kit.losses.inputs import check_sim, work_dtype
 from msl_kit.losses.multi_similarity import DEFAULTS, PairWeights, ms_core, stacked_masks
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from msl_kit.losses.checks import (  # input checks and float32 working precision
+from msl_kit.losses.inputs import (  # input checks and float32 working precision
     check_embeddings,
     check_ignore,
     check_labels,

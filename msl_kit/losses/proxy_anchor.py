@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from msl_kit.losses.checks import check_labels, check_number, no_autocast, work_dtype
+from msl_kit.losses.inputs import check_labels, check_number, no_autocast, work_dtype
 from msl_kit.losses.multi_similarity import PairWeights
 
 MARGIN = 0.1  # the paper's delta

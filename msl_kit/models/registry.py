@@ -21,7 +21,7 @@ from msl_kit.models.bninception import (
 )
 from msl_kit.models.convnet import build_convnet, convnet_preprocessing
 from msl_kit.models.resnet import RESNET50_WEIGHTS, build_resnet50, resnet50_preprocessing
-from msl_kit.models.timm import build_timm, check_timm_name, timm_preprocessing
+from msl_kit.models.timm_backbones import build_timm, check_timm_name, timm_preprocessing
 from msl_kit.preprocessing import Preprocessing
 
 

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from msl_kit.datasets import transforms
+from msl_kit.datasets.sampling import PKSampler
 from msl_kit.losses.multi_similarity import PRESETS
 from msl_kit.losses.registry import loss_spec
-from msl_kit.sampler import PKSampler
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import engine, evaluation, recipe
 from msl_kit.train.config import Config

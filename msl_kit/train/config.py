@@ -21,7 +21,7 @@ import yaml
 
 from msl_kit.losses.multi_similarity import PRESETS
 from msl_kit.losses.registry import LOSSES
-from msl_kit.train.checks import ConfigError, validate
+from msl_kit.train.validation import ConfigError, validate
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

@@ -18,9 +18,9 @@ from torch import nn
 from msl_kit.files.atomic import CheckpointError
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import Config, flatten, from_dict, parse_override, resolve, to_dict
 from msl_kit.train.trainer import Callback, DivergenceError, Trainer, load_model_state
+from msl_kit.train.validation import ConfigError
 
 # What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
 RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")

@@ -19,12 +19,12 @@ from torch.utils.data import Dataset, Sampler
 
 from msl_kit.datasets.dataset import ImageDataset, build
 from msl_kit.datasets.registry import info
+from msl_kit.datasets.sampling import PKSampler, RandomBatchSampler
 from msl_kit.datasets.transforms import build_transform
 from msl_kit.losses import registry as loss_registry
 from msl_kit.models import builder as model_builder
 from msl_kit.models.registry import backbone_spec
 from msl_kit.preprocessing import Preprocessing
-from msl_kit.sampler import PKSampler, RandomBatchSampler
 from msl_kit.train.config import Config
 from msl_kit.train.evaluation import EvalOptions
 

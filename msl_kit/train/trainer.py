@@ -24,8 +24,8 @@ from msl_kit.losses.registry import loss_spec
 from msl_kit.models.weights import uses_weights
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import Config, config_text, to_dict
+from msl_kit.train.validation import ConfigError
 
 
 class DivergenceError(RuntimeError):

@@ -151,7 +151,7 @@ def recall_curves(
     """`metric` (%) against iteration for each run folder, read from its history.csv."""
     import pandas as pd
 
-    from msl_kit.paper import find_runs
+    from msl_kit.reports.paper import find_runs
 
     fig, ax = fig_ax(ax, 6, 3.6)
     for run in find_runs(runs):

@@ -2,7 +2,7 @@
 
 A run folder is what `engine.train` writes (config.yaml, metrics.json, history.csv). Tables
 are pandas DataFrames in percent, so runs and the paper's numbers share one scale.
-pandas is imported inside the functions: `import msl_kit.paper` stays cheap.
+pandas is imported inside the functions: `import msl_kit.reports.paper` stays cheap.
 """
 
 from __future__ import annotations

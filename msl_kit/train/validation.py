@@ -16,7 +16,7 @@ from msl_kit.losses.registry import LOSSES, loss_spec
 from msl_kit.models.builder import preprocessing_spec
 from msl_kit.models.head import HEAD_INITS
 from msl_kit.models.registry import backbone_spec
-from msl_kit.models.timm import GLOBAL_POOLS, HUB
+from msl_kit.models.timm_backbones import GLOBAL_POOLS, HUB
 from msl_kit.preprocessing import CROP_MODES
 from msl_kit.train.evaluation import FLOORS
 
