@@ -72,14 +72,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """TorchScript (+ ONNX where onnx is installed) and model.json."""
+    """The module (.pt2: torch.export, .pt: TorchScript), its description (+ ONNX)."""
+    import warnings
+
     from msl_kit.use.exporting import export
 
-    info = export(args.checkpoint, args.out, onnx=True if args.onnx else None)
-    made = [args.out, str(Path(args.out).with_name("model.json"))]
-    if info["onnx"]:
-        made.append(str(Path(args.out).with_name(info["onnx"])))
-    print(f"wrote {', '.join(made)}")
+    with warnings.catch_warnings(record=True) as seen:  # shown as lines, not source excerpts
+        info = export(args.checkpoint, args.out, onnx=True if args.onnx else None)
+    for w in seen:
+        print(f"warning: {w.message}", file=sys.stderr)
+    folder = Path(args.out).parent
+    names = [info["module"], info["description"], info["onnx"]]
+    print(f"wrote {', '.join(str(folder / name) for name in names if name)}")
     print(f"feed it: {info['how']}")
     return 0
 
@@ -112,8 +116,12 @@ def add_use_commands(sub: Any) -> None:
         "--keep-self", action="store_true", help="let a query that is in the gallery find itself"
     )
     p.set_defaults(func=cmd_search)
-    p = sub.add_parser("export", help="TorchScript (+ ONNX) of a checkpoint, uint8 in")
+    p = sub.add_parser("export", help="torch.export / TorchScript (+ ONNX) module, uint8 in")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--out", required=True, help="model.pt (model.json and model.onnx beside)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="NAME.pt2 (torch.export) or NAME.pt (TorchScript); NAME.json (and NAME.onnx) beside",
+    )
     p.add_argument("--onnx", action="store_true", help="fail if ONNX cannot be written")
     p.set_defaults(func=cmd_export)

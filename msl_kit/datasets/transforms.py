@@ -27,21 +27,23 @@ class CorruptImageError(OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+# What `to_mode` does, by name: an export's model.json states each of these (use/description.py)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto this colour
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """`img` as "RGB" or "L": transparency composited onto white, 16-bit scaled to 8-bit."""
     if img.mode == mode:
         return img
-    if img.mode in _SIXTEEN_BIT:
+    if img.mode in SIXTEEN_BIT_MODES:
         # PIL's own convert clips 16-bit values at 255 (a white image); scale 0-65535 instead
         grey = np.clip(np.asarray(img, dtype=np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert(mode)
-    if img.mode in _ALPHA or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255)), rgba)
     return img.convert(mode)
 
 
