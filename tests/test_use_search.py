@@ -14,7 +14,8 @@ from PIL import Image
 from msl_kit import cli
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
-from msl_kit.use.retrieval import faiss_backend, grid, search, write_csv
+from msl_kit.use.retrieval import faiss_backend, search, write_csv
+from msl_kit.viz.retrieval import hits_grid
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +101,7 @@ def test_grid_colours_hits_and_misses(small):
     index, _ = small
     gallery = Embeddings.load(index)
     hits = gallery.search(gallery, 3)
-    fig = grid(hits, n_queries=2)
+    fig = hits_grid(hits, n_queries=2)
     frames = [ax.spines["top"].get_edgecolor() for ax in fig.axes]
     assert len(fig.axes) == 2 * 4
     same = hits.hits()[np.unique(np.linspace(0, len(gallery) - 1, 2).round().astype(int))]
@@ -164,7 +165,7 @@ def test_python_api_search_and_csv(small, tmp_path):
 
 
 def test_thumbnail_titles_keep_the_class_whole_and_fit():
-    from msl_kit.use.retrieval import short
+    from msl_kit.viz.retrieval import short
 
     assert short("Japanese_(katakana)/character23") == "Japane../character23"
     assert short("Latin/character21") == "Latin/character21"
