@@ -94,6 +94,7 @@ def test_cli_search_writes_table_csv_and_grid(small, tmp_path, capsys):
     assert first[3] == written[0] and float(first[2]) > 0.999  # a copy of a gallery image
     with Image.open(tmp_path / "g.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
+        assert png.info["Software"] == "msl-kit search --grid"  # marked: --grid may replace it
     assert (index.with_suffix(".faiss")).is_file()
 
 
@@ -113,6 +114,8 @@ def test_grid_colours_hits_and_misses(small):
         for c in ["#222222"] + ["#1a9850" if h else "#d73027" for h in row]
     ]
     assert frames == expected
+    title = fig.get_suptitle()  # the model that searched, then what the colours mean
+    assert title.startswith("searched with use_run/checkpoint.pt\ngreen: same class")
 
 
 def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):

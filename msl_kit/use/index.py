@@ -80,10 +80,12 @@ def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: int) -> N
     stored = info.compress_type == zipfile.ZIP_STORED
     room = archive if stored else MAX_INFLATE * max(info.compress_size, 1)
     if info.file_size > room:
-        raise IndexFileError(
-            f"member {name} declares {info.file_size:,} bytes, more than its "
-            + ("file holds" if stored else f"{MAX_INFLATE}x its {info.compress_size:,} packed")
+        limit = (
+            f"the {archive:,} bytes of the whole file"
+            if stored
+            else f"{MAX_INFLATE} times its {info.compress_size:,} compressed bytes (MAX_INFLATE)"
         )
+        raise IndexFileError(f"member {name} declares {info.file_size:,} bytes, more than {limit}")
     with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
