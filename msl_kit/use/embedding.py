@@ -176,8 +176,8 @@ class Tolerant(Dataset):
             image = transforms.load_image(self.items.paths[index], *self.transform.load_hint)
             return self.transform(image), index, ""
         except (transforms.CorruptImageError, OSError) as err:
-            why = str(err.__cause__ or err).splitlines()[0] if str(err) else type(err).__name__
-            return None, index, why[:300]
+            why = str(err.__cause__ or "") or str(err) or type(err).__name__  # PIL's words
+            return None, index, why.splitlines()[0][:300]
 
 
 def collate_kept(batch: list) -> tuple[torch.Tensor | None, list[int], list[int], list[str]]:
