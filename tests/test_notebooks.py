@@ -65,6 +65,20 @@ def test_notebook_stays_thin(name):
                 assert node.end_lineno - node.lineno < 10, f"move {node.name} into msl_kit"
 
 
+def test_a_notebook_needing_a_run_finds_the_readme_demo_or_says_what_to_run(tmp_path):
+    from msl_kit.notebook import explore
+
+    runs, demo = tmp_path / "runs", tmp_path / "runs" / "demo"
+    with pytest.raises(explore.NeedsRun) as stop:
+        explore.find_run(None, runs / "notebooks", demo)
+    assert stop.value._render_traceback_() == [str(stop.value)]  # Jupyter shows this line only
+    assert "\n" not in str(stop.value) and "run notebook 02_train first" in str(stop.value)
+    demo.mkdir(parents=True)
+    (demo / "metrics.json").write_text("{}")  # `msl-kit train --out runs/demo` finished
+    assert explore.find_run(None, runs / "notebooks", demo) == demo
+    assert explore.find_run("mine", runs / "notebooks", demo) == Path("mine")
+
+
 # ----------------------------------------------------------------------------- executed (slow)
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -246,11 +260,33 @@ def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, r
         assert (work / "07" / name).stat().st_size > 1000
     assert "2240 held-out images -> " in text(outputs(nb, "embed(run"))
     assert "image/png" in mimes(outputs(nb, "grid(hits"))
+    printed = "".join(text(c.outputs) for c in nb.cells if c.cell_type == "code")
+    assert "--out" not in printed and "... and 2238 more queries (every row" in printed
+    note = text(outputs(nb, "grid(before"))  # one line under the untrained grid, why ~1
+    assert re.fullmatch(r"Every score above is 0\.9\d\d-(0\.9\d\d|1\.000): .*\n", note)
     scores = outputs(nb, "pd.DataFrame")[0]["data"]["text/plain"].splitlines()
     before, after = (float(line.split()[-2]) for line in scores[-2:])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert abs(after - metrics["recall@1"]) < 1e-3  # the R@1 evaluate wrote
     assert after > before + 0.15
+
+
+@pytest.mark.slow
+def test_07_run_first_says_in_one_line_what_to_run(work):
+    """Opened first (no run anywhere), 07 ended in a long traceback (`SystemExit: no finished
+    run...`): now its first cell shows one line naming what to run, and nothing is written."""
+    import papermill
+
+    empty = work / "no_runs"
+    empty.mkdir()
+    with pytest.raises(papermill.PapermillExecutionError):
+        execute("07_search", work, runs=str(empty), demo=str(empty / "demo"), out_dir=str(empty))
+    nb = nbformat.read(work / "07_search.out.ipynb", as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and len(errors[0].traceback) == 1, errors
+    line = errors[0].traceback[0]
+    assert "\n" not in line and "run notebook 02_train first" in line and "runs/demo" in line
+    assert list(empty.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from PIL import Image
 from msl_kit import cli
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
-from msl_kit.use.retrieval import faiss_backend, grid, search, write_csv
+from msl_kit.use.retrieval import faiss_backend, search, write_csv
+from msl_kit.viz.retrieval import hits_grid
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +94,7 @@ def test_cli_search_writes_table_csv_and_grid(small, tmp_path, capsys):
     assert first[3] == written[0] and float(first[2]) > 0.999  # a copy of a gallery image
     with Image.open(tmp_path / "g.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
+        assert png.info["Software"] == "msl-kit search --grid"  # marked: --grid may replace it
     assert (index.with_suffix(".faiss")).is_file()
 
 
@@ -100,7 +102,7 @@ def test_grid_colours_hits_and_misses(small):
     index, _ = small
     gallery = Embeddings.load(index)
     hits = gallery.search(gallery, 3)
-    fig = grid(hits, n_queries=2)
+    fig = hits_grid(hits, n_queries=2)
     frames = [ax.spines["top"].get_edgecolor() for ax in fig.axes]
     assert len(fig.axes) == 2 * 4
     same = hits.hits()[np.unique(np.linspace(0, len(gallery) - 1, 2).round().astype(int))]
@@ -112,6 +114,8 @@ def test_grid_colours_hits_and_misses(small):
         for c in ["#222222"] + ["#1a9850" if h else "#d73027" for h in row]
     ]
     assert frames == expected
+    title = fig.get_suptitle()  # the model that searched, then what the colours mean
+    assert title.startswith("searched with use_run/checkpoint.pt\ngreen: same class")
 
 
 def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):
@@ -164,7 +168,7 @@ def test_python_api_search_and_csv(small, tmp_path):
 
 
 def test_thumbnail_titles_keep_the_class_whole_and_fit():
-    from msl_kit.use.retrieval import short
+    from msl_kit.viz.retrieval import short
 
     assert short("Japanese_(katakana)/character23") == "Japane../character23"
     assert short("Latin/character21") == "Latin/character21"

@@ -33,10 +33,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
         return 130
     if emb.skipped:
-        first = ", ".join(Path(p).name for p in emb.skipped[:3])
+        from msl_kit.files.tree import printable
+
+        first = ", ".join(printable(Path(p).name) for p in emb.skipped[:3])
         print(
-            f"skipped {len(emb.skipped)} unreadable or non-image file(s) (first: {first}); "
-            "they are listed in the file's `skipped`",
+            f"skipped {len(emb.skipped)} file(s) that are not readable images or links that "
+            f"are not followed (first: {first}); the file's `skipped` and `skipped_reasons` "
+            "list them with why",
             file=sys.stderr,
         )
     labels = f", {len(emb.classes)} classes" if emb.labels is not None else ", no labels"
@@ -48,9 +51,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Top-k gallery images of each query; table, CSV and grid."""
     from msl_kit.use import retrieval as use_search
     from msl_kit.use.index import Embeddings
+    from msl_kit.use.outputs import check_replaceable
 
-    if args.k < 1:
-        return _fail(f"-k must be at least 1, got {args.k}")
+    for flag, value, low in (("-k", args.k, 1), ("--grid-queries", args.grid_queries, 1)):
+        if value < low:
+            return _fail(f"{flag} must be at least {low}, got {value}")
+    if args.show < -1:
+        return _fail(f"--show must be -1 (every query), 0 (none) or more, got {args.show}")
+    if args.out:  # every output checked before any work: nothing replaced that is not ours
+        check_replaceable(args.out, "csv")
+    if args.grid:
+        check_replaceable(args.grid, "grid", "--grid")
     gallery = Embeddings.load(args.index)
     query = use_search.load_query(args.query, gallery, args.checkpoint, progress=True)
     backend = None
@@ -58,7 +69,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         backend, note = use_search.faiss_backend(Path(args.index), gallery)
         print(note, file=sys.stderr)
     hits = gallery.search(query, args.k, exclude_self=not args.keep_self, backend=backend)
-    print(use_search.table(hits, None if args.show < 0 else args.show))
+    more = f"all in {args.out}" if args.out else "--show -1 prints them, --out FILE.csv keeps them"
+    print(use_search.table(hits, None if args.show < 0 else args.show, more))
     r1 = hits.recall_at_1()
     if r1 is not None:
         print(f"R@1 {100 * r1:.1f}% over {len(hits.scores)} labelled queries (top hit same class)")
@@ -66,7 +78,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         use_search.write_csv(hits, args.out)
         print(f"results written to {args.out}")
     if args.grid:
-        use_search.grid(hits, n_queries=args.grid_queries).savefig(args.grid, dpi=120)
+        from msl_kit.viz.retrieval import hits_grid
+
+        use_search.write_grid(hits_grid(hits, n_queries=args.grid_queries), args.grid)
         print(f"grid written to {args.grid}")
     return 0
 
@@ -97,19 +111,19 @@ def add_use_commands(sub: Any) -> None:
     p.add_argument("--root", help="the folder --dataset was prepared in")
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help="FILE.npz (rerun after an interrupt to resume)")
-    p.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: the run's)")
+    p.add_argument("--batch-size", type=int, help=">= 1 (default: the run's eval.batch_size)")
+    p.add_argument("--workers", type=int, help="loader processes, 0: none (default: the run's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
-    p.add_argument("--chunk-size", type=int, help="images per resumable piece (default 4096)")
+    p.add_argument("--chunk-size", type=int, help="images per resumable piece, >= 1 (4096)")
     p.set_defaults(func=cmd_embed)
     p = sub.add_parser("search", help="the k nearest gallery images of each query")
     p.add_argument("--index", required=True, help="FILE.npz made by msl-kit embed")
     p.add_argument("--query", required=True, help="an image, folder, CSV, or embeddings file")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--checkpoint", help="embed the query with this (default: the index's)")
-    p.add_argument("--out", help="write every row to this CSV")
-    p.add_argument("--grid", help="draw queries beside their top k into this PNG")
-    p.add_argument("--grid-queries", type=int, default=6, help="queries in the grid")
+    p.add_argument("--out", help="write every row to this FILE.csv")
+    p.add_argument("--grid", help="draw queries beside their top k into this FILE.png")
+    p.add_argument("--grid-queries", type=int, default=6, help="queries in the grid (>= 1)")
     p.add_argument("--show", type=int, default=5, help="queries printed (-1: all)")
     p.add_argument("--faiss", action="store_true", help="faiss IndexFlatIP, kept as FILE.faiss")
     p.add_argument(

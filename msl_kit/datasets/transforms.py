@@ -12,6 +12,7 @@ zoomed-in crops keep detail that two resamplings lose (docs/models.md has the me
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,15 @@ from msl_kit.preprocessing import CROP_MODES, Preprocessing
 
 class CorruptImageError(OSError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image whose decoding or resizing would take more memory than the limits allow."""
+
+
+# The work one image may cost, whatever the backbone and crop mode (docs/reliability.md):
+MAX_PIXELS = 40_000_000  # decoded (after a JPEG's draft scaling): 160 MB as RGBA
+MAX_RESIZED_PIXELS = 16_000_000  # resized, shorter side = resize_size: 244:1 at resize 256
 
 
 # What `to_mode` does, by name: an export's model.json states each of these (use/description.py)
@@ -56,16 +66,34 @@ def load_image(
     sides at least `min_size` (libjpeg's DCT scaling: far cheaper than decoding, then shrinking).
     """
     try:
-        with Image.open(path) as img:
-            if min_size and img.format == "JPEG":
-                img.draft(mode, (min_size, min_size))
-            img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels; ours refuses at 40 M
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min_size and img.format == "JPEG":
+                    img.draft(mode, (min_size, min_size))
+                _check_pixels(path, *img.size)
+                img.load()
+    except ImageTooLargeError:
+        raise
+    except Exception as err:  # a decoder fed an arbitrary file may raise anything
         raise CorruptImageError(
             f"cannot decode image {path}: {err}. Replace or delete the file, or build the "
             "dataset with skip_corrupt=True to leave such files out"
         ) from err
-    return img if mode is None else to_mode(img, mode)
+    try:
+        return img if mode is None else to_mode(img, mode)
+    except (ValueError, OSError) as err:  # e.g. a LAB or CMYK-with-alpha TIFF
+        raise CorruptImageError(
+            f"cannot convert image {path} ({img.mode}) to {mode}: {err}"
+        ) from err
+
+
+def _check_pixels(path: str | Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"image {path} is {width} x {height} pixels, more than the {MAX_PIXELS:,} msl_kit "
+            "decodes (transforms.MAX_PIXELS): shrink it first"
+        )
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str) -> list[float]:
@@ -117,6 +145,11 @@ class ImageTransform:
         img = to_mode(img, self.mode)
         size = self.spec.input_size
         rw, rh = _resized_size(*img.size, self.spec.resize_size)
+        if rw * rh > MAX_RESIZED_PIXELS:  # every crop mode: one rule, the same images kept
+            raise ImageTooLargeError(
+                f"a {img.width} x {img.height} image resized to {rw} x {rh} passes "
+                f"transforms.MAX_RESIZED_PIXELS ({MAX_RESIZED_PIXELS:,}): crop it nearer to square"
+            )
         crop = self.draw_crop(rw, rh) if self.random_crop else self.center_crop(rw, rh)
         if self.spec.crop == "two_step":
             # torchvision's Resize, then crop + resize (RandomResizedCrop) or crop (CenterCrop)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from msl_kit.datasets import transforms
 from msl_kit.datasets.sampling import PKSampler
+from msl_kit.errors import MslKitError
 from msl_kit.losses.multi_similarity import PRESETS
 from msl_kit.losses.registry import loss_spec
 from msl_kit.train import checkpoint as ckpt
@@ -30,6 +31,36 @@ def latest_run(runs_dir: str | Path = "runs") -> Path | None:
     """The most recently finished run folder under `runs_dir` (one with metrics.json), or None."""
     done = [p.parent for p in Path(runs_dir).glob("*/metrics.json")]
     return max(done, key=lambda p: (p / "metrics.json").stat().st_mtime) if done else None
+
+
+class NeedsRun(MslKitError):
+    """A notebook that needs a trained run found none. Jupyter shows it as its one line, with
+    no traceback (IPython's `_render_traceback_`), and stops running the cells below."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def find_run(
+    checkpoint: str | Path | None = None,
+    runs: str | Path = "runs",
+    demo: str | Path = "runs/demo",
+) -> Path:
+    """`checkpoint` (a run folder or file) if given, else the latest finished run under
+    `runs` (where notebook 02 trains), else `demo` (the README's `msl-kit train --out
+    runs/demo`) when it holds a finished run; none: `NeedsRun`, one line naming what to run."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    found = latest_run(runs)
+    if found is None and (Path(demo) / "metrics.json").is_file():
+        found = Path(demo)
+    if found is None:
+        raise NeedsRun(
+            f"This notebook needs a trained run and found none under {runs} or {demo}: run "
+            "notebook 02_train first (or `msl-kit train --out runs/demo` in the repository's "
+            "folder), or set `checkpoint` to a run folder."
+        )
+    return found
 
 
 class Picked(NamedTuple):

@@ -52,8 +52,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(folder: Path) -> Path:
-    lock = folder / LOCK
+def take_lock(lock: Path, busy: str, error: type[Exception] = RunFolderError) -> Path:
+    """Create `lock` atomically (O_EXCL) holding this process's pid and host; a lock left by a
+    process that is gone (same host) is taken over with a warning. A live holder is refused
+    with `error`: "`busy` (pid N on HOST); wait for it to finish, ...". Run folders and
+    `msl-kit embed --out` files share this one mechanism."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     for _ in range(2):
         try:
@@ -63,26 +66,30 @@ def _take_lock(folder: Path) -> Path:
                 owner = json.loads(lock.read_text())
             except (OSError, ValueError):
                 owner = {}
+            owner = owner if isinstance(owner, dict) else {}
             same_host = owner.get("host") == me["host"]
             if same_host and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
                 warnings.warn(
                     f"{lock} was left by a process that is gone (pid {owner['pid']}); "
-                    "taking the folder over",
+                    "taking it over",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 lock.unlink(missing_ok=True)
                 continue
             who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-            raise RunFolderError(
-                f"{folder} is in use by another msl-kit run ({who}); wait for it "
-                f"to finish, choose another --out, or delete {lock} if that "
-                "process is really gone"
+            raise error(
+                f"{busy} ({who}); wait for it to finish, choose another --out, or delete "
+                f"{lock} if that process is really gone"
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return lock
-    raise RunFolderError(f"could not lock {folder}; try again")
+    raise error(f"could not take the lock {lock}; try again")
+
+
+def _take_lock(folder: Path) -> Path:
+    return take_lock(folder / LOCK, f"{folder} is in use by another msl-kit run")
 
 
 @contextlib.contextmanager
