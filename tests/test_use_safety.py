@@ -203,11 +203,12 @@ def test_4_search_out_and_grid_never_replace_a_file_of_another_kind(run, written
 
 
 # ----------------------------------------------------------------------------- 9 symlinks
-def test_9_symlinked_class_folders_and_files_inside_the_tree_are_followed(
+def test_9_symlinked_class_folders_are_followed_and_loops_and_escapes_skipped_with_why(
     run, written, tmp_path, capsys
 ):
-    """photos/dogs -> .store/dogs (inside) used to be dropped silently: "3 images, 1 classes".
-    Links inside the tree are followed; a link leaving it and a loop are counted as skipped
+    """photos/birds -> /elsewhere/birds used to be dropped silently ("3 images, 1 classes";
+    torchvision's ImageFolder finds them): a class-folder link is followed wherever it points,
+    links inside the tree too; a deeper link leaving its tree and a loop are counted as skipped
     with the reason."""
     photos = class_tree(tmp_path / "photos", written, {"cats": range(3)})
     class_tree(photos / ".store", written, {"dogs": range(20, 23)})
@@ -216,18 +217,24 @@ def test_9_symlinked_class_folders_and_files_inside_the_tree_are_followed(
     (photos / "cats" / "kitten.png").symlink_to(photos / ".store" / "kitten.png")
     outside = class_tree(tmp_path / "elsewhere", written, {"birds": range(40, 43)})
     (photos / "birds").symlink_to(outside / "birds", target_is_directory=True)
+    shutil.copy(written[50], outside / "stray.png")
+    (photos / "cats" / "far.png").symlink_to(outside / "stray.png")
     (photos / "cats" / "again").symlink_to(photos, target_is_directory=True)
+    (photos / "up").symlink_to(tmp_path, target_is_directory=True)  # holds photos: a loop
     out = tmp_path / "index.npz"
     assert embed_cli(run, photos, out) == 0
     printed = capsys.readouterr()
-    assert "7 images -> 64-d vectors, 2 classes" in printed.out
-    assert "skipped 2 " in printed.err
+    assert "10 images -> 64-d vectors, 3 classes" in printed.out
+    assert "skipped 3 " in printed.err
     emb = Embeddings.load(out)
-    assert sorted(emb.class_names().tolist()) == ["cats"] * 4 + ["dogs"] * 3
+    names = sorted(emb.class_names().tolist())
+    assert names == ["birds"] * 3 + ["cats"] * 4 + ["dogs"] * 3
     assert str(photos / "dogs" / "20.png") in emb.paths.tolist()  # the link's own path
+    assert str(photos / "birds" / "40.png") in emb.paths.tolist()
     why = dict(zip(emb.skipped, emb.skipped_reasons))
-    assert "leaves" in why[str(photos / "birds")]
+    assert "leaves" in why[str(photos / "cats" / "far.png")]
     assert "loops back" in why[str(photos / "cats" / "again")]
+    assert "loops back" in why[str(photos / "up")]
 
 
 # ----------------------------------------------------------------------------- 11 duplicates

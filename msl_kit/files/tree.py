@@ -1,11 +1,13 @@
-"""Every file under a folder, following symbolic links that stay inside it: `walk(root)`.
+"""Every file under a folder, following its symbolic links: `walk(root)`.
 
-A link (to a file or a folder) whose target lies inside `root` is followed and listed under
-the link's own path, so a class folder that is a link keeps its name. A link that leaves
-`root`, one that loops back to a folder it is inside, a second way into a folder already
-listed, and a broken link are not followed: each is returned in `refused` with the reason,
-so a caller can count and name them instead of dropping them silently. Hidden names (a
-leading ".") are left out, as are the paths `skip` says are not inputs.
+A link is followed and listed under its own path, so a class folder that is a link keeps its
+name. A folder link directly in `root` (`photos/cats -> /data/cats`, a class kept on another
+disk: torchvision's ImageFolder follows it too) is followed wherever it points, and its target
+becomes that class's tree. Deeper down, a link that leaves the tree it is in (`root`, or the
+class folder's target), one that loops back to a folder it is inside, a second way into a
+folder already listed, and a broken link are not followed: each is returned in `refused` with
+the reason, so a caller can count and name them instead of dropping them silently. Hidden
+names (a leading ".") are left out, as are the paths `skip` says are not inputs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def walk(root: str | Path, skip: Callable[[Path], bool] | None = None) -> Tree:
     root_real = os.path.realpath(root)
     tree, seen = Tree(), {root_real: Path(root_real)}
 
-    def visit(folder: Path, ancestors: tuple[str, ...]) -> None:
+    def visit(folder: Path, ancestors: tuple[str, ...], within: str) -> None:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
@@ -50,33 +52,35 @@ def walk(root: str | Path, skip: Callable[[Path], bool] | None = None) -> Tree:
                 if entry.is_dir(follow_symlinks=False):
                     real = os.path.join(ancestors[-1], entry.name)
                     seen[real] = path
-                    visit(path, (*ancestors, real))
+                    visit(path, (*ancestors, real), within)
                 else:
                     tree.files.append(path)
                 continue
             target = os.path.realpath(path)
-            why = _refusal(path, target, root_real, ancestors, seen)
+            top_folder = len(ancestors) == 1 and os.path.isdir(target)  # a class folder
+            why = _refusal(path, target, "" if top_folder else within, ancestors, seen)
             if why:
                 tree.refused.append((path, why))
             elif os.path.isdir(target):
                 seen[target] = path
-                visit(path, (*ancestors, target))
+                visit(path, (*ancestors, target), target if top_folder else within)
             else:
                 tree.files.append(path)
 
-    visit(Path(root_real), (root_real,))
+    visit(Path(root_real), (root_real,), root_real)
     return tree
 
 
 def _refusal(
-    path: Path, target: str, root: str, ancestors: tuple[str, ...], seen: dict[str, Path]
+    path: Path, target: str, within: str, ancestors: tuple[str, ...], seen: dict[str, Path]
 ) -> str:
-    """Why the link at `path` (to `target`) is not followed, or "" when it is."""
+    """Why the link at `path` (to `target`) is not followed, or "" when it is; `within` is the
+    tree the link must stay in ("" for a class-folder link, which may point anywhere)."""
     if not os.path.exists(target):
         return f"a broken link (to {os.readlink(path)})"
-    if not _inside(target, root):
-        return f"a link that leaves {root} (to {target})"
-    if target in ancestors:
+    if within and not _inside(target, within):
+        return f"a link that leaves {within} (to {target})"
+    if os.path.isdir(target) and any(_inside(a, target) for a in ancestors):
         return f"a link that loops back to {seen.get(target, target)}"
     if os.path.isdir(target) and target in seen:
         return f"a second way into the folder {seen[target]}"
