@@ -28,23 +28,25 @@ from torch.utils.data import DataLoader, Dataset
 from msl_kit.datasets import transforms
 from msl_kit.datasets.dataset import build
 from msl_kit.datasets.layouts.official import natural
+from msl_kit.errors import MslKitError
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
-from msl_kit.train import engine, evaluation, recipe
+from msl_kit.train import evaluation, recipe
+from msl_kit.train.checkpoint import load_model
+from msl_kit.train.rundir import RunFolder
 from msl_kit.use.index import FORMAT, Embeddings, is_index, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
 SHOWN = 3  # skipped files named in the message
 
 
-class EmbedError(ValueError):
+class EmbedError(MslKitError, ValueError):
     """A problem with what the user asked to embed; the message says what to do."""
 
 
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's checkpoint.pt."""
-    path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    return RunFolder.checkpoint_of(path)
 
 
 @dataclass
@@ -209,8 +211,8 @@ def prepare_job(
 ) -> Job:
     """Load the checkpoint's model and eval transform as `evaluate` does; list the images."""
     path = checkpoint_file(checkpoint)
-    model, cfg = engine.load_model(path)
-    dev = recipe.pick_device(device or cfg.device)
+    model, cfg = load_model(path, device=device)  # None: the run's device where this has it
+    dev = recipe.pick_device(cfg.device)
     model.to(dev)
     spec = recipe.preprocessing(cfg)
     tf = transforms.build_transform(spec, train=False)

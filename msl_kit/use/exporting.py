@@ -19,7 +19,8 @@ from torch import nn
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
 from msl_kit.files.download import sha256sum
 from msl_kit.preprocessing import Preprocessing
-from msl_kit.train import engine, recipe
+from msl_kit.train import recipe
+from msl_kit.train.checkpoint import load_model
 from msl_kit.use.embedding import EmbedError, checkpoint_file
 
 EXPORT_FORMAT = "msl-kit export 1"
@@ -96,7 +97,7 @@ def export(checkpoint: str | Path, out: str | Path, *, onnx: bool | None = None)
     if out.is_dir():
         raise EmbedError(f"--out {out} is a folder: give a file name such as {out}/model.pt")
     ckpt = checkpoint_file(checkpoint)
-    model, cfg = engine.load_model(ckpt)
+    model, cfg = load_model(ckpt)
     spec = recipe.preprocessing(cfg)
     wrapped = UInt8Model(model.float().to(memory_format=torch.contiguous_format), spec).eval()
     size = spec.input_size

@@ -20,11 +20,16 @@ from typing import BinaryIO
 import numpy as np
 
 from msl_kit import metrics
+from msl_kit.errors import MslKitError
 
 FORMAT = "msl-kit embeddings 1"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no clock in the bytes
 _COPY = 1 << 22  # bytes per read when streaming a member into the archive
+
+
+class IndexFileError(MslKitError, ValueError):
+    """An embeddings file that is not one, or a query it cannot answer; says what to do."""
 
 
 def is_index(path: str | Path) -> bool:
@@ -88,7 +93,7 @@ class Embeddings:
         if not path.is_file():
             raise FileNotFoundError(f"no embeddings file {path}: make one with `msl-kit embed`")
         if not is_index(path):
-            raise ValueError(f"{path} is not an embeddings file made by `msl-kit embed`")
+            raise IndexFileError(f"{path} is not an embeddings file made by `msl-kit embed`")
         with np.load(path, allow_pickle=False) as z:
             get = {k: z[k] for k in z.files}
         return cls(
@@ -107,13 +112,13 @@ class Embeddings:
         """Refuse, in one line, a query of another dimension or embedded by another checkpoint."""
         vectors = query.embeddings if isinstance(query, Embeddings) else np.asarray(query)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(
+            raise IndexFileError(
                 f"the query vectors have shape {tuple(vectors.shape)} but the index holds "
                 f"{self.dim}-d vectors: embed the query with the index's checkpoint"
             )
         other = getattr(query, "checkpoint_sha256", "")
         if other and self.checkpoint_sha256 and other != self.checkpoint_sha256:
-            raise ValueError(
+            raise IndexFileError(
                 f"the query was embedded by another checkpoint ({query.checkpoint}, sha256 "
                 f"{other[:12]}) than the index ({self.checkpoint}, sha256 "
                 f"{self.checkpoint_sha256[:12]}): embed both with the same checkpoint"
@@ -141,7 +146,7 @@ class Embeddings:
         extra = int(self_index is not None and bool((self_index >= 0).any()))
         k = min(int(k), len(self) - extra)
         if k < 1:
-            raise ValueError("the gallery holds no image other than the query itself")
+            raise IndexFileError("the gallery holds no image other than the query itself")
         backend = backend or exact_backend(self.embeddings)
         scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
         if extra:
