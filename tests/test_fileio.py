@@ -89,7 +89,7 @@ def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, c
         "train.iterations=40",
         "train.checkpoint_every=5",
         "train.eval_every=0",
-        "model.width=256",
+        "model.convnet.width=256",
         "train.threads=1",
     ):  # a ~3 MB optimizer state: the disk fills
         args += ["--set", key]

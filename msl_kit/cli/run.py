@@ -189,24 +189,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from msl_kit.train import engine, rundir
     from msl_kit.train.rundir import RunFolder
 
-    default = Path(args.checkpoint).with_name(RunFolder.EVAL_METRICS)
-    out = Path(args.out) if args.out else default
+    checkpoint = RunFolder.checkpoint_of(args.checkpoint)  # a file, or a run folder's
+    out = Path(args.out) if args.out else checkpoint.with_name(RunFolder.EVAL_METRICS)
     rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
     results, cfg = engine.evaluate_checkpoint(
-        args.checkpoint,
+        checkpoint,
         split=args.split,
         device=args.device,
         metric=args.metric,
         lone_queries=args.lone_queries,
     )
     counted = {"metric": cfg.eval.metric, "lone_queries": cfg.eval.lone_queries}
-    print(_table([(Path(args.checkpoint).name, results)], cfg.eval.ks))
+    print(_table([(checkpoint.name, results)], cfg.eval.ks))
     print(_counted(counted))
     record = {
         **results,
         **counted,
         "split": cfg.eval.split,
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "written_by": "msl-kit evaluate",
     }
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
@@ -237,7 +237,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     add_plugin_option(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--split", choices=["test", "val"])
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's, if here)")
     p.add_argument("--metric", choices=["ip", "euclidean"], help="default: the run's eval.metric")

@@ -20,6 +20,7 @@ from torch import Tensor
 from msl_kit.losses.mining import STAT_KEYS, ms_pair_weights
 from msl_kit.losses.multi_similarity import PRESETS, MSParams, PairWeights
 from msl_kit.params import declared
+from msl_kit.train import recipe
 from msl_kit.train.config import Config
 from msl_kit.train.trainer import Callback
 from msl_kit.viz import mining as viz_mining
@@ -375,7 +376,7 @@ class LiveMining(_LivePanel):
         self.lam: float | None = None
 
     def on_start(self, cfg: Config, start_iteration: int, total: int) -> None:
-        self.lam = getattr(getattr(cfg, "loss", None), "lam", None)
+        self.lam = recipe.ms_params(cfg).lam if isinstance(cfg, Config) else None
         super().on_start(cfg, start_iteration, total)
 
     def on_step(self, record: dict) -> None:

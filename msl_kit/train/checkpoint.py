@@ -147,7 +147,10 @@ def use_device(stored: str, given: str | None) -> str:
     """Where to use a trained model: `given` (checked, DeviceError in one line), else the device
     it was trained on where this machine has it, else the CPU (with a note)."""
     if given:
-        return check_device(given)
+        try:
+            return check_device(given)
+        except DeviceError as e:
+            raise DeviceError(f"device {given!r} cannot be used: {e}; use cpu (or auto)") from None
     try:
         return check_device(stored)
     except DeviceError:

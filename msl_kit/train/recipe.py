@@ -163,7 +163,7 @@ def loss_params(cfg: Config, classes: int | None = None) -> dict:
         params["mining"] = lc.mining
     if spec.needs_classes:
         if classes is None:
-            raise TypeError(f"loss.name={lc.name} learns one proxy per class: pass `classes`")
+            raise ValueError(f"loss.name={lc.name} learns one proxy per class: pass `classes`")
         params.update(num_classes=classes, dim=cfg.model.embedding_dim)
     return params
 

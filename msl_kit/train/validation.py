@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from msl_kit.datasets.registry import REGISTRY, info
+from msl_kit.datasets.registry import info
 from msl_kit.errors import MslKitError
 from msl_kit.losses.registry import LOSSES, loss_spec
 from msl_kit.models.builder import check_pretrained, preprocessing_spec
@@ -69,13 +69,21 @@ def check_plugins(cfg: Config, what: str) -> None:
     registered = (
         cfg.loss.name in LOSSES,
         _backbone_known(cfg.model.backbone),
-        cfg.data.name in REGISTRY,
+        _dataset_known(cfg.data.name),
     )
     if not all(registered):
         raise ConfigError(
             f"{what} was trained with plugin {missing[0]!r}; pass --plugin {missing[0]} to import "
             f"it (in Python: plugins=[{missing[0]!r}]); a checkpoint never imports code by itself"
         )
+
+
+def _dataset_known(name: str) -> bool:
+    try:
+        info(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _backbone_known(name: str) -> bool:
@@ -97,7 +105,9 @@ def validate(cfg: Config) -> None:
     try:
         check_device(cfg.device)
     except DeviceError as e:
-        raise ConfigError(f"device = {short(cfg.device)} is not allowed: {e}") from None
+        raise ConfigError(
+            f"device = {short(cfg.device)} is not allowed: {e}; set device=cpu (or auto)"
+        ) from None
 
 
 def _check_declared(cfg: Config) -> None:
@@ -236,12 +246,12 @@ def check_device(name: str) -> str:
     try:
         device = torch.device("cuda" if name == "auto" else name)
     except (RuntimeError, TypeError):
-        raise DeviceError("use cpu, cuda, cuda:N or auto") from None
+        raise DeviceError(f"{short(name)} names no device (cpu, cuda, cuda:N or auto)") from None
     if name == "auto" or device.type == "cpu":
         return name
     if device.type != "cuda":
-        raise DeviceError(f"{device.type} is not supported: use cpu, cuda, cuda:N or auto")
+        raise DeviceError(f"{device.type} is not supported (cpu, cuda, cuda:N or auto)")
     count = torch.cuda.device_count()
     if count <= (device.index or 0):
-        raise DeviceError(f"this machine sees {count} CUDA GPU(s): use cpu (or auto)")
+        raise DeviceError(f"this machine sees {count} CUDA GPU(s)")
     return name
