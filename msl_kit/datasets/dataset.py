@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from msl_kit.datasets import embedded
-from msl_kit.datasets.layouts.common import LayoutError, Record
+from msl_kit.datasets.layouts.common import DatasetError, LayoutError, Record
 from msl_kit.datasets.layouts.official import read_folder
 from msl_kit.datasets.preparation import dataset_dir, is_complete
 from msl_kit.datasets.registry import (
@@ -102,10 +102,10 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
         return [r for r in records if r.split == split]
     if any(r.split == "val" for r in records):
         if val_fraction > 0:
-            raise ValueError("this dataset has its own val split; leave val_fraction at 0")
+            raise DatasetError("this dataset has its own val split; leave val_fraction at 0")
         return [r for r in records if r.split == split]
     if not 0 < val_fraction < 1:
-        raise ValueError(
+        raise DatasetError(
             f"split 'val' is carved from the training classes: pass 0 < val_fraction < 1 "
             f"(e.g. 0.2), not {val_fraction}"
         )
@@ -159,7 +159,7 @@ def build(
     """
     meta = info(name)
     if split not in meta.splits and not (name == "folder"):
-        raise ValueError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
+        raise DatasetError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
     images = None
     if name == "digits":
         images, records = _digits_records()
@@ -168,13 +168,13 @@ def build(
         base, records = Path("."), embedded.records()
     elif name == "folder":
         if root is None:
-            raise ValueError(
+            raise DatasetError(
                 "the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file"
             )
         base, records = read_folder(Path(root).expanduser())
     else:
         if root is None:
-            raise ValueError(f"{name} needs root, the folder it was prepared in")
+            raise DatasetError(f"{name} needs root, the folder it was prepared in")
         base = dataset_dir(name, root)
         if not is_complete(base, name):
             raise LayoutError(
@@ -185,7 +185,7 @@ def build(
     chosen = _select(records, split, val_fraction, seed)
     if not chosen:
         have = sorted({r.split for r in records})
-        raise ValueError(
+        raise DatasetError(
             f"{name} has no images in split {split!r} (splits found: {', '.join(have)})"
         )
     if skip_corrupt and images is None and name != "omniglot_small":  # shipped, md5-checked
