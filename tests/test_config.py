@@ -276,3 +276,17 @@ def test_cub_recipe_is_the_released_one():
     assert (t.batch_size, t.samples_per_class, t.lr, t.weight_decay) == (80, 5, 3e-5, 5e-4)
     assert (t.iterations, t.lr_steps, t.lr_gamma, t.warmup) == (3000, [1200, 2400], 0.1, 0)
     assert cfg.data.name == "cub200" and cfg.data.crop_scale is None  # the backbone's (0.16, 1)
+
+
+def test_the_cli_prints_each_old_key_note_as_one_line(capsys):
+    from msl_kit import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        rc = cli.main(["train", "--set", "loss.beta=50", "--set", "train.batch_size=43"])
+    lines = capsys.readouterr().err.splitlines()
+    assert rc == 2 and lines[0] == (
+        "note: loss.beta is written loss.ms.beta now (the parameter of the component it was "
+        "written for); the old key still loads"
+    )
+    assert lines[1].startswith("error: train.batch_size = 43") and len(lines) == 2

@@ -34,6 +34,8 @@ def _notes() -> None:
     from msl_kit.train.old_keys import ConfigNote
 
     shown = warnings.showwarning
+    if getattr(shown, "msl_kit_notes", False):  # main called again in one process
+        return
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         if issubclass(category, ConfigNote):
@@ -41,6 +43,7 @@ def _notes() -> None:
         else:
             shown(message, category, filename, lineno, file, line)
 
+    show.msl_kit_notes = True  # type: ignore[attr-defined]
     warnings.showwarning = show
 
 
