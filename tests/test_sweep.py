@@ -147,7 +147,10 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     assert {"loss.ms.beta", "loss.ms.lam", "seed", "recall@1", "map@r", "wall_s", "run"} <= set(
         rows[0]
     )
-    assert yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())["loss"]["beta"] == 10
+    assert (
+        yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())["loss"]["ms"]["beta"]
+        == 10
+    )
     summary = read_csv(out / "summary.csv")
     assert [(r["loss.ms.beta"], r["seeds"]) for r in summary] == [("10.0", "2"), ("40.0", "2")]
     mean = sum(float(r["recall@1"]) for r in rows[:2]) / 2

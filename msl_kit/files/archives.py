@@ -35,6 +35,10 @@ class DamagedArchiveError(MslKitError, OSError):
     """A truncated or corrupt archive (nothing of it is left extracted)."""
 
 
+class NotAnArchiveError(MslKitError, ValueError):
+    """A file given as an archive that is neither a zip nor a tar (nothing is extracted)."""
+
+
 class UnsafeArchiveError(MslKitError, ValueError):
     """An archive refused before extraction: a member that would land outside the destination,
     a device file, or (ArchiveLimitError) more bytes or members than the limits allow."""
@@ -59,7 +63,7 @@ def safe_extract(
     archive, dest = Path(archive), Path(dest)
     kind = _archive_kind(archive)
     if kind is None:
-        raise DamagedArchiveError(
+        raise NotAnArchiveError(
             f"{archive} is neither a zip nor a tar archive; is the file complete?"
         )
     limits = _Limits(archive, max_bytes, max_members)

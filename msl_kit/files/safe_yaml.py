@@ -60,11 +60,14 @@ class _BoundedLoader(yaml.SafeLoader):
 def load_yaml(text: str, what: str = "YAML text") -> Any:
     """The value of a YAML text (plain types only); YamlError naming `what` if it is not valid
     YAML, uses a tag, nests too deep or expands past MAX_NODES values."""
+    loader = _BoundedLoader(text)  # yaml.safe_load's SafeLoader, with the expansion bound
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+        return loader.get_single_data()
     except YamlError as e:
         raise YamlError(f"{what} is refused: {e}") from None
     except yaml.YAMLError as e:
         raise YamlError(f"{what} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
     except RecursionError:
         raise YamlError(f"{what} nests too deep to read; write it flatter") from None
+    finally:
+        loader.dispose()
