@@ -31,6 +31,9 @@ PROXY = ["loss.name=proxy_anchor", "train.threads=1"]
 
 
 def test_registry_entry_and_the_losss_own_defaults():
+    from msl_kit import losses
+
+    assert losses.ProxyAnchorLoss is ProxyAnchorLoss  # issue 24: the package exports it
     spec = loss_spec("proxy_anchor")
     assert spec.cls is ProxyAnchorLoss and not spec.pairs and spec.needs_classes
     cfg = load_config(None, ["loss.name=proxy_anchor"])

@@ -2,7 +2,8 @@
 
 `build(name, root, split, transform)` reads the official list files and returns items
 `(image, label, index)`; labels are contiguous per split. The registry lives in
-`msl_kit.registry` and `prepare` in `msl_kit.prepare`; both are re-exported here.
+`msl_kit.datasets.registry` and `prepare` in `msl_kit.datasets.preparation`; the package
+gathers the public names (`from msl_kit.datasets import build, prepare`).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def build(
         if not is_complete(base, name):
             raise LayoutError(
                 f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
-                f"(or msl_kit.datasets.preparation({name!r}, {str(root)!r}))"
+                f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"
             )
         records = read_layout(name, base)
     chosen = _select(records, split, val_fraction, seed)
