@@ -82,7 +82,8 @@ def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, 
         sims[int(path.stem.split("_")[1])], labels = batch_similarity(model, cfg, **batch)
     if labels is None:
         raise FileNotFoundError(
-            f"{run_dir} has no snapshots/iter_*.pt: train it with train.keep_snapshots=true"
+            f"{run_dir} has no {RunFolder.SNAPSHOTS}/iter_*.pt: train it with "
+            "train.keep_snapshots=true"
         )
     return sims, labels
 
