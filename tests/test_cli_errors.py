@@ -145,3 +145,19 @@ def test_a_device_this_machine_lacks_is_one_line(run, device, tmp_path, capsys):
         assert rc == 2 and err.count("\n") == 1, err
         assert err.startswith(f"error: device '{device}' cannot be used") and "--set" not in err
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_ranks_past_the_evaluation_split_are_one_line_in_evaluate(run, tmp_path, capsys):
+    """evaluate checks eval.ks against its split as training does (not a metrics traceback)."""
+    state = checkpoint.load_checkpoint(RunFolder(run).checkpoint)
+    state["config"]["eval"]["ks"] = [1, 100000]
+    path = tmp_path / "wide.pt"
+    checkpoint.save_checkpoint(state, path)
+    rc, err = _line(
+        capsys, "evaluate", "--checkpoint", str(path), "--out", str(tmp_path / "m.json")
+    )
+    assert (
+        rc == 2
+        and err.startswith("error: eval.ks = [1, 100000] is not allowed")
+        and (err.count("\n") == 1)
+    ), err

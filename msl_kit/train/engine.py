@@ -28,7 +28,7 @@ from msl_kit.train.config import (
 )
 from msl_kit.train.rundir import RunFolder
 from msl_kit.train.trainer import Callback, DivergenceError, Trainer
-from msl_kit.train.validation import ConfigError
+from msl_kit.train.validation import ConfigError, check_ranks
 
 # What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
 RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")
@@ -195,4 +195,5 @@ def evaluate_checkpoint(
     ckpt.load_model_state(model, state, path)
     model.to(dev)
     data = recipe.eval_data(cfg)
+    check_ranks(cfg, evaluation.max_rank(*data))
     return evaluation.evaluate(model, *data, dev, cfg.eval.ks, recipe.eval_options(cfg)), cfg

@@ -26,7 +26,7 @@ from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
 from msl_kit.train.config import Config, config_text, to_dict
 from msl_kit.train.rundir import RunFolder
-from msl_kit.train.validation import ConfigError
+from msl_kit.train.validation import check_ranks
 
 
 class DivergenceError(MslKitError, RuntimeError):
@@ -125,12 +125,7 @@ class Trainer:
         self.model = recipe.build_model(cfg, load_pretrained=state is None).to(self.device)
         spec = recipe.preprocessing(cfg)
         self.eval_data = recipe.eval_data(cfg, spec)
-        top = evaluation.max_rank(*self.eval_data)
-        if max(cfg.eval.ks) > top:
-            raise ConfigError(
-                f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
-                f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
-            )
+        check_ranks(cfg, evaluation.max_rank(*self.eval_data))
         train_set = recipe.train_data(cfg, spec)
         # Built before anything is written: a batch the data cannot fill (data.val_fraction left
         # too few classes) is refused while the run folder is still empty, so the same --out

@@ -234,6 +234,15 @@ def _check_eval(cfg: Config) -> None:
             choice("eval.floors", name, FLOORS)
 
 
+def check_ranks(cfg: Config, top: int) -> None:
+    """eval.ks must fit the evaluation split, whose queries rank at most `top` items."""
+    if max(cfg.eval.ks) > top:
+        raise ConfigError(
+            f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
+            f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
+        )
+
+
 class DeviceError(MslKitError, ValueError):
     """A device this machine does not have (or no device at all); says which it has."""
 
