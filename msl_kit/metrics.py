@@ -304,6 +304,17 @@ def _check_ks(ks: int | Sequence[int]) -> list[int]:
     return [int(k) for k in items]
 
 
+def _check_max_r(max_r: int | None) -> int | None:
+    """None (never clip R) or a positive int, checked as `ks` is (bools are not ranks)."""
+    if max_r is None:
+        return None
+    if isinstance(max_r, bool) or not isinstance(max_r, (int, np.integer)):
+        raise TypeError(f"max_r must be a positive int or None (no clipping); got {max_r!r}")
+    if max_r < 1:
+        raise ValueError(f"max_r must be a positive int (e.g. 1000) or None; got {max_r!r}")
+    return int(max_r)
+
+
 def _recall(hits: Tensor, r: Tensor, ks: list[int], lone_queries: str) -> dict[int, float]:
     """R@K per K over every query, or over those with a relevant item ("skip"; nan if none)."""
     found = (hits.cumsum(1) > 0)[r > 0 if lone_queries == "skip" else slice(None)]
@@ -354,10 +365,14 @@ def retrieval_metrics(
     precision@i over the same-label ranks i <= R, divided by R. Queries with R = 0 are left
     out of map@r and r_precision (nan if none is left); in recall they count as misses or
     are left out, as `lone_queries` says (see `recall_at_k`, also for `metric`).
-    A class larger than `max_r` would make the kNN wide (Q x R keys), so R is clipped to
-    `max_r` for those queries (MAP@max_r), with a warning; `max_r=None` never clips.
+    A class larger than `max_r` would make the kNN wide (Q x R keys), so the ranking of those
+    queries stops at `max_r`, with a warning: MAP@R counts the ranks past it as misses (still
+    divided by the true R: a lower bound, as pytorch-metric-learning's AccuracyCalculator with
+    k = max_r) and R-precision is taken over the first max_r ranks (as PML's). `max_r=None`
+    never clips.
     """
     ks = _check_ks(ks)
+    max_r = _check_max_r(max_r)
     clip = {"r": None}
 
     def k_needed(r: Tensor) -> int:
@@ -369,21 +384,22 @@ def retrieval_metrics(
 
     where = (gallery, gallery_labels, block_size, metric, lone_queries)
     hits, r = _neighbour_hits(embeddings, labels, k_needed, *where)
+    cut = r
     if clip["r"] is not None:
         warnings.warn(
-            f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
-            f"use R clipped to {max_r} for those queries; pass max_r=None for exact values",
+            f"the largest class has R={clip['r']} > max_r={max_r}: for those queries MAP@R "
+            f"counts the ranks past {max_r} as misses (a lower bound) and R-precision is "
+            f"precision@{max_r}, as pytorch-metric-learning's; pass max_r=None for exact values",
             stacklevel=2,
         )
-        r = r.clamp_max(int(max_r))
+        cut = r.clamp_max(max_r)
     out = {f"recall@{k}": v for k, v in _recall(hits, r, ks, lone_queries).items()}
     ranks = torch.arange(1, hits.shape[1] + 1)
-    relevant = hits & (ranks[None, :] <= r[:, None])
+    relevant = hits & (ranks[None, :] <= cut[:, None])
     has_r = r > 0
-    r_float = r.clamp_min(1).double()
     precision_at_hits = relevant.cumsum(1).double() / ranks * relevant
-    map_r = precision_at_hits.sum(1) / r_float
-    r_precision = relevant.sum(1).double() / r_float
+    map_r = precision_at_hits.sum(1) / r.clamp_min(1).double()  # the true R
+    r_precision = relevant.sum(1).double() / cut.clamp_min(1).double()
     out["map@r"] = float(map_r[has_r].mean()) if has_r.any() else float("nan")
     out["r_precision"] = float(r_precision[has_r].mean()) if has_r.any() else float("nan")
     return out

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from msl_kit.cli.run import add_plugin_option
+
 
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -115,6 +117,7 @@ def add_use_commands(sub: Any) -> None:
     p.add_argument("--workers", type=int, help="loader processes, 0: none (default: the run's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the run's)")
     p.add_argument("--chunk-size", type=int, help="images per resumable piece, >= 1 (4096)")
+    add_plugin_option(p)
     p.set_defaults(func=cmd_embed)
     p = sub.add_parser("search", help="the k nearest gallery images of each query")
     p.add_argument("--index", required=True, help="FILE.npz made by msl-kit embed")
@@ -129,6 +132,7 @@ def add_use_commands(sub: Any) -> None:
     p.add_argument(
         "--keep-self", action="store_true", help="let a query that is in the gallery find itself"
     )
+    add_plugin_option(p)
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("export", help="torch.export / TorchScript (+ ONNX) module, uint8 in")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -138,4 +142,5 @@ def add_use_commands(sub: Any) -> None:
         help="NAME.pt2 (torch.export) or NAME.pt (TorchScript); NAME.json (and NAME.onnx) beside",
     )
     p.add_argument("--onnx", action="store_true", help="fail if ONNX cannot be written")
+    add_plugin_option(p)
     p.set_defaults(func=cmd_export)

@@ -2,7 +2,8 @@
 
 `build(name, root, split, transform)` reads the official list files and returns items
 `(image, label, index)`; labels are contiguous per split. The registry lives in
-`msl_kit.registry` and `prepare` in `msl_kit.prepare`; both are re-exported here.
+`msl_kit.datasets.registry` and `prepare` in `msl_kit.datasets.preparation`; the package
+gathers the public names (`from msl_kit.datasets import build, prepare`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from msl_kit.datasets import embedded
-from msl_kit.datasets.layouts.common import LayoutError, Record
+from msl_kit.datasets.layouts.common import DatasetError, LayoutError, Record
 from msl_kit.datasets.layouts.official import read_folder
 from msl_kit.datasets.preparation import dataset_dir, is_complete
 from msl_kit.datasets.registry import (
@@ -102,10 +103,10 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
         return [r for r in records if r.split == split]
     if any(r.split == "val" for r in records):
         if val_fraction > 0:
-            raise ValueError("this dataset has its own val split; leave val_fraction at 0")
+            raise DatasetError("this dataset has its own val split; leave val_fraction at 0")
         return [r for r in records if r.split == split]
     if not 0 < val_fraction < 1:
-        raise ValueError(
+        raise DatasetError(
             f"split 'val' is carved from the training classes: pass 0 < val_fraction < 1 "
             f"(e.g. 0.2), not {val_fraction}"
         )
@@ -159,7 +160,7 @@ def build(
     """
     meta = info(name)
     if split not in meta.splits and not (name == "folder"):
-        raise ValueError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
+        raise DatasetError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
     images = None
     if name == "digits":
         images, records = _digits_records()
@@ -168,24 +169,24 @@ def build(
         base, records = Path("."), embedded.records()
     elif name == "folder":
         if root is None:
-            raise ValueError(
+            raise DatasetError(
                 "the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file"
             )
         base, records = read_folder(Path(root).expanduser())
     else:
         if root is None:
-            raise ValueError(f"{name} needs root, the folder it was prepared in")
+            raise DatasetError(f"{name} needs root, the folder it was prepared in")
         base = dataset_dir(name, root)
         if not is_complete(base, name):
             raise LayoutError(
                 f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
-                f"(or msl_kit.datasets.preparation({name!r}, {str(root)!r}))"
+                f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"
             )
         records = read_layout(name, base)
     chosen = _select(records, split, val_fraction, seed)
     if not chosen:
         have = sorted({r.split for r in records})
-        raise ValueError(
+        raise DatasetError(
             f"{name} has no images in split {split!r} (splits found: {', '.join(have)})"
         )
     if skip_corrupt and images is None and name != "omniglot_small":  # shipped, md5-checked

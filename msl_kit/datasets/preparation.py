@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from msl_kit.datasets.layouts.common import LayoutError
+from msl_kit.datasets.layouts.common import DatasetError, LayoutError
 from msl_kit.datasets.layouts.official import read_folder
 from msl_kit.datasets.registry import DatasetInfo, RemoteFile, info, read_layout
 from msl_kit.files.archives import TMP_MARK, is_archive, safe_extract
@@ -72,10 +72,10 @@ def prepare(
         )
         return Path(root or ".")
     if root is None:
-        raise ValueError(f"prepare {name} needs a root folder, e.g. --root data")
+        raise DatasetError(f"prepare {name} needs a root folder, e.g. --root data")
     for value, what in ((max_bytes, "max_bytes"), (max_members, "max_members")):
         if value is not None and value <= 0:
-            raise ValueError(f"{what} must be positive, not {value}")
+            raise DatasetError(f"{what} must be positive, not {value}")
     if name == "folder":
         base, records = read_folder(Path(root))
         print(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msl_kit.datasets.layouts.cars import read_cars
-from msl_kit.datasets.layouts.common import Record, check_records
+from msl_kit.datasets.layouts.common import DatasetError, Record, check_records
 from msl_kit.datasets.layouts.official import read_cub, read_inshop, read_omniglot, read_sop
 
 
@@ -172,7 +172,7 @@ def register_dataset(dataset: DatasetInfo) -> None:
     """Add a dataset (from a plugin module): its files and splits, and the `reader` of its
     prepared folder's layout; an existing name is refused."""
     if dataset.name in REGISTRY and REGISTRY[dataset.name] != dataset:
-        raise ValueError(f"a dataset named {dataset.name!r} is already registered; pick another")
+        raise DatasetError(f"a dataset named {dataset.name!r} is already registered; pick another")
     REGISTRY[dataset.name] = dataset
 
 
@@ -184,7 +184,7 @@ def list_datasets() -> list[DatasetInfo]:
 def info(name: str) -> DatasetInfo:
     """The registry entry of `name`; ValueError naming the valid names otherwise."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -192,5 +192,5 @@ def read_layout(name: str, ddir: Path) -> list[Record]:
     """The records of dataset `name` prepared in `ddir`, read by its registered layout reader."""
     reader = info(name).reader
     if reader is None:
-        raise ValueError(f"{name} has no official file layout to read")
+        raise DatasetError(f"{name} has no official file layout to read")
     return check_records(name, reader, ddir)

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 # Re-exported: the spec used to be defined here and callers still import it from here.
+from msl_kit.errors import MslKitError
 from msl_kit.preprocessing import CROP_MODES, Preprocessing
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(MslKitError, OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 

@@ -19,9 +19,12 @@ from typing import Any, BinaryIO
 
 import torch
 
+from msl_kit.errors import MslKitError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be read; the message names it and what to do."""
+
+class SafeLoadError(MslKitError, RuntimeError):
+    """A torch file (checkpoint, weights) that cannot be read safely: missing, holding Python
+    objects, truncated or corrupt; the message names it and what to do."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -245,23 +248,23 @@ def safe_load(
     """`torch.load(weights_only=True)` with errors that name the file and say what to do.
 
     A file holding Python objects (which could run code on load) is refused, never unpickled.
-    Raises CheckpointError (missing, refused, truncated or corrupt).
+    Raises SafeLoadError (missing, refused, truncated or corrupt).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        raise SafeLoadError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         refused = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
         if refused and _looks_like_torch_file(path):
-            raise CheckpointError(
+            raise SafeLoadError(
                 f"{what} {path} was refused: it holds Python objects other than tensors and "
                 "plain containers, which could run code when loaded. msl_kit never writes such "
                 "files; turn off safe loading only for a file whose source you trust"
             ) from None
         first = str(e).split(". ")[0][:160]  # torch goes on with advice that does not apply here
-        raise CheckpointError(
+        raise SafeLoadError(
             f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first}); "
             "it was probably cut off mid-write or is not a file of that kind"
         ) from None

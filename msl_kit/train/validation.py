@@ -1,36 +1,39 @@
 """Validation of every config value at load time, before any data is read.
 
 Each failure is one `ConfigError` line naming the key, the value and what is allowed, so a
-bad value never surfaces as a traceback (or a silently wrong run) deep inside training.
+bad value never surfaces as a traceback (or a silently wrong run) deep inside training. The
+range of a single key is declared with the key (`msl_kit.params.param`: the config's
+dataclasses, each loss's and backbone's params); what is checked here is what spans keys or
+needs a registry: a batch that P x K can fill, a loss that takes MS mining, the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from msl_kit.datasets.registry import info
+from msl_kit.errors import MslKitError
 from msl_kit.losses.registry import LOSSES, loss_spec
-from msl_kit.models.builder import preprocessing_spec
-from msl_kit.models.head import HEAD_INITS
-from msl_kit.models.registry import backbone_spec
-from msl_kit.models.timm_backbones import GLOBAL_POOLS, HUB
-from msl_kit.preprocessing import CROP_MODES
+from msl_kit.models.builder import check_pretrained, preprocessing_spec
+from msl_kit.models.registry import backbone_section, backbone_spec
+from msl_kit.params import ParamError, check_value, declared, short
 from msl_kit.train.evaluation import FLOORS
 
 if TYPE_CHECKING:
     from msl_kit.train.config import Config
 
 
-class ConfigError(ValueError):
+class ConfigError(MslKitError, ValueError):
     """A config file or override that cannot be applied; the message says how to fix it."""
 
     def __init__(self, message: str) -> None:
         # One line of readable length however large the value a file or --set gave (a 3 MB
         # YAML value would otherwise be repeated whole in the message): long words are cut,
-        # then the line (the list of valid keys alone is ~1,200 characters).
+        # then the line (the list of valid keys alone is ~1,200 characters). Values are put
+        # in messages through `short`, so no message is ever built from a whole huge value.
         words = [w if len(w) <= 160 else f"{w[:120]}...{w[-20:]}" for w in str(message).split()]
         line = " ".join(words)
         super().__init__(line if len(line) <= 2000 else f"{line[:1800]} ... {line[-150:]}")
@@ -39,7 +42,7 @@ class ConfigError(ValueError):
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise `ConfigError("key = value is not allowed: allowed")` unless `ok`."""
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+        raise ConfigError(f"{key} = {short(value)} is not allowed: {allowed}")
 
 
 def choice(key: str, value: Any, options: Iterable[Any]) -> None:
@@ -48,30 +51,99 @@ def choice(key: str, value: Any, options: Iterable[Any]) -> None:
     check(value in options, key, value, f"use one of {', '.join(map(str, options))}")
 
 
+def check_names(cfg: Config) -> None:
+    """The loss and the backbone a config names are registered."""
+    choice("loss.name", cfg.loss.name, LOSSES)
+    try:
+        backbone_spec(cfg.model.backbone)
+    except (ValueError, ImportError) as e:  # a timm name timm lacks lists the close ones
+        raise ConfigError(f"model.backbone = {short(cfg.model.backbone)}: {e}") from None
+
+
+def check_plugins(cfg: Config, what: str) -> None:
+    """A stored config whose loss, backbone or dataset only a plugin registers, where that
+    plugin is not imported: one line naming the `--plugin` to pass (nothing is imported)."""
+    missing = [p for p in cfg.plugins if p not in sys.modules]
+    if not missing:
+        return
+    registered = (
+        cfg.loss.name in LOSSES,
+        _backbone_known(cfg.model.backbone),
+        _dataset_known(cfg.data.name),
+    )
+    if not all(registered):
+        raise ConfigError(
+            f"{what} was trained with plugin {missing[0]!r}; pass --plugin {missing[0]} to import "
+            f"it (in Python: plugins=[{missing[0]!r}]); a checkpoint never imports code by itself"
+        )
+
+
+def _dataset_known(name: str) -> bool:
+    try:
+        info(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _backbone_known(name: str) -> bool:
+    try:
+        backbone_spec(name)
+    except (ValueError, ImportError):
+        return False
+    return True
+
+
 def validate(cfg: Config) -> None:
     """Check every value of `cfg`; each failure names the key and the allowed range."""
-    _check_finite(cfg)
-    check(0 <= cfg.seed < 2**32, "seed", cfg.seed, "use an integer in [0, 2**32)")
+    _check_declared(cfg)
     _check_data(cfg)
     _check_model(cfg)
     _check_loss(cfg)
     _check_train(cfg)
     _check_eval(cfg)
-    _check_device(cfg.device)
+    try:
+        check_device(cfg.device)
+    except DeviceError as e:
+        raise ConfigError(
+            f"device = {short(cfg.device)} is not allowed: {e}; set device=cpu (or auto)"
+        ) from None
 
 
-def _check_finite(cfg: Config) -> None:
-    """No NaN or inf in any float key: a NaN passes every range check written as `not (x < lo)`
-    and slips through `min()`; inf would train silently (loss.alpha) or diverge (train.lr)."""
-    for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(part):
-            continue
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            values = value if isinstance(value, list) else [value]
-            finite = all(math.isfinite(v) for v in values if isinstance(v, float))
-            check(finite, f"{section.name}.{f.name}", value, "use a finite number")
+def _check_declared(cfg: Config) -> None:
+    """Every declared key in its range, no NaN or inf in any float (a NaN passes every range
+    check written as `not (x < lo)`); the components' values against their declarations."""
+    try:
+        _declared_section("", cfg)
+        for f in dataclasses.fields(cfg):
+            part = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(part):
+                _declared_section(f"{f.name}.", part)
+        for section, name, params in (
+            ("loss", cfg.loss.name, LOSSES[cfg.loss.name].params),
+            (
+                "model",
+                backbone_section(cfg.model.backbone),
+                backbone_spec(cfg.model.backbone).params,
+            ),
+        ):
+            held = getattr(cfg, section).params
+            if (params is None) != (held is None) or (params and type(held) is not params):
+                raise ConfigError(
+                    f"{section}.params holds another component's values than {section} names "
+                    f"({name}): change the component with load_config, not by assignment"
+                )
+            if held is not None:
+                _declared_section(f"{section}.{name}.", held)
+    except ParamError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _declared_section(prefix: str, part: Any) -> None:
+    for name, (annotation, meta) in declared(type(part)).items():
+        value = getattr(part, name)
+        if name != "params" and not dataclasses.is_dataclass(value):
+            check_value(f"{prefix}{name}", value, annotation, meta)
 
 
 def _check_data(cfg: Config) -> None:
@@ -79,28 +151,15 @@ def _check_data(cfg: Config) -> None:
     try:
         info(d.name)
     except ValueError as e:
-        raise ConfigError(f"data.name = {d.name!r}: {e}") from None
-    check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use 0 <= value < 1")
-    check(d.workers >= 0, "data.workers", d.workers, "use 0 or more worker processes")
+        raise ConfigError(f"data.name = {short(d.name)}: {e}") from None
     scale_ok = d.crop_scale is None or (
         len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1
     )
     check(scale_ok, "data.crop_scale", d.crop_scale, "use 0 < low <= high <= 1, like [0.16, 1.0]")
-    choice("data.crop_mode", d.crop_mode, [None, *CROP_MODES])
 
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
-    try:
-        spec = backbone_spec(m.backbone)
-    except (ValueError, ImportError) as e:  # a timm name timm lacks lists the close ones
-        raise ConfigError(f"model.backbone = {m.backbone!r}: {e}") from None
-    check(m.embedding_dim >= 2, "model.embedding_dim", m.embedding_dim, "use 2 or more")
-    check(m.image_size >= 8, "model.image_size", m.image_size, "use 8 px or more")
-    check(m.resize_size >= 0, "model.resize_size", m.resize_size, "use 0 (= image_size) or more")
-    choice("model.in_channels", m.in_channels, [1, 3])
-    check(m.width >= 1, "model.width", m.width, "use 1 or more")
-    choice("model.head_init", m.head_init, HEAD_INITS)
     check(
         not m.freeze_bn_affine or m.freeze_bn,
         "model.freeze_bn_affine",
@@ -109,48 +168,18 @@ def _check_model(cfg: Config) -> None:
         "--bn-freeze)",
     )
     check(all(m.freeze_modules), "model.freeze_modules", m.freeze_modules, "name modules")
-    _check_pretrained(m.backbone, m.pretrained, spec.takes_pretrained)
-    _check_timm_options(cfg, spec.options)
-
-
-def _check_pretrained(backbone: str, pretrained: str | None, own_download: bool) -> None:
-    """`hub` only where the backbone downloads its own weights, `default` only where not."""
-    word = "default" if own_download else HUB
-    allowed = (
-        "use hub (timm's own download), a weights file path, or none"
-        if own_download
-        else "use default (the published file's cache path), a weights file path, or none"
-    )
-    message = f"{backbone} takes no {word}: {allowed}"
-    check(pretrained != word, "model.pretrained", pretrained, message)
-
-
-def _check_timm_options(cfg: Config, options: tuple[str, ...]) -> None:
-    """global_pool and input_size only for the backbones that take them; sizes that fit."""
-    m = cfg.model
-    for key, unset in (("global_pool", None), ("input_size", 0)):
-        value = getattr(m, key)
-        check(
-            value == unset or key in options,
-            f"model.{key}",
-            value,
-            f"only timm backbones take it; {m.backbone} has none",
-        )
-    choice("model.global_pool", m.global_pool, [None, *GLOBAL_POOLS])
-    check(m.input_size >= 0, "model.input_size", m.input_size, "use 0 (timm's own) or 16 or more")
-    check(m.input_size == 0 or m.input_size >= 16, "model.input_size", m.input_size, "use 16+")
-    if "input_size" in options and (m.input_size or m.resize_size):
-        try:  # resize_size below the input size: timm_preprocessing says so in one line
-            preprocessing_spec(m.backbone, input_size=m.input_size, resize_size=m.resize_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        check_pretrained(m.backbone, m.pretrained)
+        # the backbone's own checks across its options (timm: a resize below the input size)
+        options = dataclasses.asdict(m.params) if m.params is not None else {}
+        preprocessing_spec(m.backbone, **options)
+    except ParamError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_loss(cfg: Config) -> None:
     lo = cfg.loss
-    choice("loss.name", lo.name, LOSSES)
     spec = loss_spec(lo.name)
-    choice("loss.mining", lo.mining, [None, "ms", "none"])
     takes_mining = [name for name, s in LOSSES.items() if s.mining]
     check(
         lo.mining is None or spec.mining,
@@ -158,12 +187,6 @@ def _check_loss(cfg: Config) -> None:
         lo.mining,
         f"loss.name={lo.name} has no MS mining option; it is for {', '.join(takes_mining)}",
     )
-    check(lo.alpha > 0, "loss.alpha", lo.alpha, "use a value > 0 (released recipe: 2)")
-    check(0 < lo.beta <= 1000, "loss.beta", lo.beta, "use 0 < value <= 1000 (released: 40)")
-    check(-1 <= lo.lam <= 1, "loss.lam", lo.lam, "similarities lie in [-1, 1]: use a value there")
-    check(0 <= lo.margin < 2, "loss.margin", lo.margin, "use 0 <= value < 2 (released: 0.1)")
-    xbm = (lo.xbm_size, lo.xbm_start, lo.xbm_weight)
-    check(min(xbm) >= 0, "loss.xbm_size/start/weight", xbm, "use values >= 0")
     check(
         not lo.xbm_size or spec.pairs,
         "loss.xbm_size",
@@ -171,19 +194,11 @@ def _check_loss(cfg: Config) -> None:
         f"cross-batch memory scores batch-to-memory pairs, but loss.name={lo.name} scores "
         "samples against its learned proxies, not pairs: use loss.xbm_size=0",
     )
-    check(
-        0 <= lo.proxy_lr_mult <= 1e4,
-        "loss.proxy_lr_mult",
-        lo.proxy_lr_mult,
-        "use 0 <= value <= 10000 (Proxy-Anchor's release: 100)",
-    )
 
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
     k = t.samples_per_class
-    check(t.iterations >= 1, "train.iterations", t.iterations, "use 1 or more")
-    choice("train.sampler", t.sampler, ["pk", "random"])
     if t.sampler == "pk":
         check(
             k >= 2,
@@ -197,73 +212,55 @@ def _check_train(cfg: Config) -> None:
             t.batch_size,
             f"use a multiple of train.samples_per_class ({k}) holding 2 or more classes",
         )
-    check(t.batch_size >= 2, "train.batch_size", t.batch_size, "use 2 or more")
-    check(t.lr > 0, "train.lr", t.lr, "use a learning rate > 0 (released recipe: 3e-5)")
-    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
-    check(0 < t.lr_gamma <= 1, "train.lr_gamma", t.lr_gamma, "use 0 < value <= 1")
-    check(all(s >= 1 for s in t.lr_steps), "train.lr_steps", t.lr_steps, "use iterations >= 1")
-    check(t.warmup >= 0, "train.warmup", t.warmup, "use 0 (none) or more iterations")
     check(
-        0 <= t.warmup_frozen <= t.iterations,
+        t.warmup_frozen <= t.iterations,
         "train.warmup_frozen",
         t.warmup_frozen,
         f"use 0 (off) to train.iterations ({t.iterations}) iterations with the backbone frozen",
     )
-    choice("train.optimizer", t.optimizer, ["adam", "adamw"])
-    for key, value in (
-        ("grad_clip_value", t.grad_clip_value),
-        ("grad_clip_norm", t.grad_clip_norm),
-    ):
-        check(value >= 0, f"train.{key}", value, "use 0 (off) or a positive threshold, e.g. 10")
-    mults = (t.backbone_lr_mult, t.head_lr_mult)
-    check(min(mults) >= 0, "train.backbone_lr_mult/head_lr_mult", mults, "use values >= 0")
-    choice("train.class_draw", t.class_draw, ["uniform", "released"])
-    check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (end only) or more")
-    check(
-        t.checkpoint_every >= 0,
-        "train.checkpoint_every",
-        t.checkpoint_every,
-        "use 0 (end only) or more",
-    )
-    check(t.log_every >= 1, "train.log_every", t.log_every, "use 1 or more iterations")
-    choice("train.amp", t.amp, ["none", "bf16", "fp16"])
-    check(t.threads >= 0, "train.threads", t.threads, "use 0 (automatic) or more")
 
 
 def _check_eval(cfg: Config) -> None:
     e = cfg.eval
-    choice("eval.split", e.split, ["test", "val"])
     check(
         e.split != "val" or cfg.data.val_fraction > 0,
         "eval.split",
         e.split,
         "val needs data.val_fraction > 0 (e.g. --set data.val_fraction=0.2)",
     )
-    check(bool(e.ks) and min(e.ks) >= 1, "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
-    check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use 1 or more")
-    choice("eval.metric", e.metric, ["ip", "euclidean"])
-    choice("eval.lone_queries", e.lone_queries, ["miss", "skip"])
+    check(bool(e.ks), "eval.ks", e.ks, "use ranks >= 1, like [1, 2]")
     if isinstance(e.floors, list):
         for name in e.floors:
             choice("eval.floors", name, FLOORS)
 
 
-def _check_device(name: str) -> None:
+def check_ranks(cfg: Config, top: int) -> None:
+    """eval.ks must fit the evaluation split, whose queries rank at most `top` items."""
+    if max(cfg.eval.ks) > top:
+        raise ConfigError(
+            f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
+            f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
+        )
+
+
+class DeviceError(MslKitError, ValueError):
+    """A device this machine does not have (or no device at all); says which it has."""
+
+
+def check_device(name: str) -> str:
+    """`name` if this machine can run on it (cpu, cuda, cuda:N or auto), else DeviceError in
+    one line saying which devices it has. Training, evaluate, embed and search all ask here."""
     import torch
 
     try:
         device = torch.device("cuda" if name == "auto" else name)
-    except RuntimeError:
-        raise ConfigError(
-            f"device = {name!r} is not allowed: use cpu, cuda, cuda:N or auto"
-        ) from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{short(name)} names no device (cpu, cuda, cuda:N or auto)") from None
     if name == "auto" or device.type == "cpu":
-        return
-    check(device.type == "cuda", "device", name, "use cpu, cuda, cuda:N or auto")
+        return name
+    if device.type != "cuda":
+        raise DeviceError(f"{device.type} is not supported (cpu, cuda, cuda:N or auto)")
     count = torch.cuda.device_count()
-    check(
-        count > (device.index or 0),
-        "device",
-        name,
-        f"this machine sees {count} CUDA GPU(s): use --set device=cpu (or auto)",
-    )
+    if count <= (device.index or 0):
+        raise DeviceError(f"this machine sees {count} CUDA GPU(s)")
+    return name

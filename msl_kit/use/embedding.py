@@ -34,8 +34,9 @@ from msl_kit.errors import MslKitError
 from msl_kit.files import tree
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
-from msl_kit.train import engine, evaluation, recipe
-from msl_kit.train.rundir import take_lock
+from msl_kit.train import evaluation, recipe
+from msl_kit.train.checkpoint import load_model
+from msl_kit.train.rundir import RunFolder, take_lock
 from msl_kit.use import outputs
 from msl_kit.use.index import FORMAT, Embeddings, IndexFileError, write_npz
 
@@ -69,8 +70,7 @@ def check_options(
 
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's checkpoint.pt."""
-    path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    return RunFolder.checkpoint_of(path)
 
 
 @dataclass
@@ -245,8 +245,8 @@ def prepare_job(
 ) -> Job:
     """Load the checkpoint's model and eval transform as `evaluate` does; list the images."""
     path = checkpoint_file(checkpoint)
-    model, cfg = engine.load_model(path)
-    dev = recipe.pick_device(device or cfg.device)
+    model, cfg = load_model(path, device=device)  # None: the run's device where this has it
+    dev = recipe.pick_device(cfg.device)
     model.to(dev)
     spec = recipe.preprocessing(cfg)
     tf = transforms.build_transform(spec, train=False)

@@ -32,7 +32,8 @@ from msl_kit.files.atomic import atomic_write_files
 from msl_kit.files.download import sha256sum
 from msl_kit.models.head import EmbeddingModel
 from msl_kit.preprocessing import Preprocessing
-from msl_kit.train import engine, recipe
+from msl_kit.train import recipe
+from msl_kit.train.checkpoint import load_model
 from msl_kit.use.description import FORMAT_FAMILY, describe
 from msl_kit.use.embedding import checkpoint_file
 
@@ -293,7 +294,7 @@ def export(checkpoint: str | Path, out: str | Path, *, onnx: bool | None = None)
     kind = module_format(out)
     targets = check_targets(out, onnx_wanted(onnx))
     ckpt = checkpoint_file(checkpoint)
-    model, cfg = engine.load_model(ckpt)
+    model, cfg = load_model(ckpt)
     spec = recipe.preprocessing(cfg)
     wrapped = UInt8Model(model.float().to(memory_format=torch.contiguous_format), spec).eval()
     size = spec.input_size

@@ -39,7 +39,8 @@ _KINDS = "fiubU"  # numbers, booleans and text: an index holds nothing else
 
 
 class IndexFileError(MslKitError, ValueError):
-    """An embeddings file that cannot be used as one; the message names it and says why."""
+    """An embeddings file that cannot be used as one, or a query it cannot answer; the message
+    names it and says what to do."""
 
 
 def is_index(path: str | Path) -> bool:
@@ -205,13 +206,13 @@ class Embeddings:
         """Refuse, in one line, a query of another dimension or embedded by another checkpoint."""
         vectors = query.embeddings if isinstance(query, Embeddings) else np.asarray(query)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(
+            raise IndexFileError(
                 f"the query vectors have shape {tuple(vectors.shape)} but the index holds "
                 f"{self.dim}-d vectors: embed the query with the index's checkpoint"
             )
         other = getattr(query, "checkpoint_sha256", "")
         if other and self.checkpoint_sha256 and other != self.checkpoint_sha256:
-            raise ValueError(
+            raise IndexFileError(
                 f"the query was embedded by another checkpoint ({query.checkpoint}, sha256 "
                 f"{other[:12]}) than the index ({self.checkpoint}, sha256 "
                 f"{self.checkpoint_sha256[:12]}): embed both with the same checkpoint"
@@ -241,7 +242,7 @@ class Embeddings:
         extra = int(copies[query_ids].max(initial=0)) if exclude_self else 0
         k = min(int(k), len(self) - extra)
         if k < 1:
-            raise ValueError("the gallery holds no image other than the query itself")
+            raise IndexFileError("the gallery holds no image other than the query itself")
         backend = backend or exact_backend(self.embeddings)
         scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
         if extra:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from msl_kit import metrics
 from msl_kit.datasets.registry import DatasetInfo, list_datasets
+from msl_kit.train.rundir import RunFolder
 from msl_kit.viz.common import (
     SPLIT_COLORS,
     as_image_array,
@@ -152,7 +153,7 @@ def recall_curves(
 
     fig, ax = fig_ax(ax, 6, 3.6)
     for run in find_runs(runs):
-        path = run / "history.csv"
+        path = RunFolder(run).history
         history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
         if metric in history:
             points = history.dropna(subset=[metric])

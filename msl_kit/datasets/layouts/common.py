@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from msl_kit.errors import MslKitError
+
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
@@ -25,8 +27,12 @@ IMAGE_EXTENSIONS = (
 )
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(MslKitError, FileNotFoundError):
     """A dataset folder that does not hold the files of the official layout."""
+
+
+class DatasetError(MslKitError, ValueError):
+    """A dataset name, split or labelling that cannot be used; the message says what to do."""
 
 
 class Record(NamedTuple):
