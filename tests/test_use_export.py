@@ -99,14 +99,13 @@ def run(tmp_path_factory):
 def timm_run(tmp_path_factory):
     """An untrained timm:resnet18 checkpoint at 32 px (bicubic, crop two_step), no training."""
     pytest.importorskip("timm")
-    from msl_kit.train import engine
-    from msl_kit.train.checkpoint import save_checkpoint
+    from msl_kit.train.checkpoint import load_model, save_checkpoint
     from msl_kit.train.config import load_config, to_dict
 
     sets = ["model.backbone=timm:test_efficientnet.r160_in1k", "model.pretrained=none"]
-    sets.append("model.input_size=32")
+    sets.append("model.timm.input_size=32")
     cfg = load_config(None, sets + ["model.embedding_dim=16"])
-    model, _ = engine.load_model(None, cfg)
+    model, _ = load_model(None, cfg)
     path = tmp_path_factory.mktemp("timm_run") / "checkpoint.pt"
     save_checkpoint({"model": model.state_dict(), "config": to_dict(cfg)}, path)
     return path
