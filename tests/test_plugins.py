@@ -1,6 +1,7 @@
 """A loss and a backbone from a module outside msl_kit: one file each, with parameters of their
-own that `--set`, sweeps, the checks and config.yaml all know; and a checkpoint that names a
-plugin imports nothing unless the user passes `--plugin`."""
+own that `--set`, sweeps, the checks and config.yaml all know; a dataset from such a module,
+trained on and embedded through its own store; and a checkpoint that names a plugin imports
+nothing unless the user passes `--plugin`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -101,6 +103,51 @@ MARKER = textwrap.dedent(
     register_loss("marked", LossSpec(ContrastiveLoss, "Contrastive, from a plugin"))
     """
 )
+# A dataset of a plugin's own: images made in memory, read through a `Shipped` store; nothing
+# inside msl_kit names it.
+DATA_PLUGIN = textwrap.dedent(
+    """
+    import numpy as np
+    from PIL import Image
+
+    from msl_kit.datasets.layouts.common import Record
+    from msl_kit.datasets.registry import DatasetInfo, register_dataset
+    from msl_kit.datasets.stores import Shipped
+    from msl_kit.datasets.transforms import CorruptImageError
+
+    CLASSES, PER_CLASS = 10, 4  # bars at rows 0-5 train, 6-9 test (rows 8, 9: columns)
+
+
+    def records():
+        return [
+            Record(str(c * PER_CLASS + k), c, f"bar{c}", "train" if c < 6 else "test")
+            for c in range(CLASSES)
+            for k in range(PER_CLASS)
+        ]
+
+
+    def load(item):
+        if not item.isdigit() or int(item) >= CLASSES * PER_CLASS:
+            raise CorruptImageError(f"toybars has no item {item!r}")
+        i = int(item)
+        pixels = np.random.default_rng(i).integers(0, 60, (8, 8)).astype(np.uint8)
+        c = i // PER_CLASS
+        if c < 8:
+            pixels[c, :] = 255
+        else:
+            pixels[:, c - 6] = 255
+        return Image.fromarray(pixels)
+
+
+    register_dataset(
+        DatasetInfo(
+            "toybars", "bars on noise", "40 images, 10 classes", "MIT", "a test", grey=True,
+            split_rule="classes 0-5 train, 6-9 test",
+            store=Shipped(records, load, "toy_data_plugin"),
+        )
+    )
+    """
+)
 QUICK = ["train.iterations=2", "train.eval_every=0", "train.threads=1", "eval.floors=false"]
 
 
@@ -108,6 +155,7 @@ QUICK = ["train.iterations=2", "train.eval_every=0", "train.threads=1", "eval.fl
 def plugin_env(tmp_path: Path) -> dict:
     (tmp_path / "toy_plugin.py").write_text(PLUGIN)
     (tmp_path / "marker_plugin.py").write_text(MARKER)
+    (tmp_path / "toy_data_plugin.py").write_text(DATA_PLUGIN)
     repo = Path(__file__).resolve().parents[1]
     return {
         **os.environ,
@@ -231,6 +279,7 @@ def test_a_registered_dataset_is_read_through_its_own_reader(tmp_path, monkeypat
     valid in a config and `read_layout` reads its prepared folder with that reader."""
     from msl_kit.datasets import registry
     from msl_kit.datasets.layouts.common import Record
+    from msl_kit.datasets.preparation import PreparedFolder
     from msl_kit.train.config import load_config
 
     def read_toy(ddir: Path) -> list[Record]:
@@ -238,7 +287,8 @@ def test_a_registered_dataset_is_read_through_its_own_reader(tmp_path, monkeypat
         return [Record(p, int(p[0]), p[0], "train" if p[0] < "5" else "test") for p in rows]
 
     monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # leave no trace
-    toy = registry.DatasetInfo("toyset", "toy", "4 images", "MIT", "a test", reader=read_toy)
+    store = PreparedFolder(read_toy)
+    toy = registry.DatasetInfo("toyset", "toy", "4 images", "MIT", "a test", store=store)
     registry.register_dataset(toy)
     (tmp_path / "list.txt").write_text("1a.png 2b.png 6c.png 7d.png")
     assert load_config(values={"data.name": "toyset"}).data.name == "toyset"
@@ -246,3 +296,53 @@ def test_a_registered_dataset_is_read_through_its_own_reader(tmp_path, monkeypat
     assert [(r.path, r.split) for r in records][:2] == [("1a.png", "train"), ("2b.png", "train")]
     with pytest.raises(ValueError, match="already registered"):
         registry.register_dataset(registry.DatasetInfo("toyset", "other", "", "", ""))
+
+
+@pytest.mark.slow
+def test_a_plugins_dataset_trains_and_is_embedded_by_name(tmp_path, plugin_env):
+    """A dataset registered from outside msl_kit, images in memory behind its own store: a run
+    trains on it (its train split) and evaluates on its test split, and `embed --dataset` names
+    its items as the store does, with the labels of the split."""
+    run, index = tmp_path / "run", tmp_path / "bars.npz"
+    own = ["plugins=[toy_data_plugin]", "data.name=toybars", "train.batch_size=8"]
+    own += ["train.samples_per_class=2"]
+    done = _cli(plugin_env, "train", "--config", "digits", "--out", str(run), sets=own + QUICK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["name"] == "toybars"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iteration"] == 2 and 0 <= metrics["recall@1"] <= 1
+    embed = ["embed", "--checkpoint", str(run), "--dataset", "toybars", "--out", str(index)]
+    done = _cli(plugin_env, *embed, "--plugin", "toy_data_plugin")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "16 images -> 64-d vectors, 4 classes" in done.stdout
+    with np.load(index) as z:
+        assert list(z["paths"]) == [f"toybars:{i}" for i in range(24, 40)]
+        assert list(z["labels"]) == [c for c in range(4) for _ in range(4)]
+    without = _cli(plugin_env, *embed[:-1], str(tmp_path / "other.npz"))
+    assert without.returncode == 2 and "pass --plugin toy_data_plugin" in without.stderr
+
+
+def test_a_shipped_store_serves_build_prepare_embed_names_and_thumbnails(monkeypatch, capsys):
+    """What a plugin's `Shipped` store owns, in process: the split, its mode, `prepare` and
+    `is_prepared` (nothing to do), the item names `embed` stores and the search grid's
+    thumbnail of such a name (the store's own image, not a file)."""
+    from msl_kit import datasets
+    from msl_kit.datasets import registry
+    from msl_kit.viz.retrieval import thumbnail
+
+    namespace: dict = {}
+    exec(DATA_PLUGIN.replace("register_dataset(", "entry = ("), namespace)
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # leave no trace
+    datasets.register_dataset(namespace["entry"])
+    train = datasets.build("toybars", None, "train")
+    assert (len(train), train.classes[:2]) == (24, ["bar0", "bar1"])
+    image, label, index = train[5]
+    assert (image.mode, image.size, label, index) == ("L", (8, 8), 1, 5)
+    names = datasets.build("toybars", "ignored", "test").item_names()
+    assert names[:2] == ["toybars:24", "toybars:25"]
+    drawn = thumbnail(names[1])
+    assert drawn is not None and np.array_equal(drawn, np.asarray(namespace["load"]("25")))
+    assert thumbnail("toybars:99") is None  # an unknown item: "not readable", not a crash
+    assert datasets.is_prepared("toybars", None)
+    datasets.prepare("toybars", None)
+    assert "toybars ships with toy_data_plugin: nothing to prepare" in capsys.readouterr().out

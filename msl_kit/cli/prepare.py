@@ -6,8 +6,7 @@ import argparse
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from msl_kit.datasets.preparation import prepare
-    from msl_kit.datasets.registry import list_datasets
+    from msl_kit.datasets.registry import list_datasets, prepare
 
     if args.weights:
         from msl_kit.models.weights import download_weights

@@ -1,20 +1,23 @@
-"""Datasets: the registry (files, md5s, licences, splits, layout readers), `prepare`, the
-embedded Omniglot-small set, the torch Datasets (`build`), image decoding and transforms, and
-the batch samplers. Import the public names from here (`from msl_kit.datasets import build`);
-layout helpers for a plugin's own reader are in `msl_kit.datasets.layouts.common`."""
+"""Datasets: the registry (files, md5s, licences, splits, and each entry's store: how its
+images are read and what it needs), `prepare`, the shipped sets (Omniglot-small, digits), the
+torch Datasets (`build`), image decoding and transforms, and the batch samplers. Import the
+public names from here (`from msl_kit.datasets import build`); layout helpers for a plugin's own
+reader are in `msl_kit.datasets.layouts.common`."""
 
 from msl_kit.datasets.dataset import ImageDataset, build
 from msl_kit.datasets.layouts.common import LayoutError, Record
-from msl_kit.datasets.preparation import dataset_dir, is_prepared, prepare
+from msl_kit.datasets.preparation import PreparedFolder, RemoteFile, dataset_dir
 from msl_kit.datasets.registry import (
     REGISTRY,
     DatasetInfo,
-    RemoteFile,
     info,
+    is_prepared,
     list_datasets,
+    prepare,
     register_dataset,
 )
 from msl_kit.datasets.sampling import PKSampler, RandomBatchSampler
+from msl_kit.datasets.stores import PrepareOptions, Shipped, Store, UserFolder
 from msl_kit.datasets.transforms import CorruptImageError, build_transform, load_image
 
 __all__ = [
@@ -24,9 +27,14 @@ __all__ = [
     "ImageDataset",
     "LayoutError",
     "PKSampler",
+    "PrepareOptions",
+    "PreparedFolder",
     "RandomBatchSampler",
     "Record",
     "RemoteFile",
+    "Shipped",
+    "Store",
+    "UserFolder",
     "build",
     "build_transform",
     "dataset_dir",

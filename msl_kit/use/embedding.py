@@ -133,11 +133,9 @@ def csv_images(path: Path) -> ImageList:
 
 
 def dataset_images(name: str, root: str | None, split: str, transform: Callable) -> ImageList:
-    """A prepared dataset split (`datasets.build`); items are named "<name>:<path or index>"."""
+    """A registered dataset's split (`datasets.build`), items named as its store names them."""
     ds = build(name, root, split, transform)
-    paths = [f"{name}:{p or i}" for i, p in enumerate(getattr(ds, "paths", [""] * len(ds)))]
-    if hasattr(ds, "root") and str(ds.root) != ".":
-        paths = [str((ds.root / p).resolve()) for p in ds.paths]  # real files: searchable, shown
+    paths = ds.item_names()  # files' real paths (searchable, shown), or "<name>:<item>"
     return ImageList(paths, np.asarray(ds.labels), list(ds.classes), ds, f"{name}/{split}")
 
 

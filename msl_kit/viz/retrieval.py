@@ -19,7 +19,7 @@ import numpy as np
 from torch import Tensor
 
 from msl_kit import metrics
-from msl_kit.datasets import embedded
+from msl_kit.datasets.registry import item_image
 from msl_kit.datasets.transforms import CorruptImageError, load_image, to_mode
 from msl_kit.files.tree import printable
 from msl_kit.viz.common import NEG_COLOR, POS_COLOR, QUERY_COLOR, new_figure, show_image, to_numpy
@@ -57,12 +57,11 @@ Cell = tuple[Any, str, str]  # (image or None, frame colour, title)
 
 
 def thumbnail(path: str) -> np.ndarray | None:
-    """An image to draw for a stored path (a file, or an item of the embedded set), within
+    """An image to draw for a stored path (a file, or an item of a shipped set), within
     the decoding limits of `transforms.load_image`; None where it cannot be read."""
     try:
-        if path.startswith("omniglot_small:"):
-            img = embedded.load(path.split(":", 1)[1])
-        else:
+        img = item_image(path)  # "omniglot_small:<member>": its dataset's store decodes it
+        if img is None:
             img = load_image(path, None, THUMB)  # a decompression bomb is refused here
         img = to_mode(img, "L" if img.mode in _GREY else "RGB")
         img.thumbnail((THUMB, THUMB))
