@@ -31,6 +31,7 @@ from msl_kit.datasets.layouts.official import natural
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
 from msl_kit.train import engine, evaluation, recipe
+from msl_kit.use.ann import vectors_sha256
 from msl_kit.use.index import FORMAT, Embeddings, is_index, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
@@ -319,6 +320,7 @@ def assemble(job: Job, part: Path, out: Path) -> None:
                 mm[row : row + len(block)] = block
                 row += len(block)
     mm.flush()
+    digest = vectors_sha256(mm)  # what a faiss index beside the file is tied to
     del mm
     items = job.items
     members = [("embeddings", vectors), ("paths", np.array(items.paths)[kept_all])]
@@ -330,6 +332,7 @@ def assemble(job: Job, part: Path, out: Path) -> None:
         ("checkpoint_sha256", np.array(job.sha)),
         ("preprocessing", np.array(json.dumps(job.spec, sort_keys=True))),
         ("inputs_sha256", np.array(job.fingerprint)),
+        ("embeddings_sha256", np.array(digest)),
         ("format", np.array(FORMAT)),
     ]
     atomic_write_bytes(out, lambda f: write_npz(f, members))

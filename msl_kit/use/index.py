@@ -3,7 +3,8 @@
 FILE.npz is a plain numpy archive (`np.load` reads it, no pickle): `embeddings` (N x D float32,
 L2-normalised), `paths` (N), `labels` (N, indices into `classes`; absent where unknown),
 `classes`, `skipped` (files that could not be decoded), `checkpoint`, `checkpoint_sha256`,
-`preprocessing` (JSON of the model's spec) and `inputs_sha256` (what was embedded, how).
+`preprocessing` (JSON of the model's spec), `inputs_sha256` (what was embedded, how) and
+`embeddings_sha256` (of the vectors' float32 bytes: what a faiss index beside it is tied to).
 The writer fixes member order and zip timestamps, so the same inputs give the same bytes.
 """
 
@@ -20,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from msl_kit import metrics
+from msl_kit.use.ann import AnnIndex, IndexSpec
 
 FORMAT = "msl-kit embeddings 1"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
@@ -66,6 +68,7 @@ class Embeddings:
     preprocessing: dict = dataclasses.field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # inputs that could not be decoded
     inputs_sha256: str = ""
+    embeddings_sha256: str = ""  # as recorded in the file ("" where it records none)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,6 +104,7 @@ class Embeddings:
             preprocessing=json.loads(str(get.get("preprocessing", "{}"))),
             skipped=tuple(get["skipped"].tolist()) if "skipped" in get else (),
             inputs_sha256=str(get.get("inputs_sha256", "")),
+            embeddings_sha256=str(get.get("embeddings_sha256", "")),
         )
 
     def check_query(self, query: Embeddings | np.ndarray) -> None:
@@ -126,9 +130,12 @@ class Embeddings:
         *,
         exclude_self: bool = True,
         backend: Backend | None = None,
+        index: str | IndexSpec | AnnIndex | None = None,
     ) -> Hits:
         """Top-k of this gallery for each query, by inner product: exact with the kit's chunked
-        kNN, or `backend(query_vectors, k) -> (scores, indices)` (e.g. a faiss index).
+        kNN, or `backend(query_vectors, k) -> (scores, indices)`, or a faiss `index`: a kind
+        ("flat", "ivf", "ivfpq", "hnsw") or an `IndexSpec` built now in memory, or an
+        `AnnIndex` over these vectors (`msl_kit.use.ann.open_index` keeps one beside a file).
 
         A query whose path is also in this gallery does not find itself unless
         `exclude_self=False`; other queries are a separate set (In-Shop style).
@@ -142,6 +149,12 @@ class Embeddings:
         k = min(int(k), len(self) - extra)
         if k < 1:
             raise ValueError("the gallery holds no image other than the query itself")
+        if index is not None:
+            if not isinstance(index, AnnIndex):
+                index = AnnIndex.build(self.embeddings, index, k)
+            elif not index.matches(self.embeddings):
+                raise ValueError("that faiss index holds other vectors than this gallery's")
+            backend = index
         backend = backend or exact_backend(self.embeddings)
         scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
         if extra:
