@@ -48,7 +48,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Top-k gallery images of each query; table, CSV and grid."""
     from msl_kit.use import retrieval as use_search
-    from msl_kit.use.ann import KNOBS, IndexSpec, import_faiss
+    from msl_kit.use.ann.spec import KNOBS, IndexSpec, import_faiss
     from msl_kit.use.index import Embeddings
 
     if args.k < 1:

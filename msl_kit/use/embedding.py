@@ -31,7 +31,7 @@ from msl_kit.datasets.layouts.official import natural
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
 from msl_kit.train import engine, evaluation, recipe
-from msl_kit.use.ann import vectors_sha256
+from msl_kit.use.ann.spec import vectors_sha256
 from msl_kit.use.index import FORMAT, Embeddings, is_index, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors

@@ -21,7 +21,8 @@ from typing import BinaryIO
 import numpy as np
 
 from msl_kit import metrics
-from msl_kit.use.ann import AnnIndex, IndexSpec
+from msl_kit.use.ann.faiss_index import AnnIndex
+from msl_kit.use.ann.spec import IndexSpec
 
 FORMAT = "msl-kit embeddings 1"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")

@@ -19,7 +19,9 @@ import numpy as np
 from msl_kit.datasets import embedded
 from msl_kit.files.atomic import atomic_write_text
 from msl_kit.files.download import sha256sum
-from msl_kit.use.ann import AnnIndex, IndexSpec, open_index
+from msl_kit.use.ann.faiss_index import AnnIndex
+from msl_kit.use.ann.kept import open_index
+from msl_kit.use.ann.spec import IndexSpec
 from msl_kit.use.embedding import EmbedError, checkpoint_file, embed
 from msl_kit.use.index import Embeddings, Hits, is_index
 
