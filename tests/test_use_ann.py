@@ -265,3 +265,21 @@ def test_missing_faiss_is_one_line_naming_the_package(tmp_path, capsys, monkeypa
     assert cli.main(["search", "--index", str(path), "--query", str(path), "--faiss", "hnsw"]) == 2
     assert "pip install faiss-cpu" in one_error(capsys)
     assert cli.main(["search", "--index", str(path), "--query", str(path), "-k", "2"]) == 0
+
+
+def test_the_kept_faiss_file_alone_answers_with_gallery_rows(tmp_path):
+    """Someone who loads FILE.KIND.faiss in faiss (on a GPU, in shards) gets gallery rows as ids,
+    although the recall sample was added last."""
+    import faiss
+
+    x = clustered(3000, 16)
+    path = tmp_path / "g.npz"
+    index_file(path, x)
+    for kind in ("ivf", "hnsw"):
+        search(path, path, 1, use_faiss=kind)
+        index = faiss.read_index(str(tmp_path / f"g.{kind}.faiss"))
+        faiss.ParameterSpace().set_index_parameter(
+            index, "nprobe" if kind == "ivf" else "efSearch", 64
+        )
+        _, ids = index.search(x, 1)
+        assert (ids[:, 0] == np.arange(len(x))).mean() > 0.99

@@ -39,23 +39,28 @@ from msl_kit.use.ann.spec import (
 
 TRAIN_PER_LIST = 64  # vectors per inverted list that train the coarse quantizer
 PQ_RERANK = 4  # IVF-PQ: candidates per result re-ranked by their true vectors
-_ADD_ROWS = 1 << 16  # rows copied per add when the index holds them in another order
+_ADD_ROWS = 1 << 16  # rows copied per add
 
 
 def build_faiss(
     vectors: np.ndarray, kind: str, params: dict[str, int], rows: np.ndarray | None = None
 ) -> Any:
-    """A trained faiss index of `kind` (inner product) holding `rows` of `vectors` in that
-    order (all of them when None); IVF trains on a seeded sample of those rows."""
+    """A trained faiss index of `kind` (inner product) holding `rows` of `vectors` (all when
+    None) with their gallery row as faiss id, whatever the order they are added in (HNSW in an
+    IndexIDMap), so that a user of the file in faiss alone gets gallery rows too; IVF trains on
+    a seeded sample of those rows."""
     faiss = import_faiss()
     d = vectors.shape[1]
-    rows = np.arange(len(vectors)) if rows is None else rows
+    rows = np.arange(len(vectors), dtype=np.int64) if rows is None else rows
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, params["hnsw_m"], ip)
-        index.hnsw.efConstruction = params["ef_construction"]
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return index
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(d, params["hnsw_m"], ip)
+        inner.hnsw.efConstruction = params["ef_construction"]
+        index = faiss.IndexIDMap(inner)
     else:
         nlist, quantizer = params["nlist"], faiss.IndexFlatIP(d)
         if kind == "ivf":
@@ -71,20 +76,19 @@ def build_faiss(
 
 
 def add_rows(index: Any, vectors: np.ndarray, rows: np.ndarray) -> None:
-    """Add `rows` of `vectors` to a faiss index in that order, a block at a time."""
-    if len(rows) == len(vectors) and (rows == np.arange(len(vectors))).all():
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        return
+    """Add `rows` of `vectors` to a faiss index, each with its row as id, a block at a time."""
     for i in range(0, len(rows), _ADD_ROWS):
-        index.add(np.ascontiguousarray(vectors[rows[i : i + _ADD_ROWS]], dtype=np.float32))
+        block = rows[i : i + _ADD_ROWS]
+        index.add_with_ids(np.ascontiguousarray(vectors[block], dtype=np.float32), block)
 
 
 def set_search(index: Any, kind: str, value: int | None) -> None:
-    """Set nprobe (IVF) or efSearch (HNSW) on a faiss index."""
+    """Set nprobe (IVF) or efSearch (HNSW, inside its IndexIDMap) on a faiss index."""
     if value is None:
         return
     if kind == "hnsw":
-        index.hnsw.efSearch = int(value)
+        inner = import_faiss().downcast_index(index.index) if hasattr(index, "id_map") else index
+        inner.hnsw.efSearch = int(value)
     elif kind in ("ivf", "ivfpq"):
         index.nprobe = min(int(value), index.nlist)
 
@@ -110,7 +114,6 @@ class AnnIndex:
     index: Any  # the faiss index
     vectors: np.ndarray  # the gallery
     sha256: str  # of the vectors
-    order: np.ndarray | None  # faiss id -> gallery row (None: the same)
     curve: Curve  # recall measured at build, per search knob value
     search_value: int | None  # nprobe or ef_search in use
     build_seconds: float
@@ -150,8 +153,6 @@ class AnnIndex:
         pq = self.kind == "ivfpq"
         scores, ids = self.index.search(q, int(k) * (PQ_RERANK if pq else 1))
         ids = ids.astype(np.int64)
-        if self.order is not None:
-            ids = np.where(ids >= 0, self.order[np.maximum(ids, 0)], -1)
         if pq:
             true = np.stack([(q * self.vectors[np.maximum(c, 0)]).sum(1) for c in ids.T], 1)
             scores = np.where(ids >= 0, true, -np.inf).astype(np.float32)
@@ -183,20 +184,18 @@ class AnnIndex:
         n, d = vectors.shape
         if log:
             log(f"building faiss {describe(spec.kind, params)} over {n:,} x {d} vectors ...")
-        hold = Holdout.draw(n) if spec.kind != "flat" else Holdout(np.empty(0, np.int64), n)
-        order = hold.order if len(hold.sample) else None
+        hold = Holdout.draw(n) if spec.kind != "flat" else None
         t0 = time.perf_counter()
-        index = build_faiss(vectors, spec.kind, params, order[: n - len(hold.sample)] if
-                            order is not None else None)  # fmt: skip
+        index = build_faiss(vectors, spec.kind, params, None if hold is None else hold.rest)
         seconds = time.perf_counter() - t0
         digest = sha256 or vectors_sha256(vectors)
-        made = cls(spec.kind, params, index, vectors, digest, order, {}, None, seconds)
-        if order is not None:
+        made = cls(spec.kind, params, index, vectors, digest, {}, None, seconds)
+        if hold is not None and len(hold.sample):
             made.measure(hold, min(max(k, 10), n - len(hold.sample)), spec.search_value())
             t0 = time.perf_counter()
             add_rows(index, vectors, hold.sample)
             made.build_seconds += time.perf_counter() - t0
-        elif spec.kind != "flat":  # too few vectors to hold any out: search them all
+        elif hold is not None:  # too few vectors to hold any out: search them all
             made.search_value = spec.search_value() or knob_values(spec.kind, index, n)[-1]
         return made
 

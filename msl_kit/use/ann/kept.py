@@ -18,7 +18,6 @@ import numpy as np
 
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
 from msl_kit.use.ann.faiss_index import AnnIndex
-from msl_kit.use.ann.recall import Holdout
 from msl_kit.use.ann.spec import (
     AnnError,
     IndexSpec,
@@ -104,7 +103,7 @@ def write_index(made: AnnIndex) -> None:
     atomic_write_bytes(made.path, write)
 
 
-def write_meta(made: AnnIndex, meta_path: Path, tie: dict, sample: np.ndarray | None) -> None:
+def write_meta(made: AnnIndex, meta_path: Path, tie: dict) -> None:
     """FILE.<kind>.json: what the index beside it holds, how it was built, its recall."""
     meta = {
         "format": FORMAT,
@@ -117,28 +116,24 @@ def write_meta(made: AnnIndex, meta_path: Path, tie: dict, sample: np.ndarray | 
         "knob": made.knob,
         "default": made.search_value,  # picked for recall at TARGET_RECALL, or given at build
         "curve": {str(v): {str(k): r for k, r in rec.items()} for v, rec in made.curve.items()},
-        "held_out": None if sample is None else sample.tolist(),  # added last: order of ids
+        "held_out": made.held_out,  # gallery vectors the recall was measured on
     }
     atomic_write_text(meta_path, json.dumps(meta))
 
 
 def reopen(index: Any, meta: dict, vectors: np.ndarray, spec: IndexSpec, tie: dict) -> AnnIndex:
     """The AnnIndex of a kept faiss index and its record."""
-    held = meta.get("held_out")
-    hold = Holdout(np.asarray(held, np.int64), len(vectors)) if held else None
     curve = {int(v): {int(k): r for k, r in rec.items()} for v, rec in meta["curve"].items()}
-    value = spec.search_value() or meta.get("default")
     return AnnIndex(
         spec.kind,
         meta["params"],
         index,
         vectors,
         tie["sha256"],
-        None if hold is None else hold.order,
         curve,
-        value,
+        spec.search_value() or meta.get("default"),
         float(meta.get("build_seconds", 0.0)),
-        0 if hold is None else len(hold.sample),
+        int(meta.get("held_out") or 0),
     )
 
 
@@ -171,8 +166,7 @@ def open_index(
         made = AnnIndex.build(vectors, spec, k, sha256=tie["sha256"], log=say)
         made.path = faiss_path
         write_index(made)
-        sample = None if made.order is None else made.order[len(vectors) - made.held_out :]
-        write_meta(made, meta_path, tie, sample)
+        write_meta(made, meta_path, tie)
         size = human_bytes(faiss_path.stat().st_size)
         say(f"built {faiss_path} in {made.build_seconds:.1f} s, {size} on disk")
     else:

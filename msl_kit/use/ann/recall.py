@@ -29,8 +29,7 @@ Curve = dict[int, dict[int, float]]  # search knob value -> {1: recall@1, k: rec
 
 @dataclass
 class Holdout:
-    """The rows held out of an index while its recall is measured; faiss holds the others
-    first, then these (`order`: faiss id -> gallery row)."""
+    """The rows held out of an index while its recall is measured (added after)."""
 
     sample: np.ndarray  # (S,) sorted gallery rows
     n: int
@@ -46,11 +45,6 @@ class Holdout:
     def rest(self) -> np.ndarray:
         """The rows the index holds while it is measured."""
         return np.setdiff1d(np.arange(self.n, dtype=np.int64), self.sample, assume_unique=True)
-
-    @property
-    def order(self) -> np.ndarray:
-        """faiss id -> gallery row: the rest, then the sample."""
-        return np.concatenate([self.rest, self.sample])
 
     def truth(self, vectors: np.ndarray, k: int) -> np.ndarray:
         """(S, k) exact top-k scores of the sample against the rest (the kit's chunked kNN over
