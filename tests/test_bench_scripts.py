@@ -47,3 +47,23 @@ def test_mining_overhead_script_prints_the_ratio():
     )
     assert done.returncode == 0, done.stderr
     assert "% of a step" in done.stdout and "per step at log_every=10" in done.stdout
+
+
+@pytest.mark.slow
+def test_search_scale_script_prints_every_index_and_the_done_when_command(tmp_path):
+    from _fixtures_use import tiny_run
+
+    run = tiny_run(tmp_path)  # 64-d
+    args = [sys.executable, str(REPO / "bench" / "search_scale.py"), "--checkpoint", str(run)]
+    args += ["--dim", "64", "--sizes", "12000", "--queries", "50", "--repeats", "1"]
+    args += ["--threads", "1", "--cli", str(tmp_path / "cli")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "synthetic against real: 4,840 vectors, 242 classes each" in out and "LID@20" in out
+    assert "12,000 x 64 gallery, 50 queries, k = 10" in out
+    for kind in ("exact", "flat", "ivf", "ivfpq", "hnsw"):
+        assert f"\n{kind:6s} " in out
+    assert "recall@10 of the --faiss hnsw CSV against the exact CSV: " in out
+    assert "model for 10,000,000 vectors" in out
+    assert (tmp_path / "cli" / "big.hnsw.faiss").is_file()

@@ -269,6 +269,10 @@ def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, r
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert abs(after - metrics["recall@1"]) < 1e-3  # the R@1 evaluate wrote
     assert after > before + 0.15
+    approx = text(outputs(nb, 'use_faiss="hnsw"'))  # exact against HNSW, recall printed
+    assert "recall against exact search: @1 " in approx and "held out of the index" in approx
+    assert "recall@5 of HNSW against exact search on these 2240 queries: " in approx
+    assert (work / "07" / "trained.hnsw.faiss").is_file()
 
 
 @pytest.mark.slow

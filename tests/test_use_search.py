@@ -57,7 +57,7 @@ def test_exact_and_faiss_match_a_naive_search_excluding_only_the_query_itself(tm
         ref_s, ref_i = naive(query.embeddings, gallery.embeddings, 7, skip)
         np.testing.assert_array_equal(hits.indices, ref_i)
         np.testing.assert_allclose(hits.scores, ref_s, atol=1e-5)
-        backend, _ = faiss_backend(index, gallery)
+        backend = faiss_backend(index, gallery)
         f_hits = gallery.search(query, 7, backend=backend)
         np.testing.assert_array_equal(f_hits.indices, ref_i)
     kept = gallery.search(inside, 3, exclude_self=False)
@@ -67,13 +67,14 @@ def test_exact_and_faiss_match_a_naive_search_excluding_only_the_query_itself(tm
 def test_faiss_index_is_saved_beside_and_reused_while_it_matches(tmp_path):
     gallery = random_set(200, 16, 0, "g")
     index = tmp_path / "g.npz"
-    _, note = faiss_backend(index, gallery)
-    assert note.startswith("built") and (tmp_path / "g.faiss").is_file()
-    _, note = faiss_backend(index, gallery)
-    assert note.startswith("reused")
+    notes = []
+    faiss_backend(index, gallery, log=notes.append)
+    assert notes[-2].startswith("built") and (tmp_path / "g.flat.faiss").is_file()
+    faiss_backend(index, gallery, log=notes.append)
+    assert notes[-2].startswith("reused")
     changed = random_set(200, 16, 5, "g")  # same size, other vectors: rebuilt, not trusted
-    backend, note = faiss_backend(index, changed)
-    assert note.startswith("built")
+    backend = faiss_backend(index, changed, log=notes.append)
+    assert "built over other vectors" in notes[-4] and notes[-2].startswith("built")
     np.testing.assert_array_equal(backend(changed.embeddings[:3], 1)[1][:, 0], [0, 1, 2])
 
 
@@ -95,7 +96,7 @@ def test_cli_search_writes_table_csv_and_grid(small, tmp_path, capsys):
     with Image.open(tmp_path / "g.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
         assert png.info["Software"] == "msl-kit search --grid"  # marked: --grid may replace it
-    assert (index.with_suffix(".faiss")).is_file()
+    assert (index.with_suffix(".flat.faiss")).is_file()
 
 
 def test_grid_colours_hits_and_misses(small):

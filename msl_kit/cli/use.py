@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Top-k gallery images of each query; table, CSV and grid."""
     from msl_kit.use import retrieval as use_search
+    from msl_kit.use.ann.spec import KNOBS, IndexSpec, import_faiss
     from msl_kit.use.index import Embeddings
     from msl_kit.use.outputs import check_replaceable
 
@@ -60,17 +62,29 @@ def cmd_search(args: argparse.Namespace) -> int:
             return _fail(f"{flag} must be at least {low}, got {value}")
     if args.show < -1:
         return _fail(f"--show must be -1 (every query), 0 (none) or more, got {args.show}")
+    knobs = {name: getattr(args, name) for name in KNOBS}
+    given = [f"--{n.replace('_', '-')}" for n, v in knobs.items() if v is not None]
+    if given and not args.faiss:
+        return _fail(f"{given[0]} tunes a faiss index: add --faiss ivf, ivfpq or hnsw")
+    spec = IndexSpec(args.faiss, **knobs) if args.faiss else None  # bad values: one line now
+    if spec is not None:
+        import_faiss()
     if args.out:  # every output checked before any work: nothing replaced that is not ours
         check_replaceable(args.out, "csv")
     if args.grid:
         check_replaceable(args.grid, "grid", "--grid")
     gallery = Embeddings.load(args.index)
     query = use_search.load_query(args.query, gallery, args.checkpoint, progress=True)
-    backend = None
-    if args.faiss:
-        backend, note = use_search.faiss_backend(Path(args.index), gallery)
-        print(note, file=sys.stderr)
-    hits = gallery.search(query, args.k, exclude_self=not args.keep_self, backend=backend)
+    backend, what = None, "exact: metrics.knn"
+    if spec is not None:
+        backend = use_search.faiss_backend(args.index, gallery, spec, args.k, log=_note)
+        what = f"faiss {backend.kind}"
+        what += f", {backend.knob} {backend.search_value}" if backend.knob else ""
+    hits, seconds = timed_search(gallery, query, args.k, not args.keep_self, backend)
+    _note(
+        f"searched {len(hits.scores):,} queries over {len(gallery):,} x {gallery.dim} in "
+        f"{seconds[0]:.3f} s, {seconds[1]:.3f} s of it the kNN ({what})"
+    )
     more = f"all in {args.out}" if args.out else "--show -1 prints them, --out FILE.csv keeps them"
     print(use_search.table(hits, None if args.show < 0 else args.show, more))
     r1 = hits.recall_at_1()
@@ -85,6 +99,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         use_search.write_grid(hits_grid(hits, n_queries=args.grid_queries), args.grid)
         print(f"grid written to {args.grid}")
     return 0
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def timed_search(gallery: Any, query: Any, k: int, exclude_self: bool, backend: Any) -> tuple:
+    """`gallery.search` with its wall time and the time of the kNN itself (exact or faiss)."""
+    from msl_kit.use.index import exact_backend
+
+    inner = backend or exact_backend(gallery.embeddings)
+    knn_seconds = []
+
+    def knn(q: Any, n: int) -> Any:
+        t0 = time.perf_counter()
+        out = inner(q, n)
+        knn_seconds.append(time.perf_counter() - t0)
+        return out
+
+    t0 = time.perf_counter()
+    hits = gallery.search(query, k, exclude_self=exclude_self, backend=knn)
+    return hits, (time.perf_counter() - t0, sum(knn_seconds))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -128,7 +164,19 @@ def add_use_commands(sub: Any) -> None:
     p.add_argument("--grid", help="draw queries beside their top k into this FILE.png")
     p.add_argument("--grid-queries", type=int, default=6, help="queries in the grid (>= 1)")
     p.add_argument("--show", type=int, default=5, help="queries printed (-1: all)")
-    p.add_argument("--faiss", action="store_true", help="faiss IndexFlatIP, kept as FILE.faiss")
+    p.add_argument(
+        "--faiss",
+        nargs="?",
+        const="flat",
+        metavar="KIND",
+        help="search a faiss index, kept as FILE.KIND.faiss: flat (the default, exact), ivf, "
+        "ivfpq or hnsw (approximate; the recall they cost is measured and printed)",
+    )
+    p.add_argument("--nlist", type=int, help="ivf/ivfpq: inverted lists (default 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, help="ivf/ivfpq: lists visited per query (tuned)")
+    p.add_argument("--pq-bytes", type=int, help="ivfpq: bytes per vector (default D / 4)")
+    p.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
+    p.add_argument("--ef-search", type=int, help="hnsw: candidates per query (tuned)")
     p.add_argument(
         "--keep-self", action="store_true", help="let a query that is in the gallery find itself"
     )

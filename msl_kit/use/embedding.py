@@ -38,6 +38,7 @@ from msl_kit.train import evaluation, recipe
 from msl_kit.train.checkpoint import load_model
 from msl_kit.train.rundir import RunFolder, take_lock
 from msl_kit.use import outputs
+from msl_kit.use.ann.spec import vectors_sha256
 from msl_kit.use.index import FORMAT, Embeddings, IndexFileError, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
@@ -364,6 +365,7 @@ def assemble(job: Job, part: Path, out: Path) -> None:
                 mm[row : row + len(block)] = block
                 row += len(block)
     mm.flush()
+    digest = vectors_sha256(mm)  # what a faiss index beside the file is tied to
     del mm
     items = job.items
     refused = [p for p, _ in items.refused]
@@ -380,6 +382,7 @@ def assemble(job: Job, part: Path, out: Path) -> None:
         ("checkpoint_sha256", np.array(job.sha)),
         ("preprocessing", np.array(json.dumps(job.spec, sort_keys=True))),
         ("inputs_sha256", np.array(job.fingerprint)),
+        ("embeddings_sha256", np.array(digest)),
         ("format", np.array(FORMAT)),
     ]
     atomic_write_bytes(out, lambda f: write_npz(f, members))

@@ -5,7 +5,8 @@ L2-normalised), `paths` (N), `labels` (N, indices into `classes`; absent where u
 `classes`, `skipped` (inputs that were not embedded) with `skipped_reasons`, `inputs` (how many
 inputs were listed: paths + skipped), `checkpoint` (its absolute path) and
 `checkpoint_relative` (from the index's folder), `checkpoint_sha256`,
-`preprocessing` (JSON of the model's spec) and `inputs_sha256` (what was embedded, how).
+`preprocessing` (JSON of the model's spec), `inputs_sha256` (what was embedded, how) and
+`embeddings_sha256` (of the vectors' float32 bytes: what a faiss index beside it is tied to).
 The writer fixes member order and zip timestamps, so the same inputs give the same bytes.
 
 An index is data from anywhere: before any array is read, every member's .npy header is
@@ -28,6 +29,8 @@ import numpy as np
 
 from msl_kit import metrics
 from msl_kit.errors import MslKitError
+from msl_kit.use.ann.faiss_index import AnnIndex
+from msl_kit.use.ann.spec import IndexSpec
 
 FORMAT = "msl-kit embeddings 1"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
@@ -135,6 +138,7 @@ class Embeddings:
     inputs: int = -1  # inputs listed when embedded (len(paths) + len(skipped)); -1: unknown
     checkpoint_relative: str = ""  # the checkpoint's path from the index file's folder
     source: str = ""  # the file this was read from (not stored)
+    embeddings_sha256: str = ""  # as recorded in the file ("" where it records none)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,6 +185,7 @@ class Embeddings:
             inputs=int(get["inputs"]) if "inputs" in get else -1,
             checkpoint_relative=text("checkpoint_relative"),
             source=str(path),
+            embeddings_sha256=text("embeddings_sha256"),
         )
         emb.check_arrays(path)
         return emb
@@ -225,9 +230,12 @@ class Embeddings:
         *,
         exclude_self: bool = True,
         backend: Backend | None = None,
+        index: str | IndexSpec | AnnIndex | None = None,
     ) -> Hits:
         """Top-k of this gallery for each query, by inner product: exact with the kit's chunked
-        kNN, or `backend(query_vectors, k) -> (scores, indices)` (e.g. a faiss index).
+        kNN, or `backend(query_vectors, k) -> (scores, indices)`, or a faiss `index`: a kind
+        ("flat", "ivf", "ivfpq", "hnsw") or an `IndexSpec` built now in memory, or an
+        `AnnIndex` over these vectors (`msl_kit.use.ann.open_index` keeps one beside a file).
 
         A query whose path is also in this gallery finds none of the gallery's rows with that
         path (a file listed twice is still itself) unless `exclude_self=False`; other queries
@@ -243,6 +251,12 @@ class Embeddings:
         k = min(int(k), len(self) - extra)
         if k < 1:
             raise IndexFileError("the gallery holds no image other than the query itself")
+        if index is not None:
+            if not isinstance(index, AnnIndex):
+                index = AnnIndex.build(self.embeddings, index, k)
+            elif not index.matches(self.embeddings):
+                raise IndexFileError("that faiss index holds other vectors than this gallery's")
+            backend = index
         backend = backend or exact_backend(self.embeddings)
         scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
         if extra:

@@ -1,7 +1,7 @@
 """Search an embeddings file: `search(index, query, k)`, a results table, CSV, and the grid file.
 
-Exact search by default (the kit's chunked kNN); `use_faiss=True` builds a faiss IndexFlatIP,
-saves it beside FILE.npz as FILE.faiss and reuses it while it still matches the vectors.
+Exact search by default (the kit's chunked kNN); `use_faiss` searches a faiss index instead
+(flat, IVF, IVF-PQ or HNSW, see `ann`), kept beside FILE.npz and tied to its vectors.
 The grid figure itself is drawn by `msl_kit.viz.retrieval.hits_grid` from the `Hits` returned
 here; `write_grid` saves it marked as a search grid (see `outputs`).
 """
@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import csv
 import io
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
 from msl_kit.files.tree import printable
+from msl_kit.use.ann.faiss_index import AnnIndex
+from msl_kit.use.ann.kept import open_index
+from msl_kit.use.ann.spec import IndexSpec
 from msl_kit.use.embedding import EmbedError, checkpoint_file, embed
-from msl_kit.use.index import Backend, Embeddings, Hits, is_index
+from msl_kit.use.index import Embeddings, Hits, is_index
 from msl_kit.use.outputs import CSV_HEADER, GRID_MARK
-
-FAISS_MISSING = "faiss is not installed: pip install faiss-cpu (or search without --faiss)"
 
 
 def load_query(
@@ -72,44 +73,34 @@ def find_checkpoint(index: Embeddings) -> Path:
     return checkpoint_file(stored)
 
 
-def faiss_backend(index_file: Path, gallery: Embeddings) -> tuple[Backend, str]:
-    """A faiss IndexFlatIP over the gallery, read from FILE.faiss when it matches, else built
-    and saved there; returns the search function and what was done."""
+def vectors_crc32(index_file: str | Path) -> int | None:
+    """The zip CRC-32 of FILE.npz's vector bytes (free to read, checked by every load): a
+    file rewritten with new vectors but its old `embeddings_sha256` still differs here."""
     try:
-        import faiss
-    except ImportError:
-        raise EmbedError(FAISS_MISSING) from None
-    path = Path(index_file).with_suffix(".faiss")
-    vectors = np.ascontiguousarray(gallery.embeddings, dtype=np.float32)
-    index, note = None, f"built faiss index {path}"
-    if path.is_file():
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError:
-            index = None
-        if index is not None and matches(index, vectors):
-            note = f"reused faiss index {path}"
-        else:
-            index = None
-    if index is None:
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        blob = faiss.serialize_index(index)
-        atomic_write_bytes(path, lambda f: f.write(blob.tobytes()))
-
-    def search(query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
-        return scores, ids.astype(np.int64)
-
-    return search, note
+        with zipfile.ZipFile(index_file) as zf:
+            return zf.getinfo("embeddings.npy").CRC
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
 
 
-def matches(index, vectors: np.ndarray) -> bool:
-    """Whether a flat faiss index holds these vectors (size, dimension, first and last rows)."""
-    if index.ntotal != len(vectors) or index.d != vectors.shape[1] or not len(vectors):
-        return False
-    ends = [0, len(vectors) - 1]
-    return all(np.array_equal(index.reconstruct(i), vectors[i]) for i in ends)
+def faiss_backend(
+    index_file: str | Path,
+    gallery: Embeddings,
+    spec: IndexSpec | str = "flat",
+    k: int = 10,
+    log: Callable[[str], None] | None = None,
+) -> AnnIndex:
+    """The faiss index of `spec` over the gallery in FILE.npz: the one kept beside it while it
+    was built over these vectors with these knobs, else built (recall printed) and kept."""
+    return open_index(
+        index_file,
+        gallery.embeddings,
+        spec,
+        k,
+        sha256=gallery.embeddings_sha256 or None,
+        crc32=vectors_crc32(index_file),
+        log=log,
+    )
 
 
 def search(
@@ -118,18 +109,25 @@ def search(
     k: int = 10,
     *,
     checkpoint: str | Path | None = None,
-    use_faiss: bool = False,
+    use_faiss: bool | str | IndexSpec = False,
     exclude_self: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> Hits:
-    """Top-k gallery images of each query image (a file, folder, CSV or embeddings file)."""
+    """Top-k gallery images of each query image (a file, folder, CSV or embeddings file).
+
+    `use_faiss`: True (a flat index), a kind ("ivf", "ivfpq", "hnsw") or an `IndexSpec` with
+    knobs; the index is kept beside the index file (FILE.<kind>.faiss) and tied to its
+    vectors. `log` receives what was built or reused and the recall it measured.
+    """
     gallery = index if isinstance(index, Embeddings) else Embeddings.load(index)
     queries = load_query(query, gallery, checkpoint)
-    backend = None
-    if use_faiss:
-        if isinstance(index, Embeddings):
-            raise EmbedError("use_faiss needs the index's file name (FILE.faiss is kept beside it)")
-        backend, _ = faiss_backend(Path(index), gallery)
-    return gallery.search(queries, k, exclude_self=exclude_self, backend=backend)
+    if not use_faiss:
+        return gallery.search(queries, k, exclude_self=exclude_self)
+    spec = "flat" if use_faiss is True else use_faiss
+    if isinstance(index, Embeddings):  # nowhere to keep it: built for this search only
+        return gallery.search(queries, k, exclude_self=exclude_self, index=spec)
+    ann = faiss_backend(index, gallery, spec, k, log)
+    return gallery.search(queries, k, exclude_self=exclude_self, index=ann)
 
 
 def table(hits: Hits, max_queries: int | None = 5, more: str = "") -> str:
