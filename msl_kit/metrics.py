@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msl_kit.errors import MslKitError
+
 DEFAULT_BLOCK_SIZE = 4096  # 64 MiB float32 tile; see bench/knn.py for the measurements
 _EMPTY_KEY = torch.iinfo(torch.int64).min  # sorts below every real key
 _LOW32 = 0xFFFFFFFF
@@ -33,6 +35,11 @@ LONE_QUERIES = {
 }
 
 
+class EmbeddingsError(MslKitError, ValueError):
+    """Vectors or labels that cannot be ranked (shape, NaN / inf, overflow, non-integer labels);
+    the message names the argument and what to do."""
+
+
 def _choice(name: str, value: object, options: Collection[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
@@ -42,14 +49,16 @@ def _choice(name: str, value: object, options: Collection[str]) -> str:
 def _as_embeddings(x: Array, name: str) -> Tensor:
     x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (N, D) array; got shape {tuple(x.shape)}")
+        raise EmbeddingsError(
+            f"{name} must be a non-empty 2-D (N, D) array; got shape {tuple(x.shape)}"
+        )
     if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be real numbers; got {x.dtype}")
+        raise EmbeddingsError(f"{name} must be real numbers; got {x.dtype}")
     # fp16 matmul is fine on CUDA (ranking stays float32); the CPU computes in float32
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()
     if not bool(torch.isfinite(x.sum(1, dtype=torch.float32)).all()):  # one pass over x
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} contains NaN, inf or values near the float32 limit; "
             f"fix (or rescale) the model output before evaluating"
         )
@@ -64,7 +73,7 @@ def _check_norms(x: Tensor, name: str, metric: str = "ip") -> None:
     limit = math.sqrt(torch.finfo(x.dtype).max) / (2 if metric == "euclidean" else 1)
     longest = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
     if not longest < limit:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} has rows of norm up to {longest:.3g}: inner products would "
             f"overflow {x.dtype} (norms must stay below {limit:.3g}); "
             f"L2-normalise or rescale the embeddings before evaluating"
@@ -75,21 +84,21 @@ def _as_labels(labels: Array, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iubf":  # strings, objects: torch's error says nothing useful
-            raise ValueError(
+            raise EmbeddingsError(
                 f"{name} must be integers; got {labels.dtype} values (map class names to ints "
                 f"first, e.g. np.unique(labels, return_inverse=True)[1])"
             )
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} must be 1-D (one integer per item); got shape {tuple(labels.shape)}"
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} must be integers; got {labels.dtype} (map class names to ints first)"
         )
     if len(labels) != n:
-        raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
+        raise EmbeddingsError(f"{name} has {len(labels)} entries but there are {n} embeddings")
     return labels.to("cpu", torch.int64)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from msl_kit.errors import MslKitError
+
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 BUILD_KNOBS = {"flat": (), "ivf": ("nlist",), "ivfpq": ("nlist", "pq_bytes"), "hnsw": ("hnsw_m",)}
 SEARCH_KNOB = {"flat": None, "ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
@@ -32,7 +34,7 @@ FAISS_MISSING = "faiss is not installed: pip install faiss-cpu (or search withou
 _HASH_ROWS = 1 << 16
 
 
-class AnnError(ValueError):
+class AnnError(MslKitError, ValueError):
     """A request an index cannot serve; the message says what to do."""
 
 
