@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +107,48 @@ def test_a_rank_killed_mid_run_leaves_pieces_a_rerun_completes(job, tmp_path, vi
     assert f"holds {kept} of the {N_IMAGES // 4} pieces" in again.stderr  # only the rest redone
     assert out.read_bytes() == one.read_bytes()
     assert not part.exists() and not (tmp_path / ".cut.npz.lock").exists()
+
+
+def test_bad_input_under_torchrun_is_one_error_line(job, tmp_path):
+    run, _, _ = job
+    cmd = _embed(run, tmp_path / "no_such_folder", tmp_path / "x.npz", 2)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert done.returncode != 0
+    said = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert said == [f"error: no such folder or file: {tmp_path / 'no_such_folder'}"], said
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_sees_another_folder_stops_and_one_process_resumes(job, tmp_path):
+    """Rank 1 given another --out folder is what a machine without the shared disk sees: it
+    stops in one line, rank 0 says a peer stopped, and rank 0's pieces are kept for a rerun
+    with one process (any number of processes resumes the same pieces)."""
+    run, images, one = job
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "cut.npz"  # as deep as `one`: the same checkpoint_relative
+    port = str(_free_port())
+    procs = []
+    for rank, where in ((0, out), (1, tmp_path / "elsewhere" / "cut.npz")):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = _embed(run, images, where)
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [[ln for ln in e.splitlines() if ln.startswith("error: ")] for e in errs]
+    assert len(lines[0]) == 1 and "another process of this torchrun job stopped" in lines[0][0]
+    elsewhere = tmp_path / "elsewhere" / "cut.npz.part"
+    assert len(lines[1]) == 1 and f"rank 1 does not see the {elsewhere}" in lines[1][0], errs
+    assert not out.exists() and not elsewhere.exists()
+    kept = len(list(out.with_name("cut.npz.part").glob("chunk_*.npz")))
+    assert 0 < kept < N_IMAGES // 4  # rank 0's share only
+    again = subprocess.run(_embed(run, images, out), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"holds {kept} of the {N_IMAGES // 4} pieces" in again.stderr
+    assert out.read_bytes() == one.read_bytes()

@@ -19,8 +19,7 @@ def _fail(message: str) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a folder / CSV / dataset split into FILE.npz (resumable)."""
-    from msl_kit.errors import MslKitError
-    from msl_kit.use.embedding import embed
+    from msl_kit.use.embedding import EchoedError, embed
 
     if (args.images is None) == (args.dataset is None):
         return _fail("give either --images PATH or --dataset NAME (with --split)")
@@ -39,10 +38,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 130
-    except MslKitError:
-        if main_rank:
-            raise
-        return 2  # rank 0 says why, once
+    except EchoedError:
+        return 2  # rank 0's error: rank 0 says why, once
     if emb is None:  # another rank's share is written; rank 0 writes the file
         return 0
     if emb.skipped:

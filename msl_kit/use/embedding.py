@@ -47,6 +47,7 @@ from msl_kit.use.listing import EmbedError, ImageList, image_list, listed
 from msl_kit.use.pieces import (
     assemble,
     chunk_ranges,
+    held_job,
     open_part,
     piece_path,
     remove_part,
@@ -57,6 +58,10 @@ from msl_kit.use.ranks import Ranks
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
 JOB_VERSION = "embed 3"  # in the fingerprint: pieces and files of an older layout are redone
+
+
+class EchoedError(EmbedError):
+    """Rank 0's error, raised on the other ranks of a torchrun job too (rank 0 prints it)."""
 
 
 def check_options(
@@ -344,6 +349,11 @@ def _plan(checkpoint, images, out: Path, part: Path, load: dict, where: dict, pr
 
 def _follow(checkpoint, part: Path, plan: dict, load: dict, where: dict, ranks: Ranks) -> Job:
     """A rank other than 0: the same model, and the inputs as rank 0 listed them."""
+    if held_job(part) != plan["fingerprint"]:  # another node's folder at that path, or none
+        raise EmbedError(
+            f"rank {ranks.rank} does not see the {part} that rank 0 wrote: under torchrun "
+            "across machines, --out must be in a folder every machine sees (a shared disk)"
+        )
     job = load_job(checkpoint, ranks=ranks, **load)
     ds = None
     if where["dataset"] is not None:
@@ -369,7 +379,7 @@ def _embed_into(checkpoint, images, out: Path, ranks: Ranks, load: dict, where: 
         else:
             plan = ranks.share(None)
             if "error" in plan:
-                raise EmbedError(plan["error"])
+                raise EchoedError(plan["error"])
             job = None if plan["done"] else _follow(checkpoint, part, plan, load, where, ranks)
         if plan["done"]:
             return

@@ -56,15 +56,19 @@ def open_part(part: Path) -> None:
         tmp.unlink()
 
 
+def held_job(part: Path) -> str | None:
+    """The fingerprint of the job OUT.part/'s record names; None where there is none."""
+    try:
+        return json.loads((part / JOB).read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def settle_part(part: Path, fingerprint: str, say: bool = True) -> None:
     """Keep OUT.part/'s pieces when its record names this same job; else drop them (before
     the record changes, so a kill in between never leaves pieces under another job's name)."""
     record = part / JOB
-    try:
-        held = json.loads(record.read_text()).get("job")
-    except (OSError, ValueError, AttributeError):
-        held = None
-    if held == fingerprint:
+    if held_job(part) == fingerprint:
         return
     old = sorted(part.glob("chunk_*.npz"))
     if old and say:

@@ -18,12 +18,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from msl_kit.errors import MslKitError
 from msl_kit.train.distributed import init_distributed
 
 # Rank 0 lists the inputs (a stat per file) before the others hear its plan, and assembles
 # the file after they are done: a slow disk must not trip gloo's default 30-minute timeout.
 # A rank that dies is noticed by torchrun, which stops the others.
 WAIT = timedelta(hours=12)
+
+
+class RankLostError(MslKitError, RuntimeError):
+    """Another process of the torchrun job stopped while this one waited for it."""
+
+
+def _lost(err: RuntimeError) -> RankLostError:
+    # gloo's words ("Connection closed by peer ...") name no rank and no remedy
+    return RankLostError(
+        "another process of this torchrun job stopped (its own error says why); the pieces "
+        "written so far are kept: rerun the same command to embed only what is missing"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,17 +77,23 @@ class Ranks:
         on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # a group the caller set up
         data = json.dumps(message).encode() if self.main else b""
         size = torch.tensor([len(data)], dtype=torch.int64, device=on)
-        dist.broadcast(size, src=0)
-        buffer = torch.zeros(int(size), dtype=torch.uint8, device=on)
-        if self.main:
-            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        dist.broadcast(buffer, src=0)
+        try:
+            dist.broadcast(size, src=0)
+            buffer = torch.zeros(int(size), dtype=torch.uint8, device=on)
+            if self.main:
+                buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            dist.broadcast(buffer, src=0)
+        except RuntimeError as err:  # a peer gone: gloo raises a bare RuntimeError
+            raise _lost(err) from None
         return json.loads(buffer.cpu().numpy().tobytes().decode())
 
     def wait(self) -> None:
         """Return once every rank has called this (every rank's pieces are written)."""
         if self.world > 1:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as err:
+                raise _lost(err) from None
 
     def mine(self, work: list[Any]) -> list[Any]:
         """This rank's share of `work`: every world-th item from its rank on."""
