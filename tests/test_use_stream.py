@@ -286,3 +286,17 @@ def test_listing_and_scanning_50000_paths_hold_no_list_of_them(tmp_path):
     peak = _peak(lambda: found.append(gallery.positions(queries)))
     assert peak < whole_list / 2, (peak, whole_list)
     np.testing.assert_array_equal(found.pop(), np.arange(0, n, n // 10))
+
+
+def test_a_listed_path_holding_a_nul_is_one_line_and_leaves_nothing(run, tmp_path, capsys):
+    images = tmp_path / "nul.csv"
+    images.write_text("path\nfine.png\nbad\0name.png\n")
+    out = tmp_path / "e.npz"
+    code = cli.main(["embed", "--checkpoint", str(run), "--images", str(images), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        err == f"error: {images}: the path 'bad\\x00name.png' holds a NUL byte, which no "
+        "file name can: fix that row"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nul.csv"]  # no OUT.part/, no lock

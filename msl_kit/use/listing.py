@@ -139,6 +139,11 @@ def csv_images(path: Path, into: Path) -> ImageList:
     listing, labelled = _Listing(into), None
     for row in _csv_rows(path):
         labelled = len(row) == 2
+        if "\0" in row[0]:  # realpath would raise a bare ValueError
+            raise EmbedError(
+                f"{path}: the path {row[0].strip()!r} holds a NUL byte, which no file name can: "
+                "fix that row"
+            )
         # os.path, not pathlib: a Path interns every name it parses (a dict as big as the list)
         where = os.path.realpath(os.path.join(base, row[0].strip()))
         listing.add(where, row[1].strip() if labelled else None)
