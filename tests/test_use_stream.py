@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _fixtures_use import held_out_tree, tiny_run
 
 from msl_kit import cli
+from msl_kit.errors import MslKitError
 from msl_kit.use.columns import Texts, TextsWriter, encode
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings, SharedPaths, write_npz
 from msl_kit.use.listing import csv_images
+from msl_kit.use.ranks import Ranks
 from msl_kit.use.retrieval import search, vectors_crc32
 
 NAMES = ["/a/b.png", "/x/caf\udce9.png", "", "y", "/a/b.png", "ü/ß", "/x/\udcff\udcfe", "z"]
@@ -300,3 +303,13 @@ def test_a_listed_path_holding_a_nul_is_one_line_and_leaves_nothing(run, tmp_pat
         "file name can: fix that row"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nul.csv"]  # no OUT.part/, no lock
+
+
+# ----------------------------------------------------------------------------- ranks
+def test_a_rank_without_its_own_gpu_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cuda = torch.device("cuda")
+    assert Ranks(0, 2, 0).device(cuda) == torch.device("cuda", 0)
+    assert Ranks(0, 1, 0).device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(MslKitError, match=r"LOCAL_RANK=1 but only 1 GPUs are visible; lower"):
+        Ranks(1, 2, 1).device(cuda)

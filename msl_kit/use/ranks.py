@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from msl_kit.errors import MslKitError
-from msl_kit.train.distributed import init_distributed
+from msl_kit.train.distributed import DistributedError, init_distributed
 
 # Rank 0 lists the inputs (a stat per file) before the others hear its plan, and assembles
 # the file after they are done: a slow disk must not trip gloo's default 30-minute timeout.
@@ -67,6 +67,11 @@ class Ranks:
     def device(self, device: torch.device) -> torch.device:
         """This rank's own GPU where the model runs on CUDA (cuda:LOCAL_RANK), else `device`."""
         if self.world > 1 and device.type == "cuda":
+            if self.local_rank >= torch.cuda.device_count():
+                raise DistributedError(
+                    f"LOCAL_RANK={self.local_rank} but only {torch.cuda.device_count()} GPUs "
+                    "are visible; lower torchrun's --nproc_per_node (one process per GPU)"
+                )
             return torch.device("cuda", self.local_rank)
         return device
 
