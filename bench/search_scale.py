@@ -27,6 +27,20 @@ vectors from the measured sizes (a model on paper, said so). With --cli DIR the 
 and its queries are also written as embeddings files (DIR/big.npz, DIR/q.npz, the kit's format)
 and `msl-kit search` runs on them with and without `--faiss hnsw`: the issue's done-when, its
 recall computed from the CSVs.
+
+    python bench/search_scale.py --embed 10000 1000000 [--checkpoint RUN_OR_FILE] [--dim 256]
+        [--batch-size B] [--per-class 20]
+
+`--embed N ...` measures `embed` itself instead (issue 27 item 2): a folder of N generated
+images (N / --per-class class folders; every file a hard link to one of 256 small PNGs drawn
+here, so a million inputs cost directory entries, not disk) is embedded by `msl_kit.use.embed`
+in a fresh process (workers=0: everything in that process), then the file is loaded and 100 of
+its own rows searched (their paths scanned against the whole gallery). Printed per N: images/s,
+and the peak anonymous memory (RssAnon, sampled every 10 ms; mapped file pages are not
+counted, the OS can drop them) over the same process's after a warm-up embed of 8 images,
+against the bound docs/benchmarks.md documents (from one batch's forward pass, measured here,
+the chunk's vectors and the number of folders), and the search's peak over the process before
+it, against the vectors' size + 32 MiB. Neither may grow with N.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import gc
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +71,7 @@ from msl_kit.train import evaluation, recipe  # noqa: E402
 from msl_kit.train.checkpoint import load_model  # noqa: E402
 from msl_kit.use.ann.faiss_index import AnnIndex  # noqa: E402
 from msl_kit.use.ann.spec import IndexSpec, import_faiss, vectors_sha256  # noqa: E402
+from msl_kit.use.columns import Texts  # noqa: E402
 from msl_kit.use.index import FORMAT, write_npz  # noqa: E402
 
 
@@ -73,10 +89,11 @@ def reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def trained_run(base: Path, dim: int) -> Path:
+def trained_run(base: Path, dim: int, iterations: int = 150) -> Path:
     """The embedded default trained at `dim` (150 iterations)."""
     run = base / "run"
     args = ["train", "--set", "train.eval_every=0", "--set", f"model.embedding_dim={dim}"]
+    args += ["--set", f"train.iterations={iterations}"]
     args += ["--no-baseline", "--out", str(run)]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cli.main(args) == 0
@@ -294,7 +311,8 @@ def model_10m(rows: list[dict], n: int, target: int = 10**7) -> None:
 def write_index_file(path: Path, vectors: np.ndarray, prefix: str, labels=None) -> None:
     """An embeddings file in the kit's format (what `msl-kit embed` writes)."""
     members = [("embeddings", vectors)]
-    members += [("paths", np.char.add(prefix, np.arange(len(vectors)).astype(str)))]
+    paths = Texts.of(f"{prefix}{i}" for i in range(len(vectors)))  # format 2's column
+    members += [("paths", paths.blob), ("paths_offsets", paths.offsets)]
     if labels is not None:
         members += [("labels", labels), ("classes", np.arange(labels.max() + 1).astype(str))]
     members += [("checkpoint", np.array("synthetic")), ("checkpoint_sha256", np.array("0" * 64))]
@@ -332,6 +350,145 @@ def done_when(g: np.ndarray, q: np.ndarray, out: Path, args) -> None:
     print(f"recall@{args.k} of the --faiss hnsw CSV against the exact CSV: {np.mean(found):.4f}")
 
 
+def rss_anon_kib() -> int:
+    """RssAnon of this process in KiB: memory that is not a file's pages (Linux)."""
+    return status_kib("RssAnon")
+
+
+class PeakAnon:
+    """The highest RssAnon seen while the block runs, sampled every 10 ms in a thread."""
+
+    def __enter__(self) -> PeakAnon:
+        import threading
+
+        self.peak, self.stop = rss_anon_kib(), threading.Event()
+
+        def sample() -> None:
+            while not self.stop.wait(0.01):
+                self.peak = max(self.peak, rss_anon_kib())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_anon_kib())
+
+
+def generated_folder(root: Path, n: int, per_class: int, distinct: int = 256) -> Path:
+    """N images in class folders of `per_class`, hard links to `distinct` generated PNGs."""
+    from PIL import Image
+
+    source = root / "drawn"
+    if not source.is_dir():
+        source.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(distinct):
+            pixels = (rng.random((32, 32)) < 0.15 + 0.5 * i / distinct) * 255
+            Image.fromarray(pixels.astype(np.uint8)).save(source / f"{i:03d}.png")
+    folder = root / f"images_{n}"
+    folder.mkdir()
+    for start in range(0, n, per_class):
+        cls = folder / f"class_{start // per_class:06d}"
+        cls.mkdir()
+        for i in range(start, min(start + per_class, n)):
+            (cls / f"img_{i:08d}.png").hardlink_to(source / f"{i % distinct:03d}.png")
+    return folder
+
+
+def batch_forward_mib(run: Path, files: list[Path], batch_size: int | None) -> float:
+    """Peak RssAnon (MiB) of one batch through the model, as `embed` runs it: what any
+    extraction needs (`evaluate` too), the part of the bound that depends on the model."""
+    from msl_kit.use.embedding import load_job
+
+    job = load_job(run, batch_size=batch_size, workers=0)
+    images = [job.transform(transforms.load_image(p, *job.transform.load_hint)) for p in files]
+    batch = torch.stack([images[i % len(images)] for i in range(job.opts.batch_size)])
+    gc.collect()
+    base = rss_anon_kib()
+    with PeakAnon() as peak, torch.no_grad():
+        job.model(batch)
+    return (peak.peak - base) / 1024
+
+
+def embed_worker(folder: Path, run: Path, args) -> dict:
+    """In this fresh process: warm up on 8 images, then embed `folder` and search its file,
+    each under `PeakAnon` (MiB over the process before it)."""
+    from msl_kit.use.embedding import CHUNK_SIZE, embed
+    from msl_kit.use.index import Embeddings
+
+    warm = folder.parent / f"{folder.name}_warm"
+    warm.mkdir()
+    first = next(folder.iterdir())  # a class folder: a glob of the tree would list them all
+    for p in sorted(first.iterdir())[:8]:
+        (warm / p.name).hardlink_to(p)
+    opts = dict(workers=0, batch_size=args.batch_size, progress=False)
+    embed(run, warm, folder.parent / f"{folder.name}_warm.npz", **opts)
+    forward = batch_forward_mib(run, sorted(warm.iterdir()), args.batch_size)
+    gc.collect()
+    base = rss_anon_kib()
+    out = folder.parent / f"{folder.name}.npz"
+    t0 = time.perf_counter()
+    with PeakAnon() as during_embed:
+        emb = embed(run, folder, out, **opts)
+    seconds = time.perf_counter() - t0
+    n, dim, folders = len(emb), emb.dim, len(emb.classes) + 1
+    del emb
+    gc.collect()
+    before_search = rss_anon_kib()
+    with PeakAnon() as during_search:
+        gallery = Embeddings.load(out)
+        rows = np.arange(min(100, n))
+        query = Embeddings(np.asarray(gallery.embeddings[rows]), gallery.paths[rows])
+        gallery.search(query, args.k)
+    return {
+        "n": n,
+        "dim": dim,
+        "seconds": seconds,
+        "embed_mib": (during_embed.peak - base) / 1024,
+        "search_mib": (during_search.peak - before_search) / 1024,
+        "vectors_mib": n * dim * 4 / 2**20,
+        "file_mib": out.stat().st_size / 2**20,
+        "forward_mib": forward,
+        # docs/benchmarks.md: the allocator may hold a batch's activations twice over
+        "bound_mib": 2 * forward + 2 * CHUNK_SIZE * dim * 4 / 2**20 + 32 + 300 * folders / 2**20,
+    }
+
+
+def embed_sizes(args) -> None:
+    """`--embed N ...`: embed a generated folder of each size in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        run = Path(args.checkpoint) if args.checkpoint else trained_run(base, args.dim, 5)
+        print(f"checkpoint {run}; per N: a folder of N generated images, {args.per_class} a class")
+        head = f"{'N':>10} {'s':>8} {'img/s':>7} {'embed MiB':>10} {'bound MiB':>10}"
+        head += f" {'search MiB':>11} {'vectors MiB':>12} {'file MiB':>9}"
+        print(f"{head}  (MiB: peak RssAnon over the warm process)")
+        for n in args.embed:
+            t0 = time.perf_counter()
+            folder = generated_folder(base, n, args.per_class)
+            made = time.perf_counter() - t0
+            cmd = [sys.executable, __file__, "--embed-worker", str(folder), "--data", str(run)]
+            cmd += ["--threads", str(args.threads), "--k", str(args.k)]
+            cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            r = json.loads(done.stdout.splitlines()[-1])
+            print(
+                f"{r['n']:>10,} {r['seconds']:>8.1f} {r['n'] / r['seconds']:>7.0f} "
+                f"{r['embed_mib']:>10.1f} {r['bound_mib']:>10.1f} {r['search_mib']:>11.1f} "
+                f"{r['vectors_mib']:>12.1f} {r['file_mib']:>9.1f}  (folder made in {made:.0f} s; "
+                f"one batch's forward {r['forward_mib']:.0f} MiB)"
+            )
+            if r["embed_mib"] > r["bound_mib"] or r["search_mib"] > r["vectors_mib"] + 32:
+                print(f"  OVER THE BOUND at N = {r['n']:,} (search: the vectors + 32 MiB)")
+            for p in base.glob(f"{folder.name}*"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def main() -> None:
     """Print the fit check, one table per size and the 10^7 model."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -345,6 +502,9 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--kinds", nargs="+", default=["exact", "flat", "ivf", "ivfpq", "hnsw"])
     p.add_argument("--cli", help="write DIR/big.npz and DIR/q.npz and run msl-kit search on them")
+    p.add_argument("--embed", type=int, nargs="+", help="embed generated folders of N images")
+    p.add_argument("--batch-size", type=int, help="--embed: images per batch (default: the run's)")
+    p.add_argument("--embed-worker", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -352,6 +512,12 @@ def main() -> None:
     import_faiss().omp_set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.data), args)))
+        return
+    if args.embed_worker:
+        print(json.dumps(embed_worker(Path(args.embed_worker), Path(args.data), args)))
+        return
+    if args.embed:
+        embed_sizes(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ def _fail(message: str) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a folder / CSV / dataset split into FILE.npz (resumable)."""
-    from msl_kit.use.embedding import embed
+    from msl_kit.use.embedding import EchoedError, embed
 
     if (args.images is None) == (args.dataset is None):
         return _fail("give either --images PATH or --dataset NAME (with --split)")
@@ -26,15 +27,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     options.update(batch_size=args.batch_size, workers=args.workers, device=args.device)
     if args.chunk_size is not None:
         options["chunk_size"] = args.chunk_size
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
-        emb = embed(args.checkpoint, args.images, args.out, **options)
+        emb = embed(args.checkpoint, args.images, args.out, progress=main_rank, **options)
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; the finished pieces are kept in {args.out}.part/: "
-            "rerun the same command to embed only what is missing",
-            file=sys.stderr,
-        )
+        if main_rank:
+            print(
+                f"\ninterrupted; the finished pieces are kept in {args.out}.part/: "
+                "rerun the same command to embed only what is missing",
+                file=sys.stderr,
+            )
         return 130
+    except EchoedError:
+        return 2  # rank 0's error: rank 0 says why, once
+    if emb is None:  # another rank's share is written; rank 0 writes the file
+        return 0
     if emb.skipped:
         from msl_kit.files.tree import printable
 

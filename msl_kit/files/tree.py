@@ -13,7 +13,7 @@ names (a leading ".") are left out, as are the paths `skip` says are not inputs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +38,27 @@ def _inside(path: str, root: str) -> bool:
 
 def walk(root: str | Path, skip: Callable[[Path], bool] | None = None) -> Tree:
     """Files under `root` (itself resolved first), depth first in name order."""
-    root_real = os.path.realpath(root)
-    tree, seen = Tree(), {root_real: Path(root_real)}
+    tree = Tree()
+    for path, why in entries(root, skip):
+        if why:
+            tree.refused.append((path, why))
+        else:
+            tree.files.append(path)
+    return tree
 
-    def visit(folder: Path, ancestors: tuple[str, ...], within: str) -> None:
+
+def entries(
+    root: str | Path, skip: Callable[[Path], bool] | None = None
+) -> Iterator[tuple[Path, str]]:
+    """`walk`'s files one at a time, as (path, "") in the same order, and each refused link as
+    (path, why) where it is met: one folder's entries in memory at a time, not the tree's."""
+    root_real = os.path.realpath(root)
+    seen = {root_real: Path(root_real)}
+
+    def visit(folder: Path, ancestors: tuple[str, ...], within: str) -> Iterator[tuple[Path, str]]:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
+            found = sorted(it, key=lambda e: e.name)
+        for entry in found:
             path = folder / entry.name
             if entry.name.startswith(".") or (skip is not None and skip(path)):
                 continue
@@ -52,23 +66,22 @@ def walk(root: str | Path, skip: Callable[[Path], bool] | None = None) -> Tree:
                 if entry.is_dir(follow_symlinks=False):
                     real = os.path.join(ancestors[-1], entry.name)
                     seen[real] = path
-                    visit(path, (*ancestors, real), within)
+                    yield from visit(path, (*ancestors, real), within)
                 else:
-                    tree.files.append(path)
+                    yield path, ""
                 continue
             target = os.path.realpath(path)
             top_folder = len(ancestors) == 1 and os.path.isdir(target)  # a class folder
             why = _refusal(path, target, "" if top_folder else within, ancestors, seen)
             if why:
-                tree.refused.append((path, why))
+                yield path, why
             elif os.path.isdir(target):
                 seen[target] = path
-                visit(path, (*ancestors, target), target if top_folder else within)
+                yield from visit(path, (*ancestors, target), target if top_folder else within)
             else:
-                tree.files.append(path)
+                yield path, ""
 
-    visit(Path(root_real), (root_real,), root_real)
-    return tree
+    yield from visit(Path(root_real), (root_real,), root_real)
 
 
 def _refusal(

@@ -1,16 +1,30 @@
 """An embeddings file (FILE.npz from `msl-kit embed`): what it holds, how it is read and searched.
 
-FILE.npz is a plain numpy archive (`np.load` reads it, no pickle): `embeddings` (N x D float32,
-L2-normalised), `paths` (N), `labels` (N, indices into `classes`; absent where unknown),
-`classes`, `skipped` (inputs that were not embedded) with `skipped_reasons`, `inputs` (how many
-inputs were listed: paths + skipped), `checkpoint` (its absolute path) and
-`checkpoint_relative` (from the index's folder), `checkpoint_sha256`,
-`preprocessing` (JSON of the model's spec), `inputs_sha256` (what was embedded, how) and
-`embeddings_sha256` (of the vectors' float32 bytes: what a faiss index beside it is tied to).
-The writer fixes member order and zip timestamps, so the same inputs give the same bytes.
+FILE.npz is a plain, uncompressed numpy archive (`np.load` reads it, no pickle):
+`embeddings` (N x D float32, L2-normalised), `paths` with `paths_offsets` (the N paths as one
+bytes blob, each path's UTF-8 bytes and a NUL, and N + 1 offsets into it: see `columns.Texts`;
+`bytes(z["paths"]).split(b"\0")[:-1]` lists them), `labels` (N int64, indices into `classes`;
+absent where unknown), `classes`, `skipped` with `skipped_offsets` (inputs that were not
+embedded) and `skipped_reasons` with `skipped_reasons_offsets`, `inputs` (how many inputs were
+listed: paths + skipped), `checkpoint` (its absolute path) and `checkpoint_relative` (from the
+index's folder), `checkpoint_sha256`, `preprocessing` (JSON of the model's spec),
+`inputs_sha256` (what was embedded, how) and `embeddings_sha256` (of the vectors' float32
+bytes: what a faiss index beside it is tied to). The writer fixes member order and zip
+timestamps, so the same inputs give the same bytes.
 
-An index is data from anywhere: before any array is read, every member's .npy header is
-parsed and checked against the file (`check_members`): no object arrays, declared shapes that
+Why one zip and not a folder: the file stays one thing to copy, `np.load` still reads it, and
+the kit's tie of a faiss index to the zip CRC of its vectors holds. What makes it open lazily:
+every member is stored (no compression) with its data aligned to 64 bytes (padding in the zip
+local header's extra field, as Android's zipalign does), so `Embeddings.load` maps the vectors,
+the paths, their offsets and the labels straight from the file (`np.memmap` at the member's
+offset) and reads a path only when it is asked for. Only the small members are read.
+
+Files of format 1 ("msl-kit embeddings 1": `paths` and `skipped` as fixed-width str arrays, and
+files from before `embeddings_sha256`, `inputs` or `skipped_reasons` existed) still load, into
+memory as before.
+
+An index is data from anywhere: before any array is read or mapped, every member's .npy header
+is parsed and checked against the file (`check_members`): no object arrays, declared shapes that
 match the member's size, and compressed members within `MAX_INFLATE` times their size.
 """
 
@@ -19,8 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,13 +46,17 @@ from msl_kit import metrics
 from msl_kit.errors import MslKitError
 from msl_kit.use.ann.faiss_index import AnnIndex
 from msl_kit.use.ann.spec import IndexSpec
+from msl_kit.use.columns import Texts, raw_blocks
 
-FORMAT = "msl-kit embeddings 1"
+FORMAT = "msl-kit embeddings 2"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
+MAPPED = ("embeddings", "paths", "paths_offsets", "labels")  # opened lazily, never read whole
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: no clock in the bytes
 _COPY = 1 << 22  # bytes per read when streaming a member into the archive
+_ALIGN = 64  # where each member's data starts (numpy pads .npy headers to 64 too)
+_PAD_ID = 0xD935  # the zip extra-field id zipalign uses for padding
 MAX_INFLATE = 100  # a compressed member may declare at most this many times its stored size
-MAX_INDEX_BYTES = 64 << 30  # all members together, as read into memory
+MAX_INDEX_BYTES = 64 << 30  # all members read into memory together (mapped ones not counted)
 _KINDS = "fiubU"  # numbers, booleans and text: an index holds nothing else
 
 
@@ -56,17 +75,19 @@ def is_index(path: str | Path) -> bool:
     return all(f"{n}.npy" in names for n in REQUIRED)
 
 
-def check_members(path: str | Path) -> None:
+def check_members(path: str | Path, mapped: Iterable[str] = ()) -> None:
     """Every member of the .npz at `path` read as far as its .npy header, never further: its
     dtype is numbers or text (no objects, no pickle), its declared shape fills exactly its
-    declared size, and that size fits the file (`MAX_INFLATE`, `MAX_INDEX_BYTES`)."""
+    declared size, and that size fits the file (`MAX_INFLATE`); the members that will be read
+    into memory (all but the stored ones named in `mapped`) within `MAX_INDEX_BYTES`."""
     path = Path(path)
-    total = 0
+    total, mapped = 0, {f"{name}.npy" for name in mapped}
     try:
         with zipfile.ZipFile(path) as zf:
             archive = path.stat().st_size
             for info in zf.infolist():
-                total += info.file_size
+                stored = info.compress_type == zipfile.ZIP_STORED
+                total += 0 if stored and info.filename in mapped else info.file_size
                 _check_member(zf, info, archive)
     except (OSError, zipfile.BadZipFile, ValueError) as e:
         if isinstance(e, IndexFileError):
@@ -91,12 +112,8 @@ def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: int) -> N
         )
         raise IndexFileError(f"member {name} declares {info.file_size:,} bytes, more than {limit}")
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        body = info.file_size - f.tell()
+        shape, dtype, start = _npy_header(f)
+        body = info.file_size - start
     if dtype.hasobject or dtype.kind not in _KINDS:
         raise IndexFileError(f"member {name} holds {dtype} values, not numbers or text")
     if math.prod(shape) * dtype.itemsize != body:
@@ -105,28 +122,114 @@ def _check_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: int) -> N
         )
 
 
-def write_npz(f: BinaryIO, members: Iterable[tuple[str, np.ndarray | Path]]) -> None:
-    """A .npz into `f`, members in the given order with fixed timestamps (same input, same
-    bytes). A member given as a Path is a .npy file streamed in, never loaded whole."""
+def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes before the data) of the .npy starting at `f`'s position."""
+    at = f.tell()
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if fortran and len(shape) > 1:
+        raise ValueError("a Fortran-ordered array")
+    return shape, dtype, f.tell() - at
+
+
+@dataclass(frozen=True)
+class RawArray:
+    """A member given as a raw file of its values' bytes (little-endian, C order), streamed
+    into the archive under a .npy header made from `dtype` and `shape`."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _padding(at: int, name: bytes) -> bytes:
+    """The local header's extra field that puts the member's data at a multiple of _ALIGN:
+    one padding record (4 bytes at least), after which zipfile adds its 20-byte zip64 record."""
+    start = at + 30 + len(name) + 20  # local header, name, zip64 sizes
+    size = (-start - 4) % _ALIGN + 4
+    return struct.pack("<HH", _PAD_ID, size - 4) + bytes(size - 4)
+
+
+def write_npz(f: BinaryIO, members: Iterable[tuple[str, np.ndarray | Path | RawArray]]) -> None:
+    """A .npz into `f`, members stored uncompressed in the given order, each one's data aligned
+    to 64 bytes, with fixed timestamps (same input, same bytes). A member given as a Path is a
+    .npy file, and a `RawArray` a raw file, streamed in, never loaded whole."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in members:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
             info.external_attr = 0o644 << 16
+            info.extra = _padding(zf.fp.tell(), info.filename.encode())
             with zf.open(info, "w", force_zip64=True) as dst:
-                if isinstance(value, Path):
-                    with open(value, "rb") as src:
+                if isinstance(value, (Path, RawArray)):
+                    source = value if isinstance(value, Path) else value.path
+                    if isinstance(value, RawArray):
+                        header = {"descr": value.dtype, "fortran_order": False}
+                        header["shape"] = value.shape
+                        np.lib.format.write_array_header_1_0(dst, header)
+                    with open(source, "rb") as src:
                         for block in iter(lambda: src.read(_COPY), b""):
                             dst.write(block)
                 else:
                     np.lib.format.write_array(dst, np.asanyarray(value), allow_pickle=False)
 
 
+def _mapped(path: Path, f: BinaryIO, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A stored member's array mapped from the file (copy-on-write: writable, never written
+    back); None where it cannot be (compressed, empty, or its data not aligned for its dtype)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        return None
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise IndexFileError(f"{path}: member {info.filename} has no local header; re-embed it")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    shape, dtype, header = _npy_header(f)
+    offset, size = start + header, math.prod(shape) * dtype.itemsize
+    if start + info.file_size > path.stat().st_size or header + size != info.file_size:
+        raise IndexFileError(f"{path}: member {info.filename} runs past the file; re-embed it")
+    if size == 0 or offset % dtype.itemsize:
+        return None
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
+
+
+def _read_members(path: Path, lazy: bool) -> dict[str, np.ndarray | Texts]:
+    """Every member of a checked file: the `MAPPED` ones mapped where `lazy` (and possible),
+    the others read; a string column (NAME + NAME_offsets) as `Texts`."""
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+        arrays = {}
+        for name, info in infos.items():
+            array = _mapped(path, f, info) if lazy and name in MAPPED else None
+            if array is None:
+                with zf.open(info) as member:
+                    array = np.lib.format.read_array(member, allow_pickle=False)
+            arrays[name] = array
+    for name in [n for n in arrays if f"{n}_offsets" in arrays and arrays[n].dtype == np.uint8]:
+        where = f"{path} ({name})"
+        arrays[name] = Texts(arrays.pop(f"{name}_offsets"), arrays[name], where=where)
+    return arrays
+
+
+def _strings(value: np.ndarray | Texts | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, Texts) else tuple(value.tolist())
+
+
 @dataclass
 class Embeddings:
-    """Vectors of a set of images with their paths, labels and the checkpoint that made them."""
+    """Vectors of a set of images with their paths, labels and the checkpoint that made them.
+
+    Read from a file, `embeddings` and `labels` are memory-mapped and `paths` is a `Texts`
+    column (a path is decoded when it is asked for); built in memory, they are numpy arrays."""
 
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
-    paths: np.ndarray  # (N,) str: file paths, or "<dataset>:<item>" for a prepared split
+    paths: np.ndarray | Texts  # (N,) str: file paths, or "<dataset>:<item>" for a prepared split
     labels: np.ndarray | None = None  # (N,) int64 indices into `classes`; None where unknown
     classes: tuple[str, ...] = ()
     checkpoint: str = ""
@@ -148,23 +251,26 @@ class Embeddings:
         """The embedding dimension D."""
         return int(self.embeddings.shape[1])
 
-    def class_names(self) -> np.ndarray | None:
-        """Each item's class name (labels are compared by name across files), or None."""
+    def class_names(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """Each item's class name (labels are compared by name across files), or those of
+        `rows` (an int array of any shape) only; None where labels are unknown."""
         if self.labels is None:
             return None
-        return np.asarray(self.classes, dtype=str)[self.labels]
+        labels = self.labels if rows is None else np.asarray(self.labels)[np.asarray(rows)]
+        return np.asarray(self.classes, dtype=str)[labels]
 
     @classmethod
-    def load(cls, path: str | Path) -> Embeddings:
-        """Read FILE.npz; a file that is not one, or not a consistent one, says so in one line."""
+    def load(cls, path: str | Path, *, lazy: bool = True) -> Embeddings:
+        """Read FILE.npz; a file that is not one, or not a consistent one, says so in one line.
+        `lazy`: map the vectors, paths and labels from the file (format 2) instead of reading
+        them; the file must then stay where it is while they are used."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no embeddings file {path}: make one with `msl-kit embed`")
         if not is_index(path):
             raise IndexFileError(f"{path} is not an embeddings file made by `msl-kit embed`")
-        check_members(path)
-        with np.load(path, allow_pickle=False) as z:
-            get = {k: z[k] for k in z.files}
+        check_members(path, MAPPED if lazy else ())
+        get = _read_members(path, lazy)
 
         def text(key: str) -> str:
             return str(get.get(key, ""))
@@ -173,15 +279,13 @@ class Embeddings:
             embeddings=get["embeddings"],
             paths=get["paths"],
             labels=get.get("labels"),
-            classes=tuple(get["classes"].tolist()) if "classes" in get else (),
+            classes=_strings(get.get("classes")),
             checkpoint=text("checkpoint"),
             checkpoint_sha256=text("checkpoint_sha256"),
             preprocessing=json.loads(text("preprocessing") or "{}"),
-            skipped=tuple(get["skipped"].tolist()) if "skipped" in get else (),
+            skipped=_strings(get.get("skipped")),
             inputs_sha256=text("inputs_sha256"),
-            skipped_reasons=tuple(get["skipped_reasons"].tolist())
-            if "skipped_reasons" in get
-            else (),
+            skipped_reasons=_strings(get.get("skipped_reasons")),
             inputs=int(get["inputs"]) if "inputs" in get else -1,
             checkpoint_relative=text("checkpoint_relative"),
             source=str(path),
@@ -191,21 +295,30 @@ class Embeddings:
         return emb
 
     def check_arrays(self, path: str | Path) -> None:
-        """Refuse, in one line, arrays that do not fit together (a hand-edited or foreign file)."""
-        x, n = self.embeddings, len(self.paths)
-        bad = ""
-        if x.ndim != 2 or x.dtype != np.float32 or self.paths.ndim != 1 or len(x) != n:
-            bad = f"embeddings {x.dtype}{list(x.shape)} for {n} paths"
-        elif self.paths.dtype.kind != "U":
-            bad = f"paths of dtype {self.paths.dtype}"
-        elif self.labels is not None:
-            lab = self.labels
-            if lab.ndim != 1 or len(lab) != n or lab.dtype.kind not in "iu":
-                bad = f"labels {lab.dtype}{list(lab.shape)} for {n} paths"
-            elif n and (lab.min() < 0 or lab.max() >= len(self.classes)):
-                bad = f"labels outside the {len(self.classes)} classes"
+        """Refuse, in one line, arrays that do not fit together (a hand-edited or foreign file,
+        a paths blob cut short): read a block at a time, never whole."""
+        bad = self._mismatch()
         if bad:
             raise IndexFileError(f"{path} is not a consistent embeddings file ({bad}): re-embed it")
+
+    def _mismatch(self) -> str:
+        x, n = self.embeddings, len(self.paths)
+        if isinstance(self.paths, Texts):
+            why = self.paths.check()
+            if why:
+                return f"paths: {why}"
+        elif self.paths.ndim != 1 or self.paths.dtype.kind != "U":
+            return f"paths of dtype {self.paths.dtype}{list(self.paths.shape)}"
+        if x.ndim != 2 or x.dtype != np.float32 or len(x) != n:
+            return f"embeddings {x.dtype}{list(x.shape)} for {n} paths"
+        lab = self.labels
+        if lab is None:
+            return ""
+        if lab.ndim != 1 or len(lab) != n or lab.dtype.kind not in "iu":
+            return f"labels {lab.dtype}{list(lab.shape)} for {n} paths"
+        if n and (lab.min() < 0 or lab.max() >= len(self.classes)):
+            return f"labels outside the {len(self.classes)} classes"
+        return ""
 
     def check_query(self, query: Embeddings | np.ndarray) -> None:
         """Refuse, in one line, a query of another dimension or embedded by another checkpoint."""
@@ -239,15 +352,15 @@ class Embeddings:
 
         A query whose path is also in this gallery finds none of the gallery's rows with that
         path (a file listed twice is still itself) unless `exclude_self=False`; other queries
-        are a separate set (In-Shop style).
+        are a separate set (In-Shop style). The gallery's paths are scanned a block at a time
+        against the queries' (never all held at once).
         """
         self.check_query(query)
         if not isinstance(query, Embeddings):
             vectors = np.asarray(query, dtype=np.float32)
             query = Embeddings(vectors, np.array([f"query {i}" for i in range(len(vectors))]))
-        gallery_ids, query_ids = path_ids(self.paths, query.paths)
-        copies = np.append(np.bincount(gallery_ids), 0)  # rows per path; 0 for absent ones
-        extra = int(copies[query_ids].max(initial=0)) if exclude_self else 0
+        shared = SharedPaths.find(self.paths, query.paths) if exclude_self else None
+        extra = shared.most_copies() if shared is not None else 0
         k = min(int(k), len(self) - extra)
         if k < 1:
             raise IndexFileError("the gallery holds no image other than the query itself")
@@ -260,24 +373,59 @@ class Embeddings:
         backend = backend or exact_backend(self.embeddings)
         scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
         if extra:
-            own = gallery_ids[indices] == query_ids[:, None]
-            scores, indices = drop_own(scores, indices, own, k)
+            scores, indices = drop_own(scores, indices, shared.own(indices), k)
         return Hits(scores, indices, query, self)
 
-    def positions(self, paths: np.ndarray) -> np.ndarray:
-        """Each path's index in this gallery, -1 where absent."""
-        where = {p: i for i, p in enumerate(self.paths.tolist())}
-        return np.array([where.get(p, -1) for p in np.asarray(paths).tolist()], dtype=np.int64)
+    def positions(self, paths: Sequence[str]) -> np.ndarray:
+        """Each path's index in this gallery (its last row where it is listed twice), -1 where
+        absent; the gallery's paths are scanned a block at a time."""
+        shared = SharedPaths.find(self.paths, paths)
+        last = np.full(shared.distinct, -1, np.int64)
+        np.maximum.at(last, shared.row_ids, shared.rows)
+        return last[shared.query_ids]
 
 
-def path_ids(gallery: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One integer per distinct path: gallery rows and queries with the same path share it;
-    a query path absent from the gallery gets an id no gallery row has."""
-    names, inverse = np.unique(np.asarray(gallery), return_inverse=True)
-    query = np.asarray(query)
-    at = np.searchsorted(names, query).clip(0, max(len(names) - 1, 0))
-    found = names[at] == query if len(names) else np.zeros(len(query), bool)
-    return inverse.reshape(-1).astype(np.int64), np.where(found, at, len(names)).astype(np.int64)
+@dataclass
+class SharedPaths:
+    """Which gallery rows hold one of the queries' paths: each distinct query path has an id
+    (`query_ids`, one per query), and `rows` (increasing) hold the paths with ids `row_ids`."""
+
+    query_ids: np.ndarray
+    rows: np.ndarray
+    row_ids: np.ndarray
+    distinct: int
+
+    @classmethod
+    def find(cls, gallery: Sequence[str], queries: Sequence[str]) -> SharedPaths:
+        """Scan the gallery's paths (a `Texts` column or an array) block by block against a
+        set of the queries' paths, compared as stored bytes: memory for the queries' paths and
+        one block, whatever the gallery's size."""
+        ids: dict[bytes, int] = {}
+        query_raw = [r for _, block in raw_blocks(queries) for r in block]
+        query_ids = np.fromiter(
+            (ids.setdefault(r, len(ids)) for r in query_raw), np.int64, len(query_raw)
+        )
+        del query_raw
+        rows, row_ids = [], []
+        for start, block in raw_blocks(gallery):
+            found = np.fromiter(map(ids.__contains__, block), bool, len(block))
+            at = np.flatnonzero(found)
+            rows.append(at + start)
+            row_ids.append(np.fromiter((ids[block[i]] for i in at), np.int64, len(at)))
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return cls(query_ids, cat(rows), cat(row_ids), len(ids))
+
+    def most_copies(self) -> int:
+        """The most gallery rows any one query's path has (what a search must ask beyond k)."""
+        copies = np.bincount(self.row_ids, minlength=self.distinct)
+        return int(copies[self.query_ids].max(initial=0))
+
+    def own(self, indices: np.ndarray) -> np.ndarray:
+        """(Q, k) booleans: the neighbour at `indices` holds the query's own path."""
+        at = np.searchsorted(self.rows, indices).clip(0, max(len(self.rows) - 1, 0))
+        hit = self.rows[at] == indices if len(self.rows) else np.zeros(indices.shape, bool)
+        ids = np.where(hit, self.row_ids[at] if len(self.rows) else -1, -1)
+        return ids == self.query_ids[:, None]
 
 
 Backend = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -313,10 +461,10 @@ class Hits:
 
     def hits(self) -> np.ndarray | None:
         """(Q, k) booleans: the neighbour shares the query's class (by name); None if unknown."""
-        q, g = self.query.class_names(), self.gallery.class_names()
+        q, g = self.query.class_names(), self.gallery.class_names(self.indices)
         if q is None or g is None:
             return None
-        return g[self.indices] == q[:, None]
+        return g == q[:, None]
 
     def recall_at_1(self) -> float | None:
         """Share of queries whose top hit shares their class; None without labels."""
@@ -326,11 +474,13 @@ class Hits:
     def rows(self) -> list[dict]:
         """One row per (query, rank): query, rank, score, path, and hit where labels are known."""
         hits = self.hits()
+        queries = self.query.paths[np.arange(len(self.scores))]
+        found = self.gallery.paths[self.indices]  # only the paths shown are decoded
         out = []
-        for q, (sc, ix) in enumerate(zip(self.scores, self.indices)):
-            for rank, (s, i) in enumerate(zip(sc.tolist(), ix.tolist()), start=1):
-                row = {"query": str(self.query.paths[q]), "rank": rank, "score": round(s, 6)}
-                row["path"] = str(self.gallery.paths[i])
+        for q, (sc, names) in enumerate(zip(self.scores, found)):
+            for rank, (s, name) in enumerate(zip(sc.tolist(), names.tolist()), start=1):
+                row = {"query": str(queries[q]), "rank": rank, "score": round(s, 6)}
+                row["path"] = str(name)
                 if hits is not None:
                     row["hit"] = bool(hits[q, rank - 1])
                 out.append(row)

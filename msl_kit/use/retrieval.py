@@ -21,8 +21,9 @@ from msl_kit.files.tree import printable
 from msl_kit.use.ann.faiss_index import AnnIndex
 from msl_kit.use.ann.kept import open_index
 from msl_kit.use.ann.spec import IndexSpec
-from msl_kit.use.embedding import EmbedError, checkpoint_file, embed
+from msl_kit.use.embedding import checkpoint_file, embed
 from msl_kit.use.index import Embeddings, Hits, is_index
+from msl_kit.use.listing import EmbedError
 from msl_kit.use.outputs import CSV_HEADER, GRID_MARK
 
 

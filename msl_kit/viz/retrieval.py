@@ -39,7 +39,7 @@ class ImageSet(Protocol):
     paths: np.ndarray
     checkpoint: str
 
-    def class_names(self) -> np.ndarray | None: ...
+    def class_names(self, rows: np.ndarray | None = None) -> np.ndarray | None: ...
 
 
 class HitsLike(Protocol):
@@ -132,7 +132,7 @@ def hits_grid(
         queries = spread_queries(len(hits.scores), n_queries)
     k = min(k or hits.scores.shape[1], hits.scores.shape[1])
     same = hits.hits()
-    q_names, g_names = hits.query.class_names(), hits.gallery.class_names()
+    q_names, g_names = hits.query.class_names(), hits.gallery.class_names(hits.indices)
     rows = []
     for q in queries:
         path = str(hits.query.paths[q])
@@ -145,7 +145,7 @@ def hits_grid(
             frame = PLAIN if same is None else (POS_COLOR if same[q, col] else NEG_COLOR)
             label = f"#{col + 1}  {hits.scores[q, col]:.3f}"
             if g_names is not None:
-                label += f"\n{short(str(g_names[j]))}"
+                label += f"\n{short(str(g_names[q, col]))}"
             cells.append((thumbnail(str(hits.gallery.paths[j])), frame, label))
         rows.append(cells)
     head = title or f"searched with {model_name(hits.gallery.checkpoint)}"
