@@ -1,0 +1,98 @@
+"""What many test files share (tests/README.md): the checkout's paths, the FAST training
+overrides, the one-error-line check, the CLI run in this process or in a child process, and the
+embedded set's held-out split written as image files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"  # the team's real archives, beside the checkout
+
+# A finished digits run in about a second: checkpoints at 2, 4 and 6, evaluated at the end only,
+# no floors (what --no-baseline also sets), one thread.
+FAST = [
+    "train.iterations=6",
+    "train.checkpoint_every=2",
+    "train.eval_every=0",
+    "train.threads=1",
+    "eval.floors=false",
+]
+
+
+def sets(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """`--set KEY=VALUE` for each override, as an argv list."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+FAST_ARGS = ["--config", "digits", *sets(FAST)]
+
+
+def error_line(err: str, start: str = "", only: bool = False) -> str:
+    """The CLI's one `error: ...` line in `err` (its stderr), returned: exactly one line holds
+    "error:", it begins with `error: {start}` (nothing printed before it on that line), and no
+    traceback was printed; with `only`, stderr is that line and nothing else."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {start}"), f"not the expected error line: {lines[0]!r}"
+    if only:
+        assert err == lines[0] + "\n", f"stderr holds more than the error line: {err!r}"
+    return lines[0]
+
+
+def train_quietly(argv: list[str]) -> None:
+    """`msl-kit ARGV` in this process, its output swallowed; fails unless it exits 0."""
+    out = io.StringIO()
+    from msl_kit import cli
+
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = cli.main(argv)
+    assert rc == 0, out.getvalue()[-3000:]
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    """`msl-kit ARGS` from the checkout in a new session (its own process group, so a test can
+    signal the whole group as a terminal would), one thread, output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "msl_kit.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def held_out_tree(base: Path, limit: int | None = None) -> tuple[Path, list[str]]:
+    """The test split of the embedded set as base/tree/<alphabet>__<character>/<file>.png
+    (bytes as shipped; files already there are kept); returns the tree and, per dataset item
+    (the first `limit`), its written path."""
+    from msl_kit import datasets
+    from msl_kit.datasets import embedded
+
+    tree = base / "tree"
+    ds = datasets.build("omniglot_small", None, "test")
+    written = []
+    archives: dict[str, zipfile.ZipFile] = {}
+    for member, label in zip(ds.paths[:limit], ds.labels[:limit]):
+        member = str(member)
+        name = member.split("/", 1)[0]
+        if name not in archives:
+            archives[name] = zipfile.ZipFile(embedded.DATA_DIR / f"{name}.zip")
+        folder = tree / ds.classes[label].replace("/", "__")
+        path = folder / Path(member).name
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(archives[name].read(member))
+        written.append(str(path.resolve()))
+    for zf in archives.values():
+        zf.close()
+    return tree, written
