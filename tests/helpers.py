@@ -12,6 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # the team's real archives, beside the checkout
 
@@ -26,12 +28,12 @@ FAST = [
 ]
 
 
-def sets(overrides: list[str] | tuple[str, ...]) -> list[str]:
+def set_args(overrides: list[str] | tuple[str, ...]) -> list[str]:
     """`--set KEY=VALUE` for each override, as an argv list."""
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-FAST_ARGS = ["--config", "digits", *sets(FAST)]
+FAST_ARGS = ["--config", "digits", *set_args(FAST)]
 
 
 def error_line(err: str, start: str = "", only: bool = False) -> str:
@@ -44,6 +46,12 @@ def error_line(err: str, start: str = "", only: bool = False) -> str:
     if only:
         assert err == lines[0] + "\n", f"stderr holds more than the error line: {err!r}"
     return lines[0]
+
+
+def printed_error(capsys: pytest.CaptureFixture, start: str = "") -> str:
+    """The error line `cli.main` printed since capsys was last read, and nothing else on
+    stderr: `error_line(err, start, only=True)`."""
+    return error_line(capsys.readouterr().err, start, only=True)
 
 
 def train_quietly(argv: list[str]) -> None:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
@@ -50,10 +50,8 @@ def test_mining_overhead_script_prints_the_ratio():
 
 
 @pytest.mark.slow
-def test_search_scale_script_prints_every_index_and_the_done_when_command(tmp_path):
-    from _fixtures_use import tiny_run
-
-    run = tiny_run(tmp_path)  # 64-d
+def test_search_scale_script_prints_every_index_and_the_done_when_command(use_run, tmp_path):
+    run = use_run  # 64-d
     args = [sys.executable, str(REPO / "bench" / "search_scale.py"), "--checkpoint", str(run)]
     args += ["--dim", "64", "--sizes", "12000", "--queries", "50", "--repeats", "1"]
     args += ["--threads", "1", "--cli", str(tmp_path / "cli")]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from _jupyter import jupyter_lab
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FLAGS = [
     "--headless",
     "--no-sandbox",

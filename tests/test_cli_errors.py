@@ -18,16 +18,6 @@ from msl_kit.errors import MslKitError
 from msl_kit.train import checkpoint, engine
 from msl_kit.train.rundir import RunFolder
 
-QUICK = ["train.iterations=2", "train.eval_every=0", "train.threads=1", "eval.floors=false"]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("errors") / "run"
-    args = ["train", "--config", "digits", "--out", str(out)]
-    assert cli.main([*args, *(a for s in QUICK for a in ("--set", s))]) == 0
-    return out
-
 
 def _line(capsys, *argv: str) -> tuple[int, str]:
     rc = cli.main(list(argv))
@@ -101,13 +91,13 @@ def _trained_on(run: Path, device: str, tmp_path: Path) -> Path:
     return path
 
 
-def test_a_model_trained_on_cuda_is_used_on_the_cpu(run, tmp_path, capsys):
+def test_a_model_trained_on_cuda_is_used_on_the_cpu(digits_run, tmp_path, capsys):
     """Issue 24.13: `evaluate --device cpu` / `embed --device cpu` failed with "device =
     'cuda:63' is not allowed" (the stored device was checked before --device applied) and
     advised `--set device=cpu`, a flag these commands lack."""
     if torch.cuda.device_count() > 63:
         pytest.skip("this machine has a cuda:63")
-    ckpt = _trained_on(run, "cuda:63", tmp_path)
+    ckpt = _trained_on(digits_run, "cuda:63", tmp_path)
     out = tmp_path / "m.json"
     args = ("evaluate", "--checkpoint", str(ckpt), "--out", str(out))
     rc, err = _line(capsys, *args, "--device", "cpu")
@@ -128,7 +118,7 @@ def test_a_model_trained_on_cuda_is_used_on_the_cpu(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:63", "gpu0"])
-def test_a_device_this_machine_lacks_is_one_line(run, device, tmp_path, capsys):
+def test_a_device_this_machine_lacks_is_one_line(digits_run, device, tmp_path, capsys):
     """Issue 24.14: `embed --device tpu` or `--device cuda` without a GPU was a RuntimeError
     traceback; embed, evaluate (and search, through embed) check it as train does."""
     if device.startswith("cuda") and torch.cuda.device_count() > 63:
@@ -138,8 +128,8 @@ def test_a_device_this_machine_lacks_is_one_line(run, device, tmp_path, capsys):
     (images / "a" / "0.png").write_bytes(b"")
     embedded = str(tmp_path / "e.npz")
     for argv in (
-        ("embed", "--checkpoint", str(run), "--images", str(images), "--out", embedded),
-        ("evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "m.json")),
+        ("embed", "--checkpoint", str(digits_run), "--images", str(images), "--out", embedded),
+        ("evaluate", "--checkpoint", str(digits_run), "--out", str(tmp_path / "m.json")),
     ):
         rc, err = _line(capsys, *argv, "--device", device)
         assert rc == 2 and err.count("\n") == 1, err
@@ -147,9 +137,9 @@ def test_a_device_this_machine_lacks_is_one_line(run, device, tmp_path, capsys):
     assert not (tmp_path / "e.npz").exists()
 
 
-def test_ranks_past_the_evaluation_split_are_one_line_in_evaluate(run, tmp_path, capsys):
+def test_ranks_past_the_evaluation_split_are_one_line_in_evaluate(digits_run, tmp_path, capsys):
     """evaluate checks eval.ks against its split as training does (not a metrics traceback)."""
-    state = checkpoint.load_checkpoint(RunFolder(run).checkpoint)
+    state = checkpoint.load_checkpoint(RunFolder(digits_run).checkpoint)
     state["config"]["eval"]["ks"] = [1, 100000]
     path = tmp_path / "wide.pt"
     checkpoint.save_checkpoint(state, path)

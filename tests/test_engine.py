@@ -14,24 +14,26 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import FAST, set_args
 
 from msl_kit import cli
 from msl_kit.train import engine, recipe
 from msl_kit.train.checkpoint import load_checkpoint
 from msl_kit.train.config import load_config
 
-FAST = [
+# FAST with a schedule of its own: logs at 3, 6, 9, 12, evaluations and checkpoints at 6, 12
+SCHEDULE = [
+    *FAST,
     "train.iterations=12",
     "train.eval_every=6",
     "train.checkpoint_every=6",
     "train.log_every=3",
-    "train.threads=1",
 ]
 
 
 def _train(tmp_path: Path, *overrides: str, name: str = "run", **kw) -> tuple[dict, Path]:
     out = tmp_path / name
-    return engine.train(load_config("digits", [*FAST, *overrides]), out, **kw), out
+    return engine.train(load_config("digits", [*SCHEDULE, *overrides]), out, **kw), out
 
 
 def test_run_folder_holds_what_the_contract_names(tmp_path):
@@ -49,7 +51,7 @@ def test_run_folder_holds_what_the_contract_names(tmp_path):
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(r["iteration"]) for r in rows] == [3, 6, 9, 12]
     assert rows[1]["recall@1"] and not rows[0]["recall@1"], "metrics only on evaluation rows"
-    assert load_config(out / "config.yaml") == load_config("digits", FAST)
+    assert load_config(out / "config.yaml") == load_config("digits", SCHEDULE)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["iteration"] == 12 and state["config"] == yaml.safe_load(
         (out / "config.yaml").read_text()
@@ -64,7 +66,7 @@ def test_lr_schedule_is_warmup_then_steps():
 
 def test_lr_multipliers_take_effect(tmp_path):
     recipe.seed_everything(0)  # the engine seeds the same way before it builds the model
-    init = recipe.build_model(load_config("digits", FAST)).state_dict()
+    init = recipe.build_model(load_config("digits", SCHEDULE)).state_dict()
     _, out = _train(tmp_path, "train.backbone_lr_mult=0.0", "train.weight_decay=0.0", "seed=0")
     trained = load_checkpoint(out / "checkpoint.pt")["model"]
     backbone = [
@@ -81,7 +83,9 @@ def test_lr_multipliers_take_effect(tmp_path):
 
 
 def test_frozen_batchnorm_keeps_running_statistics(tmp_path):
-    init = recipe.build_model(load_config("digits", [*FAST, "model.freeze_bn=true"])).state_dict()
+    init = recipe.build_model(
+        load_config("digits", [*SCHEDULE, "model.freeze_bn=true"])
+    ).state_dict()
     for frozen in (True, False):
         _, out = _train(tmp_path, f"model.freeze_bn={str(frozen).lower()}", name=f"bn-{frozen}")
         trained = load_checkpoint(out / "checkpoint.pt")["model"]
@@ -132,9 +136,8 @@ def test_evaluate_command_reproduces_metrics_json(tmp_path, capsys):
 
 
 def test_cli_train_prints_table_with_pixel_baseline(tmp_path, capsys):
-    args = ["train", "--config", "digits", "--out", str(tmp_path / "cli")] + [
-        a for o in FAST for a in ("--set", o)
-    ]
+    args = ["train", "--config", "digits", "--out", str(tmp_path / "cli")]
+    args += set_args([*SCHEDULE, "eval.floors=true"])  # the floors are the baseline rows
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "raw pixels" in out and "convnet + ms loss" in out and "MAP@R" in out
@@ -149,7 +152,7 @@ def test_every_loss_trains(tmp_path, name):
 
 
 def test_cross_batch_memory_run_resumes_with_its_memory(tmp_path):
-    cfg = load_config("digits", [*FAST, "loss.xbm_size=200", "loss.xbm_start=3"])
+    cfg = load_config("digits", [*SCHEDULE, "loss.xbm_size=200", "loss.xbm_start=3"])
     full = engine.train(cfg, tmp_path / "full")
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     state = load_checkpoint(tmp_path / "part" / "checkpoint.prev.pt")
@@ -183,7 +186,7 @@ def test_torchrun_two_processes_train_and_report_once(tmp_path):
         "--out",
         str(out),
         "--no-baseline",
-    ] + [a for o in [*FAST, "train.batch_size=40"] for a in ("--set", o)]
+    ] + set_args([*SCHEDULE, "train.batch_size=40"])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1, "only rank 0 reports"

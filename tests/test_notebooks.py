@@ -20,8 +20,8 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 NAMES = [
     "01_prepare_data",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FAST_ARGS, error_line
 
 from msl_kit import cli, metrics
 from msl_kit.losses import (
@@ -22,40 +23,19 @@ from msl_kit.reports import paper
 from msl_kit.train import engine, rundir, trainer
 from msl_kit.train.config import load_config
 
-FAST = [
-    "--config",
-    "digits",
-    *("--set", "train.iterations=6"),
-    *("--set", "train.checkpoint_every=2"),
-    *("--set", "train.eval_every=0"),
-    *("--set", "train.threads=1"),
-    *("--set", "eval.floors=false"),
-]
-
 
 def _run(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     rc = cli.main(list(args))
     captured = capsys.readouterr()
-    if rc == 2:
-        lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-        assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-        return rc, lines[0]
-    return rc, captured.out + captured.err
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("done") / "run"
-    assert cli.main(["train", "--out", str(out), *FAST]) == 0
-    return out
+    return rc, (error_line(captured.err) if rc == 2 else captured.out + captured.err)
 
 
 @pytest.fixture(scope="module")
 def straight10(tmp_path_factory) -> dict:
     """An uninterrupted run asked for 10 iterations from the start."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert cli.main(["train", "--out", str(out), *FAST, "--set", "train.iterations=10"]) == 0
+    assert cli.main(["train", "--out", str(out), *FAST_ARGS, "--set", "train.iterations=10"]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -66,12 +46,12 @@ class Crash(BaseException):
 
 @pytest.mark.parametrize("point", ["after the record, before config.yaml", "at iteration 7"])
 def test_an_extension_killed_before_its_next_checkpoint_resumes(
-    finished, straight10, tmp_path, capsys, monkeypatch, point
+    digits_run, straight10, tmp_path, capsys, monkeypatch, point
 ):
     """Item 7: `--resume R --set train.iterations=10`, killed before the checkpoint of
     iteration 8, then `--resume R` (no --set) continues to 10 and ends like a straight run."""
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(digits_run, run)
     real_write = rundir.atomic_write_text
     if point.startswith("after"):
 
@@ -110,9 +90,9 @@ def test_an_extension_killed_before_its_next_checkpoint_resumes(
     assert load_config(run / "config.yaml").train.iterations == 10
 
 
-def test_a_users_edit_after_an_extension_is_still_refused(finished, tmp_path, capsys):
+def test_a_users_edit_after_an_extension_is_still_refused(digits_run, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(finished, run)
+    shutil.copytree(digits_run, run)
     assert _run(capsys, "train", "--resume", str(run), "--set", "train.iterations=8")[0] == 0
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("beta: 40.0", "beta: 50.0"))
@@ -136,7 +116,7 @@ def test_non_finite_and_out_of_range_numbers_are_refused_before_any_folder(
     tmp_path, capsys, override, key
 ):
     out = tmp_path / "run"
-    rc, line = _run(capsys, "train", "--out", str(out), *FAST, "--set", override)
+    rc, line = _run(capsys, "train", "--out", str(out), *FAST_ARGS, "--set", override)
     assert rc == 2 and line.startswith(f"error: {key} = ") and "not allowed" in line
     assert not out.exists()
 
@@ -146,14 +126,14 @@ def test_a_val_split_too_small_for_the_batch_leaves_the_out_usable(tmp_path, cap
     before anything is written, and the same --out works once the config is fixed."""
     out = tmp_path / "run"
     bad = ["--set", "data.val_fraction=0.5", "--set", "train.batch_size=50"]
-    rc, line = _run(capsys, "train", "--out", str(out), *FAST, *bad)
+    rc, line = _run(capsys, "train", "--out", str(out), *FAST_ARGS, *bad)
     assert rc == 2 and "needs 5 classes" in line
     assert not out.exists()
     out.mkdir()  # an empty folder the user made is kept, and accepted
-    rc, line = _run(capsys, "train", "--out", str(out), *FAST, *bad)
+    rc, line = _run(capsys, "train", "--out", str(out), *FAST_ARGS, *bad)
     assert rc == 2 and out.is_dir() and not any(out.iterdir())
     fixed = ["--set", "data.val_fraction=0.5", "--set", "train.batch_size=20"]
-    rc, printed = _run(capsys, "train", "--out", str(out), *FAST, *fixed)
+    rc, printed = _run(capsys, "train", "--out", str(out), *FAST_ARGS, *fixed)
     assert rc == 0 and (out / "metrics.json").is_file(), printed
 
 
@@ -231,7 +211,7 @@ def test_a_huge_yaml_error_is_a_short_line(tmp_path, capsys, body):
 
 
 def test_evaluate_out_in_a_missing_folder_is_refused_before_evaluating(
-    finished, tmp_path, capsys, monkeypatch
+    digits_run, tmp_path, capsys, monkeypatch
 ):
     def never(*a, **k):
         raise AssertionError("evaluated before checking --out")
@@ -239,7 +219,7 @@ def test_evaluate_out_in_a_missing_folder_is_refused_before_evaluating(
     monkeypatch.setattr(engine, "evaluate_checkpoint", never)
     target = tmp_path / "nodir" / "x.json"
     rc, line = _run(
-        capsys, "evaluate", "--checkpoint", str(finished / "best.pt"), "--out", str(target)
+        capsys, "evaluate", "--checkpoint", str(digits_run / "best.pt"), "--out", str(target)
     )
     assert rc == 2 and str(target) in line and "does not exist" in line and ".tmp" not in line
 
@@ -274,7 +254,7 @@ def test_lone_queries_miss_or_skip():
 def test_lone_queries_and_metric_reach_metrics_json_and_every_table(tmp_path, capsys):
     out = tmp_path / "run"
     extra = ["--set", "eval.lone_queries=skip", "--set", "eval.metric=euclidean"]
-    rc, printed = _run(capsys, "train", "--out", str(out), *FAST, *extra)
+    rc, printed = _run(capsys, "train", "--out", str(out), *FAST_ARGS, *extra)
     assert rc == 0
     assert "eval.lone_queries=skip" in printed and "Euclidean" in printed
     saved = json.loads((out / "metrics.json").read_text())

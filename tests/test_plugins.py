@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO
 
 PLUGIN = textwrap.dedent(
     '''
@@ -156,10 +157,9 @@ def plugin_env(tmp_path: Path) -> dict:
     (tmp_path / "toy_plugin.py").write_text(PLUGIN)
     (tmp_path / "marker_plugin.py").write_text(MARKER)
     (tmp_path / "toy_data_plugin.py").write_text(DATA_PLUGIN)
-    repo = Path(__file__).resolve().parents[1]
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)]),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
         "OMP_NUM_THREADS": "1",
         "MARKER_FILE": str(tmp_path / "marker.txt"),
     }

@@ -8,15 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO
 
 from msl_kit.losses import MultiSimilarityLoss
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "quality.py"
 HEADER = "| method | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | wall s | img/s | loss ms/it |"
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import FAST, FAST_ARGS, REPO, error_line
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -28,29 +29,10 @@ from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import engine, recipe, trainer
 from msl_kit.train.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "train.iterations=6",
-    "train.checkpoint_every=2",
-    "train.eval_every=0",
-    "train.threads=1",
-    "eval.floors=false",
-]
-FAST_ARGS = ["--config", "digits"] + [a for s in FAST for a in ("--set", s)] + ["--no-baseline"]
 NAN = float("nan")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _error_line(err: str) -> str:
-    """The single `error: ...` line the CLI printed, on a line of its own, with no traceback."""
-    lines = [line for line in err.split("\n") if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: "), (
-        f"the error shares its line with other output: {lines[0]!r}"
-    )
-    return lines[0]
-
-
 def _train_cli(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     rc = cli.main(["train", *args])
@@ -83,14 +65,6 @@ def _assert_same_tensors(a, b) -> None:
         assert torch.equal(a, b)
     else:
         assert a == b
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted 6-iteration run: checkpoints at 2, 4, 6, metrics.json at the end."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    assert cli.main(["train", "--out", str(out), *FAST_ARGS]) == 0
-    return out
 
 
 @pytest.fixture
@@ -211,7 +185,7 @@ def test_cli_divergence_is_one_line_and_nonzero_exit(tmp_path, capsys):
         "--set",
         "train.checkpoint_every=1",
     )
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 1
     assert "became NaN or inf at iteration 2" in line and "Try a lower train.lr" in line
     assert str(out / "checkpoint.pt") in line
@@ -268,8 +242,8 @@ def test_metrics_reject_string_labels_with_the_fix():
         metrics.recall_at_k(x, ["a", "a", "b", "b", "c", "c"], ks=(1,))
 
 
-def test_embedding_width_mismatch(reference, tmp_path, capsys):
-    state = ckpt.load_checkpoint(reference / "checkpoint.pt")  # a 64-d run
+def test_embedding_width_mismatch(digits_run, tmp_path, capsys):
+    state = ckpt.load_checkpoint(digits_run / "checkpoint.pt")  # a 64-d run
     wide = models.build_model("convnet", 128, in_channels=1, input_size=8)
     with pytest.raises(ValueError, match=r"64 -> 64.*set model.embedding_dim=64"):
         wide.load_state_dict(state["model"])
@@ -279,7 +253,7 @@ def test_embedding_width_mismatch(reference, tmp_path, capsys):
     torch.save(state, edited)
     capsys.readouterr()
     assert cli.main(["evaluate", "--checkpoint", str(edited)]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert str(edited) in line and "model.embedding_dim=64" in line
     x = nn.functional.normalize(torch.randn(4, 64), dim=1)
     with pytest.raises(
@@ -293,13 +267,13 @@ def test_unknown_dataset_name(tmp_path, capsys):
     rc, err = _train_cli(
         capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", "data.name=nope"
     )
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "unknown dataset 'nope'; choose one of:" in line and "digits" in line
 
 
 def test_unknown_config_key_on_the_command_line_and_in_a_file(tmp_path, capsys):
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "a"), "--set", "train.lrr=0.1")
-    line = _error_line(err)
+    line = error_line(err)
     assert (
         rc == 2
         and "unknown config key 'train.lrr'. Did you mean train.lr" in line
@@ -310,8 +284,7 @@ def test_unknown_config_key_on_the_command_line_and_in_a_file(tmp_path, capsys):
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "b"), "--config", str(cfg_file))
     assert (
         rc == 2
-        and "unknown config key 'train.bach_size'. Did you mean train.batch_size"
-        in _error_line(err)
+        and "unknown config key 'train.bach_size'. Did you mean train.batch_size" in error_line(err)
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -324,7 +297,7 @@ def test_yaml_with_a_python_tag_is_refused(tmp_path, capsys):
     cfg_file = tmp_path / "evil.yaml"
     cfg_file.write_text(evil.format(marker))
     rc, err = _train_cli(capsys, "--out", str(tmp_path / "run"), "--config", str(cfg_file))
-    line = _error_line(err)
+    line = error_line(err)
     assert (
         rc == 2
         and str(cfg_file) in line
@@ -338,7 +311,7 @@ def test_out_folder_that_cannot_be_created(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     rc, err = _train_cli(capsys, "--out", str(blocker / "run"), *FAST_ARGS)
-    line = _error_line(err)
+    line = error_line(err)
     assert (
         rc == 2
         and f"cannot write to the output folder {blocker / 'run'}" in line
@@ -359,15 +332,15 @@ def test_read_only_out_folder(tmp_path, capsys):
         rc, err = _train_cli(capsys, "--out", str(folder), *FAST_ARGS)
     finally:
         folder.chmod(0o700)
-    assert rc == 2 and "cannot write to the output folder" in _error_line(err)
+    assert rc == 2 and "cannot write to the output folder" in error_line(err)
 
 
-def test_out_pointing_at_an_existing_run_is_refused(reference, tmp_path, capsys):
+def test_out_pointing_at_an_existing_run_is_refused(digits_run, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(digits_run, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     rc, err = _train_cli(capsys, "--out", str(run), *FAST_ARGS)
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and f"msl-kit train --resume {run}" in line and "another --out" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
@@ -375,7 +348,7 @@ def test_out_pointing_at_an_existing_run_is_refused(reference, tmp_path, capsys)
 def test_resume_of_a_missing_folder_does_not_create_it(tmp_path, capsys):
     missing = tmp_path / "typo"
     rc, err = _train_cli(capsys, "--resume", str(missing), "--no-baseline")
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and f"cannot resume from {missing}" in line and "drop --resume" in line
     assert not missing.exists()
 
@@ -425,18 +398,18 @@ def _fail_saving(monkeypatch, iteration: int) -> None:
 
 
 def test_disk_full_during_training_then_resume_loses_nothing(
-    reference, tmp_path, capsys, monkeypatch
+    digits_run, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     _fail_saving(monkeypatch, 4)
     rc, err = _train_cli(capsys, "--out", str(out), *FAST_ARGS)
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and f"could not write {out / 'checkpoint.pt'} (No space left on device)" in line
     assert ckpt.load_latest(out)[0]["iteration"] == 2 and _no_temp_files(out)
     monkeypatch.undo()  # space freed
     rc, err = _train_cli(capsys, "--resume", str(out), "--no-baseline")
     assert rc == 0, err
-    assert _metrics(out) == _metrics(reference)
+    assert _metrics(out) == _metrics(digits_run)
 
 
 class _StopAt(trainer.Callback):
@@ -449,7 +422,7 @@ class _StopAt(trainer.Callback):
 
 
 def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(
-    reference, tmp_path, capsys, monkeypatch
+    digits_run, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -463,26 +436,26 @@ def test_resume_with_a_corrupt_checkpoint_falls_back_to_the_previous_one(
         UserWarning, match=f"checkpoint {latest} is truncated or corrupt.*trying the previous"
     ):
         rc, err = _train_cli(capsys, "--resume", str(out), "--no-baseline")
-    assert rc == 2 and "could not write" in _error_line(err)
+    assert rc == 2 and "could not write" in error_line(err)
     # the torn file was set aside, so it never became the fallback copy: iteration 2 survives
     assert ckpt.load_latest(out)[0]["iteration"] == 2
     assert (out / "checkpoint.corrupt.pt").exists()
     monkeypatch.undo()
     rc, err = _train_cli(capsys, "--resume", str(out), "--no-baseline")
     assert rc == 0, err
-    assert _metrics(out) == _metrics(reference)
+    assert _metrics(out) == _metrics(digits_run)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
-def test_evaluate_a_damaged_checkpoint_names_the_file(reference, tmp_path, capsys, damage):
+def test_evaluate_a_damaged_checkpoint_names_the_file(digits_run, tmp_path, capsys, damage):
     path = tmp_path / "checkpoint.pt"
-    data = (reference / "checkpoint.pt").read_bytes()
+    data = (digits_run / "checkpoint.pt").read_bytes()
     path.write_bytes(
         {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"hello world"}[damage]
     )
     capsys.readouterr()
     assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert f"checkpoint {path} is truncated or corrupt" in line
 
 
@@ -496,20 +469,20 @@ class _Payload:
         return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(reference, tmp_path, capsys):
+def test_a_checkpoint_that_would_run_code_is_refused(digits_run, tmp_path, capsys):
     proof, marker = tmp_path / "proof", tmp_path / "marker"
-    state = ckpt.load_checkpoint(reference / "checkpoint.pt")
+    state = ckpt.load_checkpoint(digits_run / "checkpoint.pt")
     torch.save({**state, "extra": _Payload(proof)}, tmp_path / "proof.pt")
     torch.load(tmp_path / "proof.pt", weights_only=False)  # what an unsafe load would do
     assert proof.read_text() == "pwned"
 
     run = tmp_path / "run"
-    shutil.copytree(reference, run)
+    shutil.copytree(digits_run, run)
     evil = run / "checkpoint.pt"
     torch.save({**state, "extra": _Payload(marker)}, evil)
     capsys.readouterr()
     assert cli.main(["evaluate", "--checkpoint", str(evil)]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert f"checkpoint {evil} was refused" in line and "could run code" in line
     # resume skips it for the previous checkpoint, with a warning ...
     with pytest.warns(UserWarning, match="was refused"):
@@ -519,7 +492,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference, tmp_path, capsys
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rc, err = _train_cli(capsys, "--resume", str(run), "--no-baseline")
-    assert rc == 2 and "was refused" in _error_line(err)
+    assert rc == 2 and "was refused" in error_line(err)
     assert not marker.exists()
 
 
@@ -542,7 +515,7 @@ def test_backbone_weights_that_would_run_code_get_a_clear_error(tmp_path, capsys
     rc, err = _train_cli(
         capsys, "--out", str(tmp_path / "run"), *FAST_ARGS, "--set", f"model.pretrained={path}"
     )
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and str(path) in line and "weights_only=False" not in line
     assert not marker.exists()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FAST_ARGS, error_line
 from PIL import Image
 
 from msl_kit import cli
@@ -24,14 +25,6 @@ from msl_kit.train.config import load_config
 from msl_kit.train.rundir import RunFolder
 
 DIGITS = ["--config", "digits"]
-FAST = [
-    "train.iterations=6",
-    "train.checkpoint_every=2",
-    "train.eval_every=0",
-    "train.threads=1",
-    "eval.floors=false",
-]
-FAST_ARGS = [*DIGITS] + [a for s in FAST for a in ("--set", s)]
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -46,11 +39,7 @@ def _run(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     rc = cli.main(list(args))
     err = capsys.readouterr().err
-    if rc == 2:
-        lines = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert len(lines) == 1 and "Traceback" not in err, err
-        return rc, lines[0]
-    return rc, err
+    return rc, (error_line(err) if rc == 2 else err)
 
 
 # ----------------------------------------------------------------------------- config
@@ -185,29 +174,26 @@ def test_user_config_in_its_own_folder_is_not_overwritten(tmp_path, capsys):
     assert rc == 2 and _files(proj) == before
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("done") / "run"
-    assert cli.main(["train", "--out", str(out), *FAST_ARGS]) == 0
-    return out
-
-
-def test_evaluate_never_replaces_a_checkpoint(finished, capsys):
-    before = _files(finished)
+def test_evaluate_never_replaces_a_checkpoint(digits_run, tmp_path, capsys):
+    before = _files(digits_run)
     rc, line = _run(
         capsys,
         "evaluate",
         "--checkpoint",
-        str(finished / "best.pt"),
+        str(digits_run / "best.pt"),
         "--out",
-        str(finished / "checkpoint.pt"),
+        str(digits_run / "checkpoint.pt"),
     )
     assert rc == 2 and "not written by `msl-kit evaluate`" in line
-    assert _files(finished) == before
+    assert _files(digits_run) == before
     # its own earlier output may be replaced
-    out = finished.parent / "eval.json"
-    assert cli.main(["evaluate", "--checkpoint", str(finished / "best.pt"), "--out", str(out)]) == 0
-    assert cli.main(["evaluate", "--checkpoint", str(finished / "best.pt"), "--out", str(out)]) == 0
+    out = tmp_path / "eval.json"
+    assert (
+        cli.main(["evaluate", "--checkpoint", str(digits_run / "best.pt"), "--out", str(out)]) == 0
+    )
+    assert (
+        cli.main(["evaluate", "--checkpoint", str(digits_run / "best.pt"), "--out", str(out)]) == 0
+    )
 
 
 def test_checkpoint_without_config_is_one_line(tmp_path, capsys):
@@ -218,11 +204,11 @@ def test_checkpoint_without_config_is_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- resume
-def test_edited_config_is_refused_on_resume(finished, tmp_path, capsys):
+def test_edited_config_is_refused_on_resume(digits_run, tmp_path, capsys):
     run = tmp_path / "copy"
     import shutil
 
-    shutil.copytree(finished, run)
+    shutil.copytree(digits_run, run)
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("iterations: 6", "iterations: 60"))
     before = _files(run)
@@ -231,11 +217,13 @@ def test_edited_config_is_refused_on_resume(finished, tmp_path, capsys):
     assert _files(run) == before
 
 
-def test_resume_overrides_extend_a_finished_run_and_others_are_refused(finished, tmp_path, capsys):
+def test_resume_overrides_extend_a_finished_run_and_others_are_refused(
+    digits_run, tmp_path, capsys
+):
     import shutil
 
     run = tmp_path / "copy"
-    shutil.copytree(finished, run)
+    shutil.copytree(digits_run, run)
     rc, line = _run(capsys, "train", "--resume", str(run), "--set", "loss.ms.beta=60")
     assert rc == 2 and "loss.ms.beta cannot change on --resume" in line
     rc, _ = _run(capsys, "train", "--resume", str(run), "--set", "train.iterations=10")

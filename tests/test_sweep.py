@@ -16,12 +16,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import start_cli
+from helpers import start_cli
 
 from msl_kit import cli, sweep
 from msl_kit.train.validation import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]
 GRID = ["--grid", "loss.ms.beta=10,40", "--grid", "loss.ms.lam=0.3,0.5"]
 

@@ -19,19 +19,18 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import start_cli
+from helpers import FAST, REPO, printed_error, set_args, start_cli
 
 from msl_kit import cli, sweep
 from msl_kit.cli import app as cli_app
 from msl_kit.train.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["train.iterations=2", "eval.floors=false"]
+CELL = [*FAST, "train.iterations=2"]  # a sweep cell: FAST, two iterations
 
 
-def sweep_args(out: Path, *grid: str, sets: list[str] = FAST, extra: tuple = ()) -> list[str]:
+def sweep_args(out: Path, *grid: str, sets: list[str] = CELL, extra: tuple = ()) -> list[str]:
     """`msl-kit sweep --config digits --set ... --grid ... --out OUT` as an argv list."""
-    argv = ["sweep", "--config", "digits", *(a for s in sets for a in ("--set", s))]
+    argv = ["sweep", "--config", "digits", *set_args(sets)]
     return [*argv, *(a for g in grid for a in ("--grid", g)), "--out", str(out), *extra]
 
 
@@ -42,12 +41,6 @@ def rows(out: Path) -> list[dict]:
 
 def listing(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def one_line_error(capsys, start: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {start}") and err.count("\n") == 1, err
-    return err
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -75,12 +68,12 @@ def test_1_a_result_is_only_ever_reported_for_its_own_config(tmp_path, capsys):
     """The issue's --storage case, an edited --config file, and two values with one readable
     folder name: every reported row is of its own config."""
     out = tmp_path / "S"
-    assert cli.main(sweep_args(out, "loss.ms.beta=10", sets=[*FAST[1:], "train.iterations=2"])) == 0
+    assert cli.main(sweep_args(out, "loss.ms.beta=10")) == 0
     before = listing(out)
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    later = sweep_args(out, "loss.ms.beta=10", sets=[*FAST[1:], "train.iterations=3"])
+    later = sweep_args(out, "loss.ms.beta=10", sets=[*CELL, "train.iterations=3"])
     assert cli.main([*later, "--storage", other]) == 2  # was: the 2-iteration result shown
-    one_line_error(capsys, f"--out {out} holds another sweep")
+    printed_error(capsys, f"--out {out} holds another sweep")
     assert listing(out) == before
 
     # Same command, config file edited in between: the stored result is of another config.
@@ -101,7 +94,7 @@ def test_1_a_result_is_only_ever_reported_for_its_own_config(tmp_path, capsys):
     values["train"]["iterations"] = 3
     base.write_text(yaml.safe_dump(values))
     assert cli.main(edited) == 2
-    one_line_error(capsys, "the sweep's study holds a result for runs/beta=10.0_seed=0_")
+    printed_error(capsys, "the sweep's study holds a result for runs/beta=10.0_seed=0_")
     assert cli.main([*edited, "--storage", other]) == 0  # a new study: the new cell trains
     (row,) = rows(tmp_path / "E")
     cfg = load_config(tmp_path / "E" / row["run"] / "config.yaml")
@@ -149,16 +142,15 @@ def test_3_a_folder_the_sweep_does_not_own_is_refused_untouched(tmp_path, capsys
     (mine / "sweep.csv").write_text("my,own\n1,2\n")
     before = listing(mine)
     assert cli.main(sweep_args(mine, "loss.ms.beta=10,20")) == 2
-    one_line_error(capsys, f"--out {mine} holds files msl-kit sweep did not write")
+    printed_error(capsys, f"--out {mine} holds files msl-kit sweep did not write")
     assert listing(mine) == before and sorted(os.listdir(mine)) == ["summary.md", "sweep.csv"]
 
     run = tmp_path / "run"
-    assert cli.main(["train", "--config", "digits", *(a for s in FAST for a in ("--set", s)),
-                     "--out", str(run)]) == 0  # fmt: skip
+    assert cli.main(["train", "--config", "digits", *set_args(CELL), "--out", str(run)]) == 0
     before = listing(run)
     capsys.readouterr()
     assert cli.main(sweep_args(run, "loss.ms.beta=10")) == 2
-    one_line_error(capsys, f"--out {run} holds a training run")
+    printed_error(capsys, f"--out {run} holds a training run")
     assert listing(run) == before
 
 
@@ -171,13 +163,13 @@ def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
         wait_for(lambda: (run / "config.yaml").is_file(), train)
         before = sorted(os.listdir(run))
         assert cli.main(sweep_args(run, "loss.ms.beta=10")) == 2
-        one_line_error(capsys, f"--out {run} holds a training run")
+        printed_error(capsys, f"--out {run} holds a training run")
         assert sorted(os.listdir(run)) == before  # no optuna.db, runs/ or tables
         locked = tmp_path / "locked"  # a folder holding only that live train's lock
         locked.mkdir()
         (locked / ".msl_kit.lock").write_bytes((run / ".msl_kit.lock").read_bytes())
         assert cli.main(sweep_args(locked, "loss.ms.beta=10")) == 2
-        one_line_error(capsys, f"{locked} is in use by another msl-kit run (pid {train.pid}")
+        printed_error(capsys, f"{locked} is in use by another msl-kit run (pid {train.pid}")
         assert os.listdir(locked) == [".msl_kit.lock"]
     finally:
         train.kill()
@@ -197,9 +189,9 @@ def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, caps
     assert not any(cell.glob("checkpoint*")), "killed after the first checkpoint: too late"
     # Was: --resume says to drop --resume, and dropping it says to use --resume.
     assert cli.main(["train", "--resume", str(cell)]) == 2
-    one_line_error(capsys, f"cannot resume from {cell}: no checkpoint.pt found")
+    printed_error(capsys, f"cannot resume from {cell}: no checkpoint.pt found")
     assert cli.main(["train", "--config", "digits", "--out", str(cell)]) == 2
-    err = one_line_error(capsys, f"{cell} is not empty (it holds a config.yaml but no checkpoint")
+    err = printed_error(capsys, f"{cell} is not empty (it holds a config.yaml but no checkpoint")
     assert "--resume" not in err and "nothing to resume" in err
     assert cli.main(sweep_args(out, "loss.ms.beta=10", sets=sets)) == 0  # was: "not empty" forever
     (row,) = rows(out)
@@ -288,7 +280,7 @@ def test_6_bad_grid_range_and_seeds_are_one_line_before_anything_runs(
 ):
     out = tmp_path / "S"
     assert cli.main(["sweep", "--config", "digits", *argv, "--out", str(out)]) == 2
-    one_line_error(capsys, message)
+    printed_error(capsys, message)
     assert not out.exists()
 
 
@@ -308,7 +300,7 @@ def test_6_a_bad_storage_is_one_line(kind, tmp_path, capsys):
     }[kind]
     before = db.read_bytes() if db.exists() else None
     assert cli.main(sweep_args(tmp_path / "S", "loss.ms.beta=10", extra=("--storage", url))) == 2
-    one_line_error(capsys, f"cannot use --storage {url}: ")
+    printed_error(capsys, f"cannot use --storage {url}: ")
     assert (db.read_bytes() if db.exists() else None) == before
     assert not (tmp_path / "S" / "runs").exists()
 

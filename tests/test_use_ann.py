@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from _fixtures_use import held_out_tree, tiny_run
 
 from msl_kit import cli
 from msl_kit.use.ann import AnnError, AnnIndex, IndexSpec, vectors_sha256
@@ -131,16 +130,11 @@ def test_a_changed_middle_row_rebuilds_the_kept_index(tmp_path):
             assert x_hits.indices[0, 0] != 1500  # the old row is gone for exact search too
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
 def test_a_replaced_image_re_embedded_is_never_answered_from_the_old_faiss_index(
-    run, tmp_path, capsys
+    use_run, held_out, tmp_path, capsys
 ):
     """Issue 24 item 7, as reported: replace a middle image, re-embed, search --faiss."""
-    _, written = held_out_tree(tmp_path, limit=60)
+    written = held_out[1][:60]
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(9):
@@ -148,7 +142,7 @@ def test_a_replaced_image_re_embedded_is_never_answered_from_the_old_faiss_index
     (tmp_path / "q").mkdir()
     old = shutil.copy(photos / "4.png", tmp_path / "q" / "old.png")
     out = tmp_path / "photos.npz"
-    embed(run, photos, out, progress=False)
+    embed(use_run, photos, out, progress=False)
     emb = Embeddings.load(out)
     assert emb.embeddings_sha256 == vectors_sha256(emb.embeddings)
     args = ["search", "--index", str(out), "--query", str(old), "-k", "1", "--show", "1"]
@@ -156,7 +150,7 @@ def test_a_replaced_image_re_embedded_is_never_answered_from_the_old_faiss_index
         assert cli.main([*args, "--faiss", kind]) == 0
         assert f"{photos / '4.png'}" in capsys.readouterr().out
     shutil.copy(written[55], photos / "4.png")  # another character
-    embed(run, photos, out, progress=False)
+    embed(use_run, photos, out, progress=False)
     assert cli.main(args) == 0
     exact = capsys.readouterr().out
     for kind in ("flat", "hnsw"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _fixtures_use import held_out_tree, tiny_run
+from helpers import REPO, printed_error
 from PIL import Image
 
 from msl_kit import cli
@@ -24,45 +24,28 @@ from msl_kit.train import checkpoint, engine, evaluation, recipe
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def tree(tmp_path_factory) -> tuple[Path, list[str]]:
-    return held_out_tree(tmp_path_factory.getbasetemp())
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in err
-    return err
-
-
-def test_folder_tree_gives_evaluates_vectors_and_recall(run, tree, tmp_path, capsys):
-    folder, written = tree
+def test_folder_tree_gives_evaluates_vectors_and_recall(use_run, held_out, tmp_path, capsys):
+    folder, written = held_out
     out = tmp_path / "test.npz"
     assert (
-        cli.main(["embed", "--checkpoint", str(run), "--images", str(folder), "--out", str(out)])
+        cli.main(
+            ["embed", "--checkpoint", str(use_run), "--images", str(folder), "--out", str(out)]
+        )
         == 0
     )
     emb = Embeddings.load(out)
     assert emb.embeddings.dtype == np.float32 and emb.embeddings.shape == (2240, 64)
     assert len(emb.classes) == 112 and emb.labels is not None and not emb.skipped
     # the vectors `evaluate` scores, item by item (matched by file)
-    model, cfg = checkpoint.load_model(run)
+    model, cfg = checkpoint.load_model(use_run)
     query, _ = recipe.eval_data(cfg)
     ref, _ = evaluation.extract(model, query, torch.device("cpu"), recipe.eval_options(cfg))
     row = emb.positions(np.array(written))
     assert (row >= 0).all()
     np.testing.assert_allclose(emb.embeddings[row], ref.numpy(), atol=1e-6)
     # search with every image as a query: evaluate's R@1; with --keep-self each finds itself
-    results, _ = engine.evaluate_checkpoint(run / "checkpoint.pt")
+    results, _ = engine.evaluate_checkpoint(use_run / "checkpoint.pt")
     csv_out = tmp_path / "r.csv"
     args = ["search", "--index", str(out), "--query", str(out), "-k", "1", "--out", str(csv_out)]
     capsys.readouterr()
@@ -74,12 +57,12 @@ def test_folder_tree_gives_evaluates_vectors_and_recall(run, tree, tmp_path, cap
     assert len(rows) == 2240 and all(r.split(",")[0] == r.split(",")[3] for r in rows)
 
 
-def test_csv_flat_folder_and_dataset_split(run, tree, tmp_path):
-    folder, written = tree
+def test_csv_flat_folder_and_dataset_split(use_run, held_out, tmp_path):
+    folder, written = held_out
     rows = ["path,label"] + [f"{p},{Path(p).parent.name}" for p in written[:40]]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-    from_csv = embed(run, tmp_path / "list.csv", progress=False)
-    from_tree = embed(run, folder, tmp_path / "t.npz", progress=False)
+    from_csv = embed(use_run, tmp_path / "list.csv", progress=False)
+    from_tree = embed(use_run, folder, tmp_path / "t.npz", progress=False)
     row = from_tree.positions(from_csv.paths)
     np.testing.assert_array_equal(from_csv.embeddings, from_tree.embeddings[row])
     np.testing.assert_array_equal(from_csv.class_names(), from_tree.class_names()[row])
@@ -87,16 +70,16 @@ def test_csv_flat_folder_and_dataset_split(run, tree, tmp_path):
     flat.mkdir()
     for p in written[:3]:
         (flat / Path(p).name).write_bytes(Path(p).read_bytes())
-    assert embed(run, flat, progress=False).labels is None  # a flat folder has no labels
-    split = embed(run, dataset="omniglot_small", split="test", progress=False)
+    assert embed(use_run, flat, progress=False).labels is None  # a flat folder has no labels
+    split = embed(use_run, dataset="omniglot_small", split="test", progress=False)
     assert len(split) == 2240 and split.paths[0].startswith("omniglot_small:")
     np.testing.assert_array_equal(
         split.embeddings, from_tree.embeddings[from_tree.positions(np.array(written))]
     )
 
 
-def test_unreadable_files_are_skipped_with_a_count(run, tree, tmp_path, capsys):
-    _, written = tree
+def test_unreadable_files_are_skipped_with_a_count(use_run, held_out, tmp_path, capsys):
+    _, written = held_out
     folder = tmp_path / "mixed" / "a"
     folder.mkdir(parents=True)
     for p in written[:4]:
@@ -111,7 +94,7 @@ def test_unreadable_files_are_skipped_with_a_count(run, tree, tmp_path, capsys):
             [
                 "embed",
                 "--checkpoint",
-                str(run),
+                str(use_run),
                 "--images",
                 str(tmp_path / "mixed"),
                 "--out",
@@ -134,62 +117,60 @@ def test_unreadable_files_are_skipped_with_a_count(run, tree, tmp_path, capsys):
     ]
 
 
-def test_bad_inputs_are_one_line(run, tmp_path, capsys):
+def test_bad_inputs_are_one_line(use_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    base = ["embed", "--checkpoint", str(run), "--out"]
+    base = ["embed", "--checkpoint", str(use_run), "--out"]
     assert cli.main([*base, str(tmp_path / "e.npz"), "--images", str(tmp_path / "empty")]) == 2
-    assert "no files to embed" in one_error_line(capsys)
+    assert "no files to embed" in printed_error(capsys)
     mine = tmp_path / "precious.npz"
     mine.write_bytes(b"my own data")
     assert cli.main([*base, str(mine), "--images", str(tmp_path / "empty")]) == 2
-    assert (
-        "not an embeddings file" in one_error_line(capsys) and mine.read_bytes() == b"my own data"
-    )
+    assert "not an embeddings file" in printed_error(capsys) and mine.read_bytes() == b"my own data"
     assert cli.main([*base, str(tmp_path / "x.npz"), "--images", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in one_error_line(capsys)
+    assert "no such folder" in printed_error(capsys)
     assert cli.main([*base, str(tmp_path / "x.npz")]) == 2
-    one_error_line(capsys)
+    printed_error(capsys)
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_file_is_deterministic_and_rerun_is_a_no_op(run, tree, tmp_path):
-    _, written = tree
+def test_file_is_deterministic_and_rerun_is_a_no_op(use_run, held_out, tmp_path):
+    _, written = held_out
     (tmp_path / "l.csv").write_text("\n".join(written[:50]) + "\n")
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    embed(run, tmp_path / "l.csv", a, progress=False, chunk_size=16, batch_size=8)
-    embed(run, tmp_path / "l.csv", b, progress=False, chunk_size=16, batch_size=8)
+    embed(use_run, tmp_path / "l.csv", a, progress=False, chunk_size=16, batch_size=8)
+    embed(use_run, tmp_path / "l.csv", b, progress=False, chunk_size=16, batch_size=8)
     assert a.read_bytes() == b.read_bytes()
     stamp = a.stat().st_mtime_ns
-    embed(run, tmp_path / "l.csv", a, progress=False, chunk_size=16, batch_size=8)
+    embed(use_run, tmp_path / "l.csv", a, progress=False, chunk_size=16, batch_size=8)
     assert a.stat().st_mtime_ns == stamp  # up to date: read, not redone
     with np.load(a) as z:  # a plain numpy archive, no pickle
         assert z.files[:2] == ["embeddings", "paths"] and "labels" not in z.files  # no labels
         assert json.loads(str(z["preprocessing"]))["input_size"] == 28
 
 
-def test_an_image_replaced_at_the_same_path_is_embedded_again(run, tree, tmp_path):
+def test_an_image_replaced_at_the_same_path_is_embedded_again(use_run, held_out, tmp_path):
     """Up to date means the same files, not only the same names: a rerun after one image was
     replaced (same path, new content) gives that image's new vector."""
-    _, written = tree
+    _, written = held_out
     for i, src in enumerate(written[:4]):
         shutil.copy(src, tmp_path / f"{i}.png")
     out = tmp_path / "e.npz"
-    before = embed(run, tmp_path, out, progress=False).embeddings
+    before = embed(use_run, tmp_path, out, progress=False).embeddings
     first = tmp_path / "0.png"
     first.write_bytes(Path(written[40]).read_bytes())  # another character's drawing
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
-    after = embed(run, tmp_path, out, progress=False).embeddings
+    after = embed(use_run, tmp_path, out, progress=False).embeddings
     assert not np.allclose(before[0], after[0]) and np.allclose(before[1:], after[1:])
 
 
-def _embed_cmd(run: Path, images: Path, out: Path) -> list[str]:
+def _embed_cmd(use_run: Path, images: Path, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "msl_kit.cli",
         "embed",
         "--checkpoint",
-        str(run),
+        str(use_run),
         "--images",
         str(images),
         "--out",
@@ -203,14 +184,14 @@ def _embed_cmd(run: Path, images: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_embed_resumes_to_the_same_bytes(run, tree, tmp_path, sig):
-    _, written = tree
+def test_interrupted_embed_resumes_to_the_same_bytes(use_run, held_out, tmp_path, sig):
+    _, written = held_out
     images = tmp_path / "l.csv"
     images.write_text("\n".join(written[:1200]) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     whole, cut = tmp_path / "whole.npz", tmp_path / "cut.npz"
-    subprocess.run(_embed_cmd(run, images, whole), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_embed_cmd(run, images, cut), env=env, stderr=subprocess.PIPE)
+    subprocess.run(_embed_cmd(use_run, images, whole), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_embed_cmd(use_run, images, cut), env=env, stderr=subprocess.PIPE)
     part = tmp_path / "cut.npz.part"
     deadline = time.monotonic() + 120
     while len(list(part.glob("chunk_*.npz"))) < 10 and time.monotonic() < deadline:
@@ -222,7 +203,9 @@ def test_interrupted_embed_resumes_to_the_same_bytes(run, tree, tmp_path, sig):
     assert 10 <= done < 1200 // 32 and not cut.exists()
     if sig == signal.SIGINT:
         assert "rerun the same command" in err.decode()
-    again = subprocess.run(_embed_cmd(run, images, cut), env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        _embed_cmd(use_run, images, cut), env=env, capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr
     resumed_at = int(re.search(r"\| *(\d+)/1200", again.stderr).group(1))
     assert resumed_at == done * 32  # the bar starts where the kept pieces end

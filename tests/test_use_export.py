@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _fixtures_use import tiny_run
+from helpers import error_line
 from PIL import Image
 
 from msl_kit import cli
@@ -90,11 +90,6 @@ assert "msl_kit" not in sys.modules
 """
 
 
-@pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
 @pytest.fixture(scope="module")
 def timm_run(tmp_path_factory):
     """An untrained timm:resnet18 checkpoint at 32 px (bicubic, crop two_step), no training."""
@@ -152,7 +147,7 @@ def _outside(tmp_path: Path, descriptions: list[Path], images: list[str]) -> Non
 
 @pytest.mark.slow  # two models, two formats, one process without msl_kit: ~12 s on 2 cores
 def test_a_user_following_the_description_gets_embeds_vectors_without_msl_kit(
-    run, timm_run, tmp_path
+    use_run, timm_run, tmp_path
 ):
     """Issue 24 item 8: the description carries every step embed applies (JPEG draft,
     transparency and its colour, 16-bit, palette, grey, interpolation, both crop modes), for
@@ -160,8 +155,8 @@ def test_a_user_following_the_description_gets_embeds_vectors_without_msl_kit(
     the export-1 recipe (convert, bilinear, two resamplings) is shown to miss by > 1e-3."""
     images = awkward_images(tmp_path / "images")
     exports = {
-        "convnet.pt2": run,
-        "convnet_ts.pt": run,
+        "convnet.pt2": use_run,
+        "convnet_ts.pt": use_run,
         "timm.pt2": timm_run,
         "timm_ts.pt": timm_run,
     }
@@ -174,7 +169,7 @@ def test_a_user_following_the_description_gets_embeds_vectors_without_msl_kit(
     assert timm_meta["crop"]["mode"] == "two_step" and timm_meta["input"]["shape"][1] == 3
     _outside(tmp_path, descriptions, images)
     (tmp_path / "l.csv").write_text("\n".join(images) + "\n")
-    refs = {ckpt: embed(ckpt, tmp_path / "l.csv", progress=False) for ckpt in (run, timm_run)}
+    refs = {ckpt: embed(ckpt, tmp_path / "l.csv", progress=False) for ckpt in (use_run, timm_run)}
     for name, ckpt in exports.items():
         ref = refs[ckpt]
         assert list(ref.paths) == images and not len(ref.skipped)
@@ -226,28 +221,28 @@ def test_colour_order_and_scaling_happen_inside():
     np.testing.assert_array_equal(to_uint8(expected[None], spec)[0].numpy(), rgb.transpose(2, 0, 1))
 
 
-def test_export_into_a_folder_is_one_line(run, tmp_path, capsys):
-    assert cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path)]) == 2
+def test_export_into_a_folder_is_one_line(use_run, tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", str(use_run), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
 
 
-def test_onnx_runs_where_onnxruntime_is_installed(run, tmp_path):
+def test_onnx_runs_where_onnxruntime_is_installed(use_run, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     pytest.importorskip("onnx")
     out = tmp_path / "model.pt2"
-    cli.main(["export", "--checkpoint", str(run), "--out", str(out), "--onnx"])
+    cli.main(["export", "--checkpoint", str(use_run), "--out", str(out), "--onnx"])
     x = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
     onnx_out = ort.InferenceSession(str(out.with_suffix(".onnx"))).run(None, {"images": x})[0]
     pt2_out = torch.export.load(str(out)).module()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(onnx_out, pt2_out, atol=1e-5)
 
 
-def test_the_description_names_the_checkpoint_and_each_files_digest(run, tmp_path):
+def test_the_description_names_the_checkpoint_and_each_files_digest(use_run, tmp_path):
     from msl_kit.files.download import sha256sum
 
-    info = export(run, tmp_path / "m.pt2", onnx=False)
-    assert info["checkpoint_sha256"] == sha256sum(run / "checkpoint.pt")
+    info = export(use_run, tmp_path / "m.pt2", onnx=False)
+    assert info["checkpoint_sha256"] == sha256sum(use_run / "checkpoint.pt")
     assert info["onnx"] == "" and not (tmp_path / "m.onnx").exists()
     assert json.loads(json.dumps(info)) == json.loads((tmp_path / "m.json").read_text())
     assert info["files"] == {"m.pt2": sha256sum(tmp_path / "m.pt2")}
@@ -270,19 +265,13 @@ def _export(capsys, ckpt: Path, out: Path, *flags: str) -> tuple[int, str, str]:
     return rc, got.out, got.err
 
 
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 @pytest.fixture()
-def own_run(run, tmp_path):
+def own_run(use_run, tmp_path):
     """A copy of the tiny run, so that a test that fails cannot spoil the shared one."""
     import shutil
 
     copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+    shutil.copytree(use_run, copy)
     return copy
 
 
@@ -310,19 +299,19 @@ def test_3_export_never_replaces_a_file_it_did_not_write(own_run, tmp_path, caps
         assert _export(capsys, own_run, folder / "model.pt")[0] == 0
     before = _state(folder)
     rc, _, err = _export(capsys, own_run, out)
-    line = _one_error_line(err)
+    line = error_line(err, only=True)
     assert rc == 2 and "it is left alone" in line and "nothing written" in line
     assert _state(folder) == before  # byte for byte, no temp file
 
 
 def test_3_a_description_is_named_after_its_module_and_no_path_is_printed_twice(
-    run, tmp_path, capsys
+    use_run, tmp_path, capsys
 ):
-    rc, text, _ = _export(capsys, run, tmp_path / "model.json")
+    rc, text, _ = _export(capsys, use_run, tmp_path / "model.json")
     assert rc == 2 and not list(tmp_path.iterdir())  # refused in one line, nothing written
     onnx = [".onnx"] if exporting.onnx_wanted(None) else []  # where the onnx extra is installed
     for name in ("model.pt2", "lite.pt", "model.pt2"):  # the second model.pt2 replaces the first
-        rc, text, _ = _export(capsys, run, tmp_path / name)
+        rc, text, _ = _export(capsys, use_run, tmp_path / name)
         assert rc == 0
         wrote = text.splitlines()[0].removeprefix("wrote ").split(", ")
         expected = [tmp_path / name] + [(tmp_path / name).with_suffix(s) for s in [".json", *onnx]]
@@ -340,21 +329,21 @@ def _fake_onnx(monkeypatch, payload: bytes = b"onnx bytes") -> None:
     monkeypatch.setattr(exporting, "onnx_bytes", lambda model, example: payload)
 
 
-def test_5_onnx_asked_for_without_onnx_changes_nothing(run, tmp_path, capsys, monkeypatch):
+def test_5_onnx_asked_for_without_onnx_changes_nothing(use_run, tmp_path, capsys, monkeypatch):
     """`export --onnx` without onnx replaced the .pt first, then failed: the old model.json
     then described another module."""
     folder = tmp_path / "exp"
-    assert _export(capsys, run, folder / "model.pt")[0] == 0
+    assert _export(capsys, use_run, folder / "model.pt")[0] == 0
     before = _state(folder)
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` fails as where it is absent
-    rc, _, err = _export(capsys, run, folder / "model.pt", "--onnx")
-    assert rc == 2 and "pip install onnx" in _one_error_line(err)
+    rc, _, err = _export(capsys, use_run, folder / "model.pt", "--onnx")
+    assert rc == 2 and "pip install onnx" in error_line(err, only=True)
     assert _state(folder) == before
-    rc, _, err = _export(capsys, run, tmp_path / "new" / "model.pt", "--onnx")
+    rc, _, err = _export(capsys, use_run, tmp_path / "new" / "model.pt", "--onnx")
     assert rc == 2 and not (tmp_path / "new").exists()
 
 
-def test_5_a_failure_at_any_file_leaves_the_old_export_whole(run, tmp_path, monkeypatch):
+def test_5_a_failure_at_any_file_leaves_the_old_export_whole(use_run, tmp_path, monkeypatch):
     """All files or none: the new module, ONNX file and description are written to temp files
     and renamed in only when all are complete; a failure at the module's write, the ONNX
     file's rename or the description's rename puts every old file back, and a new folder goes."""
@@ -364,7 +353,7 @@ def test_5_a_failure_at_any_file_leaves_the_old_export_whole(run, tmp_path, monk
 
     old = tmp_path / "old"
     _fake_onnx(monkeypatch, b"old onnx")
-    export(run, old / "model.pt")
+    export(use_run, old / "model.pt")
     assert sorted(_state(old)) == ["model.json", "model.onnx", "model.pt"]
     before = _state(old)
     _fake_onnx(monkeypatch, b"new onnx")
@@ -387,42 +376,42 @@ def test_5_a_failure_at_any_file_leaves_the_old_export_whole(run, tmp_path, monk
         for folder in (old, tmp_path / "fresh" / "deeper"):
             calls.update(fsync=0, replace=0)
             with pytest.raises(OSError, match="simulated"):
-                export(run, folder / "model.pt")
+                export(use_run, folder / "model.pt")
             assert _state(old) == before
             assert not (tmp_path / "fresh").exists()  # the folders it made are gone too
 
 
-def test_5_an_earlier_exports_onnx_goes_with_it_and_a_users_stays(run, tmp_path, monkeypatch):
+def test_5_an_earlier_exports_onnx_goes_with_it_and_a_users_stays(use_run, tmp_path, monkeypatch):
     _fake_onnx(monkeypatch)
-    export(run, tmp_path / "model.pt")
+    export(use_run, tmp_path / "model.pt")
     monkeypatch.setattr(exporting, "onnx_wanted", lambda onnx: False)  # onnx uninstalled since
-    export(run, tmp_path / "model.pt")
+    export(use_run, tmp_path / "model.pt")
     assert not (tmp_path / "model.onnx").exists()  # it held the module just replaced
     (tmp_path / "lite.onnx").write_bytes(b"the user's own")
-    export(run, tmp_path / "lite.pt")
+    export(use_run, tmp_path / "lite.pt")
     assert (tmp_path / "lite.onnx").read_bytes() == b"the user's own"
     _fake_onnx(monkeypatch)
     with pytest.raises(exporting.ExportError, match="lite.onnx exists"):
-        export(run, tmp_path / "lite.pt")
+        export(use_run, tmp_path / "lite.pt")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask 022", "umask 077"])
-def test_22_run_files_and_exports_follow_the_umask(run, tmp_path, umask):
+def test_22_run_files_and_exports_follow_the_umask(use_run, tmp_path, umask):
     """Every file was mode 0600 (mkstemp's): a group could not read a shared run or export."""
     current = os.umask(0o022)
     os.umask(current)
     for name in ("checkpoint.pt", "metrics.json", "config.yaml", "history.csv"):
-        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~current, name
+        assert (use_run / name).stat().st_mode & 0o777 == 0o666 & ~current, name
     os.umask(umask)
     try:
-        export(run, tmp_path / "model.pt")
+        export(use_run, tmp_path / "model.pt")
     finally:
         os.umask(current)
     for name in ("model.pt", "model.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def test_torchscript_says_once_that_torch_export_is_recommended(run, tmp_path):
+def test_torchscript_says_once_that_torch_export_is_recommended(use_run, tmp_path):
     """torch 2.9+ warns on torch.jit.trace, trace_method and save: one FutureWarning of the
     kit's replaces those three and says what to do; torch.export's .pt2 warns nothing."""
     import warnings
@@ -435,5 +424,5 @@ def test_torchscript_says_once_that_torch_export_is_recommended(run, tmp_path):
 
     torch_warns = future_warnings(lambda: torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)))
     note = [exporting.TORCHSCRIPT_NOTE] if torch_warns else []
-    assert future_warnings(lambda: export(run, tmp_path / "ts.pt", onnx=False)) == note
-    assert future_warnings(lambda: export(run, tmp_path / "ep.pt2", onnx=False)) == []
+    assert future_warnings(lambda: export(use_run, tmp_path / "ts.pt", onnx=False)) == note
+    assert future_warnings(lambda: export(use_run, tmp_path / "ep.pt2", onnx=False)) == []

@@ -26,31 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _fixtures_use import held_out_tree, tiny_run
+from helpers import REPO, printed_error
 from PIL import Image
 
 from msl_kit import cli
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def written(tmp_path_factory) -> list[str]:
+def written(held_out) -> list[str]:
     """The held-out drawings as PNG files (the first 400)."""
-    return held_out_tree(tmp_path_factory.getbasetemp(), limit=400)[1]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+    return held_out[1][:400]
 
 
 def class_tree(base: Path, written: list[str], classes: dict[str, range]) -> Path:
@@ -62,8 +49,8 @@ def class_tree(base: Path, written: list[str], classes: dict[str, range]) -> Pat
     return base
 
 
-def embed_cli(run: Path, images: Path, out: Path, *more: str) -> int:
-    args = ["embed", "--checkpoint", str(run), "--images", str(images), "--out", str(out)]
+def embed_cli(use_run: Path, images: Path, out: Path, *more: str) -> int:
+    args = ["embed", "--checkpoint", str(use_run), "--images", str(images), "--out", str(out)]
     return cli.main([*args, *more])
 
 
@@ -73,14 +60,14 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 1 two writers
-def _embed_cmd(run: Path, images: Path, out: Path) -> list[str]:
+def _embed_cmd(use_run: Path, images: Path, out: Path) -> list[str]:
     args = ["--images", str(images), "--out", str(out), "--batch-size", "8", "--chunk-size", "16"]
-    return [sys.executable, "-m", "msl_kit.cli", "embed", "--checkpoint", str(run), *args]
+    return [sys.executable, "-m", "msl_kit.cli", "embed", "--checkpoint", str(use_run), *args]
 
 
 @pytest.mark.slow
 def test_1_a_second_embed_into_the_same_out_is_refused_and_the_first_completes(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     """Two `embed` runs with one --out at once: the second is refused in one line naming the
     first (pid and host), touches nothing, and the first assembles every one of 400 inputs."""
@@ -88,15 +75,15 @@ def test_1_a_second_embed_into_the_same_out_is_refused_and_the_first_completes(
     images.write_text("\n".join(written[:400]) + "\n")
     out = tmp_path / "index.npz"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(_embed_cmd(run, images, out), env=env, stderr=subprocess.PIPE)
+    first = subprocess.Popen(_embed_cmd(use_run, images, out), env=env, stderr=subprocess.PIPE)
     part = tmp_path / "index.npz.part"
     deadline = time.monotonic() + 120
     while not list(part.glob("chunk_*.npz")) and time.monotonic() < deadline:
         time.sleep(0.01)
     pieces = sorted(part.glob("chunk_*.npz"))
     assert pieces and first.poll() is None
-    assert embed_cli(run, images, out, "--batch-size", "8", "--chunk-size", "16") == 2
-    err = one_error_line(capsys)
+    assert embed_cli(use_run, images, out, "--batch-size", "8", "--chunk-size", "16") == 2
+    err = printed_error(capsys)
     assert f"pid {first.pid} on {socket.gethostname()}" in err and "another msl-kit embed" in err
     assert part.is_dir()  # the second did not delete the first's pieces
     _, log = first.communicate(timeout=300)
@@ -107,7 +94,7 @@ def test_1_a_second_embed_into_the_same_out_is_refused_and_the_first_completes(
 
 
 def test_1_an_out_held_by_a_live_process_is_refused_and_a_dead_ones_is_taken_over(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     images = class_tree(tmp_path / "photos", written, {"a": range(3), "b": range(20, 23)})
     out = tmp_path / "index.npz"
@@ -115,24 +102,24 @@ def test_1_an_out_held_by_a_live_process_is_refused_and_a_dead_ones_is_taken_ove
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
-        assert embed_cli(run, images, out) == 2
-        assert f"pid {holder.pid}" in one_error_line(capsys)
+        assert embed_cli(use_run, images, out) == 2
+        assert f"pid {holder.pid}" in printed_error(capsys)
         assert not out.exists() and lock.is_file()  # the holder's lock is left alone
     finally:
         holder.kill()
         holder.wait()
     with pytest.warns(RuntimeWarning, match="process that is gone"):
-        assert embed_cli(run, images, out) == 0
+        assert embed_cli(use_run, images, out) == 0
     assert len(Embeddings.load(out)) == 6 and leftovers(tmp_path) == []
 
 
-def test_1_a_truncated_index_is_never_up_to_date(run, written, tmp_path):
+def test_1_a_truncated_index_is_never_up_to_date(use_run, written, tmp_path):
     """The survivor of two writers used to assemble 216 of 400 images, and a rerun called the
     truncated file up to date: an index is up to date only when it holds every input."""
     images = tmp_path / "l.csv"
     images.write_text("\n".join(written[:40]) + "\n")
     out = tmp_path / "index.npz"
-    whole = embed(run, images, out, progress=False)
+    whole = embed(use_run, images, out, progress=False)
     with np.load(out) as z:
         members = {k: z[k] for k in z.files}
     for key in ("embeddings", "paths"):  # the same job's file, cut short
@@ -141,23 +128,23 @@ def test_1_a_truncated_index_is_never_up_to_date(run, written, tmp_path):
 
     with open(out, "wb") as f:
         write_npz(f, members.items())
-    again = embed(run, images, out, progress=False)
+    again = embed(use_run, images, out, progress=False)
     assert len(again) == 40
     np.testing.assert_array_equal(again.embeddings, whole.embeddings)
 
 
 # ----------------------------------------------------------------------------- 2 own outputs
 def test_2_the_kits_own_outputs_inside_the_images_folder_are_never_inputs(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     """`embed --images photos --out photos/index.npz`, run twice: the rerun used to read its
     own index.npz as a top-level file, call the tree flat and replace the labelled index
     with an unlabelled one. Neither it nor pieces, faiss files, search CSVs or grids count."""
     photos = class_tree(tmp_path / "photos", written, {"cats": range(4), "dogs": range(20, 24)})
     out = photos / "index.npz"
-    assert embed_cli(run, photos, out) == 0
+    assert embed_cli(use_run, photos, out) == 0
     first = out.read_bytes()
-    assert embed_cli(run, photos, out) == 0
+    assert embed_cli(use_run, photos, out) == 0
     assert out.read_bytes() == first
     search = ["search", "--index", str(out), "--query", str(out), "-k", "2"]
     assert cli.main([*search, "--out", str(photos / "hits.csv")]) == 0
@@ -165,7 +152,7 @@ def test_2_the_kits_own_outputs_inside_the_images_folder_are_never_inputs(
     (photos / "index.faiss").write_bytes(b"faiss index bytes")
     (photos / "other.npz.part").mkdir()
     (photos / "other.npz.part" / "job.json").write_text('{"job": "x"}')
-    assert embed_cli(run, photos, out) == 0
+    assert embed_cli(use_run, photos, out) == 0
     assert out.read_bytes() == first  # still up to date: the same inputs
     emb = Embeddings.load(out)
     assert emb.classes == ("cats", "dogs") and len(emb) == 8 and not emb.skipped
@@ -173,17 +160,19 @@ def test_2_the_kits_own_outputs_inside_the_images_folder_are_never_inputs(
 
 
 # ----------------------------------------------------------------------------- 4 search outputs
-def test_4_search_out_and_grid_never_replace_a_file_of_another_kind(run, written, tmp_path, capsys):
+def test_4_search_out_and_grid_never_replace_a_file_of_another_kind(
+    use_run, written, tmp_path, capsys
+):
     photos = class_tree(tmp_path / "photos", written, {"a": range(3), "b": range(20, 23)})
     index = tmp_path / "g.npz"
-    assert embed_cli(run, photos, index) == 0
+    assert embed_cli(use_run, photos, index) == 0
     capsys.readouterr()
     mine = tmp_path / "mine.csv"
     mine.write_text("my,own,table\n")
     photo = tmp_path / "photo.png"
     shutil.copy(written[0], photo)
     ckpt = tmp_path / "checkpoint.pt"
-    shutil.copy(run / "checkpoint.pt", ckpt)
+    shutil.copy(use_run / "checkpoint.pt", ckpt)
     before = {p: p.read_bytes() for p in (index, mine, photo, ckpt)}
     base = ["search", "--index", str(index), "--query", str(index), "-k", "2"]
     for flag, target, says in (
@@ -194,7 +183,7 @@ def test_4_search_out_and_grid_never_replace_a_file_of_another_kind(run, written
         ("--grid", index, "must end in .png"),
     ):
         assert cli.main([*base, flag, str(target)]) == 2
-        assert says in one_error_line(capsys)
+        assert says in printed_error(capsys)
     assert {p: p.read_bytes() for p in before} == before
     ours = [tmp_path / "r.csv", tmp_path / "g.png"]
     for _ in range(2):  # its own earlier outputs are replaced
@@ -204,7 +193,7 @@ def test_4_search_out_and_grid_never_replace_a_file_of_another_kind(run, written
 
 # ----------------------------------------------------------------------------- 9 symlinks
 def test_9_symlinked_class_folders_are_followed_and_loops_and_escapes_skipped_with_why(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     """photos/birds -> /elsewhere/birds used to be dropped silently ("3 images, 1 classes";
     torchvision's ImageFolder finds them): a class-folder link is followed wherever it points,
@@ -222,7 +211,7 @@ def test_9_symlinked_class_folders_are_followed_and_loops_and_escapes_skipped_wi
     (photos / "cats" / "again").symlink_to(photos, target_is_directory=True)
     (photos / "up").symlink_to(tmp_path, target_is_directory=True)  # holds photos: a loop
     out = tmp_path / "index.npz"
-    assert embed_cli(run, photos, out) == 0
+    assert embed_cli(use_run, photos, out) == 0
     printed = capsys.readouterr()
     assert "10 images -> 64-d vectors, 3 classes" in printed.out
     assert "skipped 3 " in printed.err
@@ -238,11 +227,11 @@ def test_9_symlinked_class_folders_are_followed_and_loops_and_escapes_skipped_wi
 
 
 # ----------------------------------------------------------------------------- 11 duplicates
-def test_11_a_csv_listing_one_image_twice_never_finds_itself(run, written, tmp_path):
+def test_11_a_csv_listing_one_image_twice_never_finds_itself(use_run, written, tmp_path):
     rows = ["path,label"] + [f"{p},{Path(p).parent.name}" for p in written[:30]]
     rows.insert(5, rows[1])  # the first image listed twice
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
-    index = embed(run, tmp_path / "l.csv", tmp_path / "i.npz", progress=False)
+    index = embed(use_run, tmp_path / "l.csv", tmp_path / "i.npz", progress=False)
     assert len(index) == 31
     hits = index.search(index, 5)
     found = index.paths[hits.indices]
@@ -252,17 +241,19 @@ def test_11_a_csv_listing_one_image_twice_never_finds_itself(run, written, tmp_p
 
 
 # ----------------------------------------------------------------------------- 12 BOM
-def test_12_a_csv_saved_as_csv_utf8_with_a_byte_order_mark_reads_its_header(run, written, tmp_path):
+def test_12_a_csv_saved_as_csv_utf8_with_a_byte_order_mark_reads_its_header(
+    use_run, written, tmp_path
+):
     rows = ["path,label"] + [f"{p},{Path(p).parent.name}" for p in written[:6]]
     (tmp_path / "l.csv").write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(rows) + "\r\n").encode())
-    emb = embed(run, tmp_path / "l.csv", progress=False)
+    emb = embed(use_run, tmp_path / "l.csv", progress=False)
     assert len(emb) == 6 and not emb.skipped
     assert set(emb.classes) == {Path(p).parent.name for p in written[:6]}  # no class "label"
 
 
 # ----------------------------------------------------------------------------- 15 names, LAB
 def test_15_a_non_utf8_file_name_is_embedded_and_a_lab_tiff_is_one_skipped_file(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     folder = tmp_path / "old_archive"
     folder.mkdir()
@@ -272,7 +263,7 @@ def test_15_a_non_utf8_file_name_is_embedded_and_a_lab_tiff_is_one_skipped_file(
     shutil.copy(written[1], folder / "ok.png")
     Image.new("LAB", (40, 40), (50, 0, 0)).save(folder / "lab.tif")
     out = tmp_path / "i.npz"
-    assert embed_cli(run, folder, out) == 0
+    assert embed_cli(use_run, folder, out) == 0
     assert "skipped 1 " in capsys.readouterr().err
     emb = Embeddings.load(out)
     assert len(emb) == 2 and os.fsencode(emb.paths[0]) == raw  # stored so it round-trips
@@ -353,12 +344,14 @@ def test_16_every_image_the_limits_let_through_fits_600_mb_of_address_space(tmp_
     assert lines == [f"{n} {p} {r}" for n in SPECS for p, r in ((wide, "ok"), (line, "refused"))]
 
 
-def test_16_the_embed_command_counts_it_as_skipped_with_the_limit(run, written, tmp_path, capsys):
+def test_16_the_embed_command_counts_it_as_skipped_with_the_limit(
+    use_run, written, tmp_path, capsys
+):
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copy(written[0], folder / "ok.png")
     Image.new("L", (3_000_000, 1), 255).save(folder / "line.png")
-    assert embed_cli(run, folder, tmp_path / "i.npz") == 0
+    assert embed_cli(use_run, folder, tmp_path / "i.npz") == 0
     assert "skipped 1 " in capsys.readouterr().err
     emb = Embeddings.load(tmp_path / "i.npz")
     assert len(emb) == 1 and "MAX_RESIZED_PIXELS" in emb.skipped_reasons[0]
@@ -382,11 +375,11 @@ def bomb_png(path: Path, side: int = 30_000) -> None:
 
 
 def test_17_a_decompression_bomb_in_the_grid_is_drawn_as_not_readable(
-    run, written, tmp_path, capsys
+    use_run, written, tmp_path, capsys
 ):
     photos = class_tree(tmp_path / "photos", written, {"a": range(3), "b": range(20, 23)})
     index = tmp_path / "g.npz"
-    assert embed_cli(run, photos, index) == 0
+    assert embed_cli(use_run, photos, index) == 0
     bomb_png(photos / "a" / "1.png")  # a gallery path now holds a 30000 x 30000 PNG
     assert struct.unpack(">II", (photos / "a" / "1.png").read_bytes()[16:24]) == (30_000, 30_000)
     grid = tmp_path / "grid.png"
@@ -460,11 +453,11 @@ def _with_raw_member(path: Path, index: Path, name: str, stream: bytes, crc: int
     ],
 )
 def test_18_an_npz_that_lies_about_its_size_is_refused_before_any_array_is_read(
-    case, run, written, tmp_path, capsys
+    case, use_run, written, tmp_path, capsys
 ):
     photos = class_tree(tmp_path / "photos", written, {"a": range(2), "b": range(20, 22)})
     index = tmp_path / "g.npz"
-    assert embed_cli(run, photos, index) == 0
+    assert embed_cli(use_run, photos, index) == 0
     evil = tmp_path / "evil.npz"
     member = zipfile.ZipInfo("embeddings.npy", date_time=(1980, 1, 1, 0, 0, 0))
     if case == "shape 10^6 x 10^6":
@@ -479,7 +472,7 @@ def test_18_an_npz_that_lies_about_its_size_is_refused_before_any_array_is_read(
         _with_raw_member(evil, index, "embeddings.npy", stream, crc, len(header) + size)
     capsys.readouterr()
     assert cli.main(["search", "--index", str(evil), "--query", str(index)]) == 2
-    err = one_error_line(capsys)
+    err = printed_error(capsys)
     assert "embeddings.npy" in err and "not read" in err
 
 
@@ -494,12 +487,12 @@ def test_18_an_npz_that_lies_about_its_size_is_refused_before_any_array_is_read(
     ],
 )
 def test_21_embed_numeric_flags_out_of_range_are_one_line_and_leave_nothing(
-    flags, says, run, written, tmp_path, capsys
+    flags, says, use_run, written, tmp_path, capsys
 ):
     photos = class_tree(tmp_path / "photos", written, {"a": range(2), "b": range(20, 22)})
     out = tmp_path / "i.npz"
-    assert embed_cli(run, photos, out, *flags) == 2
-    assert says in one_error_line(capsys)
+    assert embed_cli(use_run, photos, out, *flags) == 2
+    assert says in printed_error(capsys)
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -512,25 +505,25 @@ def test_21_embed_numeric_flags_out_of_range_are_one_line_and_leave_nothing(
     ],
 )
 def test_21_search_numeric_flags_out_of_range_are_one_line(
-    flags, says, run, written, tmp_path, capsys
+    flags, says, use_run, written, tmp_path, capsys
 ):
     photos = class_tree(tmp_path / "photos", written, {"a": range(2), "b": range(20, 22)})
-    assert embed_cli(run, photos, tmp_path / "g.npz") == 0
+    assert embed_cli(use_run, photos, tmp_path / "g.npz") == 0
     capsys.readouterr()
     args = ["search", "--index", str(tmp_path / "g.npz"), "--query", str(tmp_path / "g.npz")]
     assert cli.main([*args, "--grid", str(tmp_path / "x.png"), *flags]) == 2
-    assert says in one_error_line(capsys) and not (tmp_path / "x.png").exists()
+    assert says in printed_error(capsys) and not (tmp_path / "x.png").exists()
 
 
 # ----------------------------------------------------------------------------- 23 other folder
 def test_23_an_index_finds_its_checkpoint_from_any_folder(
-    run, written, tmp_path, monkeypatch, capsys
+    use_run, written, tmp_path, monkeypatch, capsys
 ):
     """An index stored its checkpoint as typed (`run/checkpoint.pt`): `search --query img.png`
     from another folder said the checkpoint was gone. The absolute path is stored beside the
     sha256, and the path from the index's folder too (a project moved as a whole)."""
     project = tmp_path / "project"
-    shutil.copytree(run, project / "run", ignore=shutil.ignore_patterns("snapshots"))
+    shutil.copytree(use_run, project / "run", ignore=shutil.ignore_patterns("snapshots"))
     photos = class_tree(project / "photos", written, {"a": range(3), "b": range(20, 23)})
     monkeypatch.chdir(project)
     assert embed_cli(Path("run/checkpoint.pt"), Path("photos"), Path("g.npz")) == 0

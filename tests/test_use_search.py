@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from _fixtures_use import held_out_tree, tiny_run
 from PIL import Image
 
 from msl_kit import cli
@@ -19,18 +18,13 @@ from msl_kit.viz.retrieval import hits_grid
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def small(tmp_path_factory, run):
+def small(tmp_path_factory, use_run, held_out):
     """120 held-out images (6 characters) embedded into small.npz."""
-    base = tmp_path_factory.getbasetemp()
-    _, written = held_out_tree(base, limit=120)
+    base = tmp_path_factory.mktemp("small")
+    written = held_out[1][:120]
     rows = ["path,label"] + [f"{p},{p.split('/')[-2]}" for p in written]
     (base / "small.csv").write_text("\n".join(rows) + "\n")
-    embed(run, base / "small.csv", base / "small.npz", progress=False)
+    embed(use_run, base / "small.csv", base / "small.npz", progress=False)
     return base / "small.npz", written
 
 
@@ -119,7 +113,7 @@ def test_grid_colours_hits_and_misses(small):
     assert title.startswith("searched with use_run/checkpoint.pt\ngreen: same class")
 
 
-def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):
+def test_refusals_are_one_line(use_run, small, tmp_path, capsys, monkeypatch):
     index, written = small
     base = ["search", "--index", str(index), "--query"]
 
@@ -129,7 +123,7 @@ def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):
         return err
 
     other = tmp_path / "other.pt"
-    other.write_bytes((run / "checkpoint.pt").read_bytes() + b"\0")  # not the same file
+    other.write_bytes((use_run / "checkpoint.pt").read_bytes() + b"\0")  # not the same file
     assert cli.main([*base, written[0], "--checkpoint", str(other)]) == 2
     assert "sha256 differs" in error()
     assert cli.main([*base, str(index), "--checkpoint", str(other)]) == 2  # an index query too

@@ -194,7 +194,7 @@ def test_live_mining_keeps_the_mining_records_and_draws_them(history, monkeypatc
 
 # ----------------------------------------------------------------------------- a real tiny run
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def snapshot_run(tmp_path_factory):
     """4 iterations of the digits smoke config: snapshots at 0, 2 and 4."""
     cfg = load_config(
         "digits",
@@ -211,21 +211,21 @@ def tiny_run(tmp_path_factory):
     return runs / "tiny"
 
 
-def test_snapshot_similarities_are_one_batch_under_each_snapshot(tiny_run):
-    sims, labels = explore.snapshot_similarities(tiny_run, n_classes=3, per_class=2)
+def test_snapshot_similarities_are_one_batch_under_each_snapshot(snapshot_run):
+    sims, labels = explore.snapshot_similarities(snapshot_run, n_classes=3, per_class=2)
     assert list(sims) == [0, 2, 4] and labels.tolist() == sorted(labels.tolist())
     assert torch.bincount(labels).max() == 2 and len(labels.unique()) == 3
-    model, cfg = load_model(tiny_run)  # the final checkpoint is iteration 4
+    model, cfg = load_model(snapshot_run)  # the final checkpoint is iteration 4
     final, same_labels = explore.batch_similarity(model, cfg, n_classes=3, per_class=2)
     torch.testing.assert_close(sims[4], final) and torch.equal(labels, same_labels)
     assert not torch.allclose(sims[0], sims[4])
     with pytest.raises(FileNotFoundError, match="keep_snapshots"):
-        explore.snapshot_similarities(tiny_run / "nowhere")
+        explore.snapshot_similarities(snapshot_run / "nowhere")
 
 
-def test_pick_model_takes_the_latest_run_or_says_it_is_fresh(tiny_run, tmp_path):
-    picked = explore.pick_model(runs=tiny_run.parent)
-    assert picked.run == tiny_run and picked.note.startswith("trained model from")
+def test_pick_model_takes_the_latest_run_or_says_it_is_fresh(snapshot_run, tmp_path):
+    picked = explore.pick_model(runs=snapshot_run.parent)
+    assert picked.run == snapshot_run and picked.note.startswith("trained model from")
     assert "iteration 4, R@1" in picked.note
     fresh = explore.pick_model(runs=tmp_path, cfg=load_config("digits"))
     assert fresh.run is None and "FRESH, untrained convnet on digits" in fresh.note
