@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from _fixtures_data import (
+from fake_data import (
     bomb_tgz,
     cars_archives,
     cars_images,

@@ -10,7 +10,7 @@ import zipfile
 from collections import Counter
 
 import pytest
-from _fixtures_data import (
+from fake_data import (
     CARS_NAMES,
     cars_archives,
     cars_images,

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from _fixtures_data import bomb_tgz, serve, tar_bytes, zip_bytes
+from fake_data import bomb_tgz, serve, tar_bytes, zip_bytes
 
 from msl_kit.files.archives import (
     ArchiveLimitError,

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _fixtures_data import (
+from fake_data import (
     CARS_CLASSES,
     CUB_CLASSES,
     INSHOP,

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _jupyter import jupyter_lab
+from jupyter_lab import jupyter_lab
 from helpers import REPO
 
 FLAGS = [
