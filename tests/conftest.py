@@ -5,14 +5,21 @@ built once per test session and shared by every worker."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import FAST_ARGS, REPO, SHARED_DATA, held_out_tree, start_cli, train_quietly
+from helpers import (
+    FAST_ARGS,
+    REPO,
+    SHARED_DATA,
+    file_digests,
+    held_out_tree,
+    start_cli,
+    train_quietly,
+)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
@@ -88,20 +95,12 @@ def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
     return folder
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def read_only(folder: Path) -> Iterator[Path]:
     """Yield `folder`; at the end of the session, fail if a test changed a file in it (a test
     that writes copies it first: shutil.copytree(run, tmp_path / "run"))."""
-    before = _digest(folder)
+    before = file_digests(folder)
     yield folder
-    assert _digest(folder) == before, f"a test changed the shared {folder}; copy it first"
+    assert file_digests(folder) == before, f"a test changed the shared {folder}; copy it first"
 
 
 @pytest.fixture(scope="session")

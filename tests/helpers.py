@@ -5,6 +5,7 @@ embedded set's held-out split written as image files."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import subprocess
@@ -52,6 +53,26 @@ def printed_error(capsys: pytest.CaptureFixture, start: str = "") -> str:
     """The error line `cli.main` printed since capsys was last read, and nothing else on
     stderr: `error_line(err, start, only=True)`."""
     return error_line(capsys.readouterr().err, start, only=True)
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """`msl-kit ARGV` in this process: its exit status and, for exit 2, its one error line
+    (`error_line`), else what it printed (stdout, then stderr)."""
+    from msl_kit import cli
+
+    capsys.readouterr()
+    rc = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return rc, (error_line(captured.err) if rc == 2 else captured.out + captured.err)
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """Each file under `folder` (relative path) with the sha256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def train_quietly(argv: list[str]) -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from msl_kit.sampler import PKSampler
+from msl_kit.sampler import PKSampler, RandomBatchSampler
 
 
 def _labels(sizes: list[int]) -> np.ndarray:
@@ -166,3 +166,21 @@ def test_released_start_and_ranks_follow_the_same_stream():
 def test_unknown_class_draw_is_refused():
     with pytest.raises(ValueError, match="uniform.*released"):
         PKSampler(_labels([5] * 6), 10, 5, class_draw="proportional")
+
+
+def test_random_sampler_shuffles_epochs_drops_the_rest_and_resumes():
+    sampler = RandomBatchSampler(23, 5, seed=3, iterations=9)
+    batches = list(sampler)
+    assert len(batches) == 9 and all(len(b) == 5 for b in batches)
+    for epoch in (batches[:4], batches[4:8]):  # 23 // 5 = 4 batches an epoch, 3 items dropped
+        flat = [i for b in epoch for i in b]
+        assert len(set(flat)) == 20 and set(flat) <= set(range(23))
+    assert batches[:4] != batches[4:8], "each epoch reshuffles"
+    assert list(RandomBatchSampler(23, 5, seed=3, iterations=9, start=6)) == batches[6:]
+    ranks = [
+        list(RandomBatchSampler(23, 6, 3, iterations=2, num_replicas=2, rank=r)) for r in (0, 1)
+    ]
+    whole = list(RandomBatchSampler(23, 6, 3, iterations=2))
+    assert [a + b for a, b in zip(*ranks)] == whole, "DDP ranks split the global batch"
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        RandomBatchSampler(4, 5)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from msl_kit.files import atomic
 from msl_kit.files.atomic import (
@@ -104,3 +107,32 @@ def test_5_a_set_of_files_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     fail_at[0] = -1
     atomic_write_files(writes, dropped)
     assert _files(tmp_path) == new
+
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(
+    old=st.binary(max_size=300),
+    new=st.binary(min_size=1, max_size=300),
+    cut=st.integers(0, 300),
+    error=st.sampled_from([errno.ENOSPC, errno.EIO, errno.EDQUOT]),
+)
+def test_an_interrupted_atomic_write_never_changes_the_old_file(old, new, cut, error):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "checkpoint.pt"
+        path.write_bytes(old)
+
+        def write(f):
+            f.write(new[:cut])
+            raise OSError(error, "simulated")
+
+        with pytest.raises(OSError) as info:
+            atomic_write_bytes(path, write)
+        assert info.value.errno == error and str(path) in str(info.value)
+        assert path.read_bytes() == old and sorted(p.name for p in Path(folder).iterdir()) == [
+            "checkpoint.pt"
+        ]
+        atomic_write_bytes(path, lambda f: f.write(new))
+        assert path.read_bytes() == new and len(list(Path(folder).iterdir())) == 1

@@ -918,3 +918,16 @@ def test_mining_option_defaults_and_validation():
                 build_loss(name, mining=bad)
     with pytest.raises(ValueError, match="'ms'.*'none'"):
         ms_per_anchor(x @ x.T, labels, mining="hard")
+
+
+def test_without_mining_an_anchor_without_positive_keeps_its_negative_term():
+    """Item 11: a singleton class's anchor adds 1/beta log(1 + sum_neg e^(beta (S - lam)));
+    with MS mining it still does not count."""
+    x = F.normalize(torch.randn(7, 5, generator=torch.Generator().manual_seed(4)), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 9])  # anchor 6 has no positive
+    sim = x @ x.T
+    with_lone = MultiSimilarityLoss(mining="none")(x, y) * 7
+    without = MultiSimilarityLoss(mining="none").per_anchor(sim, y)[:6].sum()
+    neg_term = torch.log1p(torch.exp(40.0 * (sim[6, :6] - 0.5)).sum()) / 40.0
+    assert torch.isclose(with_lone, without + neg_term, rtol=1e-5)
+    assert MultiSimilarityLoss().per_anchor(sim, y)[6] == 0  # MS mining: the rule stays

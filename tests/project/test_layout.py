@@ -267,3 +267,11 @@ def test_architecture_md_has_a_line_for_every_file():
         if path.name not in ("__init__.py",) and f"`{path.relative_to(PACKAGE)}`" not in text
     ]
     assert not missing, missing
+
+
+def test_model_side_owns_the_preprocessing_spec():
+    import msl_kit.models
+
+    for path in Path(msl_kit.models.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert "msl_kit.datasets" not in source and "import transforms" not in source

@@ -145,3 +145,18 @@ def test_results_table_puts_the_run_beside_its_floors(tmp_path):
     assert t["R@1"].tolist() == [34.8, 24.1, 70.0, 72.0]
     assert t["MAP@R"].tolist() == [6.2, 4.8, 35.0, 30.0]
     assert t["at"].tolist()[1:] == [0, 3000, 100]
+
+
+def test_paper_carries_proxy_anchor_with_a_source_for_every_method():
+    from msl_kit.reports import paper
+
+    cub = paper.paper_table("cub200", 512).set_index("run")
+    assert cub.loc["Proxy-Anchor", "R@1"] == 68.4  # the paper (DESIGN.md)
+    assert list(cub.loc["Proxy-Anchor (released model)", ["R@1", "R@2", "R@4", "R@8"]]) == [
+        69.1,
+        78.9,
+        86.1,
+        91.2,
+    ]
+    assert cub.loc["Proxy-Anchor (released model)", "protocol"] == "reported"
+    assert {e["method"] for e in paper.PAPER_RESULTS} == set(paper.SOURCES)

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import yaml
 
+from msl_kit import cli
 from msl_kit.losses import MSParams
 from msl_kit.train.config import (
     CONFIG_DIR,
@@ -284,7 +285,6 @@ def test_cub_recipe_is_the_released_one():
 
 
 def test_the_cli_prints_each_old_key_note_as_one_line(capsys):
-    from msl_kit import cli
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -295,3 +295,17 @@ def test_the_cli_prints_each_old_key_note_as_one_line(capsys):
         "written for); the old key still loads"
     )
     assert lines[1].startswith("error: train.batch_size = 43") and len(lines) == 2
+
+
+@pytest.mark.parametrize("order", ["beta first", "preset first"])
+def test_explicit_key_beats_preset_whatever_the_order(tmp_path, order):
+    lines = ["    beta: 60", "    preset: paper"]
+    if order == "preset first":
+        lines.reverse()
+    path = tmp_path / "cfg.yaml"
+    path.write_text("loss:\n  ms:\n" + "\n".join(lines) + "\n")
+    cfg = load_config(path)
+    assert cfg.loss.params.beta == 60 and cfg.loss.params.lam == 1.0
+    # --set loss.ms.preset after an explicit key: the key still wins, the rest from the preset
+    cfg = load_config(path, ["loss.ms.preset=released"])
+    assert cfg.loss.params.beta == 60 and cfg.loss.params.lam == 0.5

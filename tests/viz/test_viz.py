@@ -11,6 +11,7 @@ from matplotlib.offsetbox import AnnotationBbox
 from sklearn.decomposition import PCA
 
 from msl_kit import datasets, losses, viz
+from msl_kit.losses.proxy_anchor import ProxyAnchorLoss
 from msl_kit.losses.registry import LOSSES
 from msl_kit.notebook import explore, widgets
 from msl_kit.train import engine, recipe
@@ -398,3 +399,29 @@ def test_split_embeddings_subset_keeps_images_and_labels_aligned():
     test = datasets.build("digits", None, "test")
     assert labels.tolist() == [int(test.labels[i]) for i in images.indices]
     np.testing.assert_array_equal(np.asarray(images[5]), np.asarray(test[images.indices[5]][0]))
+
+
+def test_proxy_view_weights_are_the_losss_on_all_proxies():
+    from msl_kit.losses.proxy_anchor import proxy_anchor_loss, proxy_weights
+    from msl_kit.viz.proxies import batch_proxies, proxy_vs_ms_figure
+
+    g = torch.Generator().manual_seed(0)
+    emb, labels = (
+        torch.randn(12, 8, generator=g),
+        torch.tensor([3, 3, 3, 7, 7, 7, 9, 9, 9, 1, 1, 1]),
+    )
+    proxies = torch.randn(10, 8, generator=g)
+    sim, proxy_labels, shown, _ = batch_proxies(emb, labels, proxies)
+    assert sim.shape == (12, 10) and shown.tolist() == [1, 3, 7, 9]
+    # Scored against all 10 proxies (the negative term's 1/C), not only the batch's four.
+    loss = ProxyAnchorLoss(10, 8)
+    with torch.no_grad():
+        loss.proxies.copy_(proxies)
+    s = loss.similarities(emb).detach().requires_grad_()
+    proxy_anchor_loss(s, labels).backward()
+    w = proxy_weights(sim, proxy_labels)
+    torch.testing.assert_close(w.neg - w.pos, s.grad, atol=1e-6, rtol=1e-5)
+    stand_in, local, cols, note = batch_proxies(emb, labels)
+    assert stand_in.shape == (12, 4) and local.max() == 3 and "class means" in note
+    fig = proxy_vs_ms_figure(emb, labels, proxies)
+    assert len(fig.axes) == 4 and "10 proxies" in fig.axes[1].get_title()

@@ -1,6 +1,6 @@
 """Proxy-Anchor wired into training: config keys and their checks, the proxies' optimizer group,
-labels 0..C-1, shuffled batches, backbone warm-up, gradient clipping, the loss in checkpoints,
-and a short run on the embedded default."""
+labels 0..C-1, backbone warm-up, gradient clipping, the loss in checkpoints, a short run on the
+embedded default and a SIGKILL then resume."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import torch
 from msl_kit.cli import app as cli
 from msl_kit.losses.proxy_anchor import ProxyAnchorLoss
 from msl_kit.losses.registry import loss_spec
-from msl_kit.sampler import RandomBatchSampler
 from msl_kit.train import distributed, recipe
 from msl_kit.train.checkpoint import load_checkpoint
 from msl_kit.train.config import load_config
@@ -97,24 +96,6 @@ def test_bad_values_fail_in_one_line_naming_the_key(override, key):
     assert message.startswith(key) and "\n" not in message
     if key == "loss.xbm_size":
         assert "proxies, not pairs" in message, "say why XBM does not apply"
-
-
-def test_random_sampler_shuffles_epochs_drops_the_rest_and_resumes():
-    sampler = RandomBatchSampler(23, 5, seed=3, iterations=9)
-    batches = list(sampler)
-    assert len(batches) == 9 and all(len(b) == 5 for b in batches)
-    for epoch in (batches[:4], batches[4:8]):  # 23 // 5 = 4 batches an epoch, 3 items dropped
-        flat = [i for b in epoch for i in b]
-        assert len(set(flat)) == 20 and set(flat) <= set(range(23))
-    assert batches[:4] != batches[4:8], "each epoch reshuffles"
-    assert list(RandomBatchSampler(23, 5, seed=3, iterations=9, start=6)) == batches[6:]
-    ranks = [
-        list(RandomBatchSampler(23, 6, 3, iterations=2, num_replicas=2, rank=r)) for r in (0, 1)
-    ]
-    whole = list(RandomBatchSampler(23, 6, 3, iterations=2))
-    assert [a + b for a, b in zip(*ranks)] == whole, "DDP ranks split the global batch"
-    with pytest.raises(ValueError, match="lower train.batch_size"):
-        RandomBatchSampler(4, 5)
 
 
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
@@ -226,44 +207,3 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
     )
     final, want = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(ref / "checkpoint.pt")
     assert torch.equal(final["loss"]["proxies"], want["loss"]["proxies"])
-
-
-def test_paper_carries_proxy_anchor_with_a_source_for_every_method():
-    from msl_kit.reports import paper
-
-    cub = paper.paper_table("cub200", 512).set_index("run")
-    assert cub.loc["Proxy-Anchor", "R@1"] == 68.4  # the paper (DESIGN.md)
-    assert list(cub.loc["Proxy-Anchor (released model)", ["R@1", "R@2", "R@4", "R@8"]]) == [
-        69.1,
-        78.9,
-        86.1,
-        91.2,
-    ]
-    assert cub.loc["Proxy-Anchor (released model)", "protocol"] == "reported"
-    assert {e["method"] for e in paper.PAPER_RESULTS} == set(paper.SOURCES)
-
-
-def test_proxy_view_weights_are_the_losss_on_all_proxies():
-    from msl_kit.losses.proxy_anchor import proxy_anchor_loss, proxy_weights
-    from msl_kit.viz.proxies import batch_proxies, proxy_vs_ms_figure
-
-    g = torch.Generator().manual_seed(0)
-    emb, labels = (
-        torch.randn(12, 8, generator=g),
-        torch.tensor([3, 3, 3, 7, 7, 7, 9, 9, 9, 1, 1, 1]),
-    )
-    proxies = torch.randn(10, 8, generator=g)
-    sim, proxy_labels, shown, _ = batch_proxies(emb, labels, proxies)
-    assert sim.shape == (12, 10) and shown.tolist() == [1, 3, 7, 9]
-    # Scored against all 10 proxies (the negative term's 1/C), not only the batch's four.
-    loss = ProxyAnchorLoss(10, 8)
-    with torch.no_grad():
-        loss.proxies.copy_(proxies)
-    s = loss.similarities(emb).detach().requires_grad_()
-    proxy_anchor_loss(s, labels).backward()
-    w = proxy_weights(sim, proxy_labels)
-    torch.testing.assert_close(w.neg - w.pos, s.grad, atol=1e-6, rtol=1e-5)
-    stand_in, local, cols, note = batch_proxies(emb, labels)
-    assert stand_in.shape == (12, 4) and local.max() == 3 and "class means" in note
-    fig = proxy_vs_ms_figure(emb, labels, proxies)
-    assert len(fig.axes) == 4 and "10 proxies" in fig.axes[1].get_title()
