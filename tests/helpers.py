@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 import subprocess
@@ -27,6 +28,21 @@ FAST = [
     "train.threads=1",
     "eval.floors=false",
 ]
+
+
+class LazyModule:
+    """Module `name`, imported on the first use of one of its public names: for a module that
+    is slow to import and used by few tests (every xdist worker imports every test module while
+    collecting, and pytest looks at each module-level name then; private names are not
+    forwarded, so that look does not import it)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(importlib.import_module(self._name), attr)
 
 
 def set_args(overrides: list[str] | tuple[str, ...]) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu():
     done = subprocess.run(
@@ -31,6 +32,7 @@ def test_gpu_check_script_runs_on_cpu():
         assert f"recipe {name}: {backbone} batch 4 at 224 px, none:" in out, out
 
 
+@pytest.mark.subprocess
 def test_mining_overhead_script_prints_the_ratio():
     done = subprocess.run(
         [
@@ -49,6 +51,7 @@ def test_mining_overhead_script_prints_the_ratio():
     assert "% of a step" in done.stdout and "per step at log_every=10" in done.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_search_scale_script_prints_every_index_and_the_done_when_command(use_run, tmp_path):
     run = use_run  # 64-d

@@ -151,6 +151,7 @@ def test_report_warns_when_cells_ran_at_different_budgets():
     assert "different budgets" in quality.render(_invocation(seeds=(0,)), recs)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_run_on_real_data_writes_a_sane_report(shared_data, tmp_path):

@@ -173,6 +173,7 @@ def _cli(env: dict, *args: str, sets: list[str] = ()) -> subprocess.CompletedPro
 TOY = ["plugins=[toy_plugin]", "loss.name=toy", "model.backbone=toy"]
 
 
+@pytest.mark.subprocess
 def test_a_plugins_own_parameters_are_set_checked_and_recorded(tmp_path, plugin_env):
     out = tmp_path / "run"
     own = ["loss.toy.gamma=2", "model.toy.hidden=24", "loss.xbm_size=40"]
@@ -199,6 +200,7 @@ def test_a_plugins_own_parameters_are_set_checked_and_recorded(tmp_path, plugin_
     assert unknown.returncode == 2 and "loss.toy takes margin, gamma" in unknown.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_sweep_grids_over_a_plugins_parameter(tmp_path, plugin_env):
     out = tmp_path / "sweep"
@@ -213,6 +215,7 @@ def test_a_sweep_grids_over_a_plugins_parameter(tmp_path, plugin_env):
         assert cfg["loss"]["toy"]["gamma"] == float(row["loss.toy.gamma"])
 
 
+@pytest.mark.subprocess
 def test_the_registries_feed_validation_and_an_unimportable_plugin_is_one_line(plugin_env):
     argv = [sys.executable, "-m", "msl_kit.cli", "train", "--set"]
     for extra, message in (
@@ -227,6 +230,7 @@ def test_the_registries_feed_validation_and_an_unimportable_plugin_is_one_line(p
         assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_checkpoint_never_imports_the_plugin_it_names(tmp_path, plugin_env):
     """Issue 24.6: evaluate, embed, search, export and --resume of a checkpoint whose config
@@ -298,6 +302,7 @@ def test_a_registered_dataset_is_read_through_its_own_reader(tmp_path, monkeypat
         registry.register_dataset(registry.DatasetInfo("toyset", "other", "", "", ""))
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_plugins_dataset_trains_and_is_embedded_by_name(tmp_path, plugin_env):
     """A dataset registered from outside msl_kit, images in memory behind its own store: a run

@@ -51,6 +51,7 @@ def _class_of(*datasets) -> dict[str, str]:
     return {p: ds.classes[label] for ds in datasets for p, label in zip(ds.paths, ds.labels)}
 
 
+@pytest.mark.xdist_group("real_cars")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_layout_gives_the_dml_split_at_real_counts(real_cars, layout):
     truth, train, test = real_cars[layout]
@@ -60,6 +61,7 @@ def test_each_layout_gives_the_dml_split_at_real_counts(real_cars, layout):
     assert _class_of(train, test) == {p: CARS_NAMES[c - 1] for p, c in truth.items()}
 
 
+@pytest.mark.xdist_group("real_cars")
 def test_layouts_agree_on_labels_and_counts(real_cars):
     summaries = [
         (train.classes, test.classes, Counter(train.labels.tolist()), Counter(test.labels.tolist()))

@@ -40,6 +40,7 @@ def test_a_damaged_archive_is_reported(tmp_path, monkeypatch):
         embedded.records()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_default_train_from_an_empty_folder_shows_what_metric_learning_adds(tmp_path):
     """No arguments, no ../shared, no network, a fresh HOME: the README's main job."""

@@ -35,6 +35,7 @@ def cub_root(shared_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.xdist_group("cub_root")
 @pytest.mark.slow
 def test_cub_subset_splits_as_published(cub_root):
     train, test = D.build("cub200", cub_root, "train"), D.build("cub200", cub_root, "test")
@@ -51,6 +52,7 @@ def test_cub_subset_splits_as_published(cub_root):
     assert image.mode == "RGB" and image.size == (227, 227) and index == 2473 and label == 41
 
 
+@pytest.mark.xdist_group("cub_root")
 @pytest.mark.slow
 def test_cub_subset_transform_matches_torchvision_on_real_photos(cub_root):
     test = D.build("cub200", cub_root, "test")

@@ -103,6 +103,8 @@ def _trained_run(root: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.browser
 @pytest.mark.timeout(420)
 def test_sliders_redraw_the_pair_weights_of_a_trained_model_in_jupyterlab(tmp_path):

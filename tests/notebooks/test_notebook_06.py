@@ -7,10 +7,14 @@ from __future__ import annotations
 import ast
 import re
 
-import nbformat
 import pandas as pd
 import pytest
+from helpers import LazyModule
 from test_notebooks import NOTEBOOKS, execute, mimes, outputs
+
+# nbformat imports jsonschema's format checkers, seconds at import: load it when a test uses it,
+# not while every worker collects
+nbformat = LazyModule("nbformat")
 
 NAME = "06_sensitivity"
 
@@ -31,6 +35,8 @@ def test_06_is_stored_clean_thin_with_parameters_and_kernelspec():
                 assert node.end_lineno - node.lineno < 10, f"move {node.name} into msl_kit"
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_06_runs_the_sweeps_and_draws_both_heatmaps(tmp_path):
     nb = execute(NAME, tmp_path, sweep_dir=str(tmp_path / "sweeps"), out_dir=str(tmp_path / "06"))

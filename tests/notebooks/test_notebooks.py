@@ -16,11 +16,14 @@ import re
 import shutil
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, LazyModule
+
+# nbformat imports jsonschema's format checkers, seconds at import: load it when a test uses it,
+# not while every worker collects
+nbformat = LazyModule("nbformat")
 
 NOTEBOOKS = REPO / "notebooks"
 NAMES = [
@@ -135,6 +138,9 @@ def nb02(work, runs):
     return nb, run_dir
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_01_prepare_data(work):
     nb = execute("01_prepare_data", work, out_dir=str(work / "01"))
@@ -157,6 +163,9 @@ def test_01_prepare_data(work):
     assert text(outputs(nb, "datasets.prepare(")).startswith("omniglot_small ·")  # nothing to do
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
     archive = shared_data / "CUB_200_2011_subset100.tgz"
@@ -177,6 +186,9 @@ def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
     assert (work / "01cub" / "samples.png").stat().st_size > 10_000
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_02_trains_the_embedded_default_with_live_panels(nb02):
     nb, run_dir = nb02
@@ -214,6 +226,9 @@ def test_02_trains_the_embedded_default_with_live_panels(nb02):
     assert metrics["recall@1"] > metrics["floors"]["raw_pixels"]["recall@1"] + 0.2
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
     _, run_dir = nb02
@@ -239,6 +254,9 @@ def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
     assert "image/png" in mimes(outputs(nb, "viz_proxies.proxy_vs_ms_figure"))
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
     nb = execute("04_embeddings_umap", work, runs=str(runs), out_dir=str(work / "04"))
@@ -252,6 +270,9 @@ def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
     assert "image/png" in mimes(outputs(nb, "viz.retrieval_grid"))
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, runs):
     _, run_dir = nb02
@@ -275,6 +296,9 @@ def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, r
     assert (work / "07" / "trained.hnsw.faiss").is_file()
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_07_run_first_says_in_one_line_what_to_run(work):
     """Opened first (no run anywhere), 07 ended in a long traceback (`SystemExit: no finished
@@ -293,6 +317,9 @@ def test_07_run_first_says_in_one_line_what_to_run(work):
     assert list(empty.iterdir()) == []
 
 
+@pytest.mark.notebook
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_05_recall_tables_name_their_protocol(nb02, work, runs):
     _, run_dir = nb02

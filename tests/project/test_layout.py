@@ -98,6 +98,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.subprocess
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter(tmp_path):
     """Each module first in a process of its own (forked from one that loaded torch only, so it
     is quick): an import cycle shows up as an ImportError in whichever order it is reached."""
@@ -114,6 +115,7 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter(tmp_path):
     assert done.stdout.strip() == "", done.stdout
 
 
+@pytest.mark.subprocess
 def test_import_linter_layers_contract_is_kept():
     exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     if not Path(exe).exists():

@@ -57,6 +57,7 @@ def test_python_example_runs(capsys):
     assert "{1: " in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_use_example_runs_as_written_after_the_readme_train_command(tmp_path):
     """The README's `msl-kit train --out runs/demo` (shortened here), then its Python example

@@ -21,6 +21,7 @@ def _ruff() -> list[str]:
     return [exe]
 
 
+@pytest.mark.subprocess
 def test_ruff_check_passes():
     done = subprocess.run(
         [*_ruff(), "check", "msl_kit", "tests", "bench"], cwd=REPO, capture_output=True, text=True
@@ -28,6 +29,7 @@ def test_ruff_check_passes():
     assert done.returncode == 0, done.stdout[-4000:]
 
 
+@pytest.mark.subprocess
 def test_ruff_format_is_applied():
     done = subprocess.run(
         [*_ruff(), "format", "--check", "msl_kit", "tests", "bench"],

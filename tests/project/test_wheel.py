@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-pytestmark = pytest.mark.slow
+# One wheel build, in the checkout's build/ folder: every test of this file on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.xdist_group("wheel")]
 
 
 @pytest.fixture(scope="module")

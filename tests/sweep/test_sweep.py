@@ -175,6 +175,7 @@ def test_search_with_tpe(tmp_path):
 
 
 # ----------------------------------------------------------------------------- processes (slow)
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
     out = tmp_path / "sweep"
@@ -201,6 +202,7 @@ def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_jobs_run_cells_at_the_same_time(tmp_path):
     out = tmp_path / "sweep"

@@ -32,6 +32,7 @@ def test_3_a_folder_the_sweep_does_not_own_is_refused_untouched(tmp_path, capsys
     assert listing(run) == before
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
     run = tmp_path / "live"

@@ -18,6 +18,7 @@ from msl_kit import cli
 from msl_kit.cli import app as cli_app
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, capsys):
     out = tmp_path / "S"
@@ -39,6 +40,7 @@ def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, caps
     assert (out / row["run"] / "metrics.json").is_file() and row["resumed"] == "False"
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(tmp_path):
     sets = ["train.iterations=6", "train.checkpoint_every=2", "eval.floors=false"]
@@ -61,6 +63,7 @@ def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(
     ], f"killed after {delay:.2f} s of {whole:.2f} s"
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to its process group"])
 def test_5_a_signal_stops_every_worker_and_names_the_rerun(tmp_path, how):
@@ -83,6 +86,7 @@ def test_5_a_signal_stops_every_worker_and_names_the_rerun(tmp_path, how):
     assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2  # each worker checkpointed its cell
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_5_workers_stop_when_the_sweep_parent_is_killed(tmp_path):
     """SIGKILL leaves the parent no chance to stop its workers: each asked the kernel to send

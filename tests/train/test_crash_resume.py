@@ -70,6 +70,7 @@ def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

@@ -188,6 +188,8 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
 
+@pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
 @pytest.mark.parametrize("variant", ["plain", "xbm"])
 def test_ddp_gradient_equals_single_process_gradient(ranks, variant):
     for rank, res in enumerate(ranks):
@@ -206,12 +208,16 @@ def test_ddp_gradient_equals_single_process_gradient(ranks, variant):
         assert ranks[0]["xbm"]["memory_len"] == 24  # each rank's memory took the global batch
 
 
+@pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
 def test_process_group_info(ranks):
     assert [r["info"] for r in ranks] == [(0, 2, 0, "cpu"), (1, 2, 1, "cpu")]
     assert [r["is_distributed"] for r in ranks] == [True, True]
     assert {r["ddp_type"] for r in ranks} == {"DistributedDataParallel"}
 
 
+@pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
 def test_sampler_splits_the_global_batch(ranks):
     batches = [r["plain"]["rank_batches"] for r in ranks]
     single = ranks[0]["plain"]["single_batches"]
@@ -223,6 +229,8 @@ def test_sampler_splits_the_global_batch(ranks):
         assert first + second == whole
 
 
+@pytest.mark.ddp
+@pytest.mark.xdist_group("ddp")
 def test_all_gather_with_grad_keeps_only_the_local_graph(ranks):
     expected = torch.cat(
         [

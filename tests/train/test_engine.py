@@ -168,6 +168,8 @@ def test_tensorboard_logging(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.ddp
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_report_once(tmp_path):
     out = tmp_path / "ddp"

@@ -47,6 +47,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_ctrl_c_saves_and_the_printed_command_resumes_to_identical_metrics(tmp_path, workers):

@@ -171,6 +171,7 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

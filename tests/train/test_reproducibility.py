@@ -9,6 +9,7 @@ import sys
 import pytest
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_same_seed_same_threads_gives_byte_identical_history_across_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}

@@ -76,6 +76,7 @@ def test_second_writer_is_refused_before_touching_a_file(tmp_path, capsys):
     assert not (out / RunFolder.LOCK).exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_concurrent_trains_into_one_folder_exactly_one_runs(tmp_path):
     out = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_two_concurrent_trains_into_one_folder_exactly_one_runs(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["iteration"] == 40
 
 
+@pytest.mark.subprocess
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -182,6 +182,7 @@ def _embed_cmd(use_run: Path, images: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_embed_resumes_to_the_same_bytes(use_run, held_out, tmp_path, sig):

@@ -145,6 +145,7 @@ def _outside(tmp_path: Path, descriptions: list[Path], images: list[str]) -> Non
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # two models, two formats, one process without msl_kit: ~12 s on 2 cores
 def test_a_user_following_the_description_gets_embeds_vectors_without_msl_kit(
     use_run, timm_run, tmp_path

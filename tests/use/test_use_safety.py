@@ -65,6 +65,7 @@ def _embed_cmd(use_run: Path, images: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "msl_kit.cli", "embed", "--checkpoint", str(use_run), *args]
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_1_a_second_embed_into_the_same_out_is_refused_and_the_first_completes(
     use_run, written, tmp_path, capsys
@@ -93,6 +94,7 @@ def test_1_a_second_embed_into_the_same_out_is_refused_and_the_first_completes(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.subprocess
 def test_1_an_out_held_by_a_live_process_is_refused_and_a_dead_ones_is_taken_over(
     use_run, written, tmp_path, capsys
 ):
@@ -327,6 +329,7 @@ for name in sys.argv[2:]:
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_16_every_image_the_limits_let_through_fits_600_mb_of_address_space(tmp_path):
     """Under an address-space limit of 600 MB above the imports, the widest image the limits
