@@ -52,7 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from msl_kit import cli, datasets, metrics  # noqa: E402
 from msl_kit.datasets import transforms  # noqa: E402
-from msl_kit.train import engine, evaluation, recipe  # noqa: E402
+from msl_kit.train import evaluation, recipe  # noqa: E402
+from msl_kit.train.checkpoint import load_model  # noqa: E402
 from msl_kit.use.ann.faiss_index import AnnIndex  # noqa: E402
 from msl_kit.use.ann.spec import IndexSpec, import_faiss, vectors_sha256  # noqa: E402
 from msl_kit.use.index import FORMAT, write_npz  # noqa: E402
@@ -84,7 +85,7 @@ def trained_run(base: Path, dim: int) -> Path:
 
 def real_embeddings(ckpt: Path) -> tuple[np.ndarray, np.ndarray]:
     """The model's vectors of all 4,840 embedded images and their character labels."""
-    model, cfg = engine.load_model(ckpt)
+    model, cfg = load_model(ckpt)
     tf = transforms.build_transform(recipe.preprocessing(cfg), train=False)
     xs, ys, offset = [], [], 0
     for split in ("train", "test"):
