@@ -33,6 +33,7 @@ def test_gpu_check_script_runs_on_cpu():
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_mining_overhead_script_prints_the_ratio():
     done = subprocess.run(
         [

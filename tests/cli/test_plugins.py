@@ -174,6 +174,7 @@ TOY = ["plugins=[toy_plugin]", "loss.name=toy", "model.backbone=toy"]
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_plugins_own_parameters_are_set_checked_and_recorded(tmp_path, plugin_env):
     out = tmp_path / "run"
     own = ["loss.toy.gamma=2", "model.toy.hidden=24", "loss.xbm_size=40"]
@@ -216,6 +217,7 @@ def test_a_sweep_grids_over_a_plugins_parameter(tmp_path, plugin_env):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_the_registries_feed_validation_and_an_unimportable_plugin_is_one_line(plugin_env):
     argv = [sys.executable, "-m", "msl_kit.cli", "train", "--set"]
     for extra, message in (

@@ -53,6 +53,7 @@ def _class_of(*datasets) -> dict[str, str]:
 
 @pytest.mark.xdist_group("real_cars")
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_each_layout_gives_the_dml_split_at_real_counts(real_cars, layout):
     truth, train, test = real_cars[layout]
     assert (len(train), len(test)) == (8054, 8131)
@@ -62,6 +63,7 @@ def test_each_layout_gives_the_dml_split_at_real_counts(real_cars, layout):
 
 
 @pytest.mark.xdist_group("real_cars")
+@pytest.mark.slow
 def test_layouts_agree_on_labels_and_counts(real_cars):
     summaries = [
         (train.classes, test.classes, Counter(train.labels.tolist()), Counter(test.labels.tolist()))
@@ -70,6 +72,8 @@ def test_layouts_agree_on_labels_and_counts(real_cars):
     assert summaries[0] == summaries[1] == summaries[2]
 
 
+@pytest.mark.xdist_group("real_cars")
+@pytest.mark.slow
 def test_torchvision_train_and_test_files_of_the_same_name_stay_apart(real_cars):
     truth, train, test = real_cars["torchvision"]
     a, b = "cars_train/00001.jpg", "cars_test/00001.jpg"

@@ -289,6 +289,7 @@ def test_floors_listed_by_name(tmp_path):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_timm_is_imported_only_on_use():
     code = (
         "import sys, msl_kit, msl_kit.models, msl_kit.models.registry, msl_kit.train.config\n"

@@ -83,7 +83,9 @@ def test_a_notebook_needing_a_run_finds_the_readme_demo_or_says_what_to_run(tmp_
 
 
 # ----------------------------------------------------------------------------- executed (slow)
-@pytest.fixture(scope="module")
+# Session-scoped: 02's run is trained once per worker. A module fixture is set up again each time
+# a worker comes back to this file after another one, and 02 then ran twice in one session.
+@pytest.fixture(scope="session")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
@@ -126,12 +128,12 @@ def text(outs: list) -> str:
     return "".join(o.get("text", "") for o in outs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(work):
     return work / "runs"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def nb02(work, runs):
     nb = execute("02_train", work, runs=str(runs))  # default size: 60 iterations
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]

@@ -21,7 +21,14 @@ from helpers import start_cli
 from msl_kit import cli, sweep
 from msl_kit.train.validation import ConfigError
 
-TINY = ["train.iterations=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]
+# A cell: 4 iterations, evaluated once at the end, no floors (a sweep's tables never show them).
+TINY = [
+    "train.iterations=4",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+    "train.log_every=2",
+    "eval.floors=false",
+]
 GRID = ["--grid", "loss.ms.beta=10,40", "--grid", "loss.ms.lam=0.3,0.5"]
 
 
@@ -128,6 +135,7 @@ def test_named_studies_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0
@@ -165,6 +173,7 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     assert "holds another sweep" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_search_with_tpe(tmp_path):
     spec = sweep.make_spec(ranges=["loss.ms.beta=10:160:log"], trials=2, overrides=TINY)
     result = sweep.run_sweep(spec, tmp_path / "tpe")

@@ -68,6 +68,7 @@ def test_1_two_values_with_one_readable_name_are_two_cells(tmp_path):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_2_equal_values_are_one_cell_and_the_sweep_ends(tmp_path):
     assert sweep.make_spec(["loss.ms.beta=40,40.0"]).grid == {"loss.ms.beta": [40.0]}
     assert sweep.make_spec(["loss.ms.beta=40"]).fingerprint() == (

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
+# 30 iterations, checkpoints every 6, evaluated at 15 and 30: each kill below lands between two
+# checkpoints (10: replays 7-10; 18: a torn save, replays 13-18; 28: after an evaluation).
 ARGS = [
     "--config",
     "digits",
     "--set",
-    "train.iterations=90",
+    "train.iterations=30",
     "--set",
-    "train.checkpoint_every=20",
+    "train.checkpoint_every=6",
     "--set",
-    "train.eval_every=45",
+    "train.eval_every=15",
     "--set",
     "train.threads=1",
     "--no-baseline",
@@ -81,7 +83,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path):
 
     child = tmp_path / "child.py"
     child.write_text(CHILD)
-    for mode, at in [("step", 30), ("save", 60), ("step", 85)]:
+    for mode, at in [("step", 10), ("save", 18), ("step", 28)]:
         out = tmp_path / f"killed-{mode}-{at}"
         killed = _run([str(child), mode, str(at), "train", "--out", str(out), *ARGS], env)
         assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -191,6 +191,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 @pytest.mark.ddp
 @pytest.mark.xdist_group("ddp")
 @pytest.mark.parametrize("variant", ["plain", "xbm"])
+@pytest.mark.slow
 def test_ddp_gradient_equals_single_process_gradient(ranks, variant):
     for rank, res in enumerate(ranks):
         run = res[variant]
@@ -210,6 +211,7 @@ def test_ddp_gradient_equals_single_process_gradient(ranks, variant):
 
 @pytest.mark.ddp
 @pytest.mark.xdist_group("ddp")
+@pytest.mark.slow
 def test_process_group_info(ranks):
     assert [r["info"] for r in ranks] == [(0, 2, 0, "cpu"), (1, 2, 1, "cpu")]
     assert [r["is_distributed"] for r in ranks] == [True, True]
@@ -218,6 +220,7 @@ def test_process_group_info(ranks):
 
 @pytest.mark.ddp
 @pytest.mark.xdist_group("ddp")
+@pytest.mark.slow
 def test_sampler_splits_the_global_batch(ranks):
     batches = [r["plain"]["rank_batches"] for r in ranks]
     single = ranks[0]["plain"]["single_batches"]
@@ -231,6 +234,7 @@ def test_sampler_splits_the_global_batch(ranks):
 
 @pytest.mark.ddp
 @pytest.mark.xdist_group("ddp")
+@pytest.mark.slow
 def test_all_gather_with_grad_keeps_only_the_local_graph(ranks):
     expected = torch.cat(
         [

@@ -59,7 +59,9 @@ def one_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize(
+    "kind", ["flat", "ivf", "hnsw", pytest.param("ivfpq", marks=pytest.mark.slow)]
+)
 def test_each_index_finds_what_naive_exact_search_finds_and_reports_that_recall(kind):
     n = 10_000 if kind == "ivfpq" else 3000  # IVF-PQ's 8-bit codebooks need 9,984 to train
     both = clustered(n + 300, 32)

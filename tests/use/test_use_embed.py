@@ -25,6 +25,7 @@ from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
 
 
+@pytest.mark.slow
 def test_folder_tree_gives_evaluates_vectors_and_recall(use_run, held_out, tmp_path, capsys):
     folder, written = held_out
     out = tmp_path / "test.npz"
@@ -57,6 +58,7 @@ def test_folder_tree_gives_evaluates_vectors_and_recall(use_run, held_out, tmp_p
     assert len(rows) == 2240 and all(r.split(",")[0] == r.split(",")[3] for r in rows)
 
 
+@pytest.mark.slow
 def test_csv_flat_folder_and_dataset_split(use_run, held_out, tmp_path):
     folder, written = held_out
     rows = ["path,label"] + [f"{p},{Path(p).parent.name}" for p in written[:40]]
