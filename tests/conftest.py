@@ -56,6 +56,27 @@ def _one_torch_thread() -> None:
     torch.set_num_threads = lambda n: set_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep `xdist_group` working under pytest >= 9.2: xdist 3.8 marks a grouped test by
+    setting `item._nodeid`, which pytest 9.2 no longer reads (the id lives in `item._id`), so
+    every group was spread over the workers (a shared fixture built twice, two wheel builds in
+    one build/ folder). Adds the same `@group` suffix where xdist's did not take."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodes import coerce_node_id
+    except ImportError:  # an older pytest, where xdist's own suffix works
+        return
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        )
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
 # ----------------------------------------------------------------------------- real data
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
