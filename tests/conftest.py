@@ -1,20 +1,83 @@
-"""Shared test set-up: quiet OpenMP, the real-data folder, and a helper to skip without it."""
+"""Shared test set-up (tests/README.md): quiet OpenMP, one torch thread per xdist worker, how many
+workers `-n auto` starts, the real-data folder, and the trained runs that tests only read, each
+built once per test session and shared by every worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
-import sys
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import (
+    FAST_ARGS,
+    REPO,
+    SHARED_DATA,
+    file_digests,
+    held_out_tree,
+    start_cli,
+    train_quietly,
+)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # before torch is imported: N workers share N cores, and so do their children
+    os.environ["OMP_NUM_THREADS"] = "1"
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+__all__ = ["REPO", "SHARED_DATA", "start_cli"]  # older tests import these from here
+MAX_WORKERS = 8  # past this the longest tests set the pace, and each worker holds torch
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's default): a worker per core, at most MAX_WORKERS; none when each
+    argument names single tests (`path::test`), so one test starts at once and --pdb works."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    if config.args and all("::" in arg for arg in config.args):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_WORKERS))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if WORKER:
+        _one_torch_thread()
+
+
+def _one_torch_thread() -> None:
+    """An xdist worker owns one core: `msl-kit train` in this process sets torch's threads to
+    the machine's cores (train.threads=0), which here would take the other workers' cores."""
+    import torch
+
+    set_threads = torch.set_num_threads
+    set_threads(1)
+    torch.set_num_threads = lambda n: set_threads(1)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep `xdist_group` working under pytest >= 9.2: xdist 3.8 marks a grouped test by
+    setting `item._nodeid`, which pytest 9.2 no longer reads (the id lives in `item._id`), so
+    every group was spread over the workers (a shared fixture built twice, two wheel builds in
+    one build/ folder). Adds the same `@group` suffix where xdist's did not take."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodes import coerce_node_id
+    except ImportError:  # an older pytest, where xdist's own suffix works
+        return
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        )
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+# ----------------------------------------------------------------------------- real data
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or a skip that says why (a user's fresh clone has no ../shared)."""
@@ -25,16 +88,70 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def start_cli(args: list[str]) -> subprocess.Popen:
-    """`msl-kit ARGS` from the checkout in a new session (its own process group, so a test can
-    signal the whole group as a terminal would), one thread, output captured as text."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "msl_kit.cli", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+# ----------------------------------------------------------------------------- built once
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a file) for the block; every worker waits its turn."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test session, whichever worker asks first; the others wait for
+    it and get the same folder (under the session's temp folder, beside the workers' own)."""
+    base = factory.getbasetemp()
+    shared = base.parent if WORKER else base
+    folder, done = shared / name, shared / f"{name}.done"
+    with _locked(shared / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed halfway
+            build(folder)
+            done.write_text("built\n")
+    return folder
+
+
+def read_only(folder: Path) -> Iterator[Path]:
+    """Yield `folder`; at the end of the session, fail if a test changed a file in it (a test
+    that writes copies it first: shutil.copytree(run, tmp_path / "run"))."""
+    before = file_digests(folder)
+    yield folder
+    assert file_digests(folder) == before, f"a test changed the shared {folder}; copy it first"
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A finished run of `--config digits` with FAST: checkpoints at iterations 2, 4 and 6 (the
+    last two kept as checkpoint.prev.pt and checkpoint.pt), metrics.json; shared, read only."""
+
+    def build(out: Path) -> None:
+        train_quietly(["train", "--out", str(out), *FAST_ARGS])
+
+    yield from read_only(built_once(tmp_path_factory, "digits_run", build))
+
+
+@pytest.fixture(scope="session")
+def use_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The embedded default (Omniglot-small, 64-d convnet at 28 px) trained 5 iterations: what
+    embed, search and export read; shared, read only."""
+
+    def build(out: Path) -> None:
+        args = ["train", "--set", "train.iterations=5", "--set", "train.eval_every=0"]
+        train_quietly([*args, "--set", "train.threads=1", "--no-baseline", "--out", str(out)])
+
+    yield from read_only(built_once(tmp_path_factory, "use_run", build))
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[str]]]:
+    """The embedded set's test split as PNG files, tree/<alphabet>__<character>/<file>.png
+    (bytes as shipped), and each dataset item's written path, in the split's order; shared,
+    read only."""
+    base = built_once(tmp_path_factory, "held_out", lambda folder: held_out_tree(folder))
+    for _ in read_only(base):
+        yield held_out_tree(base)

@@ -3,7 +3,7 @@ image file before the exported module, as values and as the Pillow calls that re
 
 `embed` reads a file with `transforms.load_image` and the eval `ImageTransform`; a user who
 follows this description with Pillow and numpy alone gets the same uint8 crop, so the module
-gives `embed`'s vectors (tests/test_use_export.py checks it to 1e-4 in a process without
+gives `embed`'s vectors (tests/use/test_use_export.py checks it to 1e-4 in a process without
 msl_kit, for both crop modes, transparency, 16-bit, palette, grey and JPEG files).
 """
 
