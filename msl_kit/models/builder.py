@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from msl_kit.models import packaged
 from msl_kit.models.head import EmbeddingHead, EmbeddingModel
 from msl_kit.models.registry import backbone_spec
 from msl_kit.models.weights import load_backbone_weights, resolve_weights, uses_weights
@@ -53,7 +54,8 @@ def build_model(
     **options: Any,
 ) -> EmbeddingModel:
     """Build backbone + head. `pretrained`: a backbone weights file, "default", or None / "none"
-    ("hub" for timm backbones: timm's own download).
+    ("hub" for timm backbones: timm's own download; a name of `packaged.PACKAGED`, e.g.
+    "efficientnet_lite0": weights a pip package installed, converted by `msl-kit prepare`).
 
     Options are the backbone's (convnet: in_channels, image_size, resize_size, width; timm:
     global_pool, input_size, resize_size). `head_init`: "kaiming_fan_out" (the released
@@ -64,6 +66,9 @@ def build_model(
     options = _options(name, options)
     preprocessing = spec.preprocessing(**options)
     pretrained = pretrained if uses_weights(pretrained) else None
+    if packaged.is_packaged(pretrained):
+        packaged.check_backbone(name, str(pretrained))
+        pretrained = packaged.resolve(str(pretrained))
     if spec.takes_pretrained:
         backbone = spec.build(preprocessing, pretrained=pretrained, **options)
     else:

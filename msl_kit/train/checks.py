@@ -15,6 +15,7 @@ from msl_kit.datasets.registry import info
 from msl_kit.losses.registry import LOSSES, loss_spec
 from msl_kit.models.builder import preprocessing_spec
 from msl_kit.models.head import HEAD_INITS
+from msl_kit.models.packaged import check_backbone, is_packaged
 from msl_kit.models.registry import backbone_spec
 from msl_kit.models.timm import GLOBAL_POOLS, HUB
 from msl_kit.preprocessing import CROP_MODES
@@ -57,6 +58,7 @@ def validate(cfg: Config) -> None:
     _check_loss(cfg)
     _check_train(cfg)
     _check_eval(cfg)
+    _check_cache(cfg)
     _check_device(cfg.device)
 
 
@@ -123,6 +125,11 @@ def _check_pretrained(backbone: str, pretrained: str | None, own_download: bool)
     )
     message = f"{backbone} takes no {word}: {allowed}"
     check(pretrained != word, "model.pretrained", pretrained, message)
+    if is_packaged(pretrained):  # efficientnet_lite0 weights go with their timm model only
+        try:
+            check_backbone(backbone, pretrained)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_timm_options(cfg: Config, options: tuple[str, ...]) -> None:
@@ -246,6 +253,20 @@ def _check_eval(cfg: Config) -> None:
     if isinstance(e.floors, list):
         for name in e.floors:
             choice("eval.floors", name, FLOORS)
+
+
+def _check_cache(cfg: Config) -> None:
+    c = cfg.cache
+    check(c.views >= 0, "cache.views", c.views, "use 0 (no cache) or more views per image")
+    check(
+        not c.views or c.prefix,
+        "cache.views",
+        c.views,
+        "the cache holds the frozen prefix's output: name its last module in cache.prefix",
+    )
+    check(0 <= c.view_seed < 2**32, "cache.view_seed", c.view_seed, "use 0 <= value < 2**32")
+    choice("cache.dtype", c.dtype, ["float32", "float16"])
+    check(c.max_gb > 0, "cache.max_gb", c.max_gb, "use a size in GB > 0")
 
 
 def _check_device(name: str) -> None:

@@ -122,12 +122,25 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    # A frozen prefix of the backbone and a cache of its activations (msl_kit/train/prefix_cache):
+    # fine-tuning only the tail on a CPU, the prefix run once per augmented view, not per step.
+    prefix: str = ""  # backbone module ending the frozen prefix ("blocks.4"); "" = none
+    views: int = 0  # seeded augmented views per training image cached on disk; 0 = no cache
+    view_seed: int = 0  # seeds the views (not the run's seed: every seed shares one cache)
+    dir: str = ""  # where caches live; "" = <data.root>/prefix_cache
+    dtype: str = "float32"  # float32 (exact) or float16 (half the disk, rounded activations)
+    max_gb: float = 20.0  # refuse to build a cache larger than this
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     description: str = ""

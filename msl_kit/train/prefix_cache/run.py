@@ -1,0 +1,201 @@
+"""What a run asks of a frozen prefix (`cache.prefix`), and of its cache (`cache.views`).
+
+`FrozenPrefix.attach(cfg, model, ...)` cuts the backbone after `cache.prefix`, checks the cut
+on a random input and freezes the prefix (no gradient, eval mode). With `cache.views = 0` that
+is all: every step runs the whole network. With `cache.views = V` the prefix's output for V
+seeded augmented views of every training image, and for the evaluation images, is cached on
+disk once (`prepare`), and the trainer takes from it:
+
+- `batches(sampler, start)`: P x K batches of cached activations, each item one of its image's
+  V views (drawn from the run's seed and the batch number: a resumed run draws the same);
+- `net(model)`: activations -> the backbone's tail -> the head (a step trains exactly what
+  the uncached step trains on that view, the same parameters, the same gradients);
+- `embedder(...)`: evaluation features from the cached eval activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from msl_kit.models.prefix import PrefixSplit
+from msl_kit.train.config import Config
+from msl_kit.train.evaluation import EvalOptions, autocast
+from msl_kit.train.prefix_cache.build import fill
+from msl_kit.train.prefix_cache.store import (
+    ActivationSet,
+    SetSpec,
+    check_room,
+    items_digest,
+    say,
+    weights_digest,
+)
+
+TRAIN_ONLY = ("crop_scale", "crop_ratio", "hflip")  # Preprocessing fields of augmentation only
+
+
+class TailModel(nn.Module):
+    """Prefix activations -> the backbone's tail -> the model's head (embeddings)."""
+
+    def __init__(self, model: nn.Module, split: PrefixSplit) -> None:
+        super().__init__()
+        self.model, self.split = model, split
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.split.tail(activations))
+
+
+class CachedBatches:
+    """The sampler's batches as (activations, labels, indices), like the image loader's."""
+
+    def __init__(
+        self, aset: ActivationSet, labels: np.ndarray, sampler: Sampler, start: int, seed: int
+    ) -> None:
+        self.aset, self.labels, self.sampler = aset, np.asarray(labels), sampler
+        self.start, self.seed = start, seed
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def views_of(self, batch_number: int, size: int) -> np.ndarray:
+        """Which view each item of batch `batch_number` takes (seeded: resume draws the same)."""
+        rng = np.random.default_rng([self.seed, batch_number])
+        return rng.integers(0, self.aset.spec.views, size)
+
+    def __iter__(self):
+        for n, batch in enumerate(self.sampler, start=self.start):
+            idx = np.asarray(batch, dtype=np.int64)
+            acts = self.aset.gather(self.views_of(n, len(idx)), idx)
+            yield acts, torch.as_tensor(self.labels[idx]), torch.as_tensor(idx)
+
+
+def _set_spec(cfg: Config, split: PrefixSplit, dataset: Dataset, shape: tuple, views: int):
+    transform = getattr(dataset, "transform", None)
+    spec = getattr(transform, "spec", None)
+    train = bool(getattr(transform, "train", False))
+    how = dataclasses.asdict(spec) if spec is not None else {"transform": repr(transform)}
+    if not train:  # the eval transform draws no crop and no flip: those fields change nothing
+        how = {k: v for k, v in how.items() if k not in TRAIN_ONLY}
+    material = {
+        "backbone": cfg.model.backbone,
+        "prefix": cfg.cache.prefix,
+        "weights_sha256": weights_digest(split.modules),
+        "preprocessing": how,
+        "train_transform": train,
+        "view_seed": cfg.cache.view_seed if train else 0,
+        "items_sha256": items_digest(dataset),
+        "dtype": cfg.cache.dtype,
+        "amp": cfg.train.amp,
+    }
+    return SetSpec(material, len(dataset), views, tuple(shape), cfg.cache.dtype)
+
+
+class FrozenPrefix:
+    """The frozen prefix of one run and, with `cache.views`, its cached activations."""
+
+    def __init__(
+        self, cfg: Config, split: PrefixSplit, train_set: Dataset, eval_sets: list, shape: tuple
+    ) -> None:
+        self.cfg, self.split, self.train_set = cfg, split, train_set
+        self.shape = shape  # one prefix activation (C, H, W)
+        self.eval_sets = [d for d in eval_sets if d is not None]
+        self.views = cfg.cache.views
+        self.sets: dict[int, ActivationSet] = {}  # id(dataset) -> its cached set
+
+    @classmethod
+    def attach(
+        cls,
+        cfg: Config,
+        model: nn.Module,
+        train_set: Dataset,
+        eval_sets: list,
+        device: torch.device,
+        world_size: int = 1,
+    ) -> FrozenPrefix:
+        """Cut `model.backbone` after `cache.prefix`, check the cut, freeze the prefix."""
+        if cfg.cache.views and world_size > 1:
+            raise ValueError(
+                "cache.views does not run under torchrun (one process reads one cache): set "
+                "cache.views=0 or train in one process"
+            )
+        split = PrefixSplit(model.backbone, cfg.cache.prefix)
+        spec = model.preprocessing
+        gen = torch.Generator().manual_seed(0)  # the run's RNG is not touched
+        probe = torch.randn(2, spec.channels, spec.input_size, spec.input_size, generator=gen)
+        split.check(probe.to(device))
+        split.freeze()
+        shape = tuple(split.prefix_output(probe[:1].to(device)).shape[1:])
+        return cls(cfg, split, train_set, eval_sets, shape)
+
+    @property
+    def cached(self) -> bool:
+        return self.views > 0
+
+    def folder(self) -> Path:
+        c = self.cfg.cache
+        return Path(c.dir).expanduser() if c.dir else Path(self.cfg.data.root) / "prefix_cache"
+
+    def prepare(self, device: torch.device) -> None:
+        """Build what is missing of the cached sets (eval first), then open them; once."""
+        if self.sets or not self.cached:
+            return
+        plan = [(d, 1) for d in self.eval_sets] + [(self.train_set, self.views)]
+        sets = [
+            ActivationSet(self.folder(), _set_spec(self.cfg, self.split, d, self.shape, v))
+            for d, v in plan
+        ]
+        check_room(sets, self.cfg.cache.max_gb)
+        for (dataset, _), aset in zip(plan, sets):
+            aset.claim()
+            say(aset.describe(len(aset.chunks) - len(aset.missing())))
+            fill(
+                aset,
+                self.split,
+                dataset,
+                self.cfg.cache.view_seed,
+                device,
+                amp=self.cfg.train.amp,
+                batch_size=min(self.cfg.eval.batch_size, 64),  # bounds the build's memory
+                workers=self.cfg.data.workers,
+            )
+            aset.open()
+            self.sets[id(dataset)] = aset
+
+    def batches(self, sampler: Sampler, start: int, device: torch.device) -> CachedBatches:
+        """The training batches from the cache (built first where missing)."""
+        self.prepare(device)
+        aset = self.sets[id(self.train_set)]
+        return CachedBatches(aset, self.train_set.labels, sampler, start, self.cfg.seed)
+
+    def net(self, model: nn.Module) -> TailModel:
+        """What the trainer's step calls on cached activations."""
+        return TailModel(model, self.split)
+
+    def embedder(
+        self, model: nn.Module, device: torch.device, opts: EvalOptions, backbone_only: bool
+    ):
+        """`evaluation.extract` for an eval dataset, from its cached activations."""
+        self.prepare(device)
+
+        @torch.no_grad()
+        def embed(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+            aset, n = self.sets[id(dataset)], len(dataset)
+            was = model.training
+            model.eval()
+            outs = []
+            for start in range(0, n, opts.batch_size):
+                idx = np.arange(start, min(start + opts.batch_size, n))
+                acts = aset.gather(np.zeros_like(idx), idx).to(device, non_blocking=True)
+                with autocast(opts.amp, device):
+                    feats = self.split.tail(acts)
+                    out = (feats if backbone_only else model.head(feats)).float()
+                outs.append(nn.functional.normalize(out, dim=1) if backbone_only else out.cpu())
+            model.train(was)
+            return torch.cat([o.cpu() for o in outs]), torch.as_tensor(np.asarray(dataset.labels))
+
+        return embed
