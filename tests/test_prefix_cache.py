@@ -198,6 +198,24 @@ def test_a_cache_is_reused_only_for_the_same_weights_and_preprocessing(root, tmp
         assert {"weights_sha256", "preprocessing", "view_seed", "items_sha256"} <= set(meta)
 
 
+def test_a_validation_run_reads_its_training_classes_from_the_whole_training_cache(
+    root, tmp_path, capsys
+):
+    cache = tmp_path / "cache"
+    engine.train(_config(root, cache, "cache.views=2"), tmp_path / "whole")
+    first = _cache_folders(cache)
+    val = ["data.val_fraction=0.4", "eval.split=val", "cache.views=1", "eval.ks=[1]"]
+    run = _trainer(_config(root, cache, *val), tmp_path / "val")
+    assert "which holds them among its 12" in capsys.readouterr().err
+    assert len(_cache_folders(cache) - first) == 1  # only the val classes' eval set is new
+    train_set = recipe.train_data(run.cfg)
+    acts, labels, idx = next(iter(run.loader))
+    views = run.loader.views_of(0, len(idx))
+    images = view_images(train_set, run.cfg.cache.view_seed, views, idx.numpy())
+    prefix = run.prefix.split.prefix_output(images)
+    torch.testing.assert_close(acts, prefix, rtol=1e-5, atol=1e-5)  # the very rows of its images
+
+
 def test_other_weights_get_another_cache(root, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -157,8 +157,7 @@ class Trainer:
         # cache.prefix: the prefix is frozen before the optimizer collects the parameters
         self.prefix = None
         if cfg.cache.prefix:
-            data = (train_set, list(self.eval_data), self.device, dist.world_size)
-            self.prefix = FrozenPrefix.attach(cfg, self.model, *data)
+            self.prefix = FrozenPrefix.attach(cfg, self.model, self.device, dist.world_size)
         spec = loss_spec(cfg.loss.name)
         classes = recipe.num_classes(train_set) if spec.needs_classes else None
         self.loss_fn = (loss_fn or recipe.build_loss(cfg, classes)).to(self.device)
@@ -197,7 +196,7 @@ class Trainer:
         """What a step calls and the batches it gets: the tail on cached activations where
         `cache.views` is set (built first where missing), else the network on images."""
         if self.prefix is not None and self.prefix.cached:
-            batches = self.prefix.batches(sampler, self.iteration, self.device)
+            batches = self.prefix.batches(train_set, sampler, self.iteration, self.device)
             return self.prefix.net(self.model), batches
         loader = DataLoader(
             _SeededItems(train_set, self.cfg.seed),

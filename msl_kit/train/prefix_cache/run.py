@@ -1,16 +1,17 @@
 """What a run asks of a frozen prefix (`cache.prefix`), and of its cache (`cache.views`).
 
-`FrozenPrefix.attach(cfg, model, ...)` cuts the backbone after `cache.prefix`, checks the cut
+`FrozenPrefix.attach(cfg, model, device)` cuts the backbone after `cache.prefix`, checks the cut
 on a random input and freezes the prefix (no gradient, eval mode). With `cache.views = 0` that
 is all: every step runs the whole network. With `cache.views = V` the prefix's output for V
 seeded augmented views of every training image, and for the evaluation images, is cached on
-disk once (`prepare`), and the trainer takes from it:
+disk once (`cached_set`), and the trainer takes from it:
 
-- `batches(sampler, start)`: P x K batches of cached activations, each item one of its image's
-  V views (drawn from the run's seed and the batch number: a resumed run draws the same);
+- `batches(train_set, sampler, start)`: P x K batches of cached activations, each item one of
+  its image's V views (drawn from the run's seed and the batch number: a resume draws the same);
 - `net(model)`: activations -> the backbone's tail -> the head (a step trains exactly what
   the uncached step trains on that view, the same parameters, the same gradients);
-- `embedder(...)`: evaluation features from the cached eval activations.
+- `embedder(...)`: evaluation features from cached eval activations (the eval transform, one
+  view).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from msl_kit.train.evaluation import EvalOptions, autocast
 from msl_kit.train.prefix_cache.build import fill
 from msl_kit.train.prefix_cache.store import (
     ActivationSet,
+    RowMapped,
     SetSpec,
     check_room,
+    find_superset,
+    item_keys,
     items_digest,
     say,
     weights_digest,
@@ -54,10 +58,10 @@ class CachedBatches:
     """The sampler's batches as (activations, labels, indices), like the image loader's."""
 
     def __init__(
-        self, aset: ActivationSet, labels: np.ndarray, sampler: Sampler, start: int, seed: int
+        self, aset: ActivationSet | RowMapped, labels: np.ndarray, sampler: Sampler, **how: int
     ) -> None:
         self.aset, self.labels, self.sampler = aset, np.asarray(labels), sampler
-        self.start, self.seed = start, seed
+        self.start, self.seed, self.views = how["start"], how["seed"], how["views"]
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -65,7 +69,7 @@ class CachedBatches:
     def views_of(self, batch_number: int, size: int) -> np.ndarray:
         """Which view each item of batch `batch_number` takes (seeded: resume draws the same)."""
         rng = np.random.default_rng([self.seed, batch_number])
-        return rng.integers(0, self.aset.spec.views, size)
+        return rng.integers(0, self.views, size)
 
     def __iter__(self):
         for n, batch in enumerate(self.sampler, start=self.start):
@@ -74,7 +78,9 @@ class CachedBatches:
             yield acts, torch.as_tensor(self.labels[idx]), torch.as_tensor(idx)
 
 
-def _set_spec(cfg: Config, split: PrefixSplit, dataset: Dataset, shape: tuple, views: int):
+def _set_spec(
+    cfg: Config, split: PrefixSplit, dataset: Dataset, keys: list | None, shape: tuple, views: int
+) -> SetSpec:
     transform = getattr(dataset, "transform", None)
     spec = getattr(transform, "spec", None)
     train = bool(getattr(transform, "train", False))
@@ -88,7 +94,7 @@ def _set_spec(cfg: Config, split: PrefixSplit, dataset: Dataset, shape: tuple, v
         "preprocessing": how,
         "train_transform": train,
         "view_seed": cfg.cache.view_seed if train else 0,
-        "items_sha256": items_digest(dataset),
+        "items_sha256": items_digest(dataset, keys),
         "dtype": cfg.cache.dtype,
         "amp": cfg.train.amp,
     }
@@ -98,24 +104,15 @@ def _set_spec(cfg: Config, split: PrefixSplit, dataset: Dataset, shape: tuple, v
 class FrozenPrefix:
     """The frozen prefix of one run and, with `cache.views`, its cached activations."""
 
-    def __init__(
-        self, cfg: Config, split: PrefixSplit, train_set: Dataset, eval_sets: list, shape: tuple
-    ) -> None:
-        self.cfg, self.split, self.train_set = cfg, split, train_set
+    def __init__(self, cfg: Config, split: PrefixSplit, shape: tuple) -> None:
+        self.cfg, self.split = cfg, split
         self.shape = shape  # one prefix activation (C, H, W)
-        self.eval_sets = [d for d in eval_sets if d is not None]
         self.views = cfg.cache.views
-        self.sets: dict[int, ActivationSet] = {}  # id(dataset) -> its cached set
+        self.sets: dict[int, ActivationSet] = {}  # id(dataset) -> its cached set, opened
 
     @classmethod
     def attach(
-        cls,
-        cfg: Config,
-        model: nn.Module,
-        train_set: Dataset,
-        eval_sets: list,
-        device: torch.device,
-        world_size: int = 1,
+        cls, cfg: Config, model: nn.Module, device: torch.device, world_size: int = 1
     ) -> FrozenPrefix:
         """Cut `model.backbone` after `cache.prefix`, check the cut, freeze the prefix."""
         if cfg.cache.views and world_size > 1:
@@ -130,34 +127,48 @@ class FrozenPrefix:
         split.check(probe.to(device))
         split.freeze()
         shape = tuple(split.prefix_output(probe[:1].to(device)).shape[1:])
-        return cls(cfg, split, train_set, eval_sets, shape)
+        return cls(cfg, split, shape)
 
     @property
     def cached(self) -> bool:
         return self.views > 0
 
     def folder(self) -> Path:
+        """`cache.dir`, else `prefix_cache/` in the data root (beside it for a CSV root)."""
         c = self.cfg.cache
-        return Path(c.dir).expanduser() if c.dir else Path(self.cfg.data.root) / "prefix_cache"
+        if c.dir:
+            return Path(c.dir).expanduser()
+        root = Path(self.cfg.data.root).expanduser()
+        return (root.parent if root.is_file() else root) / "prefix_cache"
 
-    def prepare(self, device: torch.device) -> None:
-        """Build what is missing of the cached sets (eval first), then open them; once."""
-        if self.sets or not self.cached:
-            return
-        plan = [(d, 1) for d in self.eval_sets] + [(self.train_set, self.views)]
-        sets = [
-            ActivationSet(self.folder(), _set_spec(self.cfg, self.split, d, self.shape, v))
-            for d, v in plan
-        ]
-        check_room(sets, self.cfg.cache.max_gb)
-        for (dataset, _), aset in zip(plan, sets):
-            aset.claim()
+    def cached_set(
+        self, dataset: Dataset, views: int, device: torch.device
+    ) -> ActivationSet | RowMapped:
+        """`dataset`'s cached set of `views` views, built where missing, then opened; once. A
+        complete set holding all of its images (the whole training split for a validation
+        run's training classes) is read instead of building another."""
+        if id(dataset) not in self.sets:
+            keys = item_keys(dataset)
+            spec = _set_spec(self.cfg, self.split, dataset, keys, self.shape, views)
+            aset = ActivationSet(self.folder(), spec)
+            found = None if aset.folder.exists() else find_superset(self.folder(), spec, keys)
+            if found is not None:
+                say(
+                    f"prefix cache: {spec.count} images read from {found.parent.folder}, "
+                    f"which holds them among its {found.parent.spec.count}"
+                )
+                found.parent.open()
+                self.sets[id(dataset)] = found
+                return found
+            check_room([aset], self.cfg.cache.max_gb)
+            aset.claim(keys)
             say(aset.describe(len(aset.chunks) - len(aset.missing())))
+            c = self.cfg.cache
             fill(
                 aset,
                 self.split,
                 dataset,
-                self.cfg.cache.view_seed,
+                c.view_seed,
                 device,
                 amp=self.cfg.train.amp,
                 batch_size=min(self.cfg.eval.batch_size, 64),  # bounds the build's memory
@@ -165,12 +176,16 @@ class FrozenPrefix:
             )
             aset.open()
             self.sets[id(dataset)] = aset
+        return self.sets[id(dataset)]
 
-    def batches(self, sampler: Sampler, start: int, device: torch.device) -> CachedBatches:
+    def batches(
+        self, train_set: Dataset, sampler: Sampler, start: int, device: torch.device
+    ) -> CachedBatches:
         """The training batches from the cache (built first where missing)."""
-        self.prepare(device)
-        aset = self.sets[id(self.train_set)]
-        return CachedBatches(aset, self.train_set.labels, sampler, start, self.cfg.seed)
+        aset = self.cached_set(train_set, self.views, device)
+        return CachedBatches(
+            aset, train_set.labels, sampler, start=start, seed=self.cfg.seed, views=self.views
+        )
 
     def net(self, model: nn.Module) -> TailModel:
         """What the trainer's step calls on cached activations."""
@@ -179,18 +194,20 @@ class FrozenPrefix:
     def embedder(
         self, model: nn.Module, device: torch.device, opts: EvalOptions, backbone_only: bool
     ):
-        """`evaluation.extract` for an eval dataset, from its cached activations."""
-        self.prepare(device)
+        """`evaluation.extract` for an eval dataset (any: cached on first use), from its cached
+        activations: the head's embeddings, or the backbone's pooled features L2-normalised."""
 
         @torch.no_grad()
         def embed(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-            aset, n = self.sets[id(dataset)], len(dataset)
+            aset, n = self.cached_set(dataset, 1, device), len(dataset)
             was = model.training
             model.eval()
             outs = []
             for start in range(0, n, opts.batch_size):
                 idx = np.arange(start, min(start + opts.batch_size, n))
                 acts = aset.gather(np.zeros_like(idx), idx).to(device, non_blocking=True)
+                if opts.channels_last:
+                    acts = acts.contiguous(memory_format=torch.channels_last)
                 with autocast(opts.amp, device):
                     feats = self.split.tail(acts)
                     out = (feats if backbone_only else model.head(feats)).float()

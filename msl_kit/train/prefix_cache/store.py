@@ -29,6 +29,7 @@ from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
 CHUNK = 256  # images per chunk file: 22 MB of Lite0 block-4 activations in float32
 DTYPES = {"float32": np.float32, "float16": np.float16}
 GB = 1e9
+META_MARK = "msl_kit prefix cache"  # meta.json's written_by: the kit made this folder
 
 
 def weights_digest(modules: list[nn.Module]) -> str:
@@ -42,18 +43,29 @@ def weights_digest(modules: list[nn.Module]) -> str:
     return digest.hexdigest()
 
 
-def items_digest(dataset: object) -> str:
-    """sha256 of a dataset's items: paths with size and mtime where they are files, labels."""
-    digest = hashlib.sha256()
+def item_keys(dataset: object) -> list[str] | None:
+    """One key per image file: its path, size and mtime (what its pixels depend on); None for
+    items that are not files (digits, the embedded set), which only their index names."""
     root = getattr(dataset, "root", None)
+    if root is None or str(root) == ".":
+        return None
+    keys = []
+    for path in dataset.paths:
+        try:
+            st = (Path(root) / str(path)).stat()
+            keys.append(f"{Path(root) / str(path)}\t{st.st_size}:{st.st_mtime_ns}")
+        except OSError:  # unreadable now: the build says so when it decodes it
+            keys.append(f"{Path(root) / str(path)}\tmissing")
+    return keys
+
+
+def items_digest(dataset: object, keys: list[str] | None) -> str:
+    """sha256 of a dataset's items: their `item_keys`, else their index, path and label."""
+    if keys is not None:
+        return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    digest = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}".encode())
     for path in getattr(dataset, "paths", []):
         digest.update(str(path).encode() + b"\0")
-        if root is not None and str(root) != ".":
-            try:
-                st = (Path(root) / str(path)).stat()
-                digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:  # unreadable now: the build says so when it decodes it
-                pass
     digest.update(np.asarray(dataset.labels, dtype="<i8").tobytes())
     return digest.hexdigest()
 
@@ -71,6 +83,12 @@ class SetSpec:
     @property
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.material, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def family(self) -> str:
+        """The key without the images: sets of one family differ only in which images."""
+        rest = {k: v for k, v in self.material.items() if k != "items_sha256"}
+        return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
     @property
     def bytes(self) -> int:
@@ -94,9 +112,10 @@ class ActivationSet:
         """The image indices chunk `chunk` holds."""
         return range(chunk * CHUNK, min((chunk + 1) * CHUNK, self.spec.count))
 
-    def claim(self) -> None:
-        """Create the folder with meta.json, or check that the one there describes this set."""
-        meta = {"written_by": "msl_kit prefix cache", **self.spec.material}
+    def claim(self, keys: list[str] | None = None) -> None:
+        """Create the folder with meta.json (and items.txt, the `item_keys` in row order, where
+        the images are files), or check that the meta.json there describes this set."""
+        meta = {"written_by": META_MARK, "family": self.spec.family, **self.spec.material}
         meta.update(count=self.spec.count, shape=list(self.spec.shape))  # views: any number
         path = self.folder / "meta.json"
         if path.is_file():
@@ -111,6 +130,8 @@ class ActivationSet:
                 )
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        if keys is not None:
+            atomic_write_text(self.folder / "items.txt", "\n".join(keys) + "\n")
         atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     def _read(self, view: int, chunk: int) -> np.ndarray | None:
@@ -162,6 +183,42 @@ class ActivationSet:
             f"{s.dtype} = {s.bytes / GB:.2f} GB on disk ({done} of {len(self.chunks)} chunks "
             f"there); read memory-mapped, at most one {chunk_mb:.0f} MB chunk held while built"
         )
+
+
+class RowMapped:
+    """A whole cached set read through a row map: a dataset whose images all lie in a larger set
+    of the same family (a validation split's training classes in the whole training split's)."""
+
+    def __init__(self, parent: ActivationSet, rows: np.ndarray) -> None:
+        self.parent, self.rows, self.spec = parent, rows, parent.spec
+
+    def gather(self, views: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        return self.parent.gather(views, self.rows[np.asarray(indices, dtype=np.int64)])
+
+
+def find_superset(root: Path, spec: SetSpec, keys: list[str] | None) -> RowMapped | None:
+    """A complete set of `spec`'s family (its first `spec.views` views) holding every image of
+    `keys`, read through a row map; None where there is none."""
+    if keys is None:
+        return None
+    for meta_path in sorted(Path(root).expanduser().glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            items = (meta_path.parent / "items.txt").read_text().splitlines()
+        except (OSError, ValueError):
+            continue
+        if meta.get("written_by") != META_MARK or meta.get("family") != spec.family:
+            continue
+        index = {key: row for row, key in enumerate(items)}
+        if len(items) != meta.get("count") or not all(k in index for k in keys):
+            continue
+        material = {k: meta[k] for k in spec.material}
+        parent = ActivationSet(
+            root, SetSpec(material, len(items), spec.views, spec.shape, spec.dtype)
+        )
+        if parent.folder == meta_path.parent and not parent.missing():
+            return RowMapped(parent, np.array([index[k] for k in keys], dtype=np.int64))
+    return None
 
 
 def check_room(sets: list[ActivationSet], max_gb: float) -> None:
