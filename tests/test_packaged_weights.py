@@ -166,3 +166,13 @@ def test_a_file_that_is_not_this_models_is_not_renamed():
     with pytest.raises(ValueError, match=r"\(16, 3, 3, 3\) does not pair"):
         packaged.renamed(source, target)
     assert len(packaged.renamed(dict(target), target)) == 296
+
+
+def test_a_changed_packaged_file_is_not_converted(tmp_path, monkeypatch):
+    copy = tmp_path / "efficientnet-lite0-57934424.pth"
+    data = bytearray(packaged.source_file("efficientnet_lite0").read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(packaged, "source_file", lambda name: copy)
+    with pytest.raises(ValueError, match="does not start with 57934424.*force-reinstall"):
+        packaged.convert("efficientnet_lite0")

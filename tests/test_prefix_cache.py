@@ -244,6 +244,15 @@ def test_a_cut_off_chunk_is_rebuilt_and_a_foreign_meta_refused(root, tmp_path):
         engine.train(cfg, tmp_path / "r3")
 
 
+def test_a_cache_under_torchrun_is_refused_in_one_line(root, tmp_path):
+    from msl_kit.train.prefix_cache.run import FrozenPrefix
+
+    cfg = _config(root, tmp_path, "cache.views=2")
+    model = recipe.build_model(cfg)
+    with pytest.raises(ValueError, match="does not run under torchrun.*cache.views=0"):
+        FrozenPrefix.attach(cfg, model, torch.device("cpu"), world_size=2)
+
+
 def test_cache_keys_are_checked(root, tmp_path):
     with pytest.raises(ConfigError, match="cache.views.*name its last module in cache.prefix"):
         _config(root, tmp_path, "cache.prefix=", "cache.views=2")
@@ -251,3 +260,4 @@ def test_cache_keys_are_checked(root, tmp_path):
         _config(root, tmp_path, "cache.dtype=int8")
     with pytest.raises(ValueError, match="above cache.max_gb = 1e-06"):
         engine.train(_config(root, tmp_path, "cache.views=2", "cache.max_gb=1e-6"), tmp_path / "r")
+    assert not (tmp_path / "r").exists(), "refused before the run folder was made"

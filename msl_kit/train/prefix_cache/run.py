@@ -112,9 +112,16 @@ class FrozenPrefix:
 
     @classmethod
     def attach(
-        cls, cfg: Config, model: nn.Module, device: torch.device, world_size: int = 1
+        cls,
+        cfg: Config,
+        model: nn.Module,
+        device: torch.device,
+        world_size: int = 1,
+        sets: tuple[Dataset, ...] = (),
     ) -> FrozenPrefix:
-        """Cut `model.backbone` after `cache.prefix`, check the cut, freeze the prefix."""
+        """Cut `model.backbone` after `cache.prefix`, check the cut, freeze the prefix; with
+        `sets` (the training split, then the eval splits) refuse a cache above `cache.max_gb`
+        or the free disk now, before a run writes anything."""
         if cfg.cache.views and world_size > 1:
             raise ValueError(
                 "cache.views does not run under torchrun (one process reads one cache): set "
@@ -127,7 +134,16 @@ class FrozenPrefix:
         split.check(probe.to(device))
         split.freeze()
         shape = tuple(split.prefix_output(probe[:1].to(device)).shape[1:])
-        return cls(cfg, split, shape)
+        prefix = cls(cfg, split, shape)
+        if sets and prefix.cached:
+            views = [prefix.views] + [1] * (len(sets) - 1)
+            specs = [
+                _set_spec(cfg, split, d, item_keys(d), shape, v)
+                for d, v in zip(sets, views)
+                if d is not None
+            ]
+            check_room([ActivationSet(prefix.folder(), spec) for spec in specs], cfg.cache.max_gb)
+        return prefix
 
     @property
     def cached(self) -> bool:
