@@ -58,10 +58,17 @@ class CachedBatches:
     """The sampler's batches as (activations, labels, indices), like the image loader's."""
 
     def __init__(
-        self, aset: ActivationSet | RowMapped, labels: np.ndarray, sampler: Sampler, **how: int
+        self,
+        aset: ActivationSet | RowMapped,
+        labels: np.ndarray,
+        sampler: Sampler,
+        *,
+        start: int,
+        seed: int,
+        views: int,
     ) -> None:
         self.aset, self.labels, self.sampler = aset, np.asarray(labels), sampler
-        self.start, self.seed, self.views = how["start"], how["seed"], how["views"]
+        self.start, self.seed, self.views = start, seed, views
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -108,7 +115,7 @@ class FrozenPrefix:
         self.cfg, self.split = cfg, split
         self.shape = shape  # one prefix activation (C, H, W)
         self.views = cfg.cache.views
-        self.sets: dict[int, ActivationSet] = {}  # id(dataset) -> its cached set, opened
+        self.sets: dict[int, ActivationSet | RowMapped] = {}  # id(dataset) -> its set, opened
 
     @classmethod
     def attach(
