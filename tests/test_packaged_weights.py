@@ -40,6 +40,7 @@ def photos() -> list[Image.Image]:
     return images + [im.crop((100, 50, 400, 400)) for im in images]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(packaged.PACKAGED))
 def test_converted_weights_equal_the_reference_implementation_on_real_photos(name):
     reference = pytest.importorskip("efficientnet_lite_pytorch", reason="test-only reference")

@@ -181,6 +181,7 @@ def _cache_folders(cache: Path) -> set[str]:
     return {p.name for p in cache.iterdir() if p.is_dir()}
 
 
+@pytest.mark.slow
 def test_a_cache_is_reused_only_for_the_same_weights_and_preprocessing(root, tmp_path, capsys):
     cache = tmp_path / "cache"
     engine.train(_config(root, cache, "cache.views=2"), tmp_path / "r1")
