@@ -3,6 +3,7 @@
     python bench/photos.py [--root DIR] [--methods ms ms_nomining ...] [--seeds 0 1 2]
                            [--set KEY=VALUE ...] [--threads 2] [--out docs/results.md]
                            [--results DIR] [--runs DIR] [--report-only] [--force]
+                           [--stages global_pool blocks.5 blocks.3]
     msl-kit bench photos [the same arguments]
 
 Every run is the recipe `cub200_lite0_cpu` on the team's CUB subset (EfficientNet-Lite0 with the
@@ -15,7 +16,9 @@ own numbers (alpha 32, margin 0.1, proxies at 100 x lr), contrastive, semi-hard 
 pytorch-metric-learning's MS miner + loss; then the floors: the backbone as loaded (pooled
 features), the untrained head, raw pixels. One JSON per run goes to --results (a finished run
 is kept on a rerun unless --force); the section `## Real photos` of --out is rebuilt from them,
-the rest of that file left as it is.
+the rest of that file left as it is. `--stages CUT ...` adds MS runs frozen up to other modules
+(more or fewer stages trained, each cut its own cache): R@1 against how much of the network
+trains, beside the recipe's cut.
 """
 
 from __future__ import annotations
@@ -88,12 +91,12 @@ def make_config(args: argparse.Namespace, seed: int, extra: list[str], floors: s
     )
 
 
-def build_cache(args: argparse.Namespace) -> float:
+def build_cache(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> float:
     """Build (or find) the recipe's cached sets once; the seconds it took."""
     from msl_kit.train import recipe
     from msl_kit.train.prefix_cache.run import FrozenPrefix
 
-    cfg = make_config(args, 0, [], "false")
+    cfg = make_config(args, 0, list(extra), "false")
     device = torch.device("cpu")
     start = time.perf_counter()
     prefix = FrozenPrefix.attach(cfg, recipe.build_model(cfg), device)
@@ -111,17 +114,20 @@ def eval_curve(run_dir: Path) -> dict[int, float]:
     return {int(r["iteration"]): float(r["recall@1"]) for r in rows}
 
 
-def run_cell(method: str, seed: int, args: argparse.Namespace, floors: str) -> dict:
-    """Train one (loss, seed) run of the recipe; its record."""
+def run_cell(
+    method: str, seed: int, args: argparse.Namespace, floors: str, cut: str | None = None
+) -> dict:
+    """Train one (loss, seed) run of the recipe (frozen up to `cut` if given); its record."""
     from msl_kit.train import engine
 
     label, overrides = METHODS[method]
+    overrides = overrides + ([f"cache.prefix={cut}"] if cut else [])
     cfg = make_config(args, seed, overrides, floors)
     loss = None
     if method == "pml_ms":
         lc = cfg.loss
         loss = PMLMultiSimilarity(lc.alpha, lc.beta, lc.lam, lc.margin)
-    run_dir = Path(args.runs) / f"{method}-seed{seed}"
+    run_dir = Path(args.runs) / f"{method}-seed{seed}{f'-{cut}' if cut else ''}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own scratch: a rerun starts afresh
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -147,8 +153,32 @@ def run_cell(method: str, seed: int, args: argparse.Namespace, floors: str) -> d
     }
 
 
-def record_path(results: Path, method: str, seed: int) -> Path:
-    return results / f"{method}__seed{seed}.json"
+def record_path(results: Path, method: str, seed: int, cut: str | None = None) -> Path:
+    return results / (f"stages__{cut}__seed{seed}.json" if cut else f"{method}__seed{seed}.json")
+
+
+def stage_table(records: list[dict], stages: list[dict]) -> list[str]:
+    """MS's R@1 and MAP@R against the module the frozen prefix ends at (what trains after it)."""
+    runs = stages + [r for r in records if r["method"] == "ms"]
+    cuts = sorted({r["prefix"] for r in runs}, key=lambda c: (c != "global_pool", c), reverse=True)
+    if len(cuts) < 2:
+        return []
+    lines = [
+        "MS (released numbers, the recipe's budget) against how much of Lite0 trains: frozen up "
+        "to the module named, everything after it trained (`global_pool`: the embedding layer "
+        "alone). Each cut is its own cache; the recipe's is blocks.4.",
+        "",
+        "| frozen up to | seeds | R@1 | R@2 | MAP@R | wall s | cache build s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cut in cuts:
+        rs = [r for r in runs if r["prefix"] == cut]
+        vals = [cell([r["metrics"][k] for r in rs]) for k in ("recall@1", "recall@2", "map@r")]
+        wall = statistics.median(r["wall_s"] for r in rs)
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        build = f"{rs[0]['cache_s']:.0f}" if "cache_s" in rs[0] else "above"
+        lines.append(f"| {cut} | {seeds} | {' | '.join(vals)} | {wall:.0f} | {build} |")
+    return lines
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -240,7 +270,7 @@ def curve_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def render(grid: dict, records: list[dict]) -> str:
+def render(grid: dict, records: list[dict], stages: list[dict] = ()) -> str:
     """The `## Real photos` section."""
     first = records[0] if records else {}
     loads = [r["load_before"] for r in records] + [r["load_after"] for r in records]
@@ -280,6 +310,8 @@ def render(grid: dict, records: list[dict]) -> str:
         "recipe says, `train.eval_every`):",
         "",
         *curve_table(records),
+        "",
+        *stage_table(records, list(stages)),
     ]
     return "\n".join(parts) + "\n"
 
@@ -296,6 +328,20 @@ def write_section(out: Path, text: str) -> None:
     out.write_text(new)
 
 
+def run_stages(args: argparse.Namespace, results: Path) -> None:
+    """MS at each cut of --stages (its cache built first, timed into each record)."""
+    prepare_data(Path(args.root))
+    for cut in args.stages:
+        cache_s = build_cache(args, (f"cache.prefix={cut}",))
+        for seed in args.seeds:
+            path = record_path(results, "ms", seed, cut)
+            if not path.is_file() or args.force:
+                rec = run_cell("ms", seed, args, "false", cut)
+                rec["cache_s"] = cache_s
+                path.write_text(json.dumps(rec, indent=1) + "\n")
+                print(f"ms cut {cut} seed {seed}: R@1 {100 * rec['metrics']['recall@1']:.1f}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default="data", help="where the CUB subset is (or goes)")
@@ -308,6 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default=str(REPO / "runs" / "photos"))
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--force", action="store_true", help="rerun finished runs")
+    p.add_argument("--stages", nargs="+", default=[], metavar="CUT", help="MS at other cuts")
     return p.parse_args(argv)
 
 
@@ -316,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     grid_file = results / "grid.json"
-    if not args.report_only:
+    if args.stages and not args.report_only:
+        torch.set_num_threads(args.threads)
+        run_stages(args, results)
+    elif not args.report_only:
         torch.set_num_threads(args.threads)
         prepare_data(Path(args.root))
         command = "python bench/photos.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -347,9 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     grid = json.loads(grid_file.read_text())
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*__seed*.json"))]
+    files = sorted(results.glob("*__seed*.json"))
+    records = [json.loads(p.read_text()) for p in files if not p.name.startswith("stages__")]
+    stages = [json.loads(p.read_text()) for p in files if p.name.startswith("stages__")]
     out = Path(args.out)
-    write_section(out, render(grid, records))
+    write_section(out, render(grid, records, stages))
     print(f"written: the {SECTION!r} section of {out} (runs in {results})")
     return 0
 
