@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from _fixtures_use import held_out_tree  # noqa: E402
 
 from msl_kit import cli, datasets, metrics
-from msl_kit.train import engine, evaluation, recipe
+from msl_kit.train import checkpoint, evaluation, recipe
 from msl_kit.use.embedding import embed
 
 
@@ -60,7 +60,7 @@ def trained_run(base: Path, dim: int) -> Path:
 
 def throughput(ckpt: Path, base: Path, repeats: int) -> None:
     tree, _ = held_out_tree(base)
-    model, cfg = engine.load_model(ckpt)
+    model, cfg = checkpoint.load_model(ckpt)
     query, _ = recipe.eval_data(cfg)
     opts, dev = recipe.eval_options(cfg), torch.device("cpu")
     n = len(query)
@@ -77,7 +77,7 @@ def throughput(ckpt: Path, base: Path, repeats: int) -> None:
 
 def gallery_vectors(ckpt: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
     """n unit vectors around the model's embeddings of every embedded image."""
-    model, cfg = engine.load_model(ckpt)
+    model, cfg = checkpoint.load_model(ckpt)
     tf = recipe.preprocessing(cfg)
     from msl_kit.datasets import transforms
 

@@ -70,10 +70,10 @@ def make_inputs(kind: str, batch: int, dim: int) -> tuple[torch.Tensor, torch.Te
 
 def describe(x: torch.Tensor, y: torch.Tensor) -> str:
     """10/50/90 % quantiles of positive and negative similarities and the mined fractions."""
-    from msl_kit.losses import mining_stats
+    from msl_kit.losses import MSParams, mining_stats
 
     with torch.no_grad():
-        s = mining_stats(x @ x.T, y, alpha=ALPHA, beta=BETA, lam=LAM, margin=MARGIN)
+        s = mining_stats(x @ x.T, y, MSParams(ALPHA, BETA, LAM, MARGIN))
     return (
         f"pos {s['sim_pos_q10']:.2f}/{s['sim_pos_q50']:.2f}/{s['sim_pos_q90']:.2f} "
         f"neg {s['sim_neg_q10']:.2f}/{s['sim_neg_q50']:.2f}/{s['sim_neg_q90']:.2f}, "

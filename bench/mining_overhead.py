@@ -37,7 +37,7 @@ def main() -> None:
     data = recipe.train_data(cfg)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=80, shuffle=True)))
     images, labels = batch[0], torch.arange(16).repeat_interleave(5)
-    params = losses.PRESETS["released"]
+    params = losses.MSParams.preset("released")
     steps, stats = [], []
     for i in range(args.steps + 3):
         start = time.perf_counter()
@@ -48,7 +48,7 @@ def main() -> None:
         optimizer.step()
         middle = time.perf_counter()
         e = emb.detach()
-        losses.mining_stats(e @ e.T, labels, **params)
+        losses.mining_stats(e @ e.T, labels, params)
         end = time.perf_counter()
         if i >= 3:  # warm-up
             steps.append(middle - start)

@@ -52,7 +52,10 @@ METHODS = {  # key -> (row label, config overrides)
     "ms_nomining": ("MS without mining (every pair)", ["loss.name=ms", "loss.mining=none"]),
     "proxy_anchor": ("Proxy-Anchor (32, 0.1, proxies lr x 100)", ["loss.name=proxy_anchor"]),
     "contrastive": ("contrastive (neg margin 0.5)", ["loss.name=contrastive"]),
-    "triplet": ("triplet, semi-hard (margin 0.1)", ["loss.name=triplet", "loss.margin=0.1"]),
+    "triplet": (
+        "triplet, semi-hard (margin 0.1)",
+        ["loss.name=triplet", "loss.triplet.margin=0.1"],
+    ),
     "pml_ms": ("PML MS miner + loss (same numbers)", ["loss.name=ms"]),
 }
 FLOORS = {  # metrics.json floors key -> row label
@@ -118,15 +121,15 @@ def run_cell(
     method: str, seed: int, args: argparse.Namespace, floors: str, cut: str | None = None
 ) -> dict:
     """Train one (loss, seed) run of the recipe (frozen up to `cut` if given); its record."""
-    from msl_kit.train import engine
+    from msl_kit.train import engine, recipe
 
     label, overrides = METHODS[method]
     overrides = overrides + ([f"cache.prefix={cut}"] if cut else [])
     cfg = make_config(args, seed, overrides, floors)
     loss = None
     if method == "pml_ms":
-        lc = cfg.loss
-        loss = PMLMultiSimilarity(lc.alpha, lc.beta, lc.lam, lc.margin)
+        ms = recipe.ms_params(cfg)
+        loss = PMLMultiSimilarity(ms.alpha, ms.beta, ms.lam, ms.margin)
     run_dir = Path(args.runs) / f"{method}-seed{seed}{f'-{cut}' if cut else ''}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own scratch: a rerun starts afresh
     load = os.getloadavg()[0]

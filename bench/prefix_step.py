@@ -66,7 +66,7 @@ def data_overrides(args: argparse.Namespace, scratch: Path) -> list[str]:
         return [
             "data.name=folder",
             f"data.root={folder}",
-            "model.input_size=64",
+            "model.timm.input_size=64",
             "model.pretrained=none",
             "train.batch_size=4",
             "train.samples_per_class=2",

@@ -132,7 +132,7 @@ def methods(iterations: int) -> dict[str, tuple[str, list[str], Callable[[], nn.
     on. XBM: 20 batches of memory, on from 40 % of the run, since embeddings drift fast in a short
     run from scratch.
     """
-    ms_keys = [f"loss.{k}={v}" for k, v in RELEASED.items()]
+    ms_keys = [f"loss.ms.{k}={v}" for k, v in RELEASED.items()]
     return {
         "ms": ("msl_kit MS (released 2/40/0.5/0.1)", ["loss.name=ms", *ms_keys], _ms(RELEASED)),
         "pml_ms": (
@@ -142,7 +142,7 @@ def methods(iterations: int) -> dict[str, tuple[str, list[str], Callable[[], nn.
         ),
         "ms_paper": (
             "msl_kit MS (paper 2/50/1/0.1)",
-            ["loss.name=ms", "loss.preset=paper"],
+            ["loss.name=ms", "loss.ms.preset=paper"],
             _ms(PAPER),
         ),
         "contrastive": (
@@ -152,7 +152,7 @@ def methods(iterations: int) -> dict[str, tuple[str, list[str], Callable[[], nn.
         ),
         "triplet": (
             "triplet, semi-hard (margin 0.1)",
-            ["loss.name=triplet", "loss.margin=0.1"],
+            ["loss.name=triplet", "loss.triplet.margin=0.1"],
             _gpw("triplet", margin=0.1, mining="semihard"),
         ),
         "ms_xbm": (
@@ -264,7 +264,7 @@ def run_cell(key: str, method: str, seed: int, args: argparse.Namespace) -> dict
         "batch_size": cfg.train.batch_size,
         "samples_per_class": cfg.train.samples_per_class,
         "lr": cfg.train.lr,
-        "image_size": cfg.model.image_size,
+        "image_size": cfg.model.params.input_size,
         "embedding_dim": cfg.model.embedding_dim,
         "wall_s": wall,
         "train_s": clock.seconds,
@@ -318,7 +318,7 @@ def run_floors(key: str, seeds: list[int], args: argparse.Namespace) -> list[dic
                     "metrics": _metrics(results),
                     "wall_s": time.perf_counter() - start,
                     "sizes": sizes,
-                    "pixel_side": min(cfg.model.image_size, evaluation.PIXEL_SIDE),
+                    "pixel_side": min(cfg.model.params.input_size, evaluation.PIXEL_SIDE),
                 }
             )
     return out

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msl_kit.errors import MslKitError
+
 DEFAULT_BLOCK_SIZE = 4096  # 64 MiB float32 tile; see bench/knn.py for the measurements
 _EMPTY_KEY = torch.iinfo(torch.int64).min  # sorts below every real key
 _LOW32 = 0xFFFFFFFF
@@ -33,6 +35,11 @@ LONE_QUERIES = {
 }
 
 
+class EmbeddingsError(MslKitError, ValueError):
+    """Vectors or labels that cannot be ranked (shape, NaN / inf, overflow, non-integer labels);
+    the message names the argument and what to do."""
+
+
 def _choice(name: str, value: object, options: Collection[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
@@ -42,14 +49,16 @@ def _choice(name: str, value: object, options: Collection[str]) -> str:
 def _as_embeddings(x: Array, name: str) -> Tensor:
     x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
     if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (N, D) array; got shape {tuple(x.shape)}")
+        raise EmbeddingsError(
+            f"{name} must be a non-empty 2-D (N, D) array; got shape {tuple(x.shape)}"
+        )
     if x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be real numbers; got {x.dtype}")
+        raise EmbeddingsError(f"{name} must be real numbers; got {x.dtype}")
     # fp16 matmul is fine on CUDA (ranking stays float32); the CPU computes in float32
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         x = x.float()
     if not bool(torch.isfinite(x.sum(1, dtype=torch.float32)).all()):  # one pass over x
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} contains NaN, inf or values near the float32 limit; "
             f"fix (or rescale) the model output before evaluating"
         )
@@ -64,7 +73,7 @@ def _check_norms(x: Tensor, name: str, metric: str = "ip") -> None:
     limit = math.sqrt(torch.finfo(x.dtype).max) / (2 if metric == "euclidean" else 1)
     longest = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
     if not longest < limit:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} has rows of norm up to {longest:.3g}: inner products would "
             f"overflow {x.dtype} (norms must stay below {limit:.3g}); "
             f"L2-normalise or rescale the embeddings before evaluating"
@@ -75,21 +84,21 @@ def _as_labels(labels: Array, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iubf":  # strings, objects: torch's error says nothing useful
-            raise ValueError(
+            raise EmbeddingsError(
                 f"{name} must be integers; got {labels.dtype} values (map class names to ints "
                 f"first, e.g. np.unique(labels, return_inverse=True)[1])"
             )
     labels = torch.as_tensor(labels)
     if labels.ndim != 1:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} must be 1-D (one integer per item); got shape {tuple(labels.shape)}"
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise EmbeddingsError(
             f"{name} must be integers; got {labels.dtype} (map class names to ints first)"
         )
     if len(labels) != n:
-        raise ValueError(f"{name} has {len(labels)} entries but there are {n} embeddings")
+        raise EmbeddingsError(f"{name} has {len(labels)} entries but there are {n} embeddings")
     return labels.to("cpu", torch.int64)
 
 
@@ -304,6 +313,17 @@ def _check_ks(ks: int | Sequence[int]) -> list[int]:
     return [int(k) for k in items]
 
 
+def _check_max_r(max_r: int | None) -> int | None:
+    """None (never clip R) or a positive int, checked as `ks` is (bools are not ranks)."""
+    if max_r is None:
+        return None
+    if isinstance(max_r, bool) or not isinstance(max_r, (int, np.integer)):
+        raise TypeError(f"max_r must be a positive int or None (no clipping); got {max_r!r}")
+    if max_r < 1:
+        raise ValueError(f"max_r must be a positive int (e.g. 1000) or None; got {max_r!r}")
+    return int(max_r)
+
+
 def _recall(hits: Tensor, r: Tensor, ks: list[int], lone_queries: str) -> dict[int, float]:
     """R@K per K over every query, or over those with a relevant item ("skip"; nan if none)."""
     found = (hits.cumsum(1) > 0)[r > 0 if lone_queries == "skip" else slice(None)]
@@ -354,10 +374,14 @@ def retrieval_metrics(
     precision@i over the same-label ranks i <= R, divided by R. Queries with R = 0 are left
     out of map@r and r_precision (nan if none is left); in recall they count as misses or
     are left out, as `lone_queries` says (see `recall_at_k`, also for `metric`).
-    A class larger than `max_r` would make the kNN wide (Q x R keys), so R is clipped to
-    `max_r` for those queries (MAP@max_r), with a warning; `max_r=None` never clips.
+    A class larger than `max_r` would make the kNN wide (Q x R keys), so the ranking of those
+    queries stops at `max_r`, with a warning: MAP@R counts the ranks past it as misses (still
+    divided by the true R: a lower bound, as pytorch-metric-learning's AccuracyCalculator with
+    k = max_r) and R-precision is taken over the first max_r ranks (as PML's). `max_r=None`
+    never clips.
     """
     ks = _check_ks(ks)
+    max_r = _check_max_r(max_r)
     clip = {"r": None}
 
     def k_needed(r: Tensor) -> int:
@@ -369,21 +393,22 @@ def retrieval_metrics(
 
     where = (gallery, gallery_labels, block_size, metric, lone_queries)
     hits, r = _neighbour_hits(embeddings, labels, k_needed, *where)
+    cut = r
     if clip["r"] is not None:
         warnings.warn(
-            f"the largest class has R={clip['r']} > max_r={max_r}: MAP@R and R-precision "
-            f"use R clipped to {max_r} for those queries; pass max_r=None for exact values",
+            f"the largest class has R={clip['r']} > max_r={max_r}: for those queries MAP@R "
+            f"counts the ranks past {max_r} as misses (a lower bound) and R-precision is "
+            f"precision@{max_r}, as pytorch-metric-learning's; pass max_r=None for exact values",
             stacklevel=2,
         )
-        r = r.clamp_max(int(max_r))
+        cut = r.clamp_max(max_r)
     out = {f"recall@{k}": v for k, v in _recall(hits, r, ks, lone_queries).items()}
     ranks = torch.arange(1, hits.shape[1] + 1)
-    relevant = hits & (ranks[None, :] <= r[:, None])
+    relevant = hits & (ranks[None, :] <= cut[:, None])
     has_r = r > 0
-    r_float = r.clamp_min(1).double()
     precision_at_hits = relevant.cumsum(1).double() / ranks * relevant
-    map_r = precision_at_hits.sum(1) / r_float
-    r_precision = relevant.sum(1).double() / r_float
+    map_r = precision_at_hits.sum(1) / r.clamp_min(1).double()  # the true R
+    r_precision = relevant.sum(1).double() / cut.clamp_min(1).double()
     out["map@r"] = float(map_r[has_r].mean()) if has_r.any() else float("nan")
     out["r_precision"] = float(r_precision[has_r].mean()) if has_r.any() else float("nan")
     return out

@@ -51,6 +51,27 @@ def test_mining_overhead_script_prints_the_ratio():
     assert "% of a step" in done.stdout and "per step at log_every=10" in done.stdout
 
 
+@pytest.mark.slow
+def test_prefix_step_script_prints_the_three_steps_and_their_ratios():
+    """bench/prefix_step.py --quick: full, frozen and cached steps of the photo recipe on random
+    images (the prefix cache built in a temporary folder), each timed, and the two ratios."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "prefix_step.py"), "--quick", "--steps", "2"]
+        + ["--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "timm:tf_efficientnet_lite0, batch 4 at 64 px, prefix up to blocks.4" in out, out
+    for kind in ("full", "frozen", "cached"):
+        assert f"{kind:>7} step: " in out
+    assert "full / cached: " in out and "frozen / cached: " in out
+    assert "set-up of the cached trainer, cache built where missing: +" in out
+
+
+@pytest.mark.slow
 def test_photos_report_rebuilds_only_its_own_section(tmp_path):
     """bench/photos.py --report-only: the `## Real photos` section from the run JSONs, the rest
     of the page kept; MS's verdict against the floor counts the seeds' spread."""
@@ -85,3 +106,23 @@ def test_photos_report_rebuilds_only_its_own_section(tmp_path):
     assert "| backbone as loaded (floor) | - | 85.0 |" in text
     assert "+2.0 points" in text and "**beats the frozen floor by more than the spread**" in text
     assert "MS is **tied with** triplet" in text and "| 200 | 87.0 | 86.0 |" in text
+
+
+@pytest.mark.slow
+def test_search_scale_script_prints_every_index_and_the_done_when_command(tmp_path):
+    from _fixtures_use import tiny_run
+
+    run = tiny_run(tmp_path)  # 64-d
+    args = [sys.executable, str(REPO / "bench" / "search_scale.py"), "--checkpoint", str(run)]
+    args += ["--dim", "64", "--sizes", "12000", "--queries", "50", "--repeats", "1"]
+    args += ["--threads", "1", "--cli", str(tmp_path / "cli")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "synthetic against real: 4,840 vectors, 242 classes each" in out and "LID@20" in out
+    assert "12,000 x 64 gallery, 50 queries, k = 10" in out
+    for kind in ("exact", "flat", "ivf", "ivfpq", "hnsw"):
+        assert f"\n{kind:6s} " in out
+    assert "recall@10 of the --faiss hnsw CSV against the exact CSV: " in out
+    assert "model for 10,000,000 vectors" in out
+    assert (tmp_path / "cli" / "big.hnsw.faiss").is_file()

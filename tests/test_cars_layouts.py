@@ -26,6 +26,7 @@ from _fixtures_data import (
 
 import msl_kit.datasets as D
 from msl_kit import cli
+from msl_kit.datasets.preparation import MARKER
 
 LAYOUTS = ("legacy", "torchvision", "kaggle")
 
@@ -228,7 +229,7 @@ def test_malformed_cars_files_give_one_line_naming_the_file(tmp_path, case):
         D.prepare("cars196", tmp_path, progress=False)
     message = str(err.value)
     assert "\n" not in message and "kaggle.com/datasets/jutrera" in message  # where to get it
-    assert not (tmp_path / "cars196" / D.MARKER).exists()
+    assert not (tmp_path / "cars196" / MARKER).exists()
 
 
 def _replace(members: dict[str, bytes], path: str, old: bytes, new: bytes) -> dict[str, bytes]:

@@ -28,6 +28,7 @@ from _fixtures_data import (
 from sklearn.datasets import load_digits
 
 import msl_kit.datasets as D
+from msl_kit.datasets.preparation import MARKER
 from msl_kit.datasets.transforms import CorruptImageError, build_transform
 from msl_kit.files.archives import TMP_MARK, UnsafeArchiveError
 from msl_kit.files.download import ChecksumError
@@ -147,12 +148,12 @@ def test_cub_from_the_official_url_with_a_dead_mirror(tmp_path, monkeypatch, cap
         ddir = D.prepare("cub200", tmp_path, progress=False)
         assert ddir == tmp_path / "cub200" and (ddir / "CUB_200_2011" / "images.txt").is_file()
         assert (ddir / "attributes.txt").is_file()
-        assert json.loads((ddir / D.MARKER).read_text())["images"] == 15
-        requests, marker_time = len(srv.requests), (ddir / D.MARKER).stat().st_mtime_ns
+        assert json.loads((ddir / MARKER).read_text())["images"] == 15
+        requests, marker_time = len(srv.requests), (ddir / MARKER).stat().st_mtime_ns
         capsys.readouterr()
         assert D.prepare("cub200", tmp_path, progress=False) == ddir
         assert "already prepared" in capsys.readouterr().out
-        assert len(srv.requests) == requests and (ddir / D.MARKER).stat().st_mtime_ns == marker_time
+        assert len(srv.requests) == requests and (ddir / MARKER).stat().st_mtime_ns == marker_time
     train, test = D.build("cub200", tmp_path, "train"), D.build("cub200", tmp_path, "test")
     assert train.classes == [CUB_CLASSES[c] for c in (1, 2, 100)] and len(train) == 9
     assert test.classes == [CUB_CLASSES[c] for c in (101, 200)] and len(test) == 6
@@ -201,7 +202,7 @@ def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, caps
         )
         ddir = D.prepare("cub200", tmp_path, progress=False)
         # a run killed mid-extraction: no marker, a missing image, a temp folder lying about
-        (ddir / D.MARKER).unlink()
+        (ddir / MARKER).unlink()
         victim = next((ddir / "CUB_200_2011" / "images").rglob("*.jpg"))
         victim.unlink()
         (tmp_path / f".cub200{TMP_MARK}abc").mkdir()
@@ -212,7 +213,7 @@ def test_half_prepared_root_is_detected_and_repaired(tmp_path, monkeypatch, caps
         D.prepare("cub200", tmp_path, progress=False)
         assert "incomplete preparation" in capsys.readouterr().out
         assert len(srv.requests) == 1  # the verified download was reused, not fetched again
-    assert victim.is_file() and (ddir / D.MARKER).is_file()
+    assert victim.is_file() and (ddir / MARKER).is_file()
     assert not list(tmp_path.glob(f".*{TMP_MARK}*")) and not list(ddir.glob(f".*{TMP_MARK}*"))
     assert len(D.build("cub200", tmp_path, "train")) == 9
 
@@ -222,7 +223,7 @@ def test_list_file_paths_cannot_leave_the_dataset(tmp_path):
     evil.write_bytes(tar_bytes(cub_members(bad_line="../../../../etc/passwd")))
     with pytest.raises(D.LayoutError, match="outside the dataset folder"):
         D.prepare("cub200", tmp_path / "data", archive=evil, progress=False)
-    assert not (tmp_path / "data" / "cub200" / D.MARKER).exists()
+    assert not (tmp_path / "data" / "cub200" / MARKER).exists()
 
 
 def test_malicious_archive_is_refused_by_prepare(tmp_path):
@@ -289,11 +290,11 @@ def test_cars_from_car_ims_and_cars_annos_mat(tmp_path, capsys):
     assert test[3][0].size == (30, 20)
     # the marker alone lost (killed just before it was written): verified in place, no archive
     # needed
-    (ddir / D.MARKER).unlink()
+    (ddir / MARKER).unlink()
     capsys.readouterr()
     D.prepare("cars196", tmp_path / "data", progress=False)
     assert "prepared cars196: 10 images" in capsys.readouterr().out
-    (ddir / D.MARKER).unlink()
+    (ddir / MARKER).unlink()
     (ddir / "car_ims" / "000001.jpg").unlink()
     with pytest.raises(D.LayoutError, match="(?s)missing.*--archive"):
         D.prepare("cars196", tmp_path / "data", progress=False)

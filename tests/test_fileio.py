@@ -74,7 +74,7 @@ def test_atomic_writes_and_safe_load_round_trip(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "two\n"
     fileio.atomic_torch_save({"w": torch.arange(3)}, tmp_path / "w.pt")
     assert torch.equal(fileio.safe_load(tmp_path / "w.pt", "weights file")["w"], torch.arange(3))
-    with pytest.raises(fileio.CheckpointError, match="weights file .*missing.pt does not exist"):
+    with pytest.raises(fileio.SafeLoadError, match="weights file .*missing.pt does not exist"):
         fileio.safe_load(tmp_path / "missing.pt", "weights file")
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "w.pt"]
 
@@ -89,7 +89,7 @@ def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, c
         "train.iterations=40",
         "train.checkpoint_every=5",
         "train.eval_every=0",
-        "model.width=256",
+        "model.convnet.width=256",
         "train.threads=1",
     ):  # a ~3 MB optimizer state: the disk fills
         args += ["--set", key]
@@ -104,6 +104,6 @@ def test_msl_kit_train_onto_a_real_full_disk_is_one_line_and_exit_2(tiny_disk, c
 def test_a_text_file_is_called_corrupt_not_dangerous(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("not a checkpoint\n")
-    with pytest.raises(fileio.CheckpointError, match="is truncated or corrupt") as info:
+    with pytest.raises(fileio.SafeLoadError, match="is truncated or corrupt") as info:
         fileio.safe_load(path)
     assert "could run code" not in str(info.value)

@@ -16,6 +16,7 @@ from msl_kit.losses import (
     BinomialDevianceLoss,
     ContrastiveLoss,
     LiftedStructureLoss,
+    MSParams,
     MultiSimilarityLoss,
     PairWeights,
     TripletLoss,
@@ -794,7 +795,7 @@ def test_mining_stats_against_pair_weights(case):
     _, x, labels = case
     sim = x @ x.T
     for params in (DEFAULTS, PARAMS[2]):
-        stats = mining_stats(sim, labels, **params)
+        stats = mining_stats(sim, labels, MSParams(**params))
         assert set(stats) == STAT_KEYS and all(isinstance(v, float) for v in stats.values())
         w = pair_weights(sim, labels, **params)
         kept_pos, kept_neg = mined_pairs(sim, labels, margin=params["margin"])
@@ -815,7 +816,9 @@ def test_mining_stats_against_pair_weights(case):
 def test_mining_stats_empty_sets_are_nan():
     from msl_kit.losses import mining_stats
 
-    stats = mining_stats(torch.eye(4), torch.arange(4), **DEFAULTS)  # no positive pair at all
+    stats = mining_stats(
+        torch.eye(4), torch.arange(4), MSParams(**DEFAULTS)
+    )  # no positive pair at all
     assert all(math.isnan(stats[k]) for k in STAT_KEYS if "pos" in k)
     assert stats["neg_kept"] == 0.0 and math.isnan(stats["w_neg_mean"])
     assert stats["sim_neg_q50"] == 0.0

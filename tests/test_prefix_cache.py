@@ -16,17 +16,17 @@ from _fixtures_data import cub_members, tar_bytes
 from msl_kit.models.convnet import ConvNetBackbone
 from msl_kit.models.prefix import PrefixSplit, prefix_names
 from msl_kit.train import distributed, engine, recipe
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import load_config
 from msl_kit.train.prefix_cache.build import view_images
 from msl_kit.train.trainer import Trainer
+from msl_kit.train.validation import ConfigError
 
 timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from msl_kit.datasets.preparation import prepare
+    from msl_kit.datasets.registry import prepare
 
     folder = tmp_path_factory.mktemp("tiny_cub")
     (folder / "cub.tgz").write_bytes(tar_bytes(cub_members(per_class=4)))
@@ -45,7 +45,7 @@ def _config(root: Path, cache_dir: Path, *overrides: str):
             "data.name=cub200",
             f"data.root={root}",
             "model.backbone=timm:tf_efficientnet_lite0",
-            "model.input_size=64",
+            "model.timm.input_size=64",
             f"model.pretrained={root / 'w.safetensors'}",
             "model.embedding_dim=16",
             "model.freeze_bn=true",
@@ -129,6 +129,7 @@ def test_frozen_prefix_stays_in_eval_mode_and_gets_no_gradient():
 # ----------------------------------------------------------------------------- exactness
 
 
+@pytest.mark.slow
 def test_a_cached_step_equals_the_uncached_step_on_the_same_view(root, tmp_path):
     cache = tmp_path / "cache"
     cached = _trainer(_config(root, cache, "cache.views=3"), tmp_path / "a")
@@ -154,6 +155,7 @@ def test_a_cached_step_equals_the_uncached_step_on_the_same_view(root, tmp_path)
     assert any(m.startswith("backbone.blocks.5") for m in moved), "the tail trained"
 
 
+@pytest.mark.slow
 def test_evaluation_from_the_cache_equals_evaluation_from_the_images(root, tmp_path):
     cfg = _config(root, tmp_path / "cache", "cache.views=1")
     cached = engine.train(cfg, tmp_path / "run")
@@ -165,6 +167,7 @@ def test_evaluation_from_the_cache_equals_evaluation_from_the_images(root, tmp_p
         assert cached["floors"][floor] == pytest.approx(uncached["floors"][floor], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_cached_run_resumes_exactly(root, tmp_path):
     cfg = _config(root, tmp_path / "cache", "cache.views=2", "train.iterations=4")
     whole = engine.train(cfg, tmp_path / "whole")
@@ -192,7 +195,7 @@ def test_a_cache_is_reused_only_for_the_same_weights_and_preprocessing(root, tmp
     assert "(2 of 2 chunks there)" in capsys.readouterr().err
     engine.train(_config(root, cache, "cache.views=2", "data.hflip=false"), tmp_path / "r3")
     assert len(_cache_folders(cache) - first) == 1, "other train preprocessing: a new train set"
-    engine.train(_config(root, cache, "cache.views=2", "model.input_size=48"), tmp_path / "r4")
+    engine.train(_config(root, cache, "cache.views=2", "model.timm.input_size=48"), tmp_path / "r4")
     assert len(_cache_folders(cache) - first) == 3, "other input size: new eval and train sets"
     for folder in cache.iterdir():
         meta = json.loads((folder / "meta.json").read_text())
@@ -231,6 +234,7 @@ def test_other_weights_get_another_cache(root, tmp_path):
     assert len(_cache_folders(cache) - first) == 2  # new eval and train sets; the old untouched
 
 
+@pytest.mark.slow
 def test_a_cut_off_chunk_is_rebuilt_and_a_foreign_meta_refused(root, tmp_path):
     cache = tmp_path / "cache"
     cfg = _config(root, cache, "cache.views=1")

@@ -22,22 +22,26 @@ from msl_kit.losses.registry import loss_spec
 from msl_kit.sampler import RandomBatchSampler
 from msl_kit.train import distributed, recipe
 from msl_kit.train.checkpoint import load_checkpoint
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import load_config
 from msl_kit.train.trainer import Trainer
+from msl_kit.train.validation import ConfigError
 
-# digits.yaml sets MS's alpha 2 explicitly, so a proxy run on it names Proxy-Anchor's 32.
-PROXY = ["loss.name=proxy_anchor", "loss.alpha=32", "train.threads=1"]
+# digits.yaml sets MS's alpha 2 (loss.ms.alpha): a proxy run on it has Proxy-Anchor's own 32.
+PROXY = ["loss.name=proxy_anchor", "train.threads=1"]
 
 
 def test_registry_entry_and_the_losss_own_defaults():
+    from msl_kit import losses
+
+    assert losses.ProxyAnchorLoss is ProxyAnchorLoss  # issue 24: the package exports it
     spec = loss_spec("proxy_anchor")
     assert spec.cls is ProxyAnchorLoss and not spec.pairs and spec.needs_classes
     cfg = load_config(None, ["loss.name=proxy_anchor"])
-    assert (cfg.loss.alpha, cfg.loss.margin) == (32.0, 0.1), "the paper's scale, not MS's alpha 2"
-    cfg = load_config(None, ["loss.alpha=16", "loss.name=proxy_anchor"])
-    assert cfg.loss.alpha == 16.0, "a key the user set wins over the loss's default"
-    assert load_config(None).loss.alpha == 2.0, "MS keeps its own numbers"
+    own = (cfg.loss.params.alpha, cfg.loss.params.margin)
+    assert own == (32.0, 0.1), "the paper's scale, not MS's alpha 2"
+    cfg = load_config(None, ["loss.proxy_anchor.alpha=16", "loss.name=proxy_anchor"])
+    assert cfg.loss.params.alpha == 16.0, "a key the user set wins over the loss's default"
+    assert load_config(None).loss.params.alpha == 2.0, "MS keeps its own numbers"
 
 
 def test_loss_gets_the_train_splits_classes_and_the_embedding_size():
@@ -225,7 +229,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tmp_path):
 
 
 def test_paper_carries_proxy_anchor_with_a_source_for_every_method():
-    from msl_kit import paper
+    from msl_kit.reports import paper
 
     cub = paper.paper_table("cub200", 512).set_index("run")
     assert cub.loc["Proxy-Anchor", "R@1"] == 68.4  # the paper (DESIGN.md)

@@ -72,4 +72,4 @@ def test_use_example_runs_as_written_after_the_readme_train_command(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "held-out characters" in run.stdout
-    assert (tmp_path / "test.npz").is_file() and (tmp_path / "model.pt").is_file()
+    assert (tmp_path / "test.npz").is_file() and (tmp_path / "model.pt2").is_file()

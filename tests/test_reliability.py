@@ -270,7 +270,7 @@ def test_metrics_reject_string_labels_with_the_fix():
 
 def test_embedding_width_mismatch(reference, tmp_path, capsys):
     state = ckpt.load_checkpoint(reference / "checkpoint.pt")  # a 64-d run
-    wide = models.build_model("convnet", 128, in_channels=1, image_size=8)
+    wide = models.build_model("convnet", 128, in_channels=1, input_size=8)
     with pytest.raises(ValueError, match=r"64 -> 64.*set model.embedding_dim=64"):
         wide.load_state_dict(state["model"])
     # a checkpoint whose config says 128-d but whose weights are 64-d (edited or mixed files)
@@ -533,7 +533,7 @@ def _evil_weights(tmp_path: Path) -> tuple[Path, Path]:
 def test_backbone_weights_that_would_run_code_never_run(tmp_path):
     path, marker = _evil_weights(tmp_path)
     with pytest.raises(Exception):
-        models.build_model("convnet", 64, pretrained=path, in_channels=1, image_size=8)
+        models.build_model("convnet", 64, pretrained=path, in_channels=1, input_size=8)
     assert not marker.exists()
 
 

@@ -18,8 +18,10 @@ from PIL import Image
 
 from msl_kit import cli
 from msl_kit.notebook import explore
-from msl_kit.train import engine, rundir
+from msl_kit.train import rundir
+from msl_kit.train.checkpoint import load_model
 from msl_kit.train.config import load_config
+from msl_kit.train.rundir import RunFolder
 
 DIGITS = ["--config", "digits"]
 FAST = [
@@ -54,16 +56,16 @@ def _run(capsys, *args: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- config
 @pytest.mark.parametrize("order", ["beta first", "preset first"])
 def test_explicit_key_beats_preset_whatever_the_order(tmp_path, order):
-    lines = ["  beta: 60", "  preset: released"]
+    lines = ["    beta: 60", "    preset: paper"]
     if order == "preset first":
         lines.reverse()
     path = tmp_path / "cfg.yaml"
-    path.write_text("loss:\n" + "\n".join(lines) + "\n")
+    path.write_text("loss:\n  ms:\n" + "\n".join(lines) + "\n")
     cfg = load_config(path)
-    assert cfg.loss.beta == 60 and cfg.loss.lam == 0.5 and cfg.loss.preset == "released"
-    # --set loss.preset after an explicit key: the key still wins, the rest come from the preset
-    cfg = load_config(path, ["loss.preset=paper"])
-    assert cfg.loss.beta == 60 and cfg.loss.lam == 1.0
+    assert cfg.loss.params.beta == 60 and cfg.loss.params.lam == 1.0
+    # --set loss.ms.preset after an explicit key: the key still wins, the rest from the preset
+    cfg = load_config(path, ["loss.ms.preset=released"])
+    assert cfg.loss.params.beta == 60 and cfg.loss.params.lam == 0.5
 
 
 @pytest.mark.parametrize(
@@ -72,9 +74,9 @@ def test_explicit_key_beats_preset_whatever_the_order(tmp_path, order):
         ("train.lr=-0.001", "train.lr"),
         ("train.warmup=-5", "train.warmup"),
         ("train.samples_per_class=1", "train.samples_per_class"),
-        ("loss.margin=-0.5", "loss.margin"),
+        ("loss.ms.margin=-0.5", "loss.ms.margin"),
         ("model.embedding_dim=0", "model.embedding_dim"),
-        ("loss.alpha=0", "loss.alpha"),
+        ("loss.ms.alpha=0", "loss.ms.alpha"),
         ("train.threads=-1", "train.threads"),
         ("train.log_every=0", "train.log_every"),
         ("device=tpu", "device"),
@@ -115,7 +117,7 @@ def test_second_writer_is_refused_before_touching_a_file(tmp_path, capsys):
         rc, line = _run(capsys, "train", "--out", str(out), *FAST_ARGS)
         assert rc == 2 and "in use by another msl-kit run" in line and f"pid {os.getpid()}" in line
         assert _files(out) == before
-    assert not (out / rundir.LOCK).exists()
+    assert not (out / RunFolder.LOCK).exists()
 
 
 @pytest.mark.slow
@@ -138,7 +140,7 @@ def test_two_concurrent_trains_into_one_folder_exactly_one_runs(tmp_path):
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 60
-    while not (out / rundir.LOCK).exists() and time.time() < deadline:
+    while not (out / RunFolder.LOCK).exists() and time.time() < deadline:
         time.sleep(0.05)
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     _, first_err = first.communicate(timeout=300)
@@ -156,7 +158,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead.wait()
     import socket
 
-    (out / rundir.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (out / RunFolder.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     with pytest.warns(RuntimeWarning, match="gone"):
         with rundir.claim(out, new=False):
             pass
@@ -234,8 +236,8 @@ def test_resume_overrides_extend_a_finished_run_and_others_are_refused(finished,
 
     run = tmp_path / "copy"
     shutil.copytree(finished, run)
-    rc, line = _run(capsys, "train", "--resume", str(run), "--set", "loss.beta=60")
-    assert rc == 2 and "loss.beta cannot change on --resume" in line
+    rc, line = _run(capsys, "train", "--resume", str(run), "--set", "loss.ms.beta=60")
+    assert rc == 2 and "loss.ms.beta cannot change on --resume" in line
     rc, _ = _run(capsys, "train", "--resume", str(run), "--set", "train.iterations=10")
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -405,7 +407,7 @@ def test_skip_corrupt_means_the_same_in_training_evaluation_and_notebooks(tmp_pa
         "--set",
         "train.samples_per_class=2",
         "--set",
-        "model.image_size=12",
+        "model.convnet.input_size=12",
         "--set",
         "eval.ks=[1, 2]",
     ]
@@ -414,7 +416,7 @@ def test_skip_corrupt_means_the_same_in_training_evaluation_and_notebooks(tmp_pa
         assert cli.main(["train", "--out", str(out), *FAST_ARGS, *sets]) == 0
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         assert cli.main(["evaluate", "--checkpoint", str(out / "checkpoint.pt")]) == 0
-    model, cfg = engine.load_model(out)
+    model, cfg = load_model(out)
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
         emb, labels, _ = explore.split_embeddings(model, cfg)
     assert len(emb) == 4 * 6

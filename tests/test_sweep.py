@@ -19,11 +19,11 @@ import yaml
 from conftest import start_cli
 
 from msl_kit import cli, sweep
-from msl_kit.train.checks import ConfigError
+from msl_kit.train.validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=4", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2"]
-GRID = ["--grid", "loss.beta=10,40", "--grid", "loss.lam=0.3,0.5"]
+GRID = ["--grid", "loss.ms.beta=10,40", "--grid", "loss.ms.lam=0.3,0.5"]
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -41,40 +41,45 @@ def cli_args(out: Path, *extra: str, grid: list[str] = GRID) -> list[str]:
     return ["sweep", *grid, *(a for s in TINY for a in ("--set", s)), "--out", str(out), *extra]
 
 
-GRID_LAM3 = ["--grid", "loss.beta=10,40", "--grid", "loss.lam=0.3"]
+GRID_LAM3 = ["--grid", "loss.ms.beta=10,40", "--grid", "loss.ms.lam=0.3"]
 
 
 # ----------------------------------------------------------------------------- specs (fast)
 def test_parse_grid_and_range():
-    assert sweep.parse_grid("loss.beta=10,40,160") == ("loss.beta", [10, 40, 160])
+    assert sweep.parse_grid("loss.ms.beta=10,40,160") == ("loss.ms.beta", [10, 40, 160])
     assert sweep.parse_grid("train.lr=1e-4,3e-4") == ("train.lr", [1e-4, 3e-4])
     assert sweep.parse_grid("loss.name=ms,binomial") == ("loss.name", ["ms", "binomial"])
-    assert sweep.parse_range("loss.beta=10:160:log") == ("loss.beta", (10.0, 160.0, True))
-    for bad in ("loss.beta", "loss.beta=", "loss.beta=1,1", "loss.beta=[1],2"):
+    assert sweep.parse_range("loss.ms.beta=10:160:log") == ("loss.ms.beta", (10.0, 160.0, True))
+    for bad in ("loss.ms.beta", "loss.ms.beta=", "loss.ms.beta=1,1", "loss.ms.beta=[1],2"):
         with pytest.raises(sweep.SweepError):
             sweep.parse_grid(bad)
-    for bad in ("loss.beta=10", "loss.beta=160:10", "loss.beta=0:1:log", "loss.beta=1:2:lin"):
+    for bad in (
+        "loss.ms.beta=10",
+        "loss.ms.beta=160:10",
+        "loss.ms.beta=0:1:log",
+        "loss.ms.beta=1:2:lin",
+    ):
         with pytest.raises(sweep.SweepError):
             sweep.parse_range(bad)
 
 
 def test_spec_errors_are_caught_before_training():
     with pytest.raises(
-        ConfigError, match="unknown config key 'loss.betta'.*Did you mean loss.beta"
+        ConfigError, match="unknown config key 'loss.betta'.*Did you mean loss.ms.beta"
     ):
         sweep.make_spec(["loss.betta=1,2"])
-    with pytest.raises(ConfigError, match="loss.beta expects float"):
-        sweep.make_spec(["loss.beta=abc,2"])
+    with pytest.raises(ConfigError, match="loss.ms.beta expects float"):
+        sweep.make_spec(["loss.ms.beta=abc,2"])
     with pytest.raises(ConfigError, match="multiple of train.samples_per_class"):
         sweep.make_spec(["train.batch_size=7,20"])
     with pytest.raises(sweep.SweepError, match="--seeds"):
         sweep.make_spec(["seed=1,2"])
     with pytest.raises(sweep.SweepError, match="not both"):
-        sweep.make_spec(["loss.beta=1,2"], ["loss.lam=0:1"], trials=2)
-    spec = sweep.make_spec(["loss.beta=10,40", "loss.lam=0.3,0.5"], seeds=[0, 1])
-    assert len(sweep.cells(spec)) == 4 and spec.keys == ["loss.beta", "loss.lam"]
-    name = sweep.cell_name(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1)
-    digest = sweep.config_hash(sweep.cell_config(spec, {"loss.beta": 10, "loss.lam": 0.3}, 1))
+        sweep.make_spec(["loss.ms.beta=1,2"], ["loss.ms.lam=0:1"], trials=2)
+    spec = sweep.make_spec(["loss.ms.beta=10,40", "loss.ms.lam=0.3,0.5"], seeds=[0, 1])
+    assert len(sweep.cells(spec)) == 4 and spec.keys == ["loss.ms.beta", "loss.ms.lam"]
+    name = sweep.cell_name(spec, {"loss.ms.beta": 10, "loss.ms.lam": 0.3}, 1)
+    digest = sweep.config_hash(sweep.cell_config(spec, {"loss.ms.beta": 10, "loss.ms.lam": 0.3}, 1))
     assert name == f"beta=10_lam=0.3_seed=1_{digest[:10]}"
 
 
@@ -82,8 +87,8 @@ def test_spec_errors_are_caught_before_training():
     "argv, message",
     [
         (["--grid", "loss.betta=1,2"], "error: unknown config key 'loss.betta'"),
-        (["--grid", "loss.beta=abc,2"], "error: loss.beta expects float"),
-        (["--grid", "loss.beta=1,2", "--jobs", "0"], "error: --jobs must be at least 1, got 0"),
+        (["--grid", "loss.ms.beta=abc,2"], "error: loss.ms.beta expects float"),
+        (["--grid", "loss.ms.beta=1,2", "--jobs", "0"], "error: --jobs must be at least 1, got 0"),
         (["--study", "no-such-study"], "error: no sweep study 'no-such-study'; studies: "),
     ],
 )
@@ -139,15 +144,20 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
             assert (out / "runs" / run / name).is_file()
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 4
-    assert {"loss.beta", "loss.lam", "seed", "recall@1", "map@r", "wall_s", "run"} <= set(rows[0])
-    assert yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())["loss"]["beta"] == 10
+    assert {"loss.ms.beta", "loss.ms.lam", "seed", "recall@1", "map@r", "wall_s", "run"} <= set(
+        rows[0]
+    )
+    assert (
+        yaml.safe_load((out / rows[0]["run"] / "config.yaml").read_text())["loss"]["ms"]["beta"]
+        == 10
+    )
     summary = read_csv(out / "summary.csv")
-    assert [(r["loss.beta"], r["seeds"]) for r in summary] == [("10.0", "2"), ("40.0", "2")]
+    assert [(r["loss.ms.beta"], r["seeds"]) for r in summary] == [("10.0", "2"), ("40.0", "2")]
     mean = sum(float(r["recall@1"]) for r in rows[:2]) / 2
     assert float(summary[0]["recall@1_mean"]) == pytest.approx(mean)
     assert " ± " in (out / "summary.md").read_text()
     printed = capsys.readouterr().out
-    assert "| loss.beta | loss.lam | seeds | R@1 | MAP@R | wall s |" in printed
+    assert "| loss.ms.beta | loss.ms.lam | seeds | R@1 | MAP@R | wall s |" in printed
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")}
     assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0  # all done
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")} == before
@@ -157,10 +167,10 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
 
 
 def test_search_with_tpe(tmp_path):
-    spec = sweep.make_spec(ranges=["loss.beta=10:160:log"], trials=2, overrides=TINY)
+    spec = sweep.make_spec(ranges=["loss.ms.beta=10:160:log"], trials=2, overrides=TINY)
     result = sweep.run_sweep(spec, tmp_path / "tpe")
-    assert len(result["rows"]) == 2 and result["keys"] == ["loss.beta"]
-    assert all(10 <= r["loss.beta"] <= 160 for r in result["rows"])
+    assert len(result["rows"]) == 2 and result["keys"] == ["loss.ms.beta"]
+    assert all(10 <= r["loss.ms.beta"] <= 160 for r in result["rows"])
     names = sorted(p.name for p in (tmp_path / "tpe" / "runs").iterdir())
     assert [n.rsplit("_", 1)[0] for n in names] == ["trial0000_seed=0", "trial0001_seed=0"]
 
@@ -196,7 +206,7 @@ def test_sigkill_then_rerun_finishes_only_the_missing_cells(tmp_path):
 def test_jobs_run_cells_at_the_same_time(tmp_path):
     out = tmp_path / "sweep"
     proc = start_cli(
-        cli_args(out, "--jobs", "2", grid=GRID[:2] + ["--grid", "loss.lam=0.5"])
+        cli_args(out, "--jobs", "2", grid=GRID[:2] + ["--grid", "loss.ms.lam=0.5"])
     )  # 2 cells, 2 workers
     log = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, log
@@ -220,8 +230,8 @@ def test_jobs_run_cells_at_the_same_time(tmp_path):
 
 
 def test_a_grid_over_the_preset_applies_its_numbers_and_explicit_keys_still_win():
-    spec = sweep.make_spec(grid=["loss.preset=released,paper"], overrides=["loss.alpha=3"])
+    spec = sweep.make_spec(grid=["loss.ms.preset=released,paper"], overrides=["loss.ms.alpha=3"])
     released, paper = (sweep.cell_config(spec, params, 0) for params in sweep.cells(spec))
-    assert (released.loss.beta, released.loss.lam) == (40.0, 0.5)
-    assert (paper.loss.beta, paper.loss.lam) == (50.0, 1.0)
-    assert released.loss.alpha == paper.loss.alpha == 3.0  # --set beats the preset
+    assert (released.loss.params.beta, released.loss.params.lam) == (40.0, 0.5)
+    assert (paper.loss.params.beta, paper.loss.params.lam) == (50.0, 1.0)
+    assert released.loss.params.alpha == paper.loss.params.alpha == 3.0  # --set beats the preset

@@ -75,10 +75,10 @@ def test_1_a_result_is_only_ever_reported_for_its_own_config(tmp_path, capsys):
     """The issue's --storage case, an edited --config file, and two values with one readable
     folder name: every reported row is of its own config."""
     out = tmp_path / "S"
-    assert cli.main(sweep_args(out, "loss.beta=10", sets=[*FAST[1:], "train.iterations=2"])) == 0
+    assert cli.main(sweep_args(out, "loss.ms.beta=10", sets=[*FAST[1:], "train.iterations=2"])) == 0
     before = listing(out)
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    later = sweep_args(out, "loss.beta=10", sets=[*FAST[1:], "train.iterations=3"])
+    later = sweep_args(out, "loss.ms.beta=10", sets=[*FAST[1:], "train.iterations=3"])
     assert cli.main([*later, "--storage", other]) == 2  # was: the 2-iteration result shown
     one_line_error(capsys, f"--out {out} holds another sweep")
     assert listing(out) == before
@@ -93,7 +93,7 @@ def test_1_a_result_is_only_ever_reported_for_its_own_config(tmp_path, capsys):
         "--config",
         str(base),
         "--grid",
-        "loss.beta=10",
+        "loss.ms.beta=10",
         "--out",
         str(tmp_path / "E"),
     ]
@@ -109,10 +109,10 @@ def test_1_a_result_is_only_ever_reported_for_its_own_config(tmp_path, capsys):
     assert len(list((tmp_path / "E" / "runs").iterdir())) == 2  # the old cell is kept apart
 
     # A checkpoint of another config in a cell's folder is never resumed as that cell.
-    spec = sweep.make_spec(["loss.beta=10"], config=str(base))
+    spec = sweep.make_spec(["loss.ms.beta=10"], config=str(base))
     old_cell = next(p for p in (tmp_path / "E" / "runs").iterdir() if p.name != row["run"][5:])
     with pytest.raises(sweep.SweepError, match="holds a run of another config"):
-        sweep.run_cell(sweep.cell_config(spec, {"loss.beta": 10.0}, 0), old_cell)
+        sweep.run_cell(sweep.cell_config(spec, {"loss.ms.beta": 10.0}, 0), old_cell)
 
 
 def test_1_two_values_with_one_readable_name_are_two_cells(tmp_path):
@@ -127,12 +127,12 @@ def test_1_two_values_with_one_readable_name_are_two_cells(tmp_path):
 
 # ----------------------------------------------------------------------------- 2
 def test_2_equal_values_are_one_cell_and_the_sweep_ends(tmp_path):
-    assert sweep.make_spec(["loss.beta=40,40.0"]).grid == {"loss.beta": [40.0]}
-    assert sweep.make_spec(["loss.beta=40"]).fingerprint() == (
-        sweep.make_spec(["loss.beta=40.0"]).fingerprint()
+    assert sweep.make_spec(["loss.ms.beta=40,40.0"]).grid == {"loss.ms.beta": [40.0]}
+    assert sweep.make_spec(["loss.ms.beta=40"]).fingerprint() == (
+        sweep.make_spec(["loss.ms.beta=40.0"]).fingerprint()
     )
     out = tmp_path / "S"
-    proc = start_cli(sweep_args(out, "loss.beta=40,40.0"))
+    proc = start_cli(sweep_args(out, "loss.ms.beta=40,40.0"))
     log = proc.communicate(timeout=120)[0]  # was: 3,385 trials in 10 minutes, never ending
     assert proc.returncode == 0, log
     assert len(rows(out)) == 1 and len(list((out / "runs").iterdir())) == 1
@@ -148,7 +148,7 @@ def test_3_a_folder_the_sweep_does_not_own_is_refused_untouched(tmp_path, capsys
     (mine / "summary.md").write_text("# my notes\n")
     (mine / "sweep.csv").write_text("my,own\n1,2\n")
     before = listing(mine)
-    assert cli.main(sweep_args(mine, "loss.beta=10,20")) == 2
+    assert cli.main(sweep_args(mine, "loss.ms.beta=10,20")) == 2
     one_line_error(capsys, f"--out {mine} holds files msl-kit sweep did not write")
     assert listing(mine) == before and sorted(os.listdir(mine)) == ["summary.md", "sweep.csv"]
 
@@ -157,7 +157,7 @@ def test_3_a_folder_the_sweep_does_not_own_is_refused_untouched(tmp_path, capsys
                      "--out", str(run)]) == 0  # fmt: skip
     before = listing(run)
     capsys.readouterr()
-    assert cli.main(sweep_args(run, "loss.beta=10")) == 2
+    assert cli.main(sweep_args(run, "loss.ms.beta=10")) == 2
     one_line_error(capsys, f"--out {run} holds a training run")
     assert listing(run) == before
 
@@ -170,13 +170,13 @@ def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
     try:
         wait_for(lambda: (run / "config.yaml").is_file(), train)
         before = sorted(os.listdir(run))
-        assert cli.main(sweep_args(run, "loss.beta=10")) == 2
+        assert cli.main(sweep_args(run, "loss.ms.beta=10")) == 2
         one_line_error(capsys, f"--out {run} holds a training run")
         assert sorted(os.listdir(run)) == before  # no optuna.db, runs/ or tables
         locked = tmp_path / "locked"  # a folder holding only that live train's lock
         locked.mkdir()
         (locked / ".msl_kit.lock").write_bytes((run / ".msl_kit.lock").read_bytes())
-        assert cli.main(sweep_args(locked, "loss.beta=10")) == 2
+        assert cli.main(sweep_args(locked, "loss.ms.beta=10")) == 2
         one_line_error(capsys, f"{locked} is in use by another msl-kit run (pid {train.pid}")
         assert os.listdir(locked) == [".msl_kit.lock"]
     finally:
@@ -189,7 +189,7 @@ def test_3_a_run_locked_by_a_live_train_is_refused(tmp_path, capsys):
 def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, capsys):
     out = tmp_path / "S"
     sets = ["train.iterations=300", "train.checkpoint_every=0", "eval.floors=false"]
-    proc = start_cli(sweep_args(out, "loss.beta=10", sets=sets))
+    proc = start_cli(sweep_args(out, "loss.ms.beta=10", sets=sets))
     wait_for(lambda: any(out.glob("runs/*/config.yaml")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -201,7 +201,7 @@ def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, caps
     assert cli.main(["train", "--config", "digits", "--out", str(cell)]) == 2
     err = one_line_error(capsys, f"{cell} is not empty (it holds a config.yaml but no checkpoint")
     assert "--resume" not in err and "nothing to resume" in err
-    assert cli.main(sweep_args(out, "loss.beta=10", sets=sets)) == 0  # was: "not empty" forever
+    assert cli.main(sweep_args(out, "loss.ms.beta=10", sets=sets)) == 0  # was: "not empty" forever
     (row,) = rows(out)
     assert (out / row["run"] / "metrics.json").is_file() and row["resumed"] == "False"
 
@@ -209,7 +209,7 @@ def test_4_a_cell_killed_before_its_first_checkpoint_is_restarted(tmp_path, caps
 @pytest.mark.slow
 def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(tmp_path):
     sets = ["train.iterations=6", "train.checkpoint_every=2", "eval.floors=false"]
-    grid = ("loss.beta=10,40",)
+    grid = ("loss.ms.beta=10,40",)
     began = time.monotonic()
     ref = start_cli(sweep_args(tmp_path / "ref", *grid, sets=sets))
     assert ref.wait(timeout=300) == 0, ref.communicate()[0]
@@ -222,7 +222,7 @@ def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(
     again = start_cli(sweep_args(tmp_path / "S", *grid, sets=sets))
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, f"killed after {delay:.2f} s of {whole:.2f} s\n{log}"
-    same = ["loss.beta", "seed", "recall@1", "map@r", "run", "config"]
+    same = ["loss.ms.beta", "seed", "recall@1", "map@r", "run", "config"]
     assert [{k: r[k] for k in same} for r in rows(tmp_path / "S")] == [
         {k: r[k] for k in same} for r in rows(tmp_path / "ref")
     ], f"killed after {delay:.2f} s of {whole:.2f} s"
@@ -234,7 +234,7 @@ def test_4_a_kill_at_a_random_moment_then_a_rerun_gives_the_uninterrupted_table(
 def test_5_a_signal_stops_every_worker_and_names_the_rerun(tmp_path, how):
     out = tmp_path / "S"
     sets = ["train.iterations=100000", "train.checkpoint_every=500", "eval.floors=false"]
-    args = sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2"))
+    args = sweep_args(out, "loss.ms.beta=10,40", sets=sets, extra=("--jobs", "2"))
     proc = start_cli(args)
     wait_for(lambda: len(list(out.glob("runs/*/config.yaml"))) == 2, proc)  # both training
     if how.startswith("SIGTERM"):
@@ -257,7 +257,7 @@ def test_5_workers_stop_when_the_sweep_parent_is_killed(tmp_path):
     it SIGTERM when the parent dies, so it checkpoints its cell and stops; a rerun resumes."""
     out = tmp_path / "S"
     sets = ["train.iterations=100000", "train.checkpoint_every=500", "eval.floors=false"]
-    proc = start_cli(sweep_args(out, "loss.beta=10,40", sets=sets, extra=("--jobs", "2")))
+    proc = start_cli(sweep_args(out, "loss.ms.beta=10,40", sets=sets, extra=("--jobs", "2")))
     wait_for(lambda: len(list(out.glob("runs/*/config.yaml"))) == 2, proc)
     proc.kill()
     proc.communicate(timeout=60)
@@ -270,11 +270,17 @@ def test_5_workers_stop_when_the_sweep_parent_is_killed(tmp_path):
     "argv, message",
     [
         (
-            ["--grid", "loss.beta=10,20", "--grid", "loss.beta=30"],
-            "--grid loss.beta is given twice",
+            ["--grid", "loss.ms.beta=10,20", "--grid", "loss.ms.beta=30"],
+            "--grid loss.ms.beta is given twice",
         ),
-        (["--range", "loss.lam=0.9:5", "--trials", "2"], "--range loss.lam=0.9:5 reaches a bad"),
-        (["--grid", "loss.beta=10", "--seeds", "-1"], "--seeds must be distinct integers in 0.."),
+        (
+            ["--range", "loss.ms.lam=0.9:5", "--trials", "2"],
+            "--range loss.ms.lam=0.9:5 reaches a bad",
+        ),
+        (
+            ["--grid", "loss.ms.beta=10", "--seeds", "-1"],
+            "--seeds must be distinct integers in 0..",
+        ),
     ],
 )
 def test_6_bad_grid_range_and_seeds_are_one_line_before_anything_runs(
@@ -301,7 +307,7 @@ def test_6_a_bad_storage_is_one_line(kind, tmp_path, capsys):
         "no such folder": f"sqlite:///{tmp_path / 'nowhere' / 'study.db'}",
     }[kind]
     before = db.read_bytes() if db.exists() else None
-    assert cli.main(sweep_args(tmp_path / "S", "loss.beta=10", extra=("--storage", url))) == 2
+    assert cli.main(sweep_args(tmp_path / "S", "loss.ms.beta=10", extra=("--storage", url))) == 2
     one_line_error(capsys, f"cannot use --storage {url}: ")
     assert (db.read_bytes() if db.exists() else None) == before
     assert not (tmp_path / "S" / "runs").exists()
@@ -311,9 +317,9 @@ def test_a_finished_sweep_folder_is_taken_back_by_its_own_command(tmp_path):
     """The claim refuses foreign content only: the sweep's own folder (its mark, tables, study,
     runs, a temp file of a cut-off table write) is reclaimed by a rerun of its command."""
     out = tmp_path / "S"
-    assert cli.main(sweep_args(out, "loss.beta=10")) == 0
+    assert cli.main(sweep_args(out, "loss.ms.beta=10")) == 0
     mark = json.loads((out / "sweep.json").read_text())
     assert mark == {"written_by": "msl-kit sweep", "study": mark["study"]}
     (out / ".sweep.csv.abc123.tmp").write_text("cut off")
-    assert cli.main(sweep_args(out, "loss.beta=10")) == 0
+    assert cli.main(sweep_args(out, "loss.ms.beta=10")) == 0
     assert not (out / ".msl_kit.lock").exists()

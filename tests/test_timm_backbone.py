@@ -12,7 +12,7 @@ import torch
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from msl_kit.models.timm import (  # noqa: E402
+from msl_kit.models.timm_backbones import (  # noqa: E402
     build_timm_backbone,
     check_timm_name,
     load_timm_weights,

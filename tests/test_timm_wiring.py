@@ -15,13 +15,14 @@ import torch
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from msl_kit import metrics, paper  # noqa: E402
+from msl_kit import metrics  # noqa: E402
 from msl_kit.cli import app as cli  # noqa: E402
 from msl_kit.models.builder import build_model, preprocessing_spec  # noqa: E402
 from msl_kit.models.convnet import ConvNetBackbone  # noqa: E402
+from msl_kit.reports import paper  # noqa: E402
 from msl_kit.train import engine, recipe  # noqa: E402
-from msl_kit.train.checks import ConfigError  # noqa: E402
 from msl_kit.train.config import config_text, load_config  # noqa: E402
+from msl_kit.train.validation import ConfigError  # noqa: E402
 
 QUICK = ["train.threads=1", "train.eval_every=0", "train.checkpoint_every=0"]
 
@@ -40,7 +41,7 @@ def test_cli_trains_a_timm_backbone_on_the_embedded_grey_images(tmp_path, capsys
         f"model.backbone=timm:{name}",
         "model.pretrained=none",
         "train.iterations=3",
-        "model.input_size=32",
+        "model.timm.input_size=32",
         *QUICK,
     ]
     assert cli.main(["train", *_sets(*args), "--out", str(out)]) == 0
@@ -88,7 +89,7 @@ def test_dino_spec_through_the_config_equals_timms_resolved_data_config():
         assert spec.resize_size == math.floor(224 / want["crop_pct"]) == 248
     # Hyp-ViT's eval resize (the CUB recipe's model.resize_size) replaces timm's 248
     cfg = load_config(
-        None, ["model.backbone=timm:vit_small_patch16_224.dino", "model.resize_size=256"]
+        None, ["model.backbone=timm:vit_small_patch16_224.dino", "model.timm.resize_size=256"]
     )
     assert recipe.preprocessing(cfg).resize_size == 256
 
@@ -119,14 +120,12 @@ def test_pretrained_words_fit_the_backbone():
         a = build_model("timm:resnet18", 8, word).backbone.conv1.weight
         torch.manual_seed(0)
         assert torch.equal(a, build_model("timm:resnet18", 8, None).backbone.conv1.weight)
-        assert build_model("convnet", 8, word, image_size=8) is not None
+        assert build_model("convnet", 8, word, input_size=8) is not None
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.global_pool=avg", "only timm backbones take it"),
-        ("model.input_size=64", "only timm backbones take it"),
         ("model.head_init=xavier", "use one of kaiming_fan_out, orthogonal"),
         ("model.freeze_bn_affine=true", "goes with model.freeze_bn=true"),
     ],
@@ -136,20 +135,25 @@ def test_model_keys_are_checked_at_load(override, message):
         load_config(None, [override])
 
 
+def test_a_timm_section_is_left_out_of_a_run_of_another_backbone():
+    cfg = load_config(None, ["model.timm.global_pool=avg", "model.timm.input_size=64"])
+    assert cfg.model.params == load_config().model.params and "timm" not in config_text(cfg)
+
+
 def test_timm_sizes_and_pooling_are_checked_at_load():
     timm_r18 = "model.backbone=timm:resnet18"
-    with pytest.raises(ConfigError, match="model.global_pool = 'gem'"):
-        load_config(None, [timm_r18, "model.global_pool=gem"])
+    with pytest.raises(ConfigError, match="model.timm.global_pool = 'gem'"):
+        load_config(None, [timm_r18, "model.timm.global_pool=gem"])
     with pytest.raises(ConfigError, match="resize_size = 100 is smaller than .* input size 224"):
-        load_config(None, [timm_r18, "model.resize_size=100"])
-    cfg = load_config(None, [timm_r18, "model.input_size=64"])
+        load_config(None, [timm_r18, "model.timm.resize_size=100"])
+    cfg = load_config(None, [timm_r18, "model.timm.input_size=64"])
     spec = recipe.preprocessing(cfg)
     crop_pct = timm.models.get_pretrained_cfg("resnet18").crop_pct  # 0.95 (a1_in1k)
     assert (spec.input_size, spec.resize_size) == (64, math.floor(64 / crop_pct)) == (64, 67)
 
 
 def test_global_pool_reaches_the_timm_model():
-    cfg = load_config(None, ["model.backbone=timm:resnet18", "model.global_pool=avgmax"])
+    cfg = load_config(None, ["model.backbone=timm:resnet18", "model.timm.global_pool=avgmax"])
     backbone = recipe.build_model(cfg).backbone.eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -369,7 +369,7 @@ def _embedded_character() -> Image.Image:
 @pytest.mark.parametrize("crop", ["two_step", "fused"])
 def test_eval_equals_timms_own_eval_transform(name, crop):
     timm = pytest.importorskip("timm")
-    from msl_kit.models.timm import timm_preprocessing
+    from msl_kit.models.timm_backbones import timm_preprocessing
 
     spec = dataclasses.replace(timm_preprocessing(name), crop=crop)
     config = timm.data.resolve_data_config(model=timm.create_model(name, pretrained=False))

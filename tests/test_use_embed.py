@@ -20,7 +20,7 @@ from _fixtures_use import held_out_tree, tiny_run
 from PIL import Image
 
 from msl_kit import cli
-from msl_kit.train import engine, evaluation, recipe
+from msl_kit.train import checkpoint, engine, evaluation, recipe
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
 
@@ -55,7 +55,7 @@ def test_folder_tree_gives_evaluates_vectors_and_recall(run, tree, tmp_path, cap
     assert emb.embeddings.dtype == np.float32 and emb.embeddings.shape == (2240, 64)
     assert len(emb.classes) == 112 and emb.labels is not None and not emb.skipped
     # the vectors `evaluate` scores, item by item (matched by file)
-    model, cfg = engine.load_model(run)
+    model, cfg = checkpoint.load_model(run)
     query, _ = recipe.eval_data(cfg)
     ref, _ = evaluation.extract(model, query, torch.device("cpu"), recipe.eval_options(cfg))
     row = emb.positions(np.array(written))

@@ -14,7 +14,8 @@ from PIL import Image
 from msl_kit import cli
 from msl_kit.use.embedding import embed
 from msl_kit.use.index import Embeddings
-from msl_kit.use.retrieval import faiss_backend, grid, search, write_csv
+from msl_kit.use.retrieval import faiss_backend, search, write_csv
+from msl_kit.viz.retrieval import hits_grid
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,7 @@ def test_exact_and_faiss_match_a_naive_search_excluding_only_the_query_itself(tm
         ref_s, ref_i = naive(query.embeddings, gallery.embeddings, 7, skip)
         np.testing.assert_array_equal(hits.indices, ref_i)
         np.testing.assert_allclose(hits.scores, ref_s, atol=1e-5)
-        backend, _ = faiss_backend(index, gallery)
+        backend = faiss_backend(index, gallery)
         f_hits = gallery.search(query, 7, backend=backend)
         np.testing.assert_array_equal(f_hits.indices, ref_i)
     kept = gallery.search(inside, 3, exclude_self=False)
@@ -66,13 +67,14 @@ def test_exact_and_faiss_match_a_naive_search_excluding_only_the_query_itself(tm
 def test_faiss_index_is_saved_beside_and_reused_while_it_matches(tmp_path):
     gallery = random_set(200, 16, 0, "g")
     index = tmp_path / "g.npz"
-    _, note = faiss_backend(index, gallery)
-    assert note.startswith("built") and (tmp_path / "g.faiss").is_file()
-    _, note = faiss_backend(index, gallery)
-    assert note.startswith("reused")
+    notes = []
+    faiss_backend(index, gallery, log=notes.append)
+    assert notes[-2].startswith("built") and (tmp_path / "g.flat.faiss").is_file()
+    faiss_backend(index, gallery, log=notes.append)
+    assert notes[-2].startswith("reused")
     changed = random_set(200, 16, 5, "g")  # same size, other vectors: rebuilt, not trusted
-    backend, note = faiss_backend(index, changed)
-    assert note.startswith("built")
+    backend = faiss_backend(index, changed, log=notes.append)
+    assert "built over other vectors" in notes[-4] and notes[-2].startswith("built")
     np.testing.assert_array_equal(backend(changed.embeddings[:3], 1)[1][:, 0], [0, 1, 2])
 
 
@@ -93,14 +95,15 @@ def test_cli_search_writes_table_csv_and_grid(small, tmp_path, capsys):
     assert first[3] == written[0] and float(first[2]) > 0.999  # a copy of a gallery image
     with Image.open(tmp_path / "g.png") as png:
         assert png.size[0] > 500 and png.size[1] > 200
-    assert (index.with_suffix(".faiss")).is_file()
+        assert png.info["Software"] == "msl-kit search --grid"  # marked: --grid may replace it
+    assert (index.with_suffix(".flat.faiss")).is_file()
 
 
 def test_grid_colours_hits_and_misses(small):
     index, _ = small
     gallery = Embeddings.load(index)
     hits = gallery.search(gallery, 3)
-    fig = grid(hits, n_queries=2)
+    fig = hits_grid(hits, n_queries=2)
     frames = [ax.spines["top"].get_edgecolor() for ax in fig.axes]
     assert len(fig.axes) == 2 * 4
     same = hits.hits()[np.unique(np.linspace(0, len(gallery) - 1, 2).round().astype(int))]
@@ -112,6 +115,8 @@ def test_grid_colours_hits_and_misses(small):
         for c in ["#222222"] + ["#1a9850" if h else "#d73027" for h in row]
     ]
     assert frames == expected
+    title = fig.get_suptitle()  # the model that searched, then what the colours mean
+    assert title.startswith("searched with use_run/checkpoint.pt\ngreen: same class")
 
 
 def test_refusals_are_one_line(run, small, tmp_path, capsys, monkeypatch):
@@ -164,7 +169,7 @@ def test_python_api_search_and_csv(small, tmp_path):
 
 
 def test_thumbnail_titles_keep_the_class_whole_and_fit():
-    from msl_kit.use.retrieval import short
+    from msl_kit.viz.retrieval import short
 
     assert short("Japanese_(katakana)/character23") == "Japane../character23"
     assert short("Latin/character21") == "Latin/character21"

@@ -14,7 +14,7 @@ from msl_kit import datasets, losses, viz
 from msl_kit.losses.registry import LOSSES
 from msl_kit.notebook import explore, widgets
 from msl_kit.train import engine, recipe
-from msl_kit.train.checkpoint import save_checkpoint
+from msl_kit.train.checkpoint import load_model, save_checkpoint
 from msl_kit.train.config import load_config, to_dict
 from msl_kit.viz import mining as viz_mining
 
@@ -238,7 +238,7 @@ def test_live_curves_follow_a_real_training_run(tmp_path):
             "train.eval_every=2",
             "train.log_every=1",
             "model.embedding_dim=16",
-            "model.width=16",
+            "model.convnet.width=16",
         ],
     )
     live = widgets.LiveCurves(display=False)
@@ -357,7 +357,7 @@ def test_class_counts_and_sample_grid_on_digits():
 
 
 def _small_cfg():
-    return load_config("digits", ["model.embedding_dim=16", "model.width=16"])
+    return load_config("digits", ["model.embedding_dim=16", "model.convnet.width=16"])
 
 
 def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
@@ -372,16 +372,16 @@ def test_load_model_from_checkpoint_and_untrained_twin(tmp_path):
         {"model": trained.state_dict(), "config": to_dict(cfg)}, tmp_path / "checkpoint.pt"
     )
     x = torch.randn(3, 1, 8, 8)
-    loaded, loaded_cfg = engine.load_model(tmp_path)  # a run folder
+    loaded, loaded_cfg = load_model(tmp_path)  # a run folder
     assert loaded_cfg.model.embedding_dim == 16
     torch.testing.assert_close(loaded(x), trained.eval()(x))
-    fresh, _ = engine.load_model(cfg=loaded_cfg)
+    fresh, _ = load_model(cfg=loaded_cfg)
     torch.testing.assert_close(fresh(x), start.eval()(x))
 
 
 def test_batch_similarity_is_a_pk_batch_of_the_model():
     cfg = _small_cfg()
-    model, _ = engine.load_model(cfg=cfg)
+    model, _ = load_model(cfg=cfg)
     sim, labels = explore.batch_similarity(model, cfg, n_classes=8, per_class=3, seed=1)
     assert sim.shape == (15, 15)  # digits' train split has only 5 classes
     assert labels.tolist() == sorted(labels.tolist())
@@ -392,7 +392,7 @@ def test_batch_similarity_is_a_pk_batch_of_the_model():
 
 def test_split_embeddings_subset_keeps_images_and_labels_aligned():
     cfg = _small_cfg()
-    model, _ = engine.load_model(cfg=cfg)
+    model, _ = load_model(cfg=cfg)
     emb, labels, images = explore.split_embeddings(model, cfg, max_items=40, seed=3)
     assert emb.shape == (40, 16) and len(labels) == len(images) == 40
     test = datasets.build("digits", None, "test")

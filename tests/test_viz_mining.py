@@ -10,8 +10,10 @@ import torch
 from matplotlib.collections import PathCollection, PolyCollection
 
 from msl_kit import datasets, losses, viz
+from msl_kit.losses import MSParams
 from msl_kit.notebook import explore, widgets
 from msl_kit.train import engine
+from msl_kit.train.checkpoint import load_model
 from msl_kit.train.config import load_config
 from msl_kit.viz import mining as viz_mining
 
@@ -101,7 +103,7 @@ def test_mining_history_reads_run_folders_and_refuses_histories_without_mining(h
 
 def test_weights_over_training_shows_each_snapshot_with_its_mined_share(batch):
     sims, labels = _snapshots(batch), batch[1]
-    fig = viz_mining.weights_over_training(sims, labels, **RELEASED)
+    fig = viz_mining.weights_over_training(sims, labels, MSParams(**RELEASED))
     scatter_axes = [
         ax for ax in fig.axes if any(isinstance(c, PathCollection) for c in ax.collections)
     ]
@@ -123,8 +125,8 @@ def test_weights_over_training_shows_each_snapshot_with_its_mined_share(batch):
 # ----------------------------------------------------------------------------- explorers
 def _count_pair_weights(monkeypatch) -> list:
     calls = []
-    real = losses.pair_weights
-    monkeypatch.setattr(widgets, "pair_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = losses.ms_pair_weights
+    monkeypatch.setattr(widgets, "ms_pair_weights", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -141,7 +143,7 @@ def test_the_explorer_computes_the_weights_once_per_slider_move(batch, monkeypat
 
 def test_snapshot_explorer_redraws_the_same_batch_at_another_iteration(batch, monkeypatch):
     sims, labels = _snapshots(batch), batch[1]
-    explorer = widgets.SnapshotExplorer(sims, labels, **RELEASED)
+    explorer = widgets.SnapshotExplorer(sims, labels, MSParams(**RELEASED))
     assert explorer.iterations == [0, 50, 150] and explorer.iteration == 150  # the trained end
     box = explorer.widget()
     assert explorer.widget() is box
@@ -159,7 +161,7 @@ def test_snapshot_explorer_redraws_the_same_batch_at_another_iteration(batch, mo
     with pytest.raises(ValueError, match="no snapshot at iteration 7"):
         explorer.update(7)
     with pytest.raises(ValueError, match="no snapshot"):
-        widgets.SnapshotExplorer({}, labels, **RELEASED)
+        widgets.SnapshotExplorer({}, labels, MSParams(**RELEASED))
 
 
 # ----------------------------------------------------------------------------- live mining panel
@@ -201,7 +203,7 @@ def tiny_run(tmp_path_factory):
             "train.eval_every=2",
             "train.log_every=1",
             "model.embedding_dim=16",
-            "model.width=16",
+            "model.convnet.width=16",
         ],
     )
     runs = tmp_path_factory.mktemp("runs")
@@ -213,7 +215,7 @@ def test_snapshot_similarities_are_one_batch_under_each_snapshot(tiny_run):
     sims, labels = explore.snapshot_similarities(tiny_run, n_classes=3, per_class=2)
     assert list(sims) == [0, 2, 4] and labels.tolist() == sorted(labels.tolist())
     assert torch.bincount(labels).max() == 2 and len(labels.unique()) == 3
-    model, cfg = engine.load_model(tiny_run)  # the final checkpoint is iteration 4
+    model, cfg = load_model(tiny_run)  # the final checkpoint is iteration 4
     final, same_labels = explore.batch_similarity(model, cfg, n_classes=3, per_class=2)
     torch.testing.assert_close(sims[4], final) and torch.equal(labels, same_labels)
     assert not torch.allclose(sims[0], sims[4])
@@ -227,7 +229,7 @@ def test_pick_model_takes_the_latest_run_or_says_it_is_fresh(tiny_run, tmp_path)
     assert "iteration 4, R@1" in picked.note
     fresh = explore.pick_model(runs=tmp_path, cfg=load_config("digits"))
     assert fresh.run is None and "FRESH, untrained convnet on digits" in fresh.note
-    assert explore.ms_params(fresh.cfg) == RELEASED
+    assert explore.ms_params(fresh.cfg) == MSParams(**RELEASED)
 
 
 # ----------------------------------------------------------------------------- data (01, 04)
@@ -246,8 +248,8 @@ def test_class_groups_and_one_class_per_alphabet_in_the_grid():
 
 
 def test_split_embeddings_can_take_a_few_whole_classes():
-    cfg = load_config("digits", ["model.embedding_dim=16", "model.width=16"])
-    model, _ = engine.load_model(cfg=cfg)
+    cfg = load_config("digits", ["model.embedding_dim=16", "model.convnet.width=16"])
+    model, _ = load_model(cfg=cfg)
     emb, labels, images = explore.split_embeddings(model, cfg, max_classes=2, seed=1)
     test = datasets.build("digits", None, "test")
     assert len(labels.unique()) == 2 and len(emb) == len(images)

@@ -79,10 +79,29 @@ def _default_out(config_name: str | None) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def add_plugin_option(p: argparse.ArgumentParser) -> None:
+    """`--plugin NAME` (repeatable): the only way a stored checkpoint's plugin is imported."""
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import this module first (a checkpoint trained with a plugin's loss or backbone "
+        "needs it; a checkpoint never imports code by itself)",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from msl_kit.train import engine
     from msl_kit.train.config import load_config
+    from msl_kit.train.rundir import RunFolder
 
+    if args.plugin and not args.resume:
+        print(
+            "error: --plugin is for --resume; a new run names its plugins in its config "
+            f"(--set plugins=[{args.plugin[0]}]), which also records them",
+            file=sys.stderr,
+        )
+        return 2
     if args.resume:
         if args.config:
             print(
@@ -92,8 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return 2
         out, cfg = Path(args.resume), None
-        if (out / "config.yaml").is_file():  # the run's threads (resume refuses an edited file)
-            _set_threads(load_config(out / "config.yaml"))
+        shown = RunFolder(out).config
+        if shown.is_file():  # the run's threads (resume refuses an edited file)
+            _set_threads(load_config(shown, stored=True))
     else:
         cfg = load_config(
             args.config, [*(args.set or []), *(["eval.floors=false"] if args.no_baseline else [])]
@@ -120,8 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _report(out: Path, results: dict, seconds: float) -> None:
     from msl_kit.train.config import load_config
+    from msl_kit.train.rundir import RunFolder
 
-    cfg = load_config(out / "config.yaml")
+    cfg = load_config(RunFolder(out).config, stored=True)
     floors = results.get("floors", {})
     untrained = (
         f"{cfg.model.backbone} + untrained head"
@@ -152,10 +173,9 @@ def _report(out: Path, results: dict, seconds: float) -> None:
     )
     print(_table(rows, cfg.eval.ks))
     print(_counted(results))
-    print(
-        f"\nrun folder: {out}  (config.yaml, history.csv, checkpoint.pt, best.pt, metrics.json, "
-        "snapshots/)"
-    )
+    r = RunFolder
+    files = (r.CONFIG, r.HISTORY, r.CHECKPOINT, r.BEST, r.METRICS, f"{r.SNAPSHOTS}/")
+    print(f"\nrun folder: {out}  ({', '.join(files)})")
 
 
 def _query_gallery(cfg) -> bool:
@@ -167,24 +187,26 @@ def _query_gallery(cfg) -> bool:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from msl_kit.files.atomic import atomic_write_text
     from msl_kit.train import engine, rundir
+    from msl_kit.train.rundir import RunFolder
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("metrics_eval.json")
+    checkpoint = RunFolder.checkpoint_of(args.checkpoint)  # a file, or a run folder's
+    out = Path(args.out) if args.out else checkpoint.with_name(RunFolder.EVAL_METRICS)
     rundir.check_metrics_out(out)  # before the work: never replace a checkpoint or a run's files
     results, cfg = engine.evaluate_checkpoint(
-        args.checkpoint,
+        checkpoint,
         split=args.split,
         device=args.device,
         metric=args.metric,
         lone_queries=args.lone_queries,
     )
     counted = {"metric": cfg.eval.metric, "lone_queries": cfg.eval.lone_queries}
-    print(_table([(Path(args.checkpoint).name, results)], cfg.eval.ks))
+    print(_table([(checkpoint.name, results)], cfg.eval.ks))
     print(_counted(counted))
     record = {
         **results,
         **counted,
         "split": cfg.eval.split,
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "written_by": "msl-kit evaluate",
     }
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
@@ -200,7 +222,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a config key, e.g. loss.beta=50 (with --resume: train.iterations, "
+        help="override a config key, e.g. loss.ms.beta=50 (with --resume: train.iterations, "
         "train.eval_every, train.checkpoint_every, train.log_every)",
     )
     p.add_argument("--out", help="run folder (default runs/<config>-<time>)")
@@ -212,12 +234,14 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip every floor: raw pixels, untrained, backbone (= --set eval.floors=false)",
     )
+    add_plugin_option(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--split", choices=["test", "val"])
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the run's, if here)")
     p.add_argument("--metric", choices=["ip", "euclidean"], help="default: the run's eval.metric")
     p.add_argument("--lone-queries", choices=["miss", "skip"], help="skip: left out of R@K (PML)")
     p.add_argument("--out", help="where to write the metrics JSON (default beside the checkpoint)")
+    add_plugin_option(p)
     p.set_defaults(func=cmd_evaluate)

@@ -73,7 +73,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def add_sweep_command(sub: argparse._SubParsersAction) -> None:
     """`sweep`."""
     p = sub.add_parser("sweep", help="grid or search over config keys (Optuna; resumable)")
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="e.g. loss.beta=10,40,160")
+    p.add_argument(
+        "--grid", action="append", metavar="KEY=V1,V2", help="e.g. loss.ms.beta=10,40,160"
+    )
     p.add_argument("--range", action="append", metavar="KEY=LO:HI[:log]", help="with --trials")
     p.add_argument("--trials", type=int, default=0, help="TPE search of N trials over --range")
     p.add_argument("--study", help="a named sweep set from configs/sweeps/, e.g. batch-size")

@@ -1,81 +1,47 @@
-"""Datasets: the registry (files, md5s, licences, splits, layout readers), `prepare`, the
-embedded Omniglot-small set, the torch Datasets (`build`), image decoding and transforms.
+"""Datasets: the registry (files, md5s, licences, splits, and each entry's store: how its
+images are read and what it needs), `prepare`, the shipped sets (Omniglot-small, digits), the
+torch Datasets (`build`), image decoding and transforms, and the batch samplers. Import the
+public names from here (`from msl_kit.datasets import build`); layout helpers for a plugin's own
+reader are in `msl_kit.datasets.layouts.common`."""
 
-Import names from here (`from msl_kit.datasets import build`); each is defined in the module
-it is imported from below."""
-
-from msl_kit.datasets.dataset import (
-    DigitsDataset,
-    EmbeddedDataset,
-    ImageDataset,
-    build,
-)
-from msl_kit.datasets.layouts.common import (
-    IMAGE_EXTENSIONS,
-    LayoutError,
-    Record,
-    check_records,
-    find,
-    inside,
-    read_rows,
-    search,
-    subfolders,
-    to_int,
-)
-from msl_kit.datasets.preparation import (
-    MARKER,
-    dataset_dir,
-    is_complete,
-    is_prepared,
-    prepare,
-)
+from msl_kit.datasets.dataset import ImageDataset, build
+from msl_kit.datasets.layouts.common import LayoutError, Record
+from msl_kit.datasets.preparation import PreparedFolder, RemoteFile, dataset_dir
 from msl_kit.datasets.registry import (
     REGISTRY,
     DatasetInfo,
-    RemoteFile,
     info,
+    is_prepared,
     list_datasets,
-    read_layout,
+    prepare,
     register_dataset,
 )
-from msl_kit.datasets.transforms import (
-    CorruptImageError,
-    ImageTransform,
-    build_transform,
-    load_image,
-    to_mode,
-)
+from msl_kit.datasets.sampling import PKSampler, RandomBatchSampler
+from msl_kit.datasets.stores import PrepareOptions, Shipped, Store, UserFolder
+from msl_kit.datasets.transforms import CorruptImageError, build_transform, load_image
 
 __all__ = [
     "REGISTRY",
     "CorruptImageError",
     "DatasetInfo",
-    "DigitsDataset",
-    "EmbeddedDataset",
-    "IMAGE_EXTENSIONS",
     "ImageDataset",
-    "ImageTransform",
     "LayoutError",
-    "MARKER",
+    "PKSampler",
+    "PrepareOptions",
+    "PreparedFolder",
+    "RandomBatchSampler",
     "Record",
     "RemoteFile",
+    "Shipped",
+    "Store",
+    "UserFolder",
     "build",
     "build_transform",
-    "check_records",
     "dataset_dir",
-    "find",
     "info",
-    "inside",
-    "is_complete",
     "is_prepared",
     "list_datasets",
     "load_image",
     "prepare",
-    "read_layout",
     "register_dataset",
-    "read_rows",
-    "search",
-    "subfolders",
-    "to_int",
-    "to_mode",
 ]

@@ -1,35 +1,27 @@
-"""Class-disjoint splits of prepared datasets as torch Datasets (`build`).
+"""Class-disjoint splits of registered datasets as torch Datasets (`build`).
 
-`build(name, root, split, transform)` reads the official list files and returns items
-`(image, label, index)`; labels are contiguous per split. The registry lives in
-`msl_kit.registry` and `prepare` in `msl_kit.prepare`; both are re-exported here.
+`build(name, root, split, transform)` reads the dataset's records through its registry entry's
+store and returns items `(image, label, index)`; labels are contiguous per split. The registry
+lives in `msl_kit.datasets.registry` (with `prepare`), the stores in `msl_kit.datasets.stores`;
+the package gathers the public names (`from msl_kit.datasets import build, prepare`).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from msl_kit.datasets import embedded
-from msl_kit.datasets.layouts.common import LayoutError, Record
-from msl_kit.datasets.layouts.official import read_folder
-from msl_kit.datasets.preparation import dataset_dir, is_complete
-from msl_kit.datasets.registry import (
-    info,
-    read_layout,
-)
-from msl_kit.datasets.transforms import CorruptImageError, load_image, to_mode
+from msl_kit.datasets.layouts.common import DatasetError, Record
+from msl_kit.datasets.registry import info
+from msl_kit.datasets.stores import FILES, Store
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images listed by path under `root`; items are (image, label, index).
+    """Images listed by path under `root`, opened by `store` (files, unless the dataset's store
+    says otherwise); items are (image, label, index).
 
     Images are decoded in the mode the transform asks for (its `load_hint`), else in the
     dataset's native mode ("RGB", or "L" for digits and Omniglot).
@@ -43,6 +35,9 @@ class ImageDataset(torch.utils.data.Dataset):
         classes: list[str],
         transform: Callable | None = None,
         mode: str = "RGB",
+        *,
+        store: Store = FILES,
+        name: str = "",
     ):
         self.root = Path(root)
         self.paths = np.array(paths, dtype=str)  # one numpy array: no per-item refcounts in workers
@@ -50,6 +45,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.mode = mode
+        self.store = store
+        self.name = name  # the registry name, which names a shipped set's items
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,41 +56,13 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index = int(index) % len(self)
         mode, min_size = getattr(self.transform, "load_hint", (self.mode, None))
-        image = self._load(index, mode, min_size)
+        image = self.store.open(self.root, str(self.paths[index]), mode, min_size)
         return (self.transform(image) if self.transform else image), int(self.labels[index]), index
 
-    def _load(self, index: int, mode: str, min_size: int | None) -> Image.Image:
-        return load_image(self.root / self.paths[index], mode, min_size)
-
-
-class DigitsDataset(ImageDataset):
-    """scikit-learn's digits as 8x8 "L" images (0-16 scaled to 0-255)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None):
-        super().__init__(Path("."), [""] * len(labels), labels, classes, transform, mode="L")
-        self.images = images
-
-    def _load(self, index: int, mode: str, min_size: int | None) -> Image.Image:
-        return to_mode(Image.fromarray(self.images[index], mode="L"), mode)
-
-
-class EmbeddedDataset(ImageDataset):
-    """Images decoded straight from the archives shipped in the package (msl_kit.embedded)."""
-
-    def _load(self, index: int, mode: str, min_size: int | None) -> Image.Image:
-        return to_mode(embedded.load(str(self.paths[index])), mode)
-
-
-def _digits_records() -> tuple[np.ndarray, list[Record]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    splits = ["train" if t < 5 else "test" for t in digits.target]
-    return images, [
-        Record(str(i), int(t), str(int(t)), s)
-        for i, (t, s) in enumerate(zip(digits.target, splits))
-    ]
+    def item_names(self) -> list[str]:
+        """What `embed` calls each item: a file's resolved path, or "<name>:<item>" for an item
+        of a set shipped with a package (which a search grid draws from that name)."""
+        return [self.store.item_name(self.name, self.root, str(p)) for p in self.paths]
 
 
 def _select(records: list[Record], split: str, val_fraction: float, seed: int) -> list[Record]:
@@ -102,10 +71,10 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
         return [r for r in records if r.split == split]
     if any(r.split == "val" for r in records):
         if val_fraction > 0:
-            raise ValueError("this dataset has its own val split; leave val_fraction at 0")
+            raise DatasetError("this dataset has its own val split; leave val_fraction at 0")
         return [r for r in records if r.split == split]
     if not 0 < val_fraction < 1:
-        raise ValueError(
+        raise DatasetError(
             f"split 'val' is carved from the training classes: pass 0 < val_fraction < 1 "
             f"(e.g. 0.2), not {val_fraction}"
         )
@@ -114,31 +83,6 @@ def _select(records: list[Record], split: str, val_fraction: float, seed: int) -
     order = np.random.default_rng(seed).permutation(len(keys))
     val_keys = {keys[i] for i in order[:n_val]}
     return [r for r in records if r.split == "train" and (r.key in val_keys) == (split == "val")]
-
-
-def _readable(root: Path, records: list[Record], where: str) -> list[Record]:
-    """Records whose image decodes; the others are counted in a warning."""
-
-    def ok(rec: Record) -> bool:
-        try:
-            load_image(root / rec.path, None, 1)  # 1/8-scale JPEG decode still reads every byte
-            return True
-        except CorruptImageError:
-            return False
-
-    with ThreadPoolExecutor(
-        max_workers=min(8, os.cpu_count() or 1)
-    ) as pool:  # PIL decodes without the GIL
-        keep = list(pool.map(ok, records, chunksize=64))
-    bad = [r.path for r, k in zip(records, keep) if not k]
-    if bad:
-        warnings.warn(
-            f"skipped {len(bad)} unreadable image(s) of {len(records)} in {where} "
-            f"(first: {', '.join(bad[:3])})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return [r for r, k in zip(records, keep) if k]
 
 
 def build(
@@ -151,45 +95,26 @@ def build(
     seed: int = 0,
     skip_corrupt: bool = False,
 ) -> ImageDataset:
-    """The `split` of a prepared dataset as a torch Dataset of (image, label, index).
+    """The `split` of a registered dataset as a torch Dataset of (image, label, index).
 
     `.labels` (int64, contiguous 0..C-1 in this split; In-Shop query and gallery share one label
     space) and `.classes` (names in label order). With val_fraction > 0, "val" holds that share
-    of the training classes (seeded) and "train" the rest.
+    of the training classes (seeded) and "train" the rest. `root` is where the dataset's store
+    reads (a prepared set's parent folder, your folder or CSV); a shipped set ignores it.
     """
     meta = info(name)
-    if split not in meta.splits and not (name == "folder"):
-        raise ValueError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
-    images = None
-    if name == "digits":
-        images, records = _digits_records()
-        base = Path(".")
-    elif name == "omniglot_small":
-        base, records = Path("."), embedded.records()
-    elif name == "folder":
-        if root is None:
-            raise ValueError(
-                "the folder dataset needs root: a folder of <split>/<class>/ images or a CSV file"
-            )
-        base, records = read_folder(Path(root).expanduser())
-    else:
-        if root is None:
-            raise ValueError(f"{name} needs root, the folder it was prepared in")
-        base = dataset_dir(name, root)
-        if not is_complete(base, name):
-            raise LayoutError(
-                f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
-                f"(or msl_kit.datasets.preparation({name!r}, {str(root)!r}))"
-            )
-        records = read_layout(name, base)
+    store = meta.store
+    if split not in meta.splits and not store.any_split:
+        raise DatasetError(f"{name} has splits {', '.join(meta.splits)}, not {split!r}")
+    base, records = store.records(name, root)
     chosen = _select(records, split, val_fraction, seed)
     if not chosen:
         have = sorted({r.split for r in records})
-        raise ValueError(
+        raise DatasetError(
             f"{name} has no images in split {split!r} (splits found: {', '.join(have)})"
         )
-    if skip_corrupt and images is None and name != "omniglot_small":  # shipped, md5-checked
-        chosen = _readable(base, chosen, f"{name}/{split}")
+    if skip_corrupt:
+        chosen = store.usable(base, chosen, f"{name}/{split}")
     space = chosen  # the classes that get labels; query and gallery share theirs
     if meta.query_gallery and split in ("query", "gallery"):
         space = [r for r in records if r.split in ("query", "gallery")]
@@ -198,10 +123,6 @@ def build(
     names = {r.key: r.cls for r in space}
     labels = np.array([label_of[r.key] for r in chosen], dtype=np.int64)
     classes = [names[k] for k in keys]
-    if name == "omniglot_small":
-        return EmbeddedDataset(base, [r.path for r in chosen], labels, classes, transform, "L")
-    if images is not None:
-        return DigitsDataset(images[[int(r.path) for r in chosen]], labels, classes, transform)
-    return ImageDataset(
-        base, [r.path for r in chosen], labels, classes, transform, "L" if meta.grey else "RGB"
-    )
+    paths = [r.path for r in chosen]
+    mode = "L" if meta.grey else "RGB"
+    return ImageDataset(base, paths, labels, classes, transform, mode, store=store, name=name)

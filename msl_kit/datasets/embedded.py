@@ -1,10 +1,12 @@
 """Omniglot-small, shipped inside the package: the embedded default dataset.
 
 The two official "small background" archives of Omniglot (Lake, Salakhutdinov, Tenenbaum,
-Science 2015; MIT licence, see `data/omniglot_small/LICENSE`) are package data, byte for byte
-as published in github.com/brendenlake/omniglot (python/images_background_small{1,2}.zip) and
-checked against their md5s before use. Images are decoded straight from the archives: nothing
-is downloaded, extracted or written, and no HOME or data folder is needed.
+Science 2015; MIT licence, see `omniglot_small/LICENSE` beside this module) are package data,
+byte for byte as published in github.com/brendenlake/omniglot
+(python/images_background_small{1,2}.zip) and checked against their md5s before use. Images are
+decoded straight from the archives: nothing is downloaded, extracted or written, and no HOME or
+data folder is needed (`STORE`, a `Shipped` store: `embed` names an item
+"omniglot_small:<member>").
 
 Together they hold 8 alphabets (Greek and Latin are in both and counted once), 242 characters
 and 4,840 images of 105x105. The split is the rule `msl-kit prepare omniglot` applies to the
@@ -24,6 +26,7 @@ from PIL import Image
 
 from msl_kit.datasets.layouts.common import Record
 from msl_kit.datasets.layouts.official import omniglot_records
+from msl_kit.datasets.stores import Shipped
 from msl_kit.datasets.transforms import CorruptImageError
 
 DATA_DIR = Path(__file__).resolve().parent / "omniglot_small"
@@ -86,3 +89,6 @@ def load(member: str) -> Image.Image:
             f"cannot read {member} from the embedded Omniglot archives: {err}; reinstall msl_kit"
         ) from err
     return img
+
+
+STORE = Shipped(records, load, "msl_kit")  # the registry entry's store: nothing to prepare

@@ -1,8 +1,10 @@
-"""`prepare`: make a dataset ready on disk (download / verify / extract), idempotently.
+"""Prepared datasets: `PreparedFolder`, the store of every dataset `prepare` makes ready on
+disk (download / verify / extract), idempotently.
 
 A prepared dataset lives in `root/<name>/` exactly as its official archives unpack, plus
 `downloads/` and a marker file written last (`MARKER`): its presence means the folder is
-complete. A folder left by an interrupted run is repaired on the next call.
+complete. A folder left by an interrupted run is repaired on the next call. The entry's layout
+reader (`layouts/`) turns the folder's list files into records.
 """
 
 from __future__ import annotations
@@ -11,16 +13,29 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-from msl_kit.datasets.layouts.common import LayoutError
-from msl_kit.datasets.layouts.official import read_folder
-from msl_kit.datasets.registry import DatasetInfo, RemoteFile, info, read_layout
+from msl_kit.datasets.layouts.common import DatasetError, LayoutError, Record, check_records
+from msl_kit.datasets.stores import PrepareOptions, Store
 from msl_kit.files.archives import TMP_MARK, is_archive, safe_extract
 from msl_kit.files.download import DownloadError, download_file, md5sum
 
+if TYPE_CHECKING:
+    from msl_kit.datasets.registry import DatasetInfo
+
 MARKER = ".msl_kit_prepared.json"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file a dataset is made of, with its published md5 and mirrors tried in order."""
+
+    filename: str
+    md5: str | None = None
+    urls: tuple[str, ...] = ()
 
 
 def dataset_dir(name: str, root: str | Path) -> Path:
@@ -28,13 +43,6 @@ def dataset_dir(name: str, root: str | Path) -> Path:
     marker."""
     root = Path(root).expanduser()
     return root if is_complete(root, name) else root / name
-
-
-def is_prepared(name: str, root: str | Path) -> bool:
-    """Whether `prepare(name, root)` has completed (its marker is there)."""
-    return name in ("digits", "folder", "omniglot_small") or is_complete(
-        dataset_dir(name, root), name
-    )
 
 
 def is_complete(folder: Path, name: str) -> bool:
@@ -45,44 +53,45 @@ def is_complete(folder: Path, name: str) -> bool:
         return False
 
 
-def prepare(
-    name: str,
-    root: str | Path | None,
-    *,
-    archive: str | Path | Sequence[str | Path] | None = None,
-    url: str | Sequence[str] | None = None,
-    progress: bool = True,
-    md5: str | Sequence[str] | None = None,
-    max_bytes: int | None = None,
-    max_members: int | None = None,
-) -> Path:
-    """Make `name` ready under `root` from local archives, a given URL, or the official URLs.
+@dataclass(frozen=True)
+class PreparedFolder(Store):
+    """A dataset `prepare` fetches (its entry's `files`, or archives the user gives) and unpacks
+    into `root/<name>/`; `reader` turns that folder's official list files into records."""
 
-    Returns the dataset folder. Idempotent (a prepared folder is left alone); a folder left by an
-    interrupted run is repaired: partial downloads resume, archives are extracted again. Archives
-    declaring more than `max_bytes` or `max_members` are refused (defaults in msl_kit.download).
-    A prepare that fails in a folder it started empty removes what it extracted there and keeps
-    `downloads/`, so that the next run resumes.
-    """
-    meta = info(name)
-    if name in ("digits", "omniglot_small"):
-        print(
-            f"{name} ships with {'scikit-learn' if name == 'digits' else 'msl_kit'}: "
-            "nothing to prepare"
-        )
-        return Path(root or ".")
-    if root is None:
-        raise ValueError(f"prepare {name} needs a root folder, e.g. --root data")
-    for value, what in ((max_bytes, "max_bytes"), (max_members, "max_members")):
-        if value is not None and value <= 0:
-            raise ValueError(f"{what} must be positive, not {value}")
-    if name == "folder":
-        base, records = read_folder(Path(root))
-        print(
-            f"folder needs no preparation: {len(records)} images of "
-            f"{len({r.key for r in records})} classes under {base}"
-        )
-        return Path(root)
+    reader: Callable[[Path], list[Record]] | None = None
+    fetched: ClassVar[bool] = True
+
+    def records(self, name: str, root: str | Path | None) -> tuple[Path, list[Record]]:
+        if root is None:
+            raise DatasetError(f"{name} needs root, the folder it was prepared in")
+        base = dataset_dir(name, root)
+        if not is_complete(base, name):
+            raise LayoutError(
+                f"{name} is not prepared in {base}: run `msl-kit prepare {name} --root {root}` "
+                f"(or msl_kit.datasets.prepare({name!r}, {str(root)!r}))"
+            )
+        return base, self.read_layout(name, base)
+
+    def read_layout(self, name: str, ddir: Path) -> list[Record]:
+        if self.reader is None:
+            return super().read_layout(name, ddir)
+        return check_records(name, self.reader, ddir)
+
+    def ready(self, name: str, root: str | Path | None) -> bool:
+        return root is not None and is_complete(dataset_dir(name, root), name)
+
+    def prepare(self, meta: DatasetInfo, root: str | Path | None, how: PrepareOptions) -> Path:
+        """Make `meta` ready under `root` from local archives, given URLs or the official ones
+        (`how`); what `msl_kit.datasets.prepare` says, for a downloadable set."""
+        if root is None:
+            raise DatasetError(f"prepare {meta.name} needs a root folder, e.g. --root data")
+        return _prepare(self, meta, root, how)
+
+
+def _prepare(
+    store: PreparedFolder, meta: DatasetInfo, root: str | Path, how: PrepareOptions
+) -> Path:
+    name = meta.name
     ddir = dataset_dir(name, root)
     if is_complete(ddir, name):
         print(f"{name} is already prepared in {ddir}; nothing to do")
@@ -90,9 +99,9 @@ def prepare(
     _remove_leftovers(ddir)
     if ddir.exists() and any(p.name != "downloads" for p in ddir.iterdir()):
         print(f"{ddir} holds an incomplete preparation (no {MARKER}); repairing it")
-        if archive is None and url is None:
+        if how.archive is None and how.url is None:
             try:  # files the user unpacked themselves, or an interrupted run that got far enough
-                return _finish(name, ddir, ["existing files"])
+                return _finish(store, name, ddir, ["existing files"])
             except LayoutError as err:
                 if not meta.url:
                     raise LayoutError(f"{err}; {_where_to_get(meta, root)}") from err
@@ -101,9 +110,9 @@ def prepare(
         fresh = True
     made = [p for p in (Path(root).expanduser(), ddir) if not p.exists()]
     try:
-        sources = _fetch(meta, ddir, archive, url, md5, progress, root)
-        _unpack(sources, ddir, max_bytes, max_members)
-        return _finish(name, ddir, [s.name for s in sources])
+        sources = _fetch(meta, ddir, how, root)
+        _unpack(sources, ddir, how.max_bytes, how.max_members)
+        return _finish(store, name, ddir, [s.name for s in sources])
     except BaseException:  # Ctrl-C too: leave nothing half-extracted behind
         if fresh:
             _remove_extracted(ddir, made)
@@ -159,8 +168,8 @@ def _remove_extracted(ddir: Path, made: list[Path]) -> None:
             pass
 
 
-def _finish(name: str, ddir: Path, sources: list[str]) -> Path:
-    records = read_layout(name, ddir)
+def _finish(store: PreparedFolder, name: str, ddir: Path, sources: list[str]) -> Path:
+    records = store.read_layout(name, ddir)
     missing = [r.path for r in records if not (ddir / r.path).is_file()]
     if missing:
         raise LayoutError(
@@ -198,9 +207,9 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, (str, os.PathLike)) else list(value)
 
 
-def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, root) -> list[Path]:
+def _fetch(meta: DatasetInfo, ddir: Path, how: PrepareOptions, root: str | Path) -> list[Path]:
     """Local archives as given, else downloads into ddir/downloads (resumed, verified)."""
-    archives = [Path(a).expanduser() for a in _as_list(archive)]
+    archives = [Path(a).expanduser() for a in _as_list(how.archive)]
     for path in archives:
         if not path.is_file():
             raise FileNotFoundError(
@@ -211,11 +220,11 @@ def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, roo
             warnings.warn(
                 f"{path} differs from the published {official.filename} (md5 "
                 f"{official.md5}); using it anyway since you gave it",
-                stacklevel=3,
+                stacklevel=5,  # the caller of datasets.prepare
             )
     if archives:
         return archives
-    urls, md5s = _as_list(url), _as_list(md5)
+    urls, md5s = _as_list(how.url), _as_list(how.md5)
     if urls:
         names = [Path(u.split("?")[0]).name or f"download{i}" for i, u in enumerate(urls)]
         wanted = [
@@ -231,7 +240,7 @@ def _fetch(meta: DatasetInfo, ddir: Path, archive, url, md5, progress: bool, roo
         dest, errors = ddir / "downloads" / remote.filename, []
         for mirror in remote.urls:
             try:
-                paths.append(download_file(mirror, dest, md5=remote.md5, progress=progress))
+                paths.append(download_file(mirror, dest, md5=remote.md5, progress=how.progress))
                 break
             except OSError as err:  # DownloadError, URLError...: try the next mirror
                 errors.append(str(err))  # (a ChecksumError is a ValueError: final)

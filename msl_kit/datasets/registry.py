@@ -1,33 +1,30 @@
-"""The dataset registry: every dataset msl_kit knows, its files, licence and splits.
+"""The dataset registry: every dataset msl_kit knows, its files, licence, splits and store.
 
-`msl-kit prepare --list` shows it; `prepare` reads what to fetch from it; `build` reads each
-dataset's splits, native colour and layout reader from it. A new dataset is one layout file in
-`layouts/` plus one entry here.
+`msl-kit prepare --list` shows it; `prepare`, `is_prepared`, `build`, `embed`'s item names and
+a search grid's thumbnails ask each entry's `store` (`stores.py`) how that dataset is read and
+what it needs. A new dataset is one file (a layout reader in `layouts/`, or a module with its
+own store) plus one entry here, or one `register_dataset` call from a plugin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
+from msl_kit.datasets import digits, embedded
 from msl_kit.datasets.layouts.cars import read_cars
-from msl_kit.datasets.layouts.common import Record, check_records
+from msl_kit.datasets.layouts.common import DatasetError, Record
 from msl_kit.datasets.layouts.official import read_cub, read_inshop, read_omniglot, read_sop
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file a dataset is made of, with its published md5 and mirrors tried in order."""
-
-    filename: str
-    md5: str | None = None
-    urls: tuple[str, ...] = ()
+from msl_kit.datasets.preparation import PreparedFolder, RemoteFile
+from msl_kit.datasets.stores import PrepareOptions, Store, UserFolder
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What `msl-kit prepare --list` shows, and what `prepare` needs to fetch a dataset."""
+    """What `msl-kit prepare --list` shows, and where the dataset's images are (`store`)."""
 
     name: str
     description: str
@@ -40,7 +37,9 @@ class DatasetInfo:
     grey: bool = False  # native colour: "L" when no transform says otherwise
     split_rule: str = ""
     file_sets: tuple[str, ...] = ()  # other sets of files `prepare` accepts, with their origin
-    reader: Callable[[Path], list[Record]] | None = None  # the prepared folder's layout reader
+    # how its images are read and what it needs: a prepared folder and its layout reader, the
+    # user's folder, images shipped with a package
+    store: Store = PreparedFolder()
 
     @property
     def url(self) -> str:
@@ -60,6 +59,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             "sklearn.datasets.load_digits",
             grey=True,
             split_rule="digits 0-4 train, 5-9 test",
+            store=digits.STORE,
         ),
         DatasetInfo(
             "omniglot",
@@ -81,7 +81,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             ),
             grey=True,
             split_rule="background alphabets train, evaluation alphabets test",
-            reader=read_omniglot,
+            store=PreparedFolder(read_omniglot),
         ),
         DatasetInfo(
             "omniglot_small",
@@ -92,6 +92,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             grey=True,
             split_rule="alphabets sorted, every second held out: 4 train (130 "
             "characters), 4 test (112)",
+            store=embedded.STORE,
         ),
         DatasetInfo(
             "cub200",
@@ -110,7 +111,7 @@ REGISTRY: dict[str, DatasetInfo] = {
                 ),
             ),
             split_rule="classes 1-100 train (5,864), 101-200 test (5,924)",
-            reader=read_cub,
+            store=PreparedFolder(read_cub),
         ),
         DatasetInfo(
             "cars196",
@@ -131,7 +132,7 @@ REGISTRY: dict[str, DatasetInfo] = {
                 "the zip of kaggle.com/datasets/jutrera/stanford-car-dataset-by-classes-"
                 "folder (car_data/, anno_train.csv, anno_test.csv, names.csv)",
             ),
-            reader=read_cars,
+            store=PreparedFolder(read_cars),
         ),
         DatasetInfo(
             "sop",
@@ -141,7 +142,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             "https://cvgl.stanford.edu/projects/lifted_struct/",
             (RemoteFile("Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),),
             split_rule="Ebay_train.txt (11,318 classes) / Ebay_test.txt (11,316 classes)",
-            reader=read_sop,
+            store=PreparedFolder(read_sop),
         ),
         DatasetInfo(
             "inshop",
@@ -154,7 +155,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             query_gallery=True,
             splits=("train", "val", "query", "gallery"),
             split_rule="list_eval_partition.txt: train 3,997 items; query / gallery 3,985 items",
-            reader=read_inshop,
+            store=PreparedFolder(read_inshop),
         ),
         DatasetInfo(
             "folder",
@@ -163,16 +164,18 @@ REGISTRY: dict[str, DatasetInfo] = {
             "yours",
             "local folder or CSV file",
             split_rule="the split folders or the CSV's split column",
+            store=UserFolder(),
         ),
     )
 }
 
 
 def register_dataset(dataset: DatasetInfo) -> None:
-    """Add a dataset (from a plugin module): its files and splits, and the `reader` of its
-    prepared folder's layout; an existing name is refused."""
+    """Add a dataset (from a plugin module): its files, splits and `store` (a `PreparedFolder`
+    with its layout reader, a `Shipped` set of the plugin's own, ...); an existing name is
+    refused."""
     if dataset.name in REGISTRY and REGISTRY[dataset.name] != dataset:
-        raise ValueError(f"a dataset named {dataset.name!r} is already registered; pick another")
+        raise DatasetError(f"a dataset named {dataset.name!r} is already registered; pick another")
     REGISTRY[dataset.name] = dataset
 
 
@@ -184,13 +187,50 @@ def list_datasets() -> list[DatasetInfo]:
 def info(name: str) -> DatasetInfo:
     """The registry entry of `name`; ValueError naming the valid names otherwise."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
 def read_layout(name: str, ddir: Path) -> list[Record]:
     """The records of dataset `name` prepared in `ddir`, read by its registered layout reader."""
-    reader = info(name).reader
-    if reader is None:
-        raise ValueError(f"{name} has no official file layout to read")
-    return check_records(name, reader, ddir)
+    return info(name).store.read_layout(name, ddir)
+
+
+def is_prepared(name: str, root: str | Path | None) -> bool:
+    """Whether `name` can be read from `root` now: a prepared set's marker is there, or its
+    store needs no preparation (shipped, the user's folder)."""
+    return info(name).store.ready(name, root)
+
+
+def prepare(
+    name: str,
+    root: str | Path | None,
+    *,
+    archive: str | Path | Sequence[str | Path] | None = None,
+    url: str | Sequence[str] | None = None,
+    progress: bool = True,
+    md5: str | Sequence[str] | None = None,
+    max_bytes: int | None = None,
+    max_members: int | None = None,
+) -> Path:
+    """Make `name` ready under `root` from local archives, a given URL, or the official URLs.
+
+    Returns the dataset folder. Idempotent (a prepared folder is left alone); a folder left by an
+    interrupted run is repaired: partial downloads resume, archives are extracted again. Archives
+    declaring more than `max_bytes` or `max_members` are refused (defaults in
+    msl_kit.files.archives).
+    A prepare that fails in a folder it started empty removes what it extracted there and keeps
+    `downloads/`, so that the next run resumes. A set shipped with a package, or a folder of
+    your own, needs nothing: its store says so and returns.
+    """
+    meta = info(name)
+    how = PrepareOptions(archive, url, md5, progress, max_bytes, max_members)
+    return meta.store.prepare(meta, root, how)
+
+
+def item_image(item: str) -> Image.Image | None:
+    """The image an item name of a shipped set stands for ("omniglot_small:<member>", as
+    `embed` names it); None where `item` is a file's path (or names no registered dataset)."""
+    name, sep, rest = item.partition(":")
+    entry = REGISTRY.get(name) if sep else None
+    return None if entry is None else entry.store.item_image(rest)

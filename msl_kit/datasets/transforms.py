@@ -12,6 +12,7 @@ zoomed-in crops keep detail that two resamplings lose (docs/models.md has the me
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,28 +21,40 @@ import torch
 from PIL import Image
 
 # Re-exported: the spec used to be defined here and callers still import it from here.
+from msl_kit.errors import MslKitError
 from msl_kit.preprocessing import CROP_MODES, Preprocessing
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(MslKitError, OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+class ImageTooLargeError(CorruptImageError):
+    """An image whose decoding or resizing would take more memory than the limits allow."""
+
+
+# The work one image may cost, whatever the backbone and crop mode (docs/reliability.md):
+MAX_PIXELS = 40_000_000  # decoded (after a JPEG's draft scaling): 160 MB as RGBA
+MAX_RESIZED_PIXELS = 16_000_000  # resized, shorter side = resize_size: 244:1 at resize 256
+
+
+# What `to_mode` does, by name: an export's model.json states each of these (use/description.py)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto this colour
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:
     """`img` as "RGB" or "L": transparency composited onto white, 16-bit scaled to 8-bit."""
     if img.mode == mode:
         return img
-    if img.mode in _SIXTEEN_BIT:
+    if img.mode in SIXTEEN_BIT_MODES:
         # PIL's own convert clips 16-bit values at 255 (a white image); scale 0-65535 instead
         grey = np.clip(np.asarray(img, dtype=np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert(mode)
-    if img.mode in _ALPHA or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255)), rgba)
     return img.convert(mode)
 
 
@@ -54,16 +67,34 @@ def load_image(
     sides at least `min_size` (libjpeg's DCT scaling: far cheaper than decoding, then shrinking).
     """
     try:
-        with Image.open(path) as img:
-            if min_size and img.format == "JPEG":
-                img.draft(mode, (min_size, min_size))
-            img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels; ours refuses at 40 M
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min_size and img.format == "JPEG":
+                    img.draft(mode, (min_size, min_size))
+                _check_pixels(path, *img.size)
+                img.load()
+    except ImageTooLargeError:
+        raise
+    except Exception as err:  # a decoder fed an arbitrary file may raise anything
         raise CorruptImageError(
             f"cannot decode image {path}: {err}. Replace or delete the file, or build the "
             "dataset with skip_corrupt=True to leave such files out"
         ) from err
-    return img if mode is None else to_mode(img, mode)
+    try:
+        return img if mode is None else to_mode(img, mode)
+    except (ValueError, OSError) as err:  # e.g. a LAB or CMYK-with-alpha TIFF
+        raise CorruptImageError(
+            f"cannot convert image {path} ({img.mode}) to {mode}: {err}"
+        ) from err
+
+
+def _check_pixels(path: str | Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"image {path} is {width} x {height} pixels, more than the {MAX_PIXELS:,} msl_kit "
+            "decodes (transforms.MAX_PIXELS): shrink it first"
+        )
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str) -> list[float]:
@@ -115,6 +146,11 @@ class ImageTransform:
         img = to_mode(img, self.mode)
         size = self.spec.input_size
         rw, rh = _resized_size(*img.size, self.spec.resize_size)
+        if rw * rh > MAX_RESIZED_PIXELS:  # every crop mode: one rule, the same images kept
+            raise ImageTooLargeError(
+                f"a {img.width} x {img.height} image resized to {rw} x {rh} passes "
+                f"transforms.MAX_RESIZED_PIXELS ({MAX_RESIZED_PIXELS:,}): crop it nearer to square"
+            )
         crop = self.draw_crop(rw, rh) if self.random_crop else self.center_crop(rw, rh)
         if self.spec.crop == "two_step":
             # torchvision's Resize, then crop + resize (RandomResizedCrop) or crop (CenterCrop)

@@ -20,6 +20,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from msl_kit.errors import MslKitError
+
 TMP_MARK = ".msl-tmp-"  # prefix of temporary folders; `prepare` removes leftovers of killed runs
 # Archive limits: far above SOP (120k images, ~3 GB) and In-Shop, far below what fills a disk.
 DEFAULT_MAX_BYTES = 20 * 10**9
@@ -29,11 +31,15 @@ DEFAULT_MAX_MEMBERS = 500_000
 BOMB_BYTES, BOMB_RATIO = 10**9, 100
 
 
-class DamagedArchiveError(OSError):
+class DamagedArchiveError(MslKitError, OSError):
     """A truncated or corrupt archive (nothing of it is left extracted)."""
 
 
-class UnsafeArchiveError(ValueError):
+class NotAnArchiveError(MslKitError, ValueError):
+    """A file given as an archive that is neither a zip nor a tar (nothing is extracted)."""
+
+
+class UnsafeArchiveError(MslKitError, ValueError):
     """An archive refused before extraction: a member that would land outside the destination,
     a device file, or (ArchiveLimitError) more bytes or members than the limits allow."""
 
@@ -57,7 +63,9 @@ def safe_extract(
     archive, dest = Path(archive), Path(dest)
     kind = _archive_kind(archive)
     if kind is None:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive; is the file complete?")
+        raise NotAnArchiveError(
+            f"{archive} is neither a zip nor a tar archive; is the file complete?"
+        )
     limits = _Limits(archive, max_bytes, max_members)
     try:
         with zipfile.ZipFile(archive) if kind == "zip" else tarfile.open(archive) as opened:
@@ -122,7 +130,7 @@ class _Limits:
     def __init__(self, archive: Path, max_bytes: int | None, max_members: int | None):
         for value, what in ((max_bytes, "max_bytes"), (max_members, "max_members")):
             if value is not None and value <= 0:
-                raise ValueError(f"{what} must be positive, not {value}")
+                raise UnsafeArchiveError(f"{what} must be positive, not {value}")
         self.archive, self.size = archive, archive.stat().st_size
         self.bomb_check = max_bytes is None  # an explicit size limit is the user's decision
         self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes

@@ -19,14 +19,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from msl_kit.errors import MslKitError
+
 CHUNK = 1 << 20
 
 
-class DownloadError(OSError):
+class DownloadError(MslKitError, OSError):
     """A download that did not complete; what was received is kept in the .part file."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(MslKitError, ValueError):
     """A file whose md5 differs from the published one (the bad file has been deleted)."""
 
 

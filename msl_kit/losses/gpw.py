@@ -10,22 +10,63 @@ binomial take `mining="ms"` to restrict them to the pairs MS mining keeps (the p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msl_kit.losses.checks import (
+from msl_kit.losses.inputs import (
     check_embeddings,
     check_labels,
     check_mining,
-    check_number,
     check_sim,
     no_autocast,
     work_dtype,
 )
 from msl_kit.losses.mining import mined_pairs
 from msl_kit.losses.multi_similarity import DEFAULTS, pair_masks
+from msl_kit.params import Params, param
+
+UNIT = "similarities lie in [-1, 1]: use a value there"
+
+
+def _mining_margin() -> float:
+    return param(DEFAULTS["margin"], "MS mining's margin, with loss.mining=ms", ge=0, lt=2)
+
+
+@dataclass(frozen=True)
+class ContrastiveParams(Params):
+    """Contrastive loss: the margins of its two hinges and of MS mining."""
+
+    pos_margin: float = param(0.0, "positives pulled above 1 - pos_margin", ge=0, lt=2)
+    neg_margin: float = param(0.5, "negatives pushed below it", ge=-1, le=1, allowed=UNIT)
+    mining_margin: float = _mining_margin()
+
+
+@dataclass(frozen=True)
+class TripletParams(Params):
+    """Triplet loss: the hinge margin and which triplets count."""
+
+    margin: float = param(0.1, "hinge margin", ge=0)
+    mining: str = param("semihard", "triplets kept", choices=("all", "hard", "semihard"))
+
+
+@dataclass(frozen=True)
+class BinomialParams(Params):
+    """Binomial deviance in the MS paper's notation (Yi et al.'s alpha 2, beta 0.5, C 25)."""
+
+    alpha: float = param(2.0, "scale of the positive term", gt=0)
+    beta: float = param(50.0, "scale of the negative term", gt=0, le=1000)
+    lam: float = param(0.5, "similarity threshold", ge=-1, le=1, allowed=UNIT)
+    mining_margin: float = _mining_margin()
+
+
+@dataclass(frozen=True)
+class LiftedParams(Params):
+    """Lifted structure: the margin inside its log-sum-exp (any finite number)."""
+
+    margin: float = param(1.0, "margin of the positive log-sum-exp")
 
 
 def _self_sim(embeddings: Tensor) -> Tensor:
@@ -78,21 +119,6 @@ def _masked_lse(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.logsumexp(filled, 1), has_any
 
 
-def _margin(name: str, value: object, high: float = math.inf) -> float:
-    """A finite margin in [0, high)."""
-    allowed = f"use 0 <= {name} < {high:g}" if high < math.inf else f"use {name} >= 0"
-    return check_number(name, value, allowed, lambda v: 0 <= v < high)
-
-
-def _unit(name: str, value: object) -> float:
-    """A finite similarity threshold in [-1, 1]."""
-    return check_number(name, value, "similarities lie in [-1, 1]: use a value there", _in_unit)
-
-
-def _in_unit(v: float) -> bool:
-    return -1 <= v <= 1
-
-
 def _self_masks(
     sim: Tensor,
     labels: object,
@@ -131,10 +157,10 @@ class ContrastiveLoss(_PairLoss):
         mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
-        self.pos_margin = _margin("pos_margin", pos_margin, 2.0)
-        self.neg_margin = _unit("neg_margin", neg_margin)
+        self.params = ContrastiveParams(pos_margin, neg_margin, mining_margin)
+        self.pos_margin, self.neg_margin = self.params.pos_margin, self.params.neg_margin
+        self.mining_margin = self.params.mining_margin
         self.mining = check_mining(mining)
-        self.mining_margin = _margin("mining_margin", mining_margin, 2.0)
 
     def per_anchor(
         self,
@@ -152,9 +178,6 @@ class ContrastiveLoss(_PairLoss):
         return (pos + neg).sum(1)
 
 
-_TRIPLET_MINING = ("all", "hard", "semihard")
-
-
 class TripletLoss(_PairLoss):
     """Triplet margin loss on similarities: relu(S_ik - S_ij + margin) per (i, j, k).
 
@@ -167,9 +190,8 @@ class TripletLoss(_PairLoss):
 
     def __init__(self, margin: float = 0.1, mining: str = "semihard") -> None:
         super().__init__()
-        if mining not in _TRIPLET_MINING:
-            raise ValueError(f"unknown triplet mining {mining!r}; choose one of {_TRIPLET_MINING}")
-        self.margin, self.mining = _margin("margin", margin), mining
+        self.params = TripletParams(margin, mining)
+        self.margin, self.mining = self.params.margin, self.params.mining
 
     def _hinges(
         self, sim: Tensor, labels: Tensor, ref_labels: Tensor | None, ignore: Tensor | None
@@ -225,11 +247,10 @@ class BinomialDevianceLoss(_PairLoss):
         mining_margin: float = DEFAULTS["margin"],
     ) -> None:
         super().__init__()
-        self.alpha = check_number("alpha", alpha, "use a value > 0", lambda v: v > 0)
-        self.beta = check_number("beta", beta, "use 0 < beta <= 1000", lambda v: 0 < v <= 1000)
-        self.lam = _unit("lam", lam)
+        self.params = BinomialParams(alpha, beta, lam, mining_margin)
+        self.alpha, self.beta, self.lam = self.params.alpha, self.params.beta, self.params.lam
+        self.mining_margin = self.params.mining_margin
         self.mining = check_mining(mining)
-        self.mining_margin = _margin("mining_margin", mining_margin, 2.0)
 
     def per_anchor(
         self,
@@ -260,7 +281,8 @@ class LiftedStructureLoss(_PairLoss):
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
         # any finite margin: it shifts a log-sum-exp (negative values clamp some anchors to 0)
-        self.margin = check_number("margin", margin, "use a finite number", lambda v: True)
+        self.params = LiftedParams(margin)
+        self.margin = self.params.margin
 
     def per_anchor(
         self,

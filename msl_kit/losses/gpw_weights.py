@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from msl_kit.losses.checks import check_sim, work_dtype
+from msl_kit.losses.inputs import check_sim, work_dtype
 from msl_kit.losses.multi_similarity import PairWeights, pair_masks
 from msl_kit.losses.registry import build_loss
 

@@ -12,8 +12,14 @@ import math
 import torch
 from torch import Tensor
 
-from msl_kit.losses.checks import check_sim, work_dtype
-from msl_kit.losses.multi_similarity import DEFAULTS, PairWeights, ms_core, stacked_masks
+from msl_kit.losses.inputs import check_sim, work_dtype
+from msl_kit.losses.multi_similarity import (
+    DEFAULTS,
+    MSParams,
+    PairWeights,
+    ms_core,
+    stacked_masks,
+)
 
 
 def pair_weights(
@@ -32,10 +38,21 @@ def pair_weights(
     `.pos[i, j]` = -dL/dS_ij and `.neg[i, j]` = dL/dS_ij with L = sum_i L_i, each row its
     own input; zero where a pair is not mined, not of that kind, or its anchor is invalid.
     """
+    return ms_pair_weights(sim, labels, MSParams(alpha, beta, lam, margin), ref_labels, ignore)
+
+
+def ms_pair_weights(
+    sim: Tensor,
+    labels: Tensor,
+    ms: MSParams,
+    ref_labels: Tensor | None = None,
+    ignore: Tensor | None = None,
+) -> PairWeights:
+    """`pair_weights` with the four numbers as one `MSParams`."""
     labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
     masks = stacked_masks(labels, ref_labels, ignore)
     with torch.no_grad():
-        core = ms_core(sim.detach().to(work_dtype(sim)), masks, alpha, beta, lam, margin)
+        core = ms_core(sim.detach().to(work_dtype(sim)), masks, ms)
         weights = core.e.mul_(core.coef)
     return PairWeights(weights[0], weights[1])
 
@@ -53,7 +70,8 @@ def mined_pairs(
     labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
     masks = stacked_masks(labels, ref_labels, ignore)
     with torch.no_grad():
-        core = ms_core(sim.detach().to(work_dtype(sim)), masks, 1.0, 1.0, 0.0, margin)
+        # alpha, beta and lam do not change which pairs mining keeps
+        core = ms_core(sim.detach().to(work_dtype(sim)), masks, MSParams(1.0, 1.0, 0.0, margin))
     kept = core.kept & (core.coef > 0)
     return kept[0], kept[1]
 
@@ -76,21 +94,20 @@ STAT_KEYS = (
 )
 
 
-def mining_stats(
-    sim: Tensor, labels: Tensor, *, alpha: float, beta: float, lam: float, margin: float
-) -> dict[str, float]:
+def mining_stats(sim: Tensor, labels: Tensor, ms: MSParams | None = None) -> dict[str, float]:
     """What MS mining does to one batch's (B, B) similarity matrix, for training logs.
 
     pos_kept / neg_kept: fraction of all positive / negative pairs that mining keeps (pairs
     of anchors without both kept sets count as dropped, as in the loss); w_{pos,neg}_{mean,max}:
     the `pair_weights` w+ / w- over the kept pairs; sim_{pos,neg}_q{10,50,90}: quantiles of
     every positive / negative similarity. NaN where a set is empty. No forward pass needed.
+    `ms`: the MS numbers to mine and weigh with (the released preset when None).
     """
     labels, _ = check_sim(sim, labels, None, None)
     masks = stacked_masks(labels, None, None)
     with torch.no_grad():  # few kernels, every reduction over both kinds at once
         s = sim.detach().to(work_dtype(sim))
-        core = ms_core(s, masks, alpha, beta, lam, margin)
+        core = ms_core(s, masks, ms or MSParams())
         kept = core.kept & (core.coef > 0)
         w = core.e.mul_(core.coef)  # zero off the kept pairs
         n_pairs, n_kept = masks.sum((1, 2)), kept.sum((1, 2))

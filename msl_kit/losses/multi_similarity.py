@@ -11,27 +11,76 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from msl_kit.losses.checks import (  # input checks and float32 working precision
+from msl_kit.losses.inputs import (  # input checks and float32 working precision
     check_embeddings,
     check_ignore,
     check_labels,
     check_mining,
-    check_ms_numbers,
     check_sim,
     no_autocast,
     work_dtype,
 )
+from msl_kit.params import Params, param
 
 PRESETS: dict[str, dict[str, float]] = {
     "released": dict(alpha=2.0, beta=40.0, lam=0.5, margin=0.1),  # the released code
     "paper": dict(alpha=2.0, beta=50.0, lam=1.0, margin=0.1),  # the paper's text
 }
 DEFAULTS = PRESETS["released"]  # every default below (and in gpw, mining) comes from here
+
+
+@dataclass(frozen=True)
+class MSParams(Params):
+    """The MS loss's four numbers, checked when made: `MSParams()` is the released preset,
+    `MSParams.preset("paper")` the paper's. The loss, its pair weights, the mining statistics of
+    a run, the config's `loss.ms` section and the notebooks' sliders all read this one
+    declaration (the ranges are where the loss is defined; `ui` is a slider's min, max, step)."""
+
+    alpha: float = param(
+        DEFAULTS["alpha"],
+        "scale of the positive term",
+        gt=0,
+        hint="released recipe: 2",
+        ui=(0.1, 10.0, 0.1),
+    )
+    beta: float = param(
+        DEFAULTS["beta"],
+        "scale of the negative term",
+        gt=0,
+        le=1000,
+        hint="released: 40",
+        ui=(1.0, 200.0, 1.0),
+    )
+    lam: float = param(
+        DEFAULTS["lam"],
+        "similarity threshold lambda",
+        ge=-1,
+        le=1,
+        allowed="similarities lie in [-1, 1]: use a value there",
+        ui=(-0.5, 1.0, 0.05),
+    )
+    margin: float = param(
+        DEFAULTS["margin"],
+        "mining margin epsilon (2 and above keep every pair)",
+        ge=0,
+        le=2,
+        hint="released: 0.1",
+        ui=(0.0, 0.5, 0.01),
+    )
+    PRESETS: ClassVar[dict[str, dict[str, float]]] = PRESETS
+
+    @classmethod
+    def preset(cls, name: str) -> MSParams:
+        """The numbers of a named preset: "released" (the code release) or "paper"."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown MS preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
 
 
 def multi_similarity_loss(
@@ -55,7 +104,8 @@ def multi_similarity_loss(
     `MultiSimilarityLoss` (same numbers, faster).
     """
     labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
-    alpha, beta, lam, margin = check_ms_numbers(alpha, beta, lam, margin)
+    ms = MSParams(alpha, beta, lam, margin)  # checked, as floats
+    alpha, beta, lam, margin = ms.alpha, ms.beta, ms.lam, ms.margin
     sim = sim.to(work_dtype(sim))  # fp16 / bf16 inputs: float32 maths
     pos, neg = pair_masks(labels, ref_labels, ignore)  # same label / different label
     # Mining (no gradient flows through it): compare each pair with the anchor's hardest
@@ -136,17 +186,10 @@ class MSCore(NamedTuple):
     kept: Tensor  # (2, B, M) bool: the pairs kept by mining (before the validity rule)
 
 
-def ms_core(
-    sim: Tensor,
-    masks: Tensor,
-    alpha: float,
-    beta: float,
-    lam: float,
-    margin: float,
-    mining: str = "ms",
-) -> MSCore:
+def ms_core(sim: Tensor, masks: Tensor, ms: MSParams, mining: str = "ms") -> MSCore:
     """The MS loss of each anchor and the weights of its pairs, no autograd."""
-    sign, scale, shift = _constants(sim.device, sim.dtype, alpha, beta, lam)
+    sign, scale, shift = _constants(sim.device, sim.dtype, ms.alpha, ms.beta, ms.lam)
+    margin = ms.margin
     u = torch.where(masks, sim * sign, math.inf)
     bound = u.amin(-1, keepdim=True)  # (min_pos, -max_neg)
     # margin - u is -(S - margin) for positives and S + margin for negatives, exactly as in
@@ -181,20 +224,17 @@ class _MSRowsFn(torch.autograd.Function):
         ctx,
         sim: Tensor,
         masks: Tensor,
-        alpha: float,
-        beta: float,
-        lam: float,
-        margin: float,
+        ms: MSParams,
         mining: str,
     ) -> Tensor:
-        core = ms_core(sim, masks, alpha, beta, lam, margin, mining)
+        core = ms_core(sim, masks, ms, mining)
         ctx.save_for_backward(_signed_grad(core, sim))
         return core.rows
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):  # type: ignore[override]
         (grad_sim,) = ctx.saved_tensors
-        return grad_sim * grad_rows[:, None], None, None, None, None, None, None
+        return grad_sim * grad_rows[:, None], None, None, None
 
 
 class _MSEmbeddingsFn(torch.autograd.Function):
@@ -207,10 +247,7 @@ class _MSEmbeddingsFn(torch.autograd.Function):
         emb: Tensor,
         ref: Tensor | None,
         masks: Tensor,
-        alpha: float,
-        beta: float,
-        lam: float,
-        margin: float,
+        ms: MSParams,
         mining: str,
     ) -> Tensor:
         dtype = work_dtype(emb)
@@ -218,7 +255,7 @@ class _MSEmbeddingsFn(torch.autograd.Function):
             x = emb if emb.dtype == dtype else emb.to(dtype)
             r = x if ref is None else ref if ref.dtype == dtype else ref.to(dtype)
             sim = x @ r.T
-            core = ms_core(sim, masks, alpha, beta, lam, margin, mining)
+            core = ms_core(sim, masks, ms, mining)
         n = x.shape[0]
         ctx.save_for_backward(x, None if ref is None else r, _signed_grad(core, sim).div_(n))
         ctx.dtypes = (emb.dtype, None if ref is None else ref.dtype)
@@ -239,7 +276,7 @@ class _MSEmbeddingsFn(torch.autograd.Function):
                     grad_ref = (grad_sim.T @ x).to(ctx.dtypes[1])
         if grad_emb is not None and grad_emb.dtype != ctx.dtypes[0]:
             grad_emb = grad_emb.to(ctx.dtypes[0])
-        return grad_emb, grad_ref, None, None, None, None, None, None
+        return grad_emb, grad_ref, None, None, None
 
 
 def ms_per_anchor(
@@ -255,11 +292,21 @@ def ms_per_anchor(
     mining: str = "ms",
 ) -> Tensor:
     """Per-anchor MS losses L_i, shape (B,), zero for anchors without both kept sets."""
+    return ms_rows(sim, labels, ref_labels, ignore, MSParams(alpha, beta, lam, margin), mining)
+
+
+def ms_rows(
+    sim: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor | None,
+    ignore: Tensor | None,
+    ms: MSParams,
+    mining: str = "ms",
+) -> Tensor:
+    """`ms_per_anchor` with the numbers as one checked `MSParams`."""
     labels, ref_labels = check_sim(sim, labels, ref_labels, ignore)
     masks = stacked_masks(labels, ref_labels, ignore)
-    return _MSRowsFn.apply(
-        sim.to(work_dtype(sim)), masks, alpha, beta, lam, margin, check_mining(mining)
-    )
+    return _MSRowsFn.apply(sim.to(work_dtype(sim)), masks, ms, check_mining(mining))
 
 
 # ----------------------------------------------------------------------------- module
@@ -290,24 +337,28 @@ class MultiSimilarityLoss(nn.Module):
         mining: str = "ms",
     ) -> None:
         super().__init__()
-        self.alpha, self.beta, self.lam, self.margin = check_ms_numbers(alpha, beta, lam, margin)
+        self.params = MSParams(alpha, beta, lam, margin)
+        self.alpha, self.beta, self.lam, self.margin = (
+            self.params.alpha,
+            self.params.beta,
+            self.params.lam,
+            self.params.margin,
+        )
         self.mining = check_mining(mining)
 
     @classmethod
     def from_preset(cls, name: str) -> MultiSimilarityLoss:
         """Build from a named preset: "released" (default recipe) or "paper"."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown MS preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**PRESETS[name])
+        return cls.from_params(MSParams.preset(name))
+
+    @classmethod
+    def from_params(cls, ms: MSParams, mining: str = "ms") -> MultiSimilarityLoss:
+        """Build from one `MSParams` value."""
+        return cls(ms.alpha, ms.beta, ms.lam, ms.margin, mining)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, margin={self.margin}" + (
             f", mining={self.mining!r}" if self.mining != "ms" else ""
-        )
-
-    def _params(self) -> dict:
-        return dict(
-            alpha=self.alpha, beta=self.beta, lam=self.lam, margin=self.margin, mining=self.mining
         )
 
     def per_anchor(
@@ -318,7 +369,7 @@ class MultiSimilarityLoss(nn.Module):
         ignore: Tensor | None = None,
     ) -> Tensor:
         """Per-anchor L_i of a (B, B) or (B, M) similarity matrix."""
-        return ms_per_anchor(sim, labels, ref_labels, ignore=ignore, **self._params())
+        return ms_rows(sim, labels, ref_labels, ignore, self.params, self.mining)
 
     def from_sim(
         self,
@@ -329,7 +380,7 @@ class MultiSimilarityLoss(nn.Module):
     ) -> Tensor:
         """The loss of a (B, M) similarity matrix (`ref_labels` when M is a memory bank, e.g.
         `CrossBatchMemory.loss(ms.from_sim, ...)`); the fast path of `multi_similarity_loss`."""
-        rows = ms_per_anchor(sim, labels, ref_labels, ignore=ignore, **self._params())
+        rows = ms_rows(sim, labels, ref_labels, ignore, self.params, self.mining)
         return rows.sum() / rows.shape[0]
 
     def forward(
@@ -358,5 +409,4 @@ class MultiSimilarityLoss(nn.Module):
         n_refs = embeddings.shape[0] if ref_embeddings is None else ref_embeddings.shape[0]
         check_ignore(ignore, (embeddings.shape[0], n_refs))
         masks = stacked_masks(labels, ref_labels, ignore)
-        # _params() is (alpha, beta, lam, margin, mining) in that order, as apply() takes them
-        return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, *self._params().values())
+        return _MSEmbeddingsFn.apply(embeddings, ref_embeddings, masks, self.params, self.mining)

@@ -21,23 +21,32 @@ weight the loss puts on each data-to-proxy pair, to show beside MS's pair weight
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from msl_kit.losses.checks import check_labels, check_number, no_autocast, work_dtype
+from msl_kit.losses.inputs import check_labels, no_autocast, work_dtype
 from msl_kit.losses.multi_similarity import PairWeights
+from msl_kit.params import Params, param
 
 MARGIN = 0.1  # the paper's delta
 ALPHA = 32.0  # the paper's scale
 
 
+@dataclass(frozen=True)
+class ProxyAnchorParams(Params):
+    """Proxy-Anchor's margin and scale (the paper's 0.1 and 32)."""
+
+    margin: float = param(MARGIN, "margin delta", hint="0.1 published")
+    alpha: float = param(ALPHA, "scale of both terms", gt=0, hint="32 published")
+
+
 def _check_params(margin: object, alpha: object) -> tuple[float, float]:
     """The margin and scale as floats: finite, alpha > 0; else one line."""
-    margin = check_number("margin", margin, "use a finite margin (0.1 published)", math.isfinite)
-    alpha = check_number("alpha", alpha, "use a value > 0 (32 published)", lambda v: v > 0)
-    return margin, alpha
+    checked = ProxyAnchorParams(margin, alpha)
+    return checked.margin, checked.alpha
 
 
 def _check_sim(sim: Tensor, labels: object) -> Tensor:

@@ -7,73 +7,77 @@ choices and the notebooks' menus all read their choices from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 from torch import nn
 
 from msl_kit.losses.gpw import (
     BinomialDevianceLoss,
+    BinomialParams,
     ContrastiveLoss,
+    ContrastiveParams,
+    LiftedParams,
     LiftedStructureLoss,
     TripletLoss,
+    TripletParams,
 )
-from msl_kit.losses.multi_similarity import MultiSimilarityLoss
-from msl_kit.losses.proxy_anchor import ProxyAnchorLoss
+from msl_kit.losses.multi_similarity import MSParams, MultiSimilarityLoss
+from msl_kit.losses.proxy_anchor import ProxyAnchorLoss, ProxyAnchorParams
+from msl_kit.params import ParamError, ParamTypeError
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How a config builds a loss: its class, which `loss.*` keys it takes, how it is shown.
+    """How a config builds a loss: its class, its declared parameters, how it is shown.
 
-    `keys` are passed as keyword arguments from the config's loss section; `mining` says the
-    class takes `mining="ms" | "none"` (passed where `loss.mining` is set); `pairs` says it
-    scores a similarity matrix (`from_sim(sim, labels, ref_labels=, ignore=)`), so it works
-    with cross-batch memory and the GPW weight views. `needs_classes` says it learns one
+    `params` is a dataclass of `msl_kit.params.param` fields (names, types, defaults, ranges,
+    one line of documentation each): they are the config's `loss.<name>.*` keys, checked
+    against that declaration and passed to `cls` as keyword arguments. `mining` says the
+    class takes `mining="ms" | "none"` (the run-level `loss.mining`, passed where set); `pairs`
+    says it scores a similarity matrix (`from_sim(sim, labels, ref_labels=, ignore=)`), so it
+    works with cross-batch memory and the GPW weight views. `needs_classes` says it learns one
     proxy per training class: the recipe passes `num_classes` (the train split's class count,
     labels 0..C-1) and `dim` (`model.embedding_dim`), and its parameters get their own
-    optimizer group. `defaults` are the loss's own values of shared `loss.*` keys (Proxy-Anchor's
-    alpha is 32, MS's 2): a config fills them in wherever no key or preset sets them.
+    optimizer group.
     """
 
     cls: type[nn.Module]
     title: str
-    keys: tuple[str, ...] = ()
+    params: type | None = None
     mining: bool = False
     pairs: bool = True
     needs_classes: bool = False
-    defaults: dict[str, float] = field(default_factory=dict)
 
 
 LOSSES: dict[str, LossSpec] = {
-    "ms": LossSpec(
-        MultiSimilarityLoss, "Multi-Similarity", ("alpha", "beta", "lam", "margin"), mining=True
-    ),
-    "contrastive": LossSpec(ContrastiveLoss, "Contrastive", mining=True),
-    "triplet": LossSpec(TripletLoss, "Triplet (semi-hard)", ("margin",)),
-    "binomial": LossSpec(BinomialDevianceLoss, "Binomial deviance", mining=True),
-    "lifted": LossSpec(LiftedStructureLoss, "Lifted structure"),
+    "ms": LossSpec(MultiSimilarityLoss, "Multi-Similarity", MSParams, mining=True),
+    "contrastive": LossSpec(ContrastiveLoss, "Contrastive", ContrastiveParams, mining=True),
+    "triplet": LossSpec(TripletLoss, "Triplet (semi-hard)", TripletParams),
+    "binomial": LossSpec(BinomialDevianceLoss, "Binomial deviance", BinomialParams, mining=True),
+    "lifted": LossSpec(LiftedStructureLoss, "Lifted structure", LiftedParams),
     "proxy_anchor": LossSpec(
-        ProxyAnchorLoss,
-        "Proxy-Anchor",
-        ("margin", "alpha"),
-        pairs=False,
-        needs_classes=True,
-        defaults={"alpha": 32.0, "margin": 0.1},  # the paper's scale and margin
+        ProxyAnchorLoss, "Proxy-Anchor", ProxyAnchorParams, pairs=False, needs_classes=True
     ),
 }
 
 
 def register_loss(name: str, spec: LossSpec) -> None:
-    """Add a loss under `name` (from a plugin module); an existing name is refused."""
+    """Add a loss under `name` (from a plugin module); an existing name is refused, and so is a
+    name that cannot be a config section (`loss.<name>.<key>`) or params that are no dataclass."""
     if name in LOSSES and LOSSES[name] != spec:
-        raise ValueError(f"a loss named {name!r} is already registered; pick another name")
+        raise ParamError(f"a loss named {name!r} is already registered; pick another name")
+    if not name.isidentifier():
+        raise ParamError(f"a loss name must be a Python identifier (it names loss.{name}.*)")
+    if spec.params is not None and not dataclasses.is_dataclass(spec.params):
+        raise ParamError(f"loss {name!r}: LossSpec.params must be a dataclass of param fields")
     LOSSES[name] = spec
 
 
 def loss_spec(name: str) -> LossSpec:
-    """The registry entry of `name`; ValueError naming the registered losses otherwise."""
+    """The registry entry of `name`; ParamError (a ValueError) naming the losses otherwise."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+        raise ParamError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
 
 
@@ -83,5 +87,7 @@ def build_loss(name: str, **params: object) -> nn.Module:
     spec = loss_spec(name)
     try:
         return spec.cls(**params)
-    except TypeError as err:
-        raise TypeError(f"bad parameters for loss {name!r}: {err}") from None
+    except ParamError:
+        raise
+    except TypeError as err:  # an argument the class does not take
+        raise ParamTypeError(f"bad parameters for loss {name!r}: {err}") from None

@@ -2,6 +2,7 @@
 address), the embedding head, weight loading, one registry, and `build_model`."""
 
 from msl_kit.models.builder import build_model, preprocessing_spec
+from msl_kit.models.convnet import ConvNetParams
 from msl_kit.models.head import EmbeddingHead, EmbeddingModel
 from msl_kit.models.registry import (
     BACKBONES,
@@ -10,6 +11,8 @@ from msl_kit.models.registry import (
     backbone_spec,
     register_backbone,
 )
+from msl_kit.models.state_dicts import WeightsError
+from msl_kit.models.timm_backbones import TimmParams
 from msl_kit.models.weights import (
     default_weight_paths,
     download_weights,
@@ -20,8 +23,11 @@ from msl_kit.models.weights import (
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
+    "ConvNetParams",
     "EmbeddingHead",
     "EmbeddingModel",
+    "TimmParams",
+    "WeightsError",
     "backbone_names",
     "backbone_spec",
     "build_model",

@@ -15,31 +15,61 @@ from torch import nn
 from msl_kit.models import packaged
 from msl_kit.models.head import EmbeddingHead, EmbeddingModel
 from msl_kit.models.registry import backbone_spec
+from msl_kit.models.timm_backbones import HUB
 from msl_kit.models.weights import load_backbone_weights, resolve_weights, uses_weights
+from msl_kit.params import ParamError, checked, declared
 from msl_kit.preprocessing import Preprocessing
 
 
-def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options `name` takes; ValueError for any other."""
-    allowed = backbone_spec(name).options
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"{name} takes no option(s) {unknown}"
-            + (f"; it accepts {sorted(allowed)}" if allowed else "")
-        )
-    return {k: v for k, v in options.items() if v is not None}
+def backbone_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option backbone `name` declares, from `options` (None: the declared default),
+    checked against its declaration; ParamError for a value out of range or an option it lacks."""
+    spec = backbone_spec(name)
+    given = {k: v for k, v in options.items() if v is not None}
+    if spec.params is None:
+        if given:
+            raise ParamError(f"{name} takes no option(s) {sorted(given)}")
+        return {}
+    try:
+        return checked(spec.params, given)
+    except ParamError as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 def preprocessing_spec(backbone: str, **options: Any) -> Preprocessing:
     """The preprocessing spec of `backbone`, without building the network or reading weights.
 
-    Options are the backbone's own (convnet: in_channels 1 or 3, image_size, resize_size
-    (default image_size), width); backbones with a fixed spec ignore them.
+    Options are the backbone's own (convnet: in_channels 1 or 3, input_size, resize_size
+    (default input_size), width); options it does not declare are ignored.
     """
     spec = backbone_spec(backbone)
-    taken = {k: v for k, v in options.items() if k in spec.options and v is not None}
-    return spec.preprocessing(**taken)
+    names = declared(spec.params) if spec.params is not None else {}
+    return spec.preprocessing(
+        **backbone_options(backbone, {k: options[k] for k in names if k in options})
+    )
+
+
+def check_pretrained(backbone: str, pretrained: str | None) -> None:
+    """`hub` only where the backbone downloads its own weights (timm), `default` (the published
+    file's cache path) only where it does not, packaged weights (`efficientnet_lite0`) only
+    with their timm model; ParamError naming what it takes otherwise."""
+    own_download = backbone_spec(backbone).takes_pretrained
+    word = "default" if own_download else HUB
+    allowed = (
+        "use hub (timm's own download), a weights file path, or none"
+        if own_download
+        else "use default (the published file's cache path), a weights file path, or none"
+    )
+    if pretrained == word:
+        raise ParamError(
+            f"model.pretrained = {pretrained!r} is not allowed: {backbone} takes no {word}: "
+            f"{allowed}"
+        )
+    if packaged.is_packaged(pretrained):
+        try:
+            packaged.check_backbone(backbone, str(pretrained))
+        except packaged.PackagedWeightsError as e:
+            raise ParamError(str(e)) from None
 
 
 def build_model(
@@ -57,13 +87,14 @@ def build_model(
     ("hub" for timm backbones: timm's own download; a name of `packaged.PACKAGED`, e.g.
     "efficientnet_lite0": weights a pip package installed, converted by `msl-kit prepare`).
 
-    Options are the backbone's (convnet: in_channels, image_size, resize_size, width; timm:
-    global_pool, input_size, resize_size). `head_init`: "kaiming_fan_out" (the released
-    recipe) or "orthogonal". `freeze_bn_affine` stops BatchNorm weight / bias training;
-    `freeze_modules` names backbone modules (e.g. "patch_embed") whose parameters stay fixed.
+    Options are the backbone's declared params (convnet: in_channels, input_size, resize_size,
+    width; timm: global_pool, input_size, resize_size); undeclared ones are refused.
+    `head_init`: "kaiming_fan_out" (the released recipe) or "orthogonal". `freeze_bn_affine`
+    stops BatchNorm weight / bias training; `freeze_modules` names backbone modules (e.g.
+    "patch_embed") whose parameters stay fixed.
     """
     spec = backbone_spec(name)
-    options = _options(name, options)
+    options = backbone_options(name, options)
     preprocessing = spec.preprocessing(**options)
     pretrained = pretrained if uses_weights(pretrained) else None
     if packaged.is_packaged(pretrained):
@@ -89,7 +120,7 @@ def freeze(
     missing = [m for m in modules if m not in found or not m]
     if missing:
         top = ", ".join(n for n, _ in backbone.named_children())
-        raise ValueError(
+        raise ParamError(
             f"model.freeze_modules: {name} has no module {missing[0]!r}; its top-level modules "
             f"are {top}"
         )

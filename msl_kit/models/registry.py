@@ -8,6 +8,7 @@ the config's `plugins`). Config validation, the recipe and the CLI read their ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,15 @@ from msl_kit.models.bninception import (
     bninception_preprocessing,
     build_bninception,
 )
-from msl_kit.models.convnet import build_convnet, convnet_preprocessing
+from msl_kit.models.convnet import ConvNetParams, build_convnet, convnet_preprocessing
 from msl_kit.models.resnet import RESNET50_WEIGHTS, build_resnet50, resnet50_preprocessing
-from msl_kit.models.timm import build_timm, check_timm_name, timm_preprocessing
+from msl_kit.models.timm_backbones import (
+    TimmParams,
+    build_timm,
+    check_timm_name,
+    timm_preprocessing,
+)
+from msl_kit.params import ParamError
 from msl_kit.preprocessing import Preprocessing
 
 
@@ -29,13 +36,15 @@ from msl_kit.preprocessing import Preprocessing
 class BackboneSpec:
     """How to build a backbone: `build(spec, **options)` -> a module mapping images to pooled
     features with a `.feature_dim`; `preprocessing(**options)` -> its input spec without
-    building the network; `options` are the `model.*` config keys both take; `weights_url`
-    the published weights that `model.pretrained=default` looks for. With `takes_pretrained`,
-    `build(spec, pretrained=..., **options)` loads weights itself (a file path or "hub")."""
+    building the network. `params` declares the options both take (a dataclass of
+    `msl_kit.params.param` fields: the config's `model.<backbone>.*` keys, every field passed);
+    `weights_url` the published weights that `model.pretrained=default` looks for. With
+    `takes_pretrained`, `build(spec, pretrained=..., **options)` loads weights itself (a file
+    path or "hub")."""
 
     build: Callable[..., nn.Module]
     preprocessing: Callable[..., Preprocessing]
-    options: tuple[str, ...] = ()
+    params: type | None = None
     weights_url: str | None = None
     description: str = ""
     takes_pretrained: bool = False
@@ -57,7 +66,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "convnet": BackboneSpec(
         build_convnet,
         convnet_preprocessing,
-        options=("in_channels", "image_size", "resize_size", "width"),
+        params=ConvNetParams,
         description="small Conv-BN-ReLU-pool stack for the CPU recipes",
     ),
 }
@@ -73,7 +82,7 @@ def timm_backbone(name: str) -> BackboneSpec:
     return BackboneSpec(
         functools.partial(build_timm, name),
         functools.partial(timm_preprocessing, name),
-        options=("global_pool", "input_size", "resize_size"),
+        params=TimmParams,
         description=f"timm's {name} without classifier, its own pooling",
         takes_pretrained=True,
     )
@@ -81,13 +90,39 @@ def timm_backbone(name: str) -> BackboneSpec:
 
 # Families named by a prefix, "family:model" (e.g. "timm:resnet18"): name -> spec maker.
 BACKBONE_FAMILIES: dict[str, Callable[[str], BackboneSpec]] = {"timm": timm_backbone}
+# The options every model of a family takes (`model.<family>.*`), known without a model name.
+FAMILY_PARAMS: dict[str, type | None] = {"timm": TimmParams}
 
 
 def register_backbone(name: str, spec: BackboneSpec) -> None:
-    """Add a backbone under `name` (from a plugin module); an existing name is refused."""
+    """Add a backbone under `name` (from a plugin module); an existing name is refused, and so
+    is a name that cannot be a config section (`model.<name>.<key>`)."""
     if name in BACKBONES and BACKBONES[name] != spec:
-        raise ValueError(f"a backbone named {name!r} is already registered; pick another name")
+        raise ParamError(f"a backbone named {name!r} is already registered; pick another name")
+    if not name.isidentifier():
+        raise ParamError(f"a backbone name must be a Python identifier (it names model.{name}.*)")
+    if spec.params is not None and not dataclasses.is_dataclass(spec.params):
+        raise ParamError(f"backbone {name!r}: BackboneSpec.params must be a dataclass")
     BACKBONES[name] = spec
+
+
+def backbone_section(name: str) -> str:
+    """The config section of backbone `name`: its family for "family:model" ("timm"), else the
+    name itself (`model.convnet.input_size`, `model.timm.input_size`)."""
+    family, sep, _ = name.partition(":")
+    return family if sep else name
+
+
+def is_section(section: str) -> bool:
+    """Whether `model.<section>.*` can name options: a registered backbone or a family."""
+    return section in BACKBONES or section in BACKBONE_FAMILIES
+
+
+def section_params(section: str) -> type | None:
+    """The params class behind `model.<section>.*` (None where the backbone takes none)."""
+    if section in BACKBONES:
+        return BACKBONES[section].params
+    return FAMILY_PARAMS.get(section)
 
 
 def backbone_names() -> list[str]:
@@ -96,13 +131,13 @@ def backbone_names() -> list[str]:
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    """The registry entry of `name`; ValueError naming the valid backbones otherwise."""
+    """The registry entry of `name`; ParamError (a ValueError) naming the valid ones otherwise."""
     if name in BACKBONES:
         return BACKBONES[name]
     family, sep, model = name.partition(":")
     if sep and family in BACKBONE_FAMILIES:
         return BACKBONE_FAMILIES[family](model)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(backbone_names())}")
+    raise ParamError(f"unknown model {name!r}; choose one of {', '.join(backbone_names())}")
 
 
 def published_weights() -> dict[str, str]:

@@ -6,6 +6,12 @@ from collections.abc import Mapping
 
 import torch
 
+from msl_kit.errors import MslKitError
+
+
+class WeightsError(MslKitError, ValueError):
+    """A weights file that does not fit the backbone (or holds no state dict); says which keys."""
+
 
 def without_classifier(state: Mapping, target: Mapping, prefixes: tuple[str, ...]) -> dict:
     """`state` minus the keys under a classifier (`prefixes`) that the backbone lacks."""

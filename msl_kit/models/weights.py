@@ -12,7 +12,7 @@ from torch import nn
 from msl_kit.files.atomic import safe_load
 from msl_kit.files.download import download_file
 from msl_kit.models.registry import published_weights
-from msl_kit.models.state_dicts import mismatches, without_classifier
+from msl_kit.models.state_dicts import WeightsError, mismatches, without_classifier
 
 # A backbone file may also carry its ImageNet classifier, which we drop.
 CLASSIFIER_PREFIXES = ("last_linear.", "fc.")
@@ -28,7 +28,7 @@ def default_weight_paths(name: str) -> list[Path]:
     """Where `pretrained="default"` looks: torch.hub's cache ($TORCH_HOME/hub/checkpoints),
     then the old model-zoo folder ~/.torch/models."""
     if name not in published_weights():
-        raise ValueError(
+        raise WeightsError(
             f"no published weights for {name!r}; those exist for {sorted(published_weights())}"
         )
     filename = published_weights()[name].rsplit("/", 1)[1]
@@ -70,7 +70,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """
     state = safe_load(Path(path), "weights file")
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(
+        raise WeightsError(
             f"{path} is not a bare state_dict (name -> tensor); save "
             "`backbone.state_dict()` or use the published ImageNet file"
         )
@@ -83,7 +83,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             state[key] = state[key].reshape(ours.shape)
     problems = mismatches(state, target)
     if problems:
-        raise ValueError(
+        raise WeightsError(
             f"{path} does not fit this backbone: {problems}. Is it the "
             "weights file of this backbone (model.backbone), saved as a bare "
             "state_dict?"
@@ -102,7 +102,7 @@ def download_weights(
     default path's folder) and return the file's path. Needs a network; nothing else does."""
     url = url or published_weights().get(name)
     if url is None:
-        raise ValueError(
+        raise WeightsError(
             f"no published weights for {name!r}; those exist for {sorted(published_weights())}"
         )
     folder = Path(dest_dir) if dest_dir is not None else default_weight_paths(name)[0].parent

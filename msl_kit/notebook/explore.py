@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,23 +12,55 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from msl_kit.datasets import transforms
-from msl_kit.losses.multi_similarity import PRESETS
-from msl_kit.losses.registry import loss_spec
-from msl_kit.sampler import PKSampler
+from msl_kit.datasets.sampling import PKSampler
+from msl_kit.errors import MslKitError
+from msl_kit.losses.multi_similarity import MSParams
+from msl_kit.losses.proxy_anchor import ProxyAnchorParams
 from msl_kit.train import checkpoint as ckpt
-from msl_kit.train import engine, evaluation, recipe
+from msl_kit.train import evaluation, recipe
 from msl_kit.train.config import Config
+from msl_kit.train.rundir import RunFolder
 
 
 def snapshots(run_dir: str | Path) -> list[Path]:
     """A run's weight snapshots (snapshots/iter_NNNNNN.pt), in training order."""
-    return sorted(Path(run_dir).glob("snapshots/iter_*.pt"))
+    return RunFolder(run_dir).snapshots()
 
 
 def latest_run(runs_dir: str | Path = "runs") -> Path | None:
-    """The most recently finished run folder under `runs_dir` (one with metrics.json), or None."""
-    done = [p.parent for p in Path(runs_dir).glob("*/metrics.json")]
-    return max(done, key=lambda p: (p / "metrics.json").stat().st_mtime) if done else None
+    """The most recently finished run folder right under `runs_dir`, or None."""
+    done = [RunFolder(p) for p in Path(runs_dir).glob("*") if RunFolder(p).finished()]
+    return max(done, key=lambda r: r.metrics.stat().st_mtime).path if done else None
+
+
+class NeedsRun(MslKitError):
+    """A notebook that needs a trained run found none. Jupyter shows it as its one line, with
+    no traceback (IPython's `_render_traceback_`), and stops running the cells below."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def find_run(
+    checkpoint: str | Path | None = None,
+    runs: str | Path = "runs",
+    demo: str | Path = "runs/demo",
+) -> Path:
+    """`checkpoint` (a run folder or file) if given, else the latest finished run under
+    `runs` (where notebook 02 trains), else `demo` (the README's `msl-kit train --out
+    runs/demo`) when it holds a finished run; none: `NeedsRun`, one line naming what to run."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    found = latest_run(runs)
+    if found is None and RunFolder(demo).finished():
+        found = Path(demo)
+    if found is None:
+        raise NeedsRun(
+            f"This notebook needs a trained run and found none under {runs} or {demo}: run "
+            "notebook 02_train first (or `msl-kit train --out runs/demo` in the repository's "
+            "folder), or set `checkpoint` to a run folder."
+        )
+    return found
 
 
 class Picked(NamedTuple):
@@ -49,7 +80,7 @@ def pick_model(
     else a fresh model of `cfg` (the default config when None); `note` says which."""
     path = Path(checkpoint) if checkpoint is not None else latest_run(runs)
     if path is None:
-        model, cfg = engine.load_model(cfg=cfg)
+        model, cfg = ckpt.load_model(cfg=cfg)
         return Picked(
             model,
             cfg,
@@ -58,22 +89,19 @@ def pick_model(
             f"a FRESH, untrained {cfg.model.backbone} on {cfg.data.name} "
             "(run 02_train first to see a trained model)",
         )
-    model, cfg = engine.load_model(path)
+    model, cfg = ckpt.load_model(path)
     run = path if path.is_dir() else path.parent
-    metrics = run / "metrics.json"
     score = ""
-    if metrics.is_file():
-        final = json.loads(metrics.read_text())
+    if RunFolder(run).finished():
+        final = RunFolder(run).read_metrics()
         score = f", iteration {final.get('iteration')}, R@1 {100 * final.get('recall@1', 0):.1f}%"
     return Picked(model, cfg, run, f"trained model from {path.resolve()}{score}")
 
 
-def ms_params(cfg: Config) -> dict[str, float]:
-    """The MS loss numbers of a config: alpha, beta, lam, margin (the released preset for a
-    proxy loss, whose loss.alpha / margin are its own scale and margin)."""
-    if not loss_spec(cfg.loss.name).pairs:
-        return dict(PRESETS["released"])
-    return {k: float(getattr(cfg.loss, k)) for k in ("alpha", "beta", "lam", "margin")}
+def ms_params(cfg: Config) -> MSParams:
+    """The MS numbers of a run (its loss's for an MS run, else the released preset): the one
+    place that says it is `recipe.ms_params`."""
+    return recipe.ms_params(cfg)
 
 
 def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, Tensor], Tensor]:
@@ -81,11 +109,12 @@ def snapshot_similarities(run_dir: str | Path, **batch: Any) -> tuple[dict[int, 
     {iteration: S} and the batch's labels."""
     sims, labels = {}, None
     for path in snapshots(run_dir):
-        model, cfg = engine.load_model(path)
+        model, cfg = ckpt.load_model(path)
         sims[int(path.stem.split("_")[1])], labels = batch_similarity(model, cfg, **batch)
     if labels is None:
         raise FileNotFoundError(
-            f"{run_dir} has no snapshots/iter_*.pt: train it with train.keep_snapshots=true"
+            f"{run_dir} has no {RunFolder.SNAPSHOTS}/iter_*.pt: train it with "
+            "train.keep_snapshots=true"
         )
     return sims, labels
 
@@ -159,16 +188,15 @@ def batch_similarity(model: nn.Module, cfg: Config, **batch: Any) -> tuple[Tenso
 
 def proxy_params(cfg: Config) -> dict[str, float]:
     """Proxy-Anchor's alpha and margin: the run's own for a proxy run, else the published."""
-    spec = loss_spec("proxy_anchor")
-    if cfg.loss.name == "proxy_anchor":
-        return {"alpha": float(cfg.loss.alpha), "margin": float(cfg.loss.margin)}
-    return {k: float(v) for k, v in spec.defaults.items()}
+    params = cfg.loss.params
+    own = params if isinstance(params, ProxyAnchorParams) else ProxyAnchorParams()
+    return {"alpha": own.alpha, "margin": own.margin}
 
 
 def run_proxies(run: str | Path | None) -> Tensor | None:
     """The learned proxies (C, D) of a run trained with a proxy loss; None for other runs."""
     if run is None:
         return None
-    path = Path(run) / "checkpoint.pt" if Path(run).is_dir() else Path(run)
+    path = RunFolder.checkpoint_of(run)
     proxies = (ckpt.load_checkpoint(path).get("loss") or {}).get("proxies")
     return proxies.float() if proxies is not None else None

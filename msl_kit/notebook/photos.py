@@ -10,7 +10,7 @@ import numpy as np
 from torch import nn
 
 from msl_kit.datasets import transforms
-from msl_kit.datasets.preparation import is_prepared
+from msl_kit.datasets.registry import is_prepared
 from msl_kit.models import packaged
 from msl_kit.train import evaluation, recipe
 from msl_kit.train.config import Config

@@ -9,6 +9,7 @@ drive it without a browser; ipywidgets and IPython are imported only when a widg
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from msl_kit.losses.mining import STAT_KEYS, pair_weights
-from msl_kit.losses.multi_similarity import PRESETS, PairWeights
+from msl_kit.losses.mining import STAT_KEYS, ms_pair_weights
+from msl_kit.losses.multi_similarity import PRESETS, MSParams, PairWeights
+from msl_kit.params import declared
+from msl_kit.train import recipe
 from msl_kit.train.config import Config
 from msl_kit.train.trainer import Callback
 from msl_kit.viz import mining as viz_mining
@@ -27,13 +30,8 @@ if TYPE_CHECKING:
     import ipywidgets
     from matplotlib.figure import Figure
 
-# (min, max, step) of each MS slider; beta reaches 200, the largest the loss is tested at
-SLIDERS = {
-    "alpha": (0.1, 10.0, 0.1),
-    "beta": (1.0, 200.0, 1.0),
-    "lam": (-0.5, 1.5, 0.05),
-    "margin": (0.0, 0.5, 0.01),
-}
+# (min, max, step) of each MS slider, as MSParams declares them beside each number's range
+SLIDERS = {name: meta.ui for name, (_, meta) in declared(MSParams).items()}
 SLIDER_LABELS = {
     "alpha": "α (alpha)",
     "beta": "β (beta)",
@@ -64,7 +62,7 @@ class PairWeightExplorer:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         self.sim, self.labels = sim.detach().float().cpu(), torch.as_tensor(labels).cpu()
-        self.params = dict(PRESETS[preset])
+        self.ms = MSParams.preset(preset)
         self.compare, self.dpi = compare, dpi
         self.weights: PairWeights | None = None
         self.figure: Figure | None = None
@@ -76,6 +74,11 @@ class PairWeightExplorer:
             others = {n: {} for n in viz_mining.other_pair_losses()}
             self.compare_figure = viz_mining.gpw_figure(self.sim, self.labels, others)
         self.update()
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The four numbers the sliders hold, by name."""
+        return dataclasses.asdict(self.ms)
 
     @property
     def preset(self) -> str:
@@ -97,11 +100,11 @@ class PairWeightExplorer:
             raise ValueError(
                 f"unknown parameter(s) {unknown}; the explorer takes {sorted(SLIDERS)}"
             )
-        self.params.update({k: float(v) for k, v in params.items()})
+        self.ms = dataclasses.replace(self.ms, **params)  # checked against MSParams
         # computed once per move: the figure draws these very weights
-        self.weights = pair_weights(self.sim, self.labels, **self.params)
+        self.weights = ms_pair_weights(self.sim, self.labels, self.ms)
         self.figure = viz_mining.pair_weight_figure(
-            self.sim, self.labels, weights=self.weights, **self.params
+            self.sim, self.labels, self.ms, weights=self.weights
         )
         self.renders += 1
         if self._ui:
@@ -189,28 +192,26 @@ class SnapshotExplorer:
     snapshot iterations: how the same pairs looked to the model as it learned.
 
     `sims` maps iteration -> the batch's (B, B) similarities under that snapshot
-    (`explore.snapshot_similarities`); the MS parameters stay fixed (the run's own).
-    `update(iteration)` recomputes the weights once and redraws; the slider calls it.
+    (`explore.snapshot_similarities`); the MS numbers `ms` stay fixed (the run's own,
+    `explore.ms_params`). `update(iteration)` recomputes the weights once and redraws; the
+    slider calls it.
     """
 
     def __init__(
         self,
         sims: Mapping[int, Tensor],
         labels: Tensor,
+        ms: MSParams | None = None,
         *,
-        alpha: float,
-        beta: float,
-        lam: float,
-        margin: float,
         dpi: int = 80,
     ) -> None:
         if not sims:
             raise ValueError("no snapshot to show: the run folder has no snapshots/iter_*.pt")
         self.sims = {int(i): s.detach().float().cpu() for i, s in sorted(sims.items())}
         self.labels = torch.as_tensor(labels).cpu()
-        self.params = dict(alpha=alpha, beta=beta, lam=lam, margin=margin)
+        self.ms = ms or MSParams()
         lo = min(float(s.min()) for s in self.sims.values())
-        self.sim_range = (min(lo, lam) - 0.05, 1.02)  # one axis for every snapshot
+        self.sim_range = (min(lo, self.ms.lam) - 0.05, 1.02)  # one axis for every snapshot
         self.dpi, self.renders, self._ui = dpi, 0, {}
         self.iteration = self.iterations[-1]
         self.weights: PairWeights | None = None
@@ -228,14 +229,14 @@ class SnapshotExplorer:
             raise ValueError(f"no snapshot at iteration {iteration}; the run has {self.iterations}")
         self.iteration = int(iteration)
         sim = self.sims[self.iteration]
-        self.weights = pair_weights(sim, self.labels, **self.params)
+        self.weights = ms_pair_weights(sim, self.labels, self.ms)
         self.figure = viz_mining.pair_weight_figure(
             sim,
             self.labels,
+            self.ms,
             weights=self.weights,
             title=f"iteration {self.iteration}",
             sim_range=self.sim_range,
-            **self.params,
         )
         self.renders += 1
         if self._ui:
@@ -375,7 +376,7 @@ class LiveMining(_LivePanel):
         self.lam: float | None = None
 
     def on_start(self, cfg: Config, start_iteration: int, total: int) -> None:
-        self.lam = getattr(getattr(cfg, "loss", None), "lam", None)
+        self.lam = recipe.ms_params(cfg).lam if isinstance(cfg, Config) else None
         super().on_start(cfg, start_iteration, total)
 
     def on_step(self, record: dict) -> None:

@@ -24,24 +24,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from msl_kit.errors import MslKitError
 from msl_kit.files.atomic import atomic_write_text
+from msl_kit.files.safe_yaml import YamlError, load_yaml
 from msl_kit.train import rundir
 from msl_kit.train.config import CONFIG_DIR, Config, flatten, load_config, parse_override, to_dict
-from msl_kit.train.rundir import pid_alive
+from msl_kit.train.rundir import RunFolder, pid_alive
 
 STUDY_DIR = CONFIG_DIR / "sweeps"
 HOST = socket.gethostname()
 METRICS = ("recall@1", "map@r")
 MARK = "sweep.json"  # written first into a sweep folder: whose it is
 TABLES = ("sweep.csv", "summary.csv", "summary.md")
-SWEEP_FILES = {MARK, *TABLES, "runs", rundir.LOCK, "optuna.db"}
-# What a run folder may hold before its first checkpoint (the engine writes these first).
-EARLY_RUN_FILES = {*rundir.RUN_FILES, rundir.LOCK, "snapshots", "tensorboard"}
+SWEEP_FILES = {MARK, *TABLES, "runs", RunFolder.LOCK, "optuna.db"}
 
 
-class SweepError(ValueError):
+class SweepError(MslKitError, ValueError):
     """A sweep that cannot start; the message says what to change."""
 
 
@@ -67,11 +65,13 @@ class SweepSpec:
 
 
 def parse_grid(text: str) -> tuple[str, list]:
-    """`loss.beta=10,40,160` -> ("loss.beta", [10, 40, 160]); values are read as YAML scalars."""
+    """`loss.ms.beta=10,40` -> ("loss.ms.beta", [10, 40]); values are read as YAML scalars."""
     key, sep, raw = text.partition("=")
     values = [parse_override(f"k={v}")[1] for v in raw.split(",")] if raw.strip() else []
     if not sep or not key.strip() or not values:
-        raise SweepError(f"--grid '{text}' is not of the form key=v1,v2 (e.g. loss.beta=10,40,160)")
+        raise SweepError(
+            f"--grid '{text}' is not of the form key=v1,v2 (e.g. loss.ms.beta=10,40,160)"
+        )
     bad = [v for v in values if v is not None and not isinstance(v, (bool, int, float, str))]
     if bad or len(set(map(repr, values))) != len(values):
         raise SweepError(f"--grid '{text}': values must be distinct numbers, strings or booleans")
@@ -79,7 +79,7 @@ def parse_grid(text: str) -> tuple[str, list]:
 
 
 def parse_range(text: str) -> tuple[str, tuple[float, float, bool]]:
-    """`loss.beta=10:160:log` -> ("loss.beta", (10.0, 160.0, True)) for a TPE search."""
+    """`loss.ms.beta=10:160:log` -> ("loss.ms.beta", (10.0, 160.0, True)) for a TPE search."""
     key, _, raw = text.partition("=")
     parts = raw.split(":")
     try:
@@ -97,7 +97,13 @@ def load_study(name: str) -> dict:
     if not path.is_file():
         names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
         raise SweepError(f"no sweep study '{name}'; studies: {', '.join(names) or 'none'}")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        study = load_yaml(path.read_text(), str(path)) or {}
+    except YamlError as e:
+        raise SweepError(str(e)) from None
+    if not isinstance(study, dict):
+        raise SweepError(f"{path} is not a mapping of grid, set, seeds and config")
+    return study
 
 
 def make_spec(
@@ -184,7 +190,7 @@ def cells(spec: SweepSpec) -> list[dict]:
 
 def cell_config(spec: SweepSpec, params: dict, seed: int, threads: int = 0) -> Config:
     """The base config, then --set, then the cell's values and seed (ConfigError if invalid)."""
-    # One resolution of every source, so a grid over loss.preset applies the preset's numbers.
+    # One resolution of every source, so a grid over loss.ms.preset applies the preset's numbers.
     cfg = load_config(spec.config, spec.overrides, {**params, "seed": seed})
     if threads and not cfg.train.threads:  # an explicit train.threads wins
         cfg.train.threads = threads
@@ -243,14 +249,14 @@ def check_out(out: Path, study: str) -> None:
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file; choose a folder")
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not [n for n in names if n != rundir.LOCK]:
+    if not [n for n in names if n != RunFolder.LOCK]:
         return  # new or empty (a lock alone: claiming it says who holds it)
     try:
         mark = json.loads((out / MARK).read_text())
     except (OSError, ValueError):
         mark = None
     if not isinstance(mark, dict) or mark.get("written_by") != "msl-kit sweep":
-        run = set(names) & set(rundir.RUN_FILES)
+        run = set(names) & set(RunFolder.FILES)
         what = "a training run" if run else "files msl-kit sweep did not write"
         raise SweepError(
             f"--out {out} holds {what} ({', '.join(names[:3])}); nothing in it was changed: "
@@ -288,21 +294,22 @@ def prepare_cell(cfg: Config, run_dir: Path) -> bool:
     the cell starts again (its name carries this config's hash: it is this cell's folder)."""
     if not run_dir.exists():
         return False
-    if any((run_dir / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
-        from msl_kit.train import checkpoint, engine
+    run = RunFolder(run_dir)
+    if any(p.is_file() for p in run.checkpoints()):
+        from msl_kit.train import checkpoint
 
         state, path = checkpoint.load_latest(run_dir)
-        if config_hash(engine.stored_config(state, path)) != config_hash(cfg):
+        if config_hash(checkpoint.stored_config(state, path)) != config_hash(cfg):
             raise SweepError(f"{run_dir} holds a run of another config; move it away and rerun")
         return True
-    foreign = sorted({p.name for p in run_dir.iterdir()} - EARLY_RUN_FILES)
+    foreign = sorted({p.name for p in run_dir.iterdir()} - set(RunFolder.EARLY))
     if foreign:
         raise SweepError(
             f"{run_dir} holds files msl-kit did not write ({', '.join(foreign[:3])}); "
             "move them away and rerun"
         )
     try:
-        owner = json.loads((run_dir / rundir.LOCK).read_text())
+        owner = json.loads(run.lock.read_text())
     except (OSError, ValueError):
         owner = {}
     if owner and (owner.get("host") != HOST or pid_alive(owner.get("pid", 0))):

@@ -2,16 +2,24 @@
 
 The defaults are the embedded demo: Omniglot-small (shipped in the package), split by alphabet,
 a small convnet, on the CPU in well under a minute. Recipes in `configs/*.yaml` override what
-they need; every key is dotted (`loss.beta`). Every value is checked when the config is loaded
-(`validate`), before any data is read, so a bad value fails in one line, not mid-run.
+they need; every key is dotted. A key that belongs to the run sits in its section (`train.lr`,
+`loss.mining`, `model.embedding_dim`); the chosen loss's and backbone's own parameters sit in
+a section named after the component (`loss.ms.beta`, `loss.proxy_anchor.alpha`,
+`model.convnet.input_size`, `model.timm.input_size`), checked against what that component
+declares (`msl_kit.params`). The section of a component the run does not use is left out, so
+switching `loss.name` never carries a number written for another loss. Every value is checked
+when the config is loaded (`validate`), before any data is read.
+
+A new run-level key is one field below (`param(default, doc, ge=..., le=...)` gives its range
+and its line in the docs); a loss's or backbone's new key is one field of its params dataclass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,118 +27,140 @@ from typing import Any
 
 import yaml
 
-from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.files.safe_yaml import YamlError, load_yaml
+from msl_kit.losses.multi_similarity import MSParams
 from msl_kit.losses.registry import LOSSES
-from msl_kit.train.checks import ConfigError, validate
+from msl_kit.models.convnet import ConvNetParams
+from msl_kit.models.head import HEAD_INITS
+from msl_kit.models.registry import backbone_section, is_section, section_params
+from msl_kit.params import ParamError, build, coerce, param, short
+from msl_kit.preprocessing import CROP_MODES
+from msl_kit.train.old_keys import upgrade
+from msl_kit.train.validation import ConfigError, check_names, check_plugins, validate
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-_MS = PRESETS["released"]  # the loss numbers have one home: msl_kit.losses.PRESETS
+COMPONENTS = ("loss", "model")  # the sections that hold a component's own parameters
+PARAMS = "params"  # the field of LossConfig / ModelConfig holding that component's values
+MAX_BATCH = 16384  # a (B, B) float32 similarity matrix of 1 GiB
 
 
 @dataclass
 class DataConfig:
     name: str = "omniglot_small"  # shipped in the package: nothing to download
     root: str = "data"
-    val_fraction: float = (
-        0.0  # >0 carves a class-disjoint validation split out of the train classes
+    val_fraction: float = param(
+        0.0, "> 0 carves a class-disjoint validation split out of the train classes", ge=0, lt=1
     )
-    workers: int = 0  # DataLoader worker processes
+    workers: int = param(0, "DataLoader worker processes", ge=0, le=128)
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
     crop_scale: list[float] | None = None  # None: the backbone's spec (released recipe: 0.16-1)
     hflip: bool | None = None  # None: the backbone's spec
-    crop_mode: str | None = None  # None: the backbone's spec; "two_step" (released) or "fused"
+    crop_mode: str | None = param(
+        None, "None: the backbone's; two_step (released) or fused", choices=(None, *CROP_MODES)
+    )
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "convnet"
-    embedding_dim: int = 64
+    embedding_dim: int = param(64, "width of the embedding", ge=2, le=8192)
     # A weights file; "default" (bninception / resnet50: the usual cache path); "hub" (timm:
     # timm's own download); null or none: random init
     pretrained: str | None = None
     freeze_bn: bool = False  # keep BatchNorm running statistics fixed (released CUB/Cars recipe)
     freeze_bn_affine: bool = False  # with freeze_bn: BatchNorm weight / bias stop training too
     freeze_modules: list[str] = field(default_factory=list)  # backbone modules kept fixed
-    head_init: str = "kaiming_fan_out"  # the released recipe's; "orthogonal" (Hyp-ViT)
-    image_size: int = 28  # convnet only; bninception / resnet50 fix their own sizes
-    resize_size: int = 0  # convnet: 0 = image_size; timm: 0 = timm's input_size / crop_pct
-    in_channels: int = 1  # convnet only
-    width: int = 64  # convnet only
-    global_pool: str | None = None  # timm only: None = the model's own; avg, max, avgmax, token
-    input_size: int = 0  # timm only: the side the network sees; 0 = timm's pretrained config
+    head_init: str = param(
+        "kaiming_fan_out", "the released recipe's; orthogonal (Hyp-ViT)", choices=HEAD_INITS
+    )
     channels_last: bool = False
+    # The chosen backbone's own options (`model.<backbone>.*`: its BackboneSpec.params).
+    params: Any = field(default_factory=ConvNetParams)
 
 
 @dataclass
 class LossConfig:
-    # alpha/beta/lam/margin parametrise MS; margin is also the triplet margin and the MS-mining
-    # margin of the other losses; contrastive, binomial and lifted keep their published numbers.
-    # alpha and margin are also Proxy-Anchor's scale and margin (32 and 0.1 unless a key sets
-    # them: the registry's defaults for that loss).
-    name: str = "ms"  # ms, contrastive, triplet, binomial, lifted, proxy_anchor
-    preset: str | None = None  # "released" or "paper": the four numbers, unless a key sets one
-    alpha: float = _MS["alpha"]
-    beta: float = _MS["beta"]
-    lam: float = _MS["lam"]
-    margin: float = _MS["margin"]
-    mining: str | None = None  # None: the loss's own; "ms" (MS mining) or "none" (every pair)
-    xbm_size: int = 0  # cross-batch memory slots; 0 turns XBM off
-    xbm_start: int = 0  # iteration from which the memory term is added
-    xbm_weight: float = 1.0
-    proxy_lr_mult: float = 100.0  # proxies' lr = train.lr x this (Proxy-Anchor's release: 100)
+    name: str = "ms"  # ms, contrastive, triplet, binomial, lifted, proxy_anchor, or a plugin's
+    # Keys of the run, not of one loss: MS mining for every loss that takes it (the paper's
+    # ablation crosses it with the weighting), cross-batch memory around any pair loss, and the
+    # learning rate of a loss's own parameters (Proxy-Anchor's proxies).
+    mining: str | None = param(
+        None, "None: the loss's own; ms (MS mining) or none (every pair)",
+        choices=(None, "ms", "none"),
+    )  # fmt: skip
+    xbm_size: int = param(0, "cross-batch memory slots; 0 turns XBM off", ge=0, le=1_000_000)
+    xbm_start: int = param(0, "iteration from which the memory term is added", ge=0)
+    xbm_weight: float = param(1.0, "weight of the memory term", ge=0)
+    proxy_lr_mult: float = param(
+        100.0, "lr of the loss's parameters = train.lr x this", ge=0, le=1e4,
+        hint="Proxy-Anchor's release: 100",
+    )  # fmt: skip
+    # The chosen loss's own parameters (`loss.<name>.*`: its LossSpec.params).
+    params: Any = field(default_factory=MSParams)
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 150
-    batch_size: int = 80
-    samples_per_class: int = 5
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is x lr_gamma
-    lr_gamma: float = 0.1
-    warmup: int = 0  # linear warm-up iterations
-    warmup_frozen: int = 0  # iterations in which the backbone is frozen (head and proxies train)
-    optimizer: str = "adam"  # adam (MS release) or adamw (Proxy-Anchor release)
-    sampler: str = "pk"  # pk: P classes x K images; random: shuffled batches, drop_last
-    grad_clip_value: float = 0.0  # clip each gradient element to +-value; 0 = off
-    grad_clip_norm: float = 0.0  # clip the total gradient norm; 0 = off
-    backbone_lr_mult: float = 1.0
-    head_lr_mult: float = 1.0
-    class_draw: str = "uniform"  # PKSampler: "uniform" classes, or "released" (by floor(n/K))
-    eval_every: int = 50  # 0: evaluate only at the end
-    checkpoint_every: int = 50  # 0: checkpoint only at the end
+    iterations: int = param(150, "optimisation steps", ge=1, le=100_000_000)
+    batch_size: int = param(80, "images per step", ge=2, le=MAX_BATCH)
+    samples_per_class: int = param(5, "images of each class in a P x K batch", ge=1, le=MAX_BATCH)
+    lr: float = param(1e-3, "learning rate", gt=0, hint="released recipe: 3e-5")
+    weight_decay: float = param(5e-4, "weight decay", ge=0)
+    lr_steps: list[int] = param([], "iterations at which lr is x lr_gamma", ge=1)
+    lr_gamma: float = param(0.1, "lr factor at each step", gt=0, le=1)
+    warmup: int = param(0, "linear warm-up iterations", ge=0)
+    warmup_frozen: int = param(0, "iterations in which only the head and proxies train", ge=0)
+    optimizer: str = param("adam", "adam (MS release) or adamw", choices=("adam", "adamw"))
+    sampler: str = param("pk", "pk: P x K batches; random: shuffled", choices=("pk", "random"))
+    grad_clip_value: float = param(0.0, "clip each gradient element to +-value; 0 = off", ge=0)
+    grad_clip_norm: float = param(0.0, "clip the total gradient norm; 0 = off", ge=0)
+    backbone_lr_mult: float = param(1.0, "backbone lr = lr x this", ge=0)
+    head_lr_mult: float = param(1.0, "head lr = lr x this", ge=0)
+    class_draw: str = param(
+        "uniform", "PKSampler: uniform classes or released", choices=("uniform", "released")
+    )
+    eval_every: int = param(50, "0: evaluate only at the end", ge=0)
+    checkpoint_every: int = param(50, "0: checkpoint only at the end", ge=0)
     keep_snapshots: bool = True  # model weights at start and each evaluation, in snapshots/
-    log_every: int = 10
-    amp: str = "none"  # none, bf16, fp16
-    threads: int = 0  # torch intra-op threads; 0 picks cores minus workers
+    log_every: int = param(10, "history.csv rows every this many iterations", ge=1)
+    amp: str = param("none", "mixed precision", choices=("none", "bf16", "fp16"))
+    threads: int = param(0, "torch threads; 0 picks cores minus workers", ge=0, le=1024)
     tensorboard: bool = False
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"  # test or val (inshop evaluates query against gallery)
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    batch_size: int = 256
+    split: str = param("test", "test or val (inshop: query vs gallery)", choices=("test", "val"))
+    ks: list[int] = param([1, 2, 4, 8], "ranks of Recall@K", ge=1, le=100_000)
+    batch_size: int = param(256, "images per evaluation batch", ge=1, le=MAX_BATCH)
     # metrics.json "floors": true = raw pixels, the untrained network and, with pretrained
     # weights, the backbone as loaded; false = none; or a list of those that apply: [backbone]
     floors: bool | list[str] = True
-    metric: str = "ip"  # rank by inner product, or "euclidean" (smallest squared distance)
-    lone_queries: str = "miss"  # a query with no same-class item: a miss in R@K, or "skip" (PML)
+    metric: str = param("ip", "inner product or euclidean", choices=("ip", "euclidean"))
+    lone_queries: str = param(
+        "miss", "a query with no same-class item: a miss, or skip (PML)", choices=("miss", "skip")
+    )
 
 
 @dataclass
 class CacheConfig:
     # A frozen prefix of the backbone and a cache of its activations (msl_kit/train/prefix_cache):
     # fine-tuning only the tail on a CPU, the prefix run once per augmented view, not per step.
-    prefix: str = ""  # backbone module ending the frozen prefix ("blocks.4"); "" = none
-    views: int = 0  # seeded augmented views per training image cached on disk; 0 = no cache
-    view_seed: int = 0  # seeds the views (not the run's seed: every seed shares one cache)
+    # A section of the run, not of one backbone: any backbone whose frozen part is a module
+    # prefix takes it (`model.<backbone>.*` holds what builds that backbone, not how it trains).
+    prefix: str = param("", "backbone module ending the frozen prefix (blocks.4); empty: none")
+    views: int = param(
+        0, "seeded augmented views per training image cached on disk; 0: no cache", ge=0, le=1000
+    )
+    view_seed: int = param(
+        0, "seeds the views (not the run's seed: every seed shares one cache)", ge=0, lt=2**32
+    )
     dir: str = ""  # where caches live; "" = <data.root>/prefix_cache
-    dtype: str = "float32"  # float32 (exact) or float16 (half the disk, rounded activations)
-    max_gb: float = 20.0  # refuse to build a cache larger than this
+    dtype: str = param(
+        "float32", "float32 (exact) or float16 (half the disk, rounded activations)",
+        choices=("float32", "float16"),
+    )  # fmt: skip
+    max_gb: float = param(20.0, "refuse to build a cache larger than this many GB", gt=0)
 
 
 @dataclass
@@ -141,25 +171,46 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    seed: int = 0
+    seed: int = param(0, "seed of every random draw", ge=0, lt=2**32)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     description: str = ""
     # Modules imported before the config is checked, so that they can register their own
     # losses, backbones or datasets (`register_loss`, `register_backbone`); recorded in
-    # config.yaml, so a resumed run or a sweep cell imports them again.
+    # config.yaml. Only a config the user gives imports them: a stored one (a checkpoint's, a
+    # run's) asks for `--plugin NAME` instead (a checkpoint is data and runs no code).
     plugins: list[str] = field(default_factory=list)
 
 
+def component(cfg: Config, section: str) -> str:
+    """The config section name of the chosen loss ("ms") or backbone ("convnet", "timm")."""
+    return cfg.loss.name if section == "loss" else backbone_section(cfg.model.backbone)
+
+
+def component_params(section: str, name: str) -> type | None:
+    """The params class of component `name` of `section` (None if it takes none)."""
+    if section == "loss":
+        spec = LOSSES.get(name)
+        return spec.params if spec is not None else None
+    return section_params(name)
+
+
+def _sections(cfg: Config) -> list[tuple[str, Any]]:
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+
+
 def valid_keys(cfg: Config | None = None) -> list[str]:
-    """Every dotted key a config accepts, in declaration order."""
+    """Every dotted key a config accepts, in declaration order; a component's own keys are those
+    of the chosen loss and backbone (`loss.ms.beta`, `model.convnet.input_size`)."""
     cfg = cfg or Config()
     keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += [f"{f.name}.{sub.name}" for sub in dataclasses.fields(value)]
-        else:
-            keys.append(f.name)
+    for name, value in _sections(cfg):
+        if not dataclasses.is_dataclass(value):
+            keys.append(name)
+            continue
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(value) if f.name != PARAMS]
+        if name in COMPONENTS and dataclasses.is_dataclass(value.params):
+            own = component(cfg, name)
+            keys += [f"{name}.{own}.{f.name}" for f in dataclasses.fields(value.params)]
     return keys
 
 
@@ -170,113 +221,119 @@ def _unknown_key(key: str, cfg: Config) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'.{hint} Valid keys: {', '.join(keys)}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a field's type, converting only where it is lossless (int -> float)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects a list like [1, 2], got {value!r}")
-        return [_coerce(v, item_type, f"{key}[]") for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - every field uses the types above
-        raise ConfigError(f"{key}: unsupported type {annotation}")
-    raise ConfigError(f"{key} expects {getattr(annotation, '__name__', annotation)}, got {value!r}")
-
-
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set one dotted key with type checking (a preset's numbers are applied by `resolve`)."""
+    """Set one run-level dotted key with type checking (ranges are checked by `validate`; a
+    component's own keys are set through `resolve`)."""
     parts = key.split(".")
-    if len(parts) > 2:
-        raise _unknown_key(key, cfg)
     target: Any = cfg
     if len(parts) == 2:
-        section = getattr(cfg, parts[0], None)
-        if not dataclasses.is_dataclass(section):
+        target = getattr(cfg, parts[0], None)
+        if not dataclasses.is_dataclass(target):
             raise _unknown_key(key, cfg)
-        target = section
+    elif len(parts) != 1:
+        raise _unknown_key(key, cfg)
     fields = {f.name: f for f in dataclasses.fields(target)}
     name = parts[-1]
-    if name not in fields or dataclasses.is_dataclass(getattr(target, name)):
+    if name not in fields or name == PARAMS or dataclasses.is_dataclass(getattr(target, name)):
         raise _unknown_key(key, cfg)
-    hints = typing.get_type_hints(type(target))
-    setattr(target, name, _coerce(value, hints[name], key))
+    annotation = typing_hints(type(target))[name]
+    try:
+        setattr(target, name, coerce(value, annotation, key))
+    except ParamError as e:
+        raise ConfigError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=16)
+def typing_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (cached)."""
+    return typing.get_type_hints(cls)
 
 
 def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping (as read from YAML) as {dotted key: value}, in reading order."""
+    """A nested mapping (as read from YAML) as {dotted key: value}, in reading order; a
+    component's section (`loss: {ms: {beta: 50}}`) gives `loss.ms.beta`."""
     if not isinstance(values, dict):
         raise ConfigError(
-            f"expected a mapping of config keys at '{prefix or 'top level'}', got {values!r}"
+            f"expected a mapping of config keys at '{prefix or 'top level'}', got {short(values)}"
         )
+    depth = prefix.count(".")
     flat: dict[str, Any] = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
+        nested = depth == 0 or (depth == 1 and prefix.split(".")[0] in COMPONENTS)
+        if isinstance(v, dict) and prefix and not nested:
+            raise _unknown_key(key, Config())
         if isinstance(v, dict):
-            if prefix:
-                raise _unknown_key(key, Config())
             flat.update(flatten(v, prefix=f"{key}."))
         else:
             flat[key] = v
     return flat
 
 
-def resolve(values: dict[str, Any]) -> Config:
-    """The config that dotted `values` describe: defaults, then the preset, then every key.
+def _split(values: dict[str, Any], cfg: Config) -> tuple[dict, dict]:
+    """Run-level keys, and {section: {component: {key: value}}} of the components' keys."""
+    run: dict[str, Any] = {}
+    parts: dict[str, dict[str, dict]] = {name: {} for name in COMPONENTS}
+    for key, value in values.items():
+        head, *rest = key.split(".")
+        if head in COMPONENTS and len(rest) == 2:
+            parts[head].setdefault(rest[0], {})[rest[1]] = value
+        elif len(rest) > 1:
+            raise _unknown_key(key, cfg)
+        else:
+            run[key] = value
+    return run, parts
 
-    A preset only fills in what no key sets: `beta: 60` beside `preset: released` gives 60
-    whichever comes first, in a file or in `--set` overrides.
+
+def _component_values(cfg: Config, parts: dict[str, dict[str, dict]]) -> None:
+    """Build the chosen loss's and backbone's params from their sections (defaults for the
+    rest); a section of another component is left out, one of no component is refused."""
+    for section in COMPONENTS:
+        for name in parts[section]:
+            known = name in LOSSES if section == "loss" else is_section(name)
+            if not known:
+                registered = ", ".join(LOSSES) if section == "loss" else "convnet, timm, ..."
+                raise ConfigError(
+                    f"unknown config key '{section}.{name}.{next(iter(parts[section][name]))}':"
+                    f" no {'loss' if section == 'loss' else 'backbone'} is named {name} "
+                    f"(a {section} section names one: {registered})"
+                )
+        own = component(cfg, section)
+        params = component_params(section, own)
+        values = parts[section].get(own, {})
+        target = getattr(cfg, section)
+        try:
+            target.params = build(params, values, prefix=f"{section}.{own}.") if params else None
+        except ParamError as e:
+            raise ConfigError(str(e)) from None
+        if params is None and values:
+            raise ConfigError(
+                f"unknown config key '{section}.{own}.{next(iter(values))}': {own} takes no "
+                "parameters"
+            )
+
+
+def resolve(values: dict[str, Any], *, stored: bool = False, what: str = "the config") -> Config:
+    """The config that dotted `values` describe: defaults, then every key.
+
+    `stored`: the values are a config msl_kit wrote (a checkpoint's, a run's config.yaml): old
+    keys are upgraded silently and its plugins are not imported (a loss, backbone or dataset
+    that only a plugin registers is one line naming the `--plugin` to pass). Otherwise old
+    keys each get a one-line note, and the config's plugins are imported first.
     """
     cfg = Config()
-    preset = values.get("loss.preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(
-                f"loss.preset must be one of {', '.join(sorted(PRESETS))}, got {preset!r}"
-            )
-        for k, v in PRESETS[preset].items():
-            setattr(cfg.loss, k, float(v))
-    for key, value in values.items():
+    values = upgrade(values, cfg.loss.name, cfg.model.backbone, note=not stored)
+    run, parts = _split(values, cfg)
+    for key, value in run.items():
         set_key(cfg, key, value)
-    import_plugins(cfg.plugins)
-    _loss_defaults(cfg, values)
+    if stored:
+        check_plugins(cfg, what)
+    else:
+        import_plugins(cfg.plugins)
+    check_names(cfg)  # the loss and backbone exist, before their sections are read
+    _component_values(cfg, parts)
     validate(cfg)
     return cfg
-
-
-def _loss_defaults(cfg: Config, values: dict[str, Any]) -> None:
-    """The chosen loss's own values of shared keys (Proxy-Anchor's alpha 32) where neither a
-    key nor a preset set them; after the plugins, which may register the loss."""
-    spec = LOSSES.get(cfg.loss.name)
-    if spec is None or values.get("loss.preset") is not None:
-        return  # an unknown name fails in validate; a preset's numbers are what was asked
-    for key, value in spec.defaults.items():
-        if f"loss.{key}" not in values:
-            setattr(cfg.loss, key, float(value))
 
 
 def import_plugins(names: list[str]) -> None:
@@ -286,8 +343,8 @@ def import_plugins(names: list[str]) -> None:
             importlib.import_module(name)
         except Exception as err:  # any failure of a user's module is theirs to see in one line
             raise ConfigError(
-                f"plugins: cannot import {name!r} ({type(err).__name__}: {err}); put the module "
-                "on PYTHONPATH or fix it"
+                f"plugins: cannot import {name!r} ({type(err).__name__}: {short(str(err))}); put "
+                "the module on PYTHONPATH or fix it"
             ) from None
 
 
@@ -295,13 +352,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Split `key=value`; the value is read as YAML so `1e-4`, `true`, `[1, 2]` and `null` work."""
     if "=" not in text:
         raise ConfigError(
-            f"override '{text}' is not of the form key=value (e.g. --set loss.beta=50)"
+            f"override '{short(text)}' is not of the form key=value (e.g. --set loss.ms.beta=50)"
         )
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cannot read the value of '{text}': {e}") from None
+        value = load_yaml(raw, f"the value of --set {key.strip()}") if raw.strip() else ""
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
     if isinstance(value, str) and raw.strip():
         # YAML reads 1e-4 as a string; numbers written that way are meant as floats.
         try:
@@ -322,21 +379,23 @@ def resolve_config_path(name_or_path: str) -> Path:
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
     listed = ", ".join(names) or "none found"
     raise ConfigError(
-        f"no config file '{name_or_path}' and no preset of that name; presets: {listed}"
+        f"no config file '{short(name_or_path)}' and no preset of that name; presets: {listed}"
     )
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """The dotted keys of a YAML config file (read with safe_load: no tags, no code)."""
+    """The dotted keys of a YAML config file (no tags, no code, no alias bomb)."""
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        text = Path(path).read_text()
     except UnicodeDecodeError as e:  # a binary file: name it, not only the codec
         raise ConfigError(
             f"{path} is not a YAML text file (byte {e.start} is not UTF-8); give a config "
             "written as text, e.g. a copy of configs/digits.yaml"
         ) from None
+    try:
+        values = load_yaml(text, str(path)) or {}
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
     return flatten(values)
 
 
@@ -344,20 +403,44 @@ def load_config(
     source: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     values: dict[str, Any] | None = None,
+    *,
+    stored: bool = False,
 ) -> Config:
     """Defaults, then a YAML file (path or preset name), then `key=value` overrides in order,
-    then `values` ({dotted key: typed value}); a preset fills in only what no key sets."""
-    flat = read_yaml(resolve_config_path(str(source))) if source is not None else {}
-    for text in overrides:
-        key, value = parse_override(text)
-        flat[key] = value
-    flat.update(values or {})
-    return resolve(flat)
+    then `values` ({dotted key: typed value}). A section's `preset` fills in only what no key
+    sets. Old flat keys of each source are mapped to the component that source names (or that
+    is in effect when it names none). `stored`: see `resolve` (a run's own config.yaml)."""
+    file = read_yaml(resolve_config_path(str(source))) if source is not None else {}
+    given = dict(parse_override(text) for text in overrides)
+    names = {"loss.name": Config().loss.name, "model.backbone": Config().model.backbone}
+    flat: dict[str, Any] = {}
+    for part in (file, given, values or {}):
+        names.update({k: part[k] for k in names if k in part})
+        flat.update(upgrade(part, *names.values(), note=not stored))
+    return resolve(flat, stored=stored, what=f"the run of {source}" if stored else "the config")
 
 
 def to_dict(cfg: Config) -> dict:
-    """A plain nested dict, as written to a run's config.yaml."""
-    return dataclasses.asdict(cfg)
+    """A plain nested dict, as written to a run's config.yaml: each section's run-level keys,
+    with the chosen component's own section right after its name."""
+    out: dict[str, Any] = {}
+    for name, value in _sections(cfg):
+        if not dataclasses.is_dataclass(value):
+            out[name] = _plain(value)
+            continue
+        part: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if f.name == PARAMS:
+                continue
+            part[f.name] = _plain(getattr(value, f.name))
+            if name in COMPONENTS and f.name in ("name", "backbone") and value.params is not None:
+                part[component(cfg, name)] = dataclasses.asdict(value.params)
+        out[name] = part
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 def config_text(cfg: Config) -> str:
@@ -370,6 +453,7 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(config_text(cfg))
 
 
-def from_dict(values: dict) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's stored config)."""
-    return resolve(flatten(values))
+def from_dict(values: dict, *, what: str = "this checkpoint") -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's stored config; the flat
+    form of earlier versions too). It imports no plugin: see `resolve(stored=True)`."""
+    return resolve(flatten(values), stored=True, what=what)

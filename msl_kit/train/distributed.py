@@ -21,6 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from msl_kit.errors import MslKitError
+
+
+class DistributedError(MslKitError, RuntimeError):
+    """A torchrun environment msl_kit cannot train in (no torch.distributed, too few GPUs)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -63,16 +69,18 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | None = 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     if not dist.is_available():
-        raise RuntimeError(
+        raise DistributedError(
             "WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process"
         )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise RuntimeError("backend nccl needs CUDA; use backend='gloo' on CPU-only machines")
+            raise DistributedError(
+                "backend nccl needs CUDA; use backend='gloo' on CPU-only machines"
+            )
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise DistributedError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
                 f"lower torchrun's --nproc_per_node"
             )

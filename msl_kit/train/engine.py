@@ -15,12 +15,20 @@ from typing import Any
 
 from torch import nn
 
-from msl_kit.files.atomic import CheckpointError
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
-from msl_kit.train.checks import ConfigError
-from msl_kit.train.config import Config, flatten, from_dict, parse_override, resolve, to_dict
-from msl_kit.train.trainer import Callback, DivergenceError, Trainer, load_model_state
+from msl_kit.train.config import (
+    Config,
+    flatten,
+    import_plugins,
+    parse_override,
+    read_yaml,
+    resolve,
+    to_dict,
+)
+from msl_kit.train.rundir import RunFolder
+from msl_kit.train.trainer import Callback, DivergenceError, Trainer
+from msl_kit.train.validation import ConfigError, check_ranks
 
 # What `--resume DIR --set ...` may change: how long the run goes and how often it reports.
 RESUME_KEYS = ("train.iterations", "train.eval_every", "train.checkpoint_every", "train.log_every")
@@ -34,16 +42,6 @@ class Interrupted(KeyboardInterrupt):
         self.out, self.iteration = out, iteration
 
 
-def stored_config(state: dict, path: Path) -> Config:
-    """The config a checkpoint was trained with; a clear error for files without one."""
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(
-            f"{path} holds weights but no stored config, so msl-kit cannot "
-            "rebuild its model: it was not written by `msl-kit train`"
-        )
-    return from_dict(state["config"])
-
-
 def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] = ()) -> Config:
     """The stored config of a run, refusing an edited config.yaml, with the allowed overrides.
 
@@ -51,14 +49,14 @@ def resumed_config(out: Path, state: dict, path: Path, overrides: Iterable[str] 
     came before the next save) are replayed first and added to `state["resumes"]`."""
     done = list(state.get("resumes", []))
     pending = [e for e in rundir.read_written(out)["extensions"] if e not in done]
-    base = _with_overrides(stored_config(state, path), [t for e in pending for t in e["overrides"]])
+    replayed = [t for e in pending for t in e["overrides"]]
+    base = _with_overrides(ckpt.stored_config(state, path), replayed)
     stored = flatten(to_dict(base))
     state["resumes"] = done + pending
-    on_disk = out / "config.yaml"
+    on_disk = RunFolder(out).config
     if on_disk.is_file() and not rundir.kit_wrote(on_disk):  # the kit's own writes are no edits
-        from msl_kit.train.config import read_yaml
-
-        edited = flatten(to_dict(resolve(read_yaml(on_disk))))
+        what = f"the edited {on_disk}"
+        edited = flatten(to_dict(resolve(read_yaml(on_disk), stored=True, what=what)))
         changed = [
             f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in edited.items() if stored.get(k) != v
         ]
@@ -92,7 +90,7 @@ def _with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
                 "to change it"
             )
         values[key] = value
-    return resolve(values)
+    return resolve(values, stored=True)
 
 
 @contextlib.contextmanager
@@ -180,42 +178,22 @@ def evaluate_checkpoint(
     device: str | None = None,
     metric: str | None = None,
     lone_queries: str | None = None,
+    plugins: list[str] | tuple[str, ...] = (),
 ) -> tuple[dict, Config]:
     """Load a checkpoint (safely) with its stored config and evaluate it; the given options
-    replace the stored eval.split, device, eval.metric, eval.lone_queries."""
+    replace the stored eval.split, device, eval.metric, eval.lone_queries (the stored device
+    is used where this machine has it, else the CPU). `plugins` are imported first."""
+    import_plugins(list(plugins))
     path = Path(path)
     state = ckpt.load_checkpoint(path)
-    values = flatten(to_dict(stored_config(state, path)))
-    given = {
-        "eval.split": split,
-        "device": device,
-        "eval.metric": metric,
-        "eval.lone_queries": lone_queries,
-    }
-    values.update({k: v for k, v in given.items() if v})
-    cfg = resolve(values)  # the changed values are validated like any others
+    stored = str(ckpt.stored_values(state, path).get("device", "cpu"))
+    given = {"eval.split": split, "eval.metric": metric, "eval.lone_queries": lone_queries}
+    changes = {k: v for k, v in given.items() if v}
+    cfg = ckpt.stored_config(state, path, device=ckpt.use_device(stored, device), **changes)
     dev = recipe.pick_device(cfg.device)
     model = recipe.build_model(cfg, load_pretrained=False)
-    load_model_state(model, state, path)
+    ckpt.load_model_state(model, state, path)
     model.to(dev)
     data = recipe.eval_data(cfg)
+    check_ranks(cfg, evaluation.max_rank(*data))
     return evaluation.evaluate(model, *data, dev, cfg.eval.ks, recipe.eval_options(cfg)), cfg
-
-
-def load_model(
-    checkpoint: str | Path | None = None, cfg: Config | None = None, device: str = "cpu"
-) -> tuple[nn.Module, Config]:
-    """A trained model and its stored config from a checkpoint file or run folder, or, with no
-    checkpoint, the fresh model `cfg` describes (the same weights its training starts from)."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        path = path / "checkpoint.pt" if path.is_dir() else path
-        state = ckpt.load_checkpoint(path)
-        cfg = stored_config(state, path)
-        model = recipe.build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
-        load_model_state(model, state, path)
-    else:
-        cfg = cfg or resolve({})
-        recipe.seed_everything(cfg.seed)  # as engine.train does before building the model
-        model = recipe.build_model(cfg)
-    return model.to(device).eval(), cfg

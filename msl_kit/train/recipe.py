@@ -18,13 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from msl_kit.datasets.dataset import ImageDataset, build
+from msl_kit.datasets.layouts.common import DatasetError
 from msl_kit.datasets.registry import info
+from msl_kit.datasets.sampling import PKSampler, RandomBatchSampler
 from msl_kit.datasets.transforms import build_transform
 from msl_kit.losses import registry as loss_registry
+from msl_kit.losses.multi_similarity import MSParams
 from msl_kit.models import builder as model_builder
-from msl_kit.models.registry import backbone_spec
 from msl_kit.preprocessing import Preprocessing
-from msl_kit.sampler import PKSampler, RandomBatchSampler
 from msl_kit.train.config import Config
 from msl_kit.train.evaluation import EvalOptions
 
@@ -44,19 +45,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_options(cfg: Config) -> dict:
-    """The `model.*` options the configured backbone takes (the convnet's sizes, timm's
-    pooling and sizes); 0 or None is the backbone's own value and is left out."""
-    m = cfg.model
-    values = dict(
-        in_channels=m.in_channels,
-        image_size=m.image_size,
-        resize_size=m.resize_size or None,  # convnet: image_size; timm: input_size / crop_pct
-        width=m.width,
-        global_pool=m.global_pool,
-        input_size=m.input_size or None,
-    )
-    taken = backbone_spec(m.backbone).options
-    return {k: values[k] for k in taken if values.get(k) is not None}
+    """The configured backbone's own options (`model.<backbone>.*`, as it declares them; 0 or
+    None means the backbone's own value)."""
+    params = cfg.model.params
+    return dataclasses.asdict(params) if params is not None else {}
+
+
+def ms_params(cfg: Config) -> MSParams:
+    """The MS numbers of this run: its loss's where the loss is MS (or declares MS's numbers),
+    else the released preset (what the mining statistics of other losses are computed with)."""
+    params = cfg.loss.params
+    return params if isinstance(params, MSParams) else MSParams()
 
 
 def preprocessing(cfg: Config) -> Preprocessing:
@@ -146,7 +145,7 @@ def num_classes(train_set: Dataset) -> int:
     """
     labels = np.unique(np.asarray(train_set.labels))
     if labels.size == 0 or labels[0] != 0 or labels[-1] != labels.size - 1:
-        raise ValueError(
+        raise DatasetError(
             f"the training labels must be 0..C-1 for one proxy per class, got {labels.size} "
             f"classes labelled {labels[:3].tolist()}...; number the classes from 0"
         )
@@ -154,12 +153,12 @@ def num_classes(train_set: Dataset) -> int:
 
 
 def loss_params(cfg: Config, classes: int | None = None) -> dict:
-    """The parameters the configured loss gets: the `loss.*` keys its registry entry names,
+    """The parameters the configured loss gets: its own (`loss.<name>.*`, as it declares them),
     `loss.mining` where it is set and the loss takes it, and for a proxy loss `num_classes`
     (`classes`, the train split's class count) and `dim` (`model.embedding_dim`)."""
     lc = cfg.loss
     spec = loss_registry.loss_spec(lc.name)
-    params = {key: getattr(lc, key) for key in spec.keys}
+    params = dataclasses.asdict(lc.params) if lc.params is not None else {}
     if lc.mining is not None and spec.mining:
         params["mining"] = lc.mining
     if spec.needs_classes:

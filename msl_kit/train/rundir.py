@@ -1,7 +1,9 @@
-"""Run folders: claimed by one writer at a time, never clobbering files the kit did not write.
+"""Run folders: their file names (`RunFolder`), one writer at a time, never clobbering files the
+kit did not write.
 
-A run folder holds config.yaml, history.csv, checkpoint.pt (+ .prev.pt), best.pt and
-metrics.json. `claim` takes a lock file holding the writer's pid and host, created
+`RunFolder` is the one place that names a run's files: the config, the history, the metrics,
+the checkpoints, the weight snapshots, the lock and the record of the kit's own writes; every
+other module asks it. `claim` takes a lock file holding the writer's pid and host, created
 atomically (O_EXCL), so two `msl-kit train --out same` cannot both write; a lock whose
 process is gone (same host) is stale and taken over.
 """
@@ -20,24 +22,118 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from msl_kit.errors import MslKitError
 from msl_kit.files.atomic import atomic_write_text
 
-LOCK = ".msl_kit.lock"
-# The sha256 of every config.yaml the kit wrote into a run, and the resume extensions, each
-# recorded before the config.yaml it leads to (see `write_config`).
-WRITTEN = ".msl_kit.config.json"
-RUN_FILES = (
-    WRITTEN,
-    "config.yaml",
-    "history.csv",
-    "checkpoint.pt",
-    "checkpoint.prev.pt",
-    "best.pt",
-    "metrics.json",
-)
+
+class RunFolder:
+    """A run folder and the names of the files `msl-kit train` writes into it.
+
+    `RunFolder(path).metrics` is its metrics.json, `.checkpoint` its checkpoint.pt, and so on;
+    `RunFolder.checkpoint_of(path)` is a checkpoint file given as itself or as its run folder.
+    """
+
+    CONFIG = "config.yaml"
+    HISTORY = "history.csv"
+    METRICS = "metrics.json"
+    CHECKPOINT = "checkpoint.pt"
+    PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last, kept for a torn write
+    CORRUPT = "checkpoint.corrupt.pt"  # an unreadable checkpoint set aside on resume
+    BEST = "best.pt"
+    SNAPSHOTS = "snapshots"  # snapshots/iter_NNNNNN.pt: weights at each evaluation
+    TENSORBOARD = "tensorboard"
+    LOCK = ".msl_kit.lock"
+    # The sha256 of every config.yaml the kit wrote into a run, and the resume extensions, each
+    # recorded before the config.yaml it leads to (see `write_config`).
+    WRITTEN = ".msl_kit.config.json"
+    EVAL_METRICS = "metrics_eval.json"  # `msl-kit evaluate`'s default output, beside the file
+    # What a run writes, in the order a reader meets them.
+    FILES = (WRITTEN, CONFIG, HISTORY, CHECKPOINT, PREVIOUS, BEST, METRICS)
+    # What a run folder may hold before its first checkpoint (the engine writes these first).
+    EARLY = (*FILES, LOCK, SNAPSHOTS, TENSORBOARD)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def history(self) -> Path:
+        return self.path / self.HISTORY
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def previous(self) -> Path:
+        return self.path / self.PREVIOUS
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def written(self) -> Path:
+        return self.path / self.WRITTEN
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint, then the one before it: where a resume looks, in that order."""
+        return [self.checkpoint, self.previous]
+
+    def snapshot(self, iteration: int) -> Path:
+        """The weight snapshot of `iteration`."""
+        return self.path / self.SNAPSHOTS / f"iter_{iteration:06d}.pt"
+
+    def snapshots(self) -> list[Path]:
+        """The weight snapshots, in training order."""
+        return sorted((self.path / self.SNAPSHOTS).glob("iter_*.pt"))
+
+    def finished(self) -> bool:
+        """Whether the run wrote its final metrics."""
+        return self.metrics.is_file()
+
+    def read_metrics(self) -> dict:
+        """metrics.json; RunFolderError (one line) if the run has not finished."""
+        if not self.finished():
+            raise RunFolderError(
+                f"{self.metrics} is missing: the run has not finished "
+                "(resume it with msl-kit train --resume DIR)"
+            )
+        return json.loads(self.metrics.read_text())
+
+    @classmethod
+    def checkpoint_of(cls, path: str | os.PathLike) -> Path:
+        """A checkpoint file, or a run folder's checkpoint."""
+        path = Path(path)
+        return path / cls.CHECKPOINT if path.is_dir() else path
+
+    @classmethod
+    def find(cls, root: str | os.PathLike) -> list[RunFolder]:
+        """The finished runs at `root` or anywhere under it, sorted by path."""
+        root = Path(root)
+        if (root / cls.METRICS).is_file():
+            return [cls(root)]
+        return [cls(p.parent) for p in sorted(root.rglob(cls.METRICS))]
 
 
-class RunFolderError(OSError):
+class RunFolderError(MslKitError, OSError):
     """A run folder that cannot be used as asked; the message says what to do instead."""
 
 
@@ -52,8 +148,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(folder: Path) -> Path:
-    lock = folder / LOCK
+def take_lock(lock: Path, busy: str, error: type[Exception] = RunFolderError) -> Path:
+    """Create `lock` atomically (O_EXCL) holding this process's pid and host; a lock left by a
+    process that is gone (same host) is taken over with a warning. A live holder is refused
+    with `error`: "`busy` (pid N on HOST); wait for it to finish, ...". Run folders and
+    `msl-kit embed --out` files share this one mechanism."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     for _ in range(2):
         try:
@@ -63,26 +162,30 @@ def _take_lock(folder: Path) -> Path:
                 owner = json.loads(lock.read_text())
             except (OSError, ValueError):
                 owner = {}
+            owner = owner if isinstance(owner, dict) else {}
             same_host = owner.get("host") == me["host"]
             if same_host and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
                 warnings.warn(
                     f"{lock} was left by a process that is gone (pid {owner['pid']}); "
-                    "taking the folder over",
+                    "taking it over",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 lock.unlink(missing_ok=True)
                 continue
             who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-            raise RunFolderError(
-                f"{folder} is in use by another msl-kit run ({who}); wait for it "
-                f"to finish, choose another --out, or delete {lock} if that "
-                "process is really gone"
+            raise error(
+                f"{busy} ({who}); wait for it to finish, choose another --out, or delete "
+                f"{lock} if that process is really gone"
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return lock
-    raise RunFolderError(f"could not lock {folder}; try again")
+    raise error(f"could not take the lock {lock}; try again")
+
+
+def _take_lock(folder: Path) -> Path:
+    return take_lock(RunFolder(folder).lock, f"{folder} is in use by another msl-kit run")
 
 
 @contextlib.contextmanager
@@ -101,11 +204,12 @@ def claim(folder: str | Path, *, new: bool) -> Iterator[Path]:
         raise RunFolderError(
             f"cannot write to the output folder {folder} ({e.strerror}); choose another with --out"
         ) from None
-    if new and any(p.name != LOCK for p in folder.iterdir()):
+    run = RunFolder(folder)
+    if new and any(p.name != run.LOCK for p in folder.iterdir()):
         lock.unlink(missing_ok=True)
-        if (folder / "checkpoint.pt").exists() or (folder / "checkpoint.prev.pt").exists():
+        if any(p.exists() for p in run.checkpoints()):
             hint = f"it holds a run: continue it with `msl-kit train --resume {folder}`"
-        elif (folder / "config.yaml").exists():  # nothing to resume: --resume would refuse it
+        elif run.config.exists():  # nothing to resume: --resume would refuse it
             hint = "it holds a config.yaml but no checkpoint, so there is nothing to resume"
         else:
             hint = "it holds files msl-kit did not write"
@@ -126,7 +230,7 @@ def read_written(folder: Path) -> dict:
     """What the kit recorded of its writes to `folder`/config.yaml: {"sha256": [...],
     "extensions": [...]} (both empty for runs from before the record, or without one)."""
     try:
-        record = json.loads((Path(folder) / WRITTEN).read_text())
+        record = json.loads(RunFolder(folder).written.read_text())
     except (OSError, ValueError):
         record = {}
     record = record if isinstance(record, dict) else {}
@@ -134,15 +238,16 @@ def read_written(folder: Path) -> dict:
 
 
 def write_config(folder: Path, text: str, extension: dict | None = None) -> None:
-    """Write `text` as folder/config.yaml, recording its hash (and the resume `extension` that
+    """Write `text` as the folder's config.yaml, recording its hash (and the resume `extension` that
     changes it) first, both atomically: whenever a crash comes, a resume knows every config.yaml
     the kit wrote from a user's edit, and the extension is replayed rather than lost."""
     record = read_written(folder)
     record["sha256"].append(hashlib.sha256(text.encode()).hexdigest())
     if extension is not None:
         record["extensions"].append(extension)
-    atomic_write_text(Path(folder) / WRITTEN, json.dumps(record, indent=1) + "\n")
-    atomic_write_text(Path(folder) / "config.yaml", text)
+    run = RunFolder(folder)
+    atomic_write_text(run.written, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(run.config, text)
 
 
 def kit_wrote(path: Path) -> bool:
@@ -170,7 +275,9 @@ def check_metrics_out(path: Path) -> None:
     """`msl-kit evaluate --out`: never replace a checkpoint, a run's files or a foreign file."""
     path = Path(path)
     if path.is_dir():
-        raise RunFolderError(f"--out {path} is a folder; give a file name like {path}/metrics.json")
+        raise RunFolderError(
+            f"--out {path} is a folder; give a file name like {path / RunFolder.EVAL_METRICS}"
+        )
     if not path.parent.is_dir():
         raise RunFolderError(
             f"cannot write {path}: the folder {path.parent} does not exist; create it or "

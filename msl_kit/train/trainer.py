@@ -16,20 +16,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from msl_kit.files.atomic import CheckpointError, atomic_write_text
+from msl_kit.errors import MslKitError
+from msl_kit.files.atomic import atomic_write_text
 from msl_kit.losses.memory import CrossBatchMemory, xbm_step_loss
 from msl_kit.losses.mining import mining_stats
-from msl_kit.losses.multi_similarity import PRESETS
 from msl_kit.losses.registry import loss_spec
 from msl_kit.models.weights import uses_weights
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
-from msl_kit.train.checks import ConfigError
 from msl_kit.train.config import Config, config_text, to_dict
 from msl_kit.train.prefix_cache.run import FrozenPrefix
+from msl_kit.train.rundir import RunFolder
+from msl_kit.train.validation import check_ranks
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(MslKitError, RuntimeError):
     """Training produced NaN or inf; the step was stopped before any weight changed."""
 
 
@@ -91,9 +92,7 @@ class _KeyedBatches:
 def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> None:
     if not bool(torch.isfinite(value).all()):
         # Say which checkpoint survives: a run that diverges before its first save has none.
-        kept = next(
-            (p for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt") if p.exists()), None
-        )
+        kept = next((p for p in RunFolder(out).checkpoints() if p.exists()), None)
         saved = (
             f"the last good checkpoint {kept} is kept"
             if kept
@@ -104,17 +103,6 @@ def _check_finite(iteration: int, what: str, value: torch.Tensor, out: Path) -> 
             f"weight changed and {saved}. Try a lower train.lr, train.amp=bf16 instead of fp16, "
             "or check the input images."
         )
-
-
-def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
-    """Load a checkpoint's weights, naming the file when they do not fit the configured model."""
-    try:
-        model.load_state_dict(state["model"])
-    except (ValueError, RuntimeError) as e:
-        detail = " ".join(str(e).split())[:400]  # torch's message spans many lines
-        raise CheckpointError(
-            f"{path} does not fit the model its config describes: {detail}"
-        ) from None
 
 
 class Trainer:
@@ -132,17 +120,13 @@ class Trainer:
         overrides: list[str] | None = None,
     ) -> None:
         self.cfg, self.out, self.dist, self.main = cfg, out, dist, dist.rank == 0
+        self.run = RunFolder(out)
         self.device = dist.device if dist.world_size > 1 else recipe.pick_device(cfg.device)
         recipe.seed_everything(cfg.seed)
         self.model = recipe.build_model(cfg, load_pretrained=state is None).to(self.device)
         spec = recipe.preprocessing(cfg)
         self.eval_data = recipe.eval_data(cfg, spec)
-        top = evaluation.max_rank(*self.eval_data)
-        if max(cfg.eval.ks) > top:
-            raise ConfigError(
-                f"eval.ks = {cfg.eval.ks} is not allowed: the {cfg.eval.split} split "
-                f"of {cfg.data.name} ranks at most {top} items; use ks <= {top}"
-            )
+        check_ranks(cfg, evaluation.max_rank(*self.eval_data))
         train_set = recipe.train_data(cfg, spec)
         # Built before anything is written: a batch the data cannot fill (data.val_fraction left
         # too few classes) is refused while the run folder is still empty, so the same --out
@@ -171,10 +155,7 @@ class Trainer:
         self.xbm = (
             CrossBatchMemory(lc.xbm_size, lc.xbm_start, lc.xbm_weight) if lc.xbm_size else None
         )
-        # MS mining statistics of each logged batch; for a proxy loss loss.alpha / margin are
-        # its own scale and margin, so the statistics use MS's released numbers.
-        ms_keys = dict(alpha=lc.alpha, beta=lc.beta, lam=lc.lam, margin=lc.margin)
-        self.ms = ms_keys if spec.pairs else dict(PRESETS["released"])
+        self.ms = recipe.ms_params(cfg)  # what the MS mining statistics of each log use
         # XBM scores anchors against the memory with the configured pair loss's own from_sim
         self.memory_loss = getattr(self.loss_fn, "from_sim", None) if self.xbm is not None else None
         self.iteration, self.history, self.results = 0, [], {}
@@ -209,7 +190,7 @@ class Trainer:
         return distributed.wrap_ddp(self.model, self.dist), loader
 
     def _restore(self, state: dict, path: Path, overrides: list[str]) -> None:
-        load_model_state(self.model, state, path)
+        ckpt.load_model_state(self.model, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -225,9 +206,10 @@ class Trainer:
         self.floors, self.resumes = state.get("floors", {}), list(state.get("resumes", []))
         ckpt.set_rng_state(state["rng"])
         ckpt.clear_partial_writes(self.out)
-        if self.main and path.name != "checkpoint.pt" and (self.out / "checkpoint.pt").exists():
+        run = self.run
+        if self.main and path != run.checkpoint and run.checkpoint.exists():
             # Set the unreadable file aside: the next save would keep it as the fallback copy.
-            (self.out / "checkpoint.pt").replace(self.out / "checkpoint.corrupt.pt")
+            run.checkpoint.replace(run / run.CORRUPT)
         if overrides:
             record = {
                 "iteration": self.iteration,
@@ -240,7 +222,7 @@ class Trainer:
                 # neither (engine.resumed_config replays it)
                 rundir.write_config(self.out, config_text(self.cfg), extension=record)
         elif self.main:  # an extension replayed after a crash: config.yaml shows what runs now
-            shown = self.out / "config.yaml"
+            shown = self.run.config
             if not shown.is_file() or shown.read_text() != config_text(self.cfg):
                 rundir.write_config(self.out, config_text(self.cfg))
 
@@ -273,7 +255,8 @@ class Trainer:
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
         """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
-        extra = [TensorBoardLogger(self.out / "tensorboard")] if self.cfg.train.tensorboard else []
+        board = self.run / self.run.TENSORBOARD
+        extra = [TensorBoardLogger(board)] if self.cfg.train.tensorboard else []
         return [*given, *extra] if self.main else []
 
     @property
@@ -365,7 +348,7 @@ class Trainer:
         return loss, loss.detach()
 
     def _mining(self, emb: torch.Tensor, labels: torch.Tensor) -> dict:
-        return mining_stats(emb @ emb.T, labels, **self.ms)
+        return mining_stats(emb @ emb.T, labels, self.ms)
 
     def evaluate(self) -> dict:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
@@ -373,7 +356,7 @@ class Trainer:
         self._snapshot_weights()
         if self.main and self.results["recall@1"] > self.best["recall@1"]:
             self.best = {"iteration": self.iteration, **self.results}
-            ckpt.save_checkpoint(self.snapshot(), self.out / "best.pt", keep_previous=False)
+            ckpt.save_checkpoint(self.snapshot(), self.run.best, keep_previous=False)
         return self.results
 
     def log(self, record: dict) -> None:
@@ -382,7 +365,7 @@ class Trainer:
         if self.iteration % self.cfg.train.log_every == 0 or "recall@1" in record or self.finished:
             self.history.append(dict(record))  # no timings: same seed, same bytes
             if self.main:
-                rundir.write_history(self.out / "history.csv", self.history)
+                rundir.write_history(self.run.history, self.history)
         record["images_per_s"] = self.cfg.train.batch_size / max(now - self.tick, 1e-9)
         self.tick = now
 
@@ -408,20 +391,20 @@ class Trainer:
         """snapshots/iter_NNNNNN.pt: the weights (and config) at this point of training, so a
         notebook can show how the same batch looked to the model as it learned."""
         if self.main and self.cfg.train.keep_snapshots:
-            (self.out / "snapshots").mkdir(exist_ok=True)
+            path = self.run.snapshot(self.iteration)
+            path.parent.mkdir(exist_ok=True)
             state = {
                 "model": self.model.state_dict(),
                 "config": to_dict(self.cfg),
                 "iteration": self.iteration,
                 **({"metrics": self.results} if self.results else {}),
             }
-            path = self.out / "snapshots" / f"iter_{self.iteration:06d}.pt"
             ckpt.save_checkpoint(state, path, keep_previous=False)
 
     def save(self) -> None:
         """Write checkpoint.pt atomically (the one it replaces stays as checkpoint.prev.pt)."""
         if self.main:
-            ckpt.save_checkpoint(self.snapshot(), self.out / "checkpoint.pt")
+            ckpt.save_checkpoint(self.snapshot(), self.run.checkpoint)
 
     def finish(self) -> dict:
         """Final metrics (evaluated now if the last iteration was already done) -> metrics.json."""
@@ -439,5 +422,5 @@ class Trainer:
         if self.resumes:
             final["resumes"] = self.resumes
         if self.main:
-            atomic_write_text(self.out / "metrics.json", json.dumps(final, indent=2) + "\n")
+            atomic_write_text(self.run.metrics, json.dumps(final, indent=2) + "\n")
         return final

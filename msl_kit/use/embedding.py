@@ -5,6 +5,8 @@ them (stored config -> `recipe`), and batches are cut as `evaluation.extract` cu
 vectors are the ones evaluate scores. Vectors stream to OUT.part/ in chunks, each written
 atomically; a rerun after an interrupt embeds only the missing chunks, and the final file is
 assembled from the chunks without holding them all, with the same bytes as an uninterrupted run.
+OUT is locked while it is written (as a run folder is: `rundir.take_lock`), and an existing
+OUT counts as up to date only when it holds every input of the same job.
 """
 
 from __future__ import annotations
@@ -28,69 +30,97 @@ from torch.utils.data import DataLoader, Dataset
 from msl_kit.datasets import transforms
 from msl_kit.datasets.dataset import build
 from msl_kit.datasets.layouts.official import natural
+from msl_kit.errors import MslKitError
+from msl_kit.files import tree
 from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
-from msl_kit.train import engine, evaluation, recipe
-from msl_kit.use.index import FORMAT, Embeddings, is_index, write_npz
+from msl_kit.train import evaluation, recipe
+from msl_kit.train.checkpoint import load_model
+from msl_kit.train.rundir import RunFolder, take_lock
+from msl_kit.use import outputs
+from msl_kit.use.ann.spec import vectors_sha256
+from msl_kit.use.index import FORMAT, Embeddings, IndexFileError, write_npz
 
 CHUNK_SIZE = 4096  # images per resumable piece: 8 MiB of 512-d vectors
 SHOWN = 3  # skipped files named in the message
+JOB_VERSION = "embed 2"  # in the fingerprint: pieces of an older layout are not mixed in
 
 
-class EmbedError(ValueError):
+class EmbedError(MslKitError, ValueError):
     """A problem with what the user asked to embed; the message says what to do."""
+
+
+def check_options(
+    batch_size: int | None = None, workers: int | None = None, chunk_size: int = CHUNK_SIZE
+) -> None:
+    """Refuse, in one line, a numeric option out of range (before anything is written):
+    batch_size >= 1 (None: the run's eval.batch_size), workers >= 0 (0: images are read in
+    this process; None: the run's), chunk_size >= 1."""
+    for flag, value, low, none in (
+        ("--batch-size", batch_size, 1, "the run's eval.batch_size"),
+        ("--workers", workers, 0, "the run's eval.workers"),
+        ("--chunk-size", chunk_size, 1, ""),
+    ):
+        if value is None and none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            default = f"; leave it out for {none}" if none else ""
+            zero = " (0 reads the images in this process)" if low == 0 else ""
+            raise EmbedError(f"{flag} must be an integer >= {low}{zero}, got {value!r}{default}")
 
 
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run folder's checkpoint.pt."""
-    path = Path(path)
-    return path / "checkpoint.pt" if path.is_dir() else path
+    return RunFolder.checkpoint_of(path)
 
 
 @dataclass
 class ImageList:
-    """What to embed: one path (or dataset item name) per image, labels where known."""
+    """What to embed: one path (or dataset item name) per image, labels where known, and the
+    entries that were refused before embedding (a link leaving the folder, ...) with why."""
 
     paths: list[str]
     labels: np.ndarray | None
     classes: list[str]
     dataset: Dataset | None = None  # a prepared split: items are loaded from it by index
     where: str = ""
+    refused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def _labelled(paths: list[str], names: list[str] | None, where: str) -> ImageList:
+def _labelled(
+    paths: list[str], names: list[str] | None, where: str, refused: list | None = None
+) -> ImageList:
+    refused = refused or []
     if names is None:
-        return ImageList(paths, None, [], where=where)
+        return ImageList(paths, None, [], where=where, refused=refused)
     classes = sorted(set(names), key=natural)
     index = {c: i for i, c in enumerate(classes)}
-    return ImageList(
-        paths, np.array([index[n] for n in names], dtype=np.int64), classes, None, where
-    )
-
-
-def _files(folder: Path) -> list[Path]:
-    """Every visible file under `folder`, sorted (non-images too: they are reported as skipped)."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    labels = np.array([index[n] for n in names], dtype=np.int64)
+    return ImageList(paths, labels, classes, None, where, refused)
 
 
 def folder_images(folder: Path) -> ImageList:
-    """A folder of class sub-folders (labels = folder names) or a flat folder (no labels)."""
+    """A folder of class sub-folders (labels = folder names) or a flat folder (no labels).
+
+    Links inside the folder are followed (`files.tree.walk`); msl-kit's own outputs (indexes,
+    their pieces, faiss files, search CSVs and grids) are never inputs, so they do not make a
+    tree of class folders look flat."""
     folder = folder.resolve()
-    top = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    files = _files(folder)
-    if top or not files:  # a flat folder (images at its top): every file, no labels
-        return _labelled([str(p) for p in files], None, str(folder))
+    found = tree.walk(folder, skip=outputs.is_kit_output)
+    files = found.files
+    refused = [(str(p), why) for p, why in found.refused]
+    if not files or any(p.parent == folder for p in files):  # flat: every file, no labels
+        return _labelled([str(p) for p in files], None, str(folder), refused)
     names = [p.relative_to(folder).parts[0] for p in files]
-    return _labelled([str(p) for p in files], names, str(folder))
+    return _labelled([str(p) for p in files], names, str(folder), refused)
 
 
 def csv_images(path: Path) -> ImageList:
-    """A CSV of `path[,label]` rows (a header row is optional; paths relative to the CSV)."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """A CSV of `path[,label]` rows (a header row is optional; paths relative to the CSV).
+
+    Read as UTF-8 with or without a byte-order mark (spreadsheets' "CSV UTF-8" writes one);
+    bytes that are not UTF-8 stay as they were in the file names (surrogate escapes)."""
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     if rows and rows[0] and rows[0][0].strip().lower() == "path":
         rows = rows[1:]
@@ -104,11 +134,9 @@ def csv_images(path: Path) -> ImageList:
 
 
 def dataset_images(name: str, root: str | None, split: str, transform: Callable) -> ImageList:
-    """A prepared dataset split (`datasets.build`); items are named "<name>:<path or index>"."""
+    """A registered dataset's split (`datasets.build`), items named as its store names them."""
     ds = build(name, root, split, transform)
-    paths = [f"{name}:{p or i}" for i, p in enumerate(getattr(ds, "paths", [""] * len(ds)))]
-    if hasattr(ds, "root") and str(ds.root) != ".":
-        paths = [str((ds.root / p).resolve()) for p in ds.paths]  # real files: searchable, shown
+    paths = ds.item_names()  # files' real paths (searchable, shown), or "<name>:<item>"
     return ImageList(paths, np.asarray(ds.labels), list(ds.classes), ds, f"{name}/{split}")
 
 
@@ -131,7 +159,8 @@ def image_list(
 
 
 class Tolerant(Dataset):
-    """Items (tensor or None, index): a file that cannot be decoded becomes None, not an error."""
+    """Items (tensor or None, index, why): a file that cannot be used becomes None and the
+    reason, not an error (undecodable, a mode that does not convert, too large to resize)."""
 
     def __init__(self, items: ImageList, transform: transforms.ImageTransform) -> None:
         self.items, self.transform = items, transform
@@ -139,21 +168,24 @@ class Tolerant(Dataset):
     def __len__(self) -> int:
         return len(self.items.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str]:
         try:
             if self.items.dataset is not None:
-                return self.items.dataset[index][0], index
+                return self.items.dataset[index][0], index, ""
             image = transforms.load_image(self.items.paths[index], *self.transform.load_hint)
-            return self.transform(image), index
-        except (transforms.CorruptImageError, OSError):
-            return None, index
+            return self.transform(image), index, ""
+        except (transforms.CorruptImageError, OSError) as err:
+            why = str(err.__cause__ or "") or str(err) or type(err).__name__  # PIL's words
+            return None, index, why.splitlines()[0][:300]
 
 
-def collate_kept(batch: list) -> tuple[torch.Tensor | None, list[int], list[int]]:
-    """Stack the decoded images; return their indices and those of the files that failed."""
-    kept = [(x, i) for x, i in batch if x is not None]
+def collate_kept(batch: list) -> tuple[torch.Tensor | None, list[int], list[int], list[str]]:
+    """Stack the decoded images; return their indices, and those of the files that failed
+    with the reasons."""
+    kept = [(x, i) for x, i, _ in batch if x is not None]
     images = torch.stack([x for x, _ in kept]) if kept else None
-    return images, [i for _, i in kept], [i for x, i in batch if x is None]
+    failed = [(i, why) for x, i, why in batch if x is None]
+    return images, [i for _, i in kept], [i for i, _ in failed], [w for _, w in failed]
 
 
 def chunk_batches(chunks: Sequence[range], batch_size: int) -> Iterator[list[int]]:
@@ -165,9 +197,9 @@ def chunk_batches(chunks: Sequence[range], batch_size: int) -> Iterator[list[int
 
 def _fingerprint(sha: str, items: ImageList, spec: dict, opts, chunk: int) -> str:
     how = dataclasses.asdict(dataclasses.replace(opts, workers=0))  # workers change no vector
-    digest = hashlib.sha256(json.dumps([sha, spec, how, chunk]).encode())
+    digest = hashlib.sha256(json.dumps([JOB_VERSION, sha, spec, how, chunk]).encode())
     for p in items.paths:
-        digest.update(p.encode() + b"\0")
+        digest.update(os.fsencode(p) + b"\0")  # any file name, UTF-8 or not
         if items.dataset is None:  # a file replaced at the same path is new input
             try:
                 st = os.stat(p)
@@ -175,7 +207,10 @@ def _fingerprint(sha: str, items: ImageList, spec: dict, opts, chunk: int) -> st
             except OSError:  # unreadable now: skipped (and counted) when embedded
                 pass
     if items.labels is not None:
-        digest.update(items.labels.astype("<i8").tobytes() + "\0".join(items.classes).encode())
+        classes = "\0".join(items.classes).encode("utf-8", "surrogateescape")
+        digest.update(items.labels.astype("<i8").tobytes() + classes)
+    for p, why in items.refused:
+        digest.update(b"\1" + os.fsencode(p) + why.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -209,8 +244,8 @@ def prepare_job(
 ) -> Job:
     """Load the checkpoint's model and eval transform as `evaluate` does; list the images."""
     path = checkpoint_file(checkpoint)
-    model, cfg = engine.load_model(path)
-    dev = recipe.pick_device(device or cfg.device)
+    model, cfg = load_model(path, device=device)  # None: the run's device where this has it
+    dev = recipe.pick_device(cfg.device)
     model.to(dev)
     spec = recipe.preprocessing(cfg)
     tf = transforms.build_transform(spec, train=False)
@@ -232,26 +267,26 @@ def prepare_job(
 
 
 @torch.no_grad()
-def _embed_chunk(job: Job, batch: tuple) -> tuple[np.ndarray, list[int], list[int]]:
-    images, kept, failed = batch
+def _embed_chunk(job: Job, batch: tuple) -> np.ndarray:
+    images = batch[0]
     if images is None:
-        return np.zeros((0, 0), np.float32), kept, failed
+        return np.zeros((0, 0), np.float32)
     images = images.to(job.device, non_blocking=True)
     if job.opts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with evaluation.autocast(job.opts.amp, job.device):
-        return job.model(images).float().cpu().numpy(), kept, failed
+        return job.model(images).float().cpu().numpy()
 
 
-def _save_shard(path: Path, emb: list, kept: list, failed: list, dim: int) -> None:
+def _shard_name(job: Job, chunk: range) -> str:
+    return f"chunk_{chunk.start // job.chunk:06d}.npz"
+
+
+def _save_shard(path: Path, emb: list, kept: list, failed: list, why: list, dim: int) -> None:
     vectors = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
-
-    def write(f) -> None:
-        np.savez(
-            f, embeddings=vectors, kept=np.array(kept, np.int64), failed=np.array(failed, np.int64)
-        )
-
-    atomic_write_bytes(path, write)
+    arrays = dict(embeddings=vectors, kept=np.array(kept, np.int64))
+    arrays.update(failed=np.array(failed, np.int64), why=np.array(why, dtype=str))
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
 def run_chunks(job: Job, part: Path, progress: bool = True) -> None:
@@ -260,7 +295,7 @@ def run_chunks(job: Job, part: Path, progress: bool = True) -> None:
 
     n = len(job.items.paths)
     chunks = [range(s, min(s + job.chunk, n)) for s in range(0, n, job.chunk)]
-    missing = [c for c in chunks if not (part / f"chunk_{c.start // job.chunk:06d}.npz").is_file()]
+    missing = [c for c in chunks if not (part / _shard_name(job, c)).is_file()]
     done = n - sum(len(c) for c in missing)
     loader = DataLoader(
         Tolerant(job.items, job.transform),
@@ -270,45 +305,56 @@ def run_chunks(job: Job, part: Path, progress: bool = True) -> None:
         pin_memory=job.device.type == "cuda",
     )
     bar = tqdm(total=n, initial=done, desc="embed", unit="img", disable=not progress)
-    emb, kept, failed, dim = [], [], [], 0
+    emb, kept, failed, why, dim = [], [], [], [], 0
     todo = iter(missing)
     current = next(todo, None)
     try:
         for batch in loader:
-            vectors, k, f = _embed_chunk(job, batch)
+            vectors = _embed_chunk(job, batch)
+            _, k, f, w = batch
             if len(k):
                 emb.append(vectors)
                 dim = vectors.shape[1]
-            kept += k
-            failed += f
+            kept, failed, why = kept + k, failed + f, why + w
             bar.update(len(k) + len(f))
             if len(kept) + len(failed) == len(current):  # the chunk is complete: keep it
-                name = f"chunk_{current.start // job.chunk:06d}.npz"
-                _save_shard(part / name, emb, kept, failed, dim)
-                emb, kept, failed = [], [], []
+                _save_shard(part / _shard_name(job, current), emb, kept, failed, why, dim)
+                emb, kept, failed, why = [], [], [], []
                 current = next(todo, None)
     finally:
         bar.close()
 
 
-def _read_shards(part: Path) -> list[Path]:
-    return sorted(part.glob("chunk_*.npz"))
+def _read_pieces(job: Job, part: Path) -> tuple[list[Path], np.ndarray, np.ndarray, list[str]]:
+    """The shards of every chunk, in order, with the kept and failed inputs and why; refuse
+    pieces that do not cover every input exactly once (an index holds every input or none)."""
+    n = len(job.items.paths)
+    shards = [part / _shard_name(job, range(s, n)) for s in range(0, n, job.chunk)]
+    kept, failed, why = [], [], []
+    for shard in shards:
+        if not shard.is_file():
+            raise EmbedError(f"{shard} is missing: rerun the same command to embed it")
+        with np.load(shard, allow_pickle=False) as z:
+            kept.append(z["kept"])
+            failed.append(z["failed"])
+            why += z["why"].tolist()
+    kept_all, failed_all = np.concatenate(kept), np.concatenate(failed)
+    if not np.array_equal(np.sort(np.concatenate([kept_all, failed_all])), np.arange(n)):
+        raise EmbedError(f"the pieces in {part} do not cover the {n} inputs: delete it and rerun")
+    return shards, kept_all, failed_all, why
 
 
 def assemble(job: Job, part: Path, out: Path) -> None:
     """OUT.npz from the shards in order: vectors streamed through a .npy on disk."""
-    shards = _read_shards(part)
-    kept, failed, dim = [], [], 0
-    for s in shards:
-        with np.load(s) as z:
-            kept.append(z["kept"])
-            failed.append(z["failed"])
-            dim = max(dim, z["embeddings"].shape[1] if len(z["kept"]) else 0)
-    kept_all, failed_all = np.concatenate(kept), np.concatenate(failed)
+    shards, kept_all, failed_all, why = _read_pieces(job, part)
     if not len(kept_all):
         raise EmbedError(
             f"none of the {len(failed_all)} file(s) in {job.items.where} is a readable image"
         )
+    dim = 0
+    for s in shards:
+        with np.load(s) as z:
+            dim = max(dim, z["embeddings"].shape[1] if len(z["kept"]) else 0)
     vectors = part / "embeddings.npy"
     mm = np.lib.format.open_memmap(vectors, "w+", np.float32, (len(kept_all), dim))
     row = 0
@@ -319,20 +365,49 @@ def assemble(job: Job, part: Path, out: Path) -> None:
                 mm[row : row + len(block)] = block
                 row += len(block)
     mm.flush()
+    digest = vectors_sha256(mm)  # what a faiss index beside the file is tied to
     del mm
     items = job.items
+    refused = [p for p, _ in items.refused]
+    ckpt = job.checkpoint.resolve()
     members = [("embeddings", vectors), ("paths", np.array(items.paths)[kept_all])]
     if items.labels is not None:
         members += [("labels", items.labels[kept_all]), ("classes", np.array(items.classes))]
     members += [
-        ("skipped", np.array([items.paths[i] for i in failed_all], dtype=str)),
-        ("checkpoint", np.array(str(job.checkpoint))),
+        ("skipped", np.array([items.paths[i] for i in failed_all] + refused, dtype=str)),
+        ("skipped_reasons", np.array(why + [w for _, w in items.refused], dtype=str)),
+        ("inputs", np.array(len(items.paths) + len(refused), np.int64)),
+        ("checkpoint", np.array(str(ckpt))),
+        ("checkpoint_relative", np.array(os.path.relpath(ckpt, out.resolve().parent))),
         ("checkpoint_sha256", np.array(job.sha)),
         ("preprocessing", np.array(json.dumps(job.spec, sort_keys=True))),
         ("inputs_sha256", np.array(job.fingerprint)),
+        ("embeddings_sha256", np.array(digest)),
         ("format", np.array(FORMAT)),
     ]
     atomic_write_bytes(out, lambda f: write_npz(f, members))
+
+
+def holds_every_input(done: Embeddings, job: Job) -> bool:
+    """Whether an existing index is this job's, complete: the same fingerprint, and its paths
+    plus skipped entries are exactly the inputs listed now (a truncated file never passes)."""
+    if done.inputs_sha256 != job.fingerprint:
+        return False
+    listed = job.items.paths + [p for p, _ in job.items.refused]
+    if done.inputs != len(listed) or len(done) + len(done.skipped) != len(listed):
+        return False
+    held = np.concatenate([done.paths, np.array(done.skipped, dtype=str)])
+    return bool(np.array_equal(np.sort(held), np.sort(np.array(listed, dtype=str))))
+
+
+def _existing(out: Path) -> Embeddings | None:
+    """The index at `out`, or None where there is none or it is damaged (then it is redone)."""
+    if not out.exists():
+        return None
+    try:
+        return Embeddings.load(out)
+    except IndexFileError:
+        return None
 
 
 def _start_part(job: Job, part: Path) -> None:
@@ -348,18 +423,6 @@ def _start_part(job: Job, part: Path) -> None:
         shutil.rmtree(part)
     part.mkdir(parents=True)
     atomic_write_bytes(manifest, lambda f: f.write(json.dumps({"job": job.fingerprint}).encode()))
-
-
-def check_out(out: Path) -> None:
-    """Refuse to replace a file that is not an embeddings file (a photo, a checkpoint...)."""
-    if out.is_dir():
-        raise EmbedError(f"--out {out} is a folder: give a file name such as {out}/images.npz")
-    if out.exists() and not is_index(out):
-        raise EmbedError(
-            f"{out} exists and is not an embeddings file: choose another --out (nothing replaced)"
-        )
-    if out.suffix != ".npz":
-        raise EmbedError(f"--out must end in .npz, not {out.name!r}")
 
 
 def embed(
@@ -380,7 +443,9 @@ def embed(
     by a checkpoint's model (a checkpoint file or a run folder), written to `out` (FILE.npz)
     when given. Rerunning after an interrupt embeds only what OUT.part/ lacks; an up-to-date
     `out` is read, not redone. batch_size / workers / device default to the run's own.
+    A second `embed` into the same `out` while this one runs is refused (EmbedError).
     """
+    check_options(batch_size, workers, chunk_size)
     options = dict(
         dataset=dataset,
         root=root,
@@ -393,16 +458,20 @@ def embed(
     if out is None:
         with tempfile.TemporaryDirectory() as tmp:
             return embed(checkpoint, images, Path(tmp) / "e.npz", progress=progress, **options)
-    out = Path(out)
-    check_out(out)
-    job = prepare_job(checkpoint, images, **options)
-    if out.exists():
-        done = Embeddings.load(out)
-        if done.inputs_sha256 == job.fingerprint:
-            return done  # already done: the same job wrote it
-    part = out.with_name(out.name + ".part")
-    _start_part(job, part)
-    run_chunks(job, part, progress)
-    assemble(job, part, out)
-    shutil.rmtree(part)
-    return Embeddings.load(out)
+    out = outputs.check_replaceable(out, "index")
+    lock = take_lock(
+        outputs.lock_path(out), f"{out} is being written by another msl-kit embed", EmbedError
+    )
+    try:
+        job = prepare_job(checkpoint, images, **options)
+        done = _existing(out)
+        if done is not None and holds_every_input(done, job):
+            return done  # already done: the same job wrote all of it
+        part = out.with_name(out.name + ".part")
+        _start_part(job, part)
+        run_chunks(job, part, progress)
+        assemble(job, part, out)
+        shutil.rmtree(part)
+        return Embeddings.load(out)
+    finally:
+        lock.unlink(missing_ok=True)

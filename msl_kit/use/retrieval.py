@@ -1,31 +1,29 @@
-"""Search an embeddings file: `search(index, query, k)`, a results table, CSV, and a grid figure.
+"""Search an embeddings file: `search(index, query, k)`, a results table, CSV, and the grid file.
 
-Exact search by default (the kit's chunked kNN); `use_faiss=True` builds a faiss IndexFlatIP,
-saves it beside FILE.npz as FILE.faiss and reuses it while it still matches the vectors.
+Exact search by default (the kit's chunked kNN); `use_faiss` searches a faiss index instead
+(flat, IVF, IVF-PQ or HNSW, see `ann`), kept beside FILE.npz and tied to its vectors.
+The grid figure itself is drawn by `msl_kit.viz.retrieval.hits_grid` from the `Hits` returned
+here; `write_grid` saves it marked as a search grid (see `outputs`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-import numpy as np
-
-from msl_kit.datasets import embedded
-from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
+from msl_kit.files.atomic import atomic_write_bytes
 from msl_kit.files.download import sha256sum
+from msl_kit.files.tree import printable
+from msl_kit.use.ann.faiss_index import AnnIndex
+from msl_kit.use.ann.kept import open_index
+from msl_kit.use.ann.spec import IndexSpec
 from msl_kit.use.embedding import EmbedError, checkpoint_file, embed
-from msl_kit.use.index import Backend, Embeddings, Hits, is_index
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-FAISS_MISSING = "faiss is not installed: pip install faiss-cpu (or search without --faiss)"
-HIT, MISS, QUERY, PLAIN = "#1a9850", "#d73027", "#222222", "#999999"
+from msl_kit.use.index import Embeddings, Hits, is_index
+from msl_kit.use.outputs import CSV_HEADER, GRID_MARK
 
 
 def load_query(
@@ -41,7 +39,7 @@ def load_query(
     path = None if isinstance(query, Embeddings) else Path(query)
     if checkpoint is None and path.suffix == ".npz" and is_index(path):
         return Embeddings.load(path)
-    ckpt = checkpoint_file(checkpoint or index.checkpoint)
+    ckpt = checkpoint_file(checkpoint) if checkpoint is not None else find_checkpoint(index)
     if not ckpt.is_file():
         raise EmbedError(
             f"the index's checkpoint {ckpt} is gone: give the same file with --checkpoint"
@@ -58,44 +56,51 @@ def load_query(
     return embed(ckpt, path, None, progress=progress)
 
 
-def faiss_backend(index_file: Path, gallery: Embeddings) -> tuple[Backend, str]:
-    """A faiss IndexFlatIP over the gallery, read from FILE.faiss when it matches, else built
-    and saved there; returns the search function and what was done."""
+def find_checkpoint(index: Embeddings) -> Path:
+    """The checkpoint that embedded `index`, found by either path the file stores: the
+    absolute one, or the one relative to the index file (a project moved as a whole); each
+    candidate must have the index's sha256. None matching: the stored path as it is."""
+    stored = Path(index.checkpoint)
+    candidates = [stored]
+    if index.source and index.checkpoint_relative:
+        candidates.append(Path(index.source).resolve().parent / index.checkpoint_relative)
+    elif index.source and not stored.is_absolute():  # a file from before absolute paths
+        candidates.append(Path(index.source).resolve().parent / stored)
+    for candidate in candidates:
+        ckpt = checkpoint_file(candidate)
+        if ckpt.is_file() and sha256sum(ckpt) == index.checkpoint_sha256:
+            return ckpt
+    return checkpoint_file(stored)
+
+
+def vectors_crc32(index_file: str | Path) -> int | None:
+    """The zip CRC-32 of FILE.npz's vector bytes (free to read, checked by every load): a
+    file rewritten with new vectors but its old `embeddings_sha256` still differs here."""
     try:
-        import faiss
-    except ImportError:
-        raise EmbedError(FAISS_MISSING) from None
-    path = Path(index_file).with_suffix(".faiss")
-    vectors = np.ascontiguousarray(gallery.embeddings, dtype=np.float32)
-    index, note = None, f"built faiss index {path}"
-    if path.is_file():
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError:
-            index = None
-        if index is not None and matches(index, vectors):
-            note = f"reused faiss index {path}"
-        else:
-            index = None
-    if index is None:
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        blob = faiss.serialize_index(index)
-        atomic_write_bytes(path, lambda f: f.write(blob.tobytes()))
-
-    def search(query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
-        return scores, ids.astype(np.int64)
-
-    return search, note
+        with zipfile.ZipFile(index_file) as zf:
+            return zf.getinfo("embeddings.npy").CRC
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
 
 
-def matches(index, vectors: np.ndarray) -> bool:
-    """Whether a flat faiss index holds these vectors (size, dimension, first and last rows)."""
-    if index.ntotal != len(vectors) or index.d != vectors.shape[1] or not len(vectors):
-        return False
-    ends = [0, len(vectors) - 1]
-    return all(np.array_equal(index.reconstruct(i), vectors[i]) for i in ends)
+def faiss_backend(
+    index_file: str | Path,
+    gallery: Embeddings,
+    spec: IndexSpec | str = "flat",
+    k: int = 10,
+    log: Callable[[str], None] | None = None,
+) -> AnnIndex:
+    """The faiss index of `spec` over the gallery in FILE.npz: the one kept beside it while it
+    was built over these vectors with these knobs, else built (recall printed) and kept."""
+    return open_index(
+        index_file,
+        gallery.embeddings,
+        spec,
+        k,
+        sha256=gallery.embeddings_sha256 or None,
+        crc32=vectors_crc32(index_file),
+        log=log,
+    )
 
 
 def search(
@@ -104,126 +109,64 @@ def search(
     k: int = 10,
     *,
     checkpoint: str | Path | None = None,
-    use_faiss: bool = False,
+    use_faiss: bool | str | IndexSpec = False,
     exclude_self: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> Hits:
-    """Top-k gallery images of each query image (a file, folder, CSV or embeddings file)."""
+    """Top-k gallery images of each query image (a file, folder, CSV or embeddings file).
+
+    `use_faiss`: True (a flat index), a kind ("ivf", "ivfpq", "hnsw") or an `IndexSpec` with
+    knobs; the index is kept beside the index file (FILE.<kind>.faiss) and tied to its
+    vectors. `log` receives what was built or reused and the recall it measured.
+    """
     gallery = index if isinstance(index, Embeddings) else Embeddings.load(index)
     queries = load_query(query, gallery, checkpoint)
-    backend = None
-    if use_faiss:
-        if isinstance(index, Embeddings):
-            raise EmbedError("use_faiss needs the index's file name (FILE.faiss is kept beside it)")
-        backend, _ = faiss_backend(Path(index), gallery)
-    return gallery.search(queries, k, exclude_self=exclude_self, backend=backend)
+    if not use_faiss:
+        return gallery.search(queries, k, exclude_self=exclude_self)
+    spec = "flat" if use_faiss is True else use_faiss
+    if isinstance(index, Embeddings):  # nowhere to keep it: built for this search only
+        return gallery.search(queries, k, exclude_self=exclude_self, index=spec)
+    ann = faiss_backend(index, gallery, spec, k, log)
+    return gallery.search(queries, k, exclude_self=exclude_self, index=ann)
 
 
-def table(hits: Hits, max_queries: int | None = 5) -> str:
-    """Per query, its rank / score / path rows (a mark where labels are known)."""
+def table(hits: Hits, max_queries: int | None = 5, more: str = "") -> str:
+    """Per query, its rank / score / path rows (a mark where labels are known); past
+    `max_queries`, one line counting the rest, followed by `more` (where to find them)."""
     rows = hits.rows()
     marks = {True: "same class", False: "other class"}
     lines, shown = [], 0
     for q in range(len(hits.scores)):
         if max_queries is not None and shown >= max_queries:
-            lines.append(f"... and {len(hits.scores) - shown} more queries (all in --out)")
+            rest = f"... and {len(hits.scores) - shown} more queries"
+            lines.append(f"{rest} ({more})" if more else rest)
             break
-        lines.append(f"query {hits.query.paths[q]}")
+        lines.append(f"query {printable(hits.query.paths[q])}")
         lines.append(f"  {'rank':>4}  {'score':>7}  path")
         for r in rows[q * hits.scores.shape[1] : (q + 1) * hits.scores.shape[1]]:
             mark = f"  ({marks[r['hit']]})" if "hit" in r else ""
-            lines.append(f"  {r['rank']:>4}  {r['score']:>7.4f}  {r['path']}{mark}")
+            lines.append(f"  {r['rank']:>4}  {r['score']:>7.4f}  {printable(r['path'])}{mark}")
         shown += 1
     return "\n".join(lines)
 
 
 def write_csv(hits: Hits, path: str | Path) -> None:
-    """The rows of `hits` as CSV: query, rank, score, path[, hit]."""
+    """The rows of `hits` as CSV: query, rank, score, path[, hit]. File names that are not
+    UTF-8 are written as the bytes they were (surrogate escapes), so they read back the same."""
     rows = hits.rows()
     buf = io.StringIO()
-    fields = ["query", "rank", "score", "path"] + (["hit"] if rows and "hit" in rows[0] else [])
+    fields = [*CSV_HEADER] + (["hit"] if rows and "hit" in rows[0] else [])
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    data = buf.getvalue().encode("utf-8", "surrogateescape")
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
-def thumbnail(path: str) -> np.ndarray | None:
-    """An image to draw for a stored path: a file, or an item of the embedded set; else None."""
-    from PIL import Image
-
-    try:
-        if path.startswith("omniglot_small:"):
-            img = embedded.load(path.split(":", 1)[1])
-        else:
-            with Image.open(path) as im:
-                im.load()
-                img = im
-        img = img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")
-        img.thumbnail((160, 160))
-        return np.asarray(img)
-    except (OSError, ValueError):
-        return None
-
-
-def _cell(ax, path: str, frame: str, title: str, width: int = 4) -> None:
-    img = thumbnail(path)
-    if img is None:
-        ax.text(0.5, 0.5, "not\nreadable", ha="center", va="center", fontsize=7, color=PLAIN)
-    else:
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-    ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(title, fontsize=6.5, pad=3)
-    for spine in ax.spines.values():
-        spine.set_edgecolor(frame), spine.set_linewidth(width)
-
-
-def short(text: str, width: int = 20) -> str:
-    """`text` within `width` characters for a thumbnail's title: a path-like class name keeps
-    its last part whole and shortens what comes before it; anything else is cut in the middle."""
-    if len(text) <= width:
-        return text
-    head, sep, last = text.rpartition("/")
-    room = width - len(last) - 3
-    if sep and room >= 3:
-        return f"{head[:room]}..{sep}{last}"
-    half = (width - 2) // 2
-    return f"{text[:half]}..{text[-half:]}"
-
-
-def _query_title(path: str, classes: np.ndarray | None, i: int) -> str:
-    name = "query " + short(os.path.basename(path.split(":", 1)[-1]), 14)
-    return f"{name}\n{short(str(classes[i]))}" if classes is not None else name
-
-
-def grid(
-    hits: Hits, queries: Sequence[int] | None = None, n_queries: int = 6, k: int | None = None
-) -> Figure:
-    """Each query (left, black frame) beside its top-k images with rank and score; frames are
-    green for the query's class and red for another where labels are known, grey otherwise."""
-    from matplotlib.figure import Figure
-
-    n_q = len(hits.scores)
-    if queries is None:  # spread over the set rather than the first few of one class
-        queries = np.unique(np.linspace(0, n_q - 1, min(n_queries, n_q)).round().astype(int))
-    k = min(k or hits.scores.shape[1], hits.scores.shape[1])
-    same = hits.hits()
-    q_names, g_names = hits.query.class_names(), hits.gallery.class_names()
-    fig = Figure(figsize=(1.45 * (k + 1), 1.6 * len(queries)), layout="constrained")
-    axes = fig.subplots(len(queries), k + 1, squeeze=False)
-    for row, q in enumerate(queries):
-        _cell(
-            axes[row, 0],
-            str(hits.query.paths[q]),
-            QUERY,
-            _query_title(str(hits.query.paths[q]), q_names, q),
-        )
-        for col in range(k):
-            j = int(hits.indices[q, col])
-            frame = PLAIN if same is None else (HIT if same[q, col] else MISS)
-            title = f"#{col + 1}  {hits.scores[q, col]:.3f}"
-            if g_names is not None:
-                title += f"\n{short(str(g_names[j]))}"
-            _cell(axes[row, col + 1], str(hits.gallery.paths[j]), frame, title)
-    if same is not None:
-        fig.suptitle("green: same class as the query, red: another class", fontsize=8)
-    return fig
+def write_grid(figure: Any, path: str | Path, dpi: int = 120) -> None:
+    """Save a grid figure (`viz.retrieval.hits_grid`) as a PNG marked as a search grid, so a
+    later `--grid` may replace it and `embed` never takes it as an input."""
+    atomic_write_bytes(
+        path,
+        lambda f: figure.savefig(f, format="png", dpi=dpi, metadata={"Software": GRID_MARK}),
+    )

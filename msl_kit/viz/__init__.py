@@ -1,6 +1,7 @@
-"""Figures for the notebooks and the README: data, embeddings and retrieval (`figures`), what MS
-mining does in a batch and over a run (`mining`), sweep heatmaps (`sweep`), shared helpers
-(`common`). matplotlib, pandas and umap are imported inside the functions."""
+"""Figures for the notebooks and the README: data and embeddings (`figures`), retrieval grids
+(`retrieval`), what MS mining does in a batch and over a run (`mining`), sweep heatmaps
+(`sweep`), shared helpers (`common`). matplotlib, pandas and umap are imported inside the
+functions."""
 
 from msl_kit.viz.common import (
     NEG_COLOR,
@@ -23,7 +24,6 @@ from msl_kit.viz.figures import (
     embedding_figure,
     embeddings_before_after,
     recall_curves,
-    retrieval_grid,
     sample_grid,
     spread_points,
 )
@@ -40,6 +40,7 @@ from msl_kit.viz.mining import (
     weight_scatter,
     weights_over_training,
 )
+from msl_kit.viz.retrieval import hits_grid, retrieval_grid
 from msl_kit.viz.sweep import (
     sensitivity_heatmap,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "embeddings_before_after",
     "fig_ax",
     "gpw_figure",
+    "hits_grid",
     "mined_fractions",
     "mining_dynamics",
     "mining_history",

@@ -21,10 +21,8 @@ from torch.utils.data import Dataset
 
 from msl_kit import metrics
 from msl_kit.datasets.registry import DatasetInfo, list_datasets
+from msl_kit.train.rundir import RunFolder
 from msl_kit.viz.common import (
-    NEG_COLOR,
-    POS_COLOR,
-    QUERY_COLOR,
     SPLIT_COLORS,
     as_image_array,
     fig_ax,
@@ -44,10 +42,8 @@ def dataset_overview() -> pd.DataFrame:
     """Every registered dataset: name, what it is, size, licence, split rule, where from."""
     import pandas as pd
 
-    local = ("digits", "folder", "omniglot_small")  # nothing to download
-
     def where(d: DatasetInfo) -> str:
-        return d.url or ("none needed" if d.name in local else "bring your own")
+        return d.url or ("bring your own" if d.store.fetched else "none needed")
 
     return pd.DataFrame(
         [
@@ -151,11 +147,11 @@ def recall_curves(
     """`metric` (%) against iteration for each run folder, read from its history.csv."""
     import pandas as pd
 
-    from msl_kit.paper import find_runs
+    from msl_kit.reports.paper import find_runs
 
     fig, ax = fig_ax(ax, 6, 3.6)
     for run in find_runs(runs):
-        path = run / "history.csv"
+        path = RunFolder(run).history
         history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
         if metric in history:
             points = history.dropna(subset=[metric])
@@ -267,35 +263,4 @@ def embeddings_before_after(
             seed=seed,
             ax=ax,
         )
-    return fig
-
-
-def retrieval_grid(
-    emb: Tensor,
-    labels: Tensor,
-    images: Sequence,
-    *,
-    n_queries: int = 6,
-    k: int = 5,
-    queries: Sequence[int] | None = None,
-    seed: int = 0,
-) -> Figure:
-    """Queries (left, black frame) and their top-k neighbours: green frame same class, red not."""
-    _, neighbours = metrics.knn(emb, k)  # query = gallery, the query itself excluded
-    labels = to_numpy(labels)
-    if queries is None:
-        rng = np.random.default_rng(seed)
-        queries = sorted(rng.choice(len(labels), min(n_queries, len(labels)), replace=False))
-    fig = new_figure(1.25 * (k + 1), 1.35 * len(queries))
-    axes = fig.subplots(len(queries), k + 1, squeeze=False)
-    for row, q in enumerate(queries):
-        show_image(axes[row, 0], images[q], QUERY_COLOR, "query" if row == 0 else "")
-        for col, j in enumerate(neighbours[q].tolist(), start=1):
-            hit = labels[j] == labels[q]
-            show_image(
-                axes[row, col],
-                images[j],
-                POS_COLOR if hit else NEG_COLOR,
-                f"top {col}" if row == 0 else "",
-            )
     return fig

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from msl_kit.losses.gpw_weights import gpw_pair_weights
-from msl_kit.losses.mining import STAT_KEYS, mined_pairs, pair_weights
-from msl_kit.losses.multi_similarity import PRESETS, PairWeights, pair_masks
+from msl_kit.losses.mining import STAT_KEYS, mined_pairs, ms_pair_weights
+from msl_kit.losses.multi_similarity import PRESETS, MSParams, PairWeights, pair_masks
 from msl_kit.losses.registry import LOSSES, loss_spec
+from msl_kit.train.rundir import RunFolder
 from msl_kit.viz.common import NEG_COLOR, POS_COLOR, fig_ax, new_figure, to_numpy
 
 if TYPE_CHECKING:
@@ -158,31 +159,30 @@ def weight_heatmap(
 def pair_weight_figure(
     sim: Tensor,
     labels: Tensor,
+    ms: MSParams | None = None,
     *,
-    alpha: float,
-    beta: float,
-    lam: float,
-    margin: float,
     weights: PairWeights | None = None,
     title: str = "",
     sim_range: tuple[float, float] | None = None,
 ) -> Figure:
     """The MS view of one batch: similarity histograms with thresholds, w vs S, weight matrix.
 
-    `weights` are the batch's `pair_weights` under these parameters when the caller
-    already has them (the explorers compute them once per slider move); else computed here.
-    `sim_range` fixes the similarity axes, so figures of several snapshots line up.
+    `ms` are the MS numbers (the released preset when None). `weights` are the batch's
+    `pair_weights` under them when the caller already has them (the explorers compute them
+    once per slider move); else computed here. `sim_range` fixes the similarity axes, so
+    figures of several snapshots line up.
     """
+    ms = ms or MSParams()
     fig = new_figure(13, 3.6)
     axes = fig.subplots(1, 3, width_ratios=[1.3, 1, 0.9])
     if weights is None:
-        weights = pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
-    similarity_histograms(sim, labels, lam=lam, margin=margin, ax=axes[0])
+        weights = ms_pair_weights(sim, labels, ms)
+    similarity_histograms(sim, labels, lam=ms.lam, margin=ms.margin, ax=axes[0])
     weight_scatter(sim, labels, weights, title="MS pair weights", ax=axes[1])
     weight_heatmap(weights, labels, ax=axes[2])
     if sim_range is not None:
         axes[0].set_xlim(*sim_range), axes[1].set_xlim(*sim_range)
-    params = f"α={alpha:g}  β={beta:g}  λ={lam:g}  ε={margin:g}"
+    params = f"α={ms.alpha:g}  β={ms.beta:g}  λ={ms.lam:g}  ε={ms.margin:g}"
     fig.suptitle(f"{title} · {params}" if title else params, fontsize=10)
     return fig
 
@@ -210,22 +210,18 @@ def mined_fractions(sim: Tensor, labels: Tensor, margin: float) -> tuple[float, 
 
 
 def weights_over_training(
-    sims: Mapping[int, Tensor],
-    labels: Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    lam: float,
-    margin: float,
+    sims: Mapping[int, Tensor], labels: Tensor, ms: MSParams | None = None
 ) -> Figure:
     """The same batch at several points of training, one column per snapshot iteration: each
     pair's weight against its similarity (top) and the weight matrix (bottom), with the share
-    of positive and negative pairs that mining keeps in the title."""
+    of positive and negative pairs that mining keeps in the title (`ms`: the run's MS numbers,
+    the released preset when None)."""
+    ms = ms or MSParams()
     fig = new_figure(3.3 * len(sims), 6.4)
     axes = fig.subplots(2, len(sims), squeeze=False)
     for col, (iteration, sim) in enumerate(sorted(sims.items())):
-        weights = pair_weights(sim, labels, alpha=alpha, beta=beta, lam=lam, margin=margin)
-        pos, neg = mined_fractions(sim, labels, margin)
+        weights = ms_pair_weights(sim, labels, ms)
+        pos, neg = mined_fractions(sim, labels, ms.margin)
         title = f"iteration {iteration}\nmined: {pos:.0%} of positives, {neg:.0%} of negatives"
         weight_scatter(sim, labels, weights, title=title, ax=axes[0, col])
         weight_heatmap(weights, labels, ax=axes[1, col])
@@ -244,7 +240,7 @@ def mining_history(history: pd.DataFrame | Iterable[dict] | str | Path) -> pd.Da
     import pandas as pd
 
     if isinstance(history, (str, Path)):
-        path = Path(history) / "history.csv" if Path(history).is_dir() else Path(history)
+        path = RunFolder(history).history if Path(history).is_dir() else Path(history)
         history = pd.read_csv(path)
     elif not isinstance(history, pd.DataFrame):
         history = pd.DataFrame(list(history))

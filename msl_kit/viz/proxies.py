@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from msl_kit.losses.mining import pair_weights
-from msl_kit.losses.multi_similarity import PRESETS
+from msl_kit.losses.mining import ms_pair_weights
+from msl_kit.losses.multi_similarity import MSParams
 from msl_kit.losses.proxy_anchor import ALPHA, MARGIN, proxy_weights
 from msl_kit.viz.common import NEG_COLOR, POS_COLOR, new_figure, to_numpy
 from msl_kit.viz.mining import weight_heatmap, weight_scatter
@@ -69,23 +69,24 @@ def proxy_vs_ms_figure(
     *,
     alpha: float = ALPHA,
     margin: float = MARGIN,
-    ms: dict[str, float] | None = None,
+    ms: MSParams | None = None,
 ) -> Figure:
     """MS's pair weights (left) beside Proxy-Anchor's data-to-proxy weights (right) on one
     batch: weight against similarity above, the signed weight matrix below (green pulls, red
-    pushes). `ms` are MS's alpha, beta, lam, margin (default: the released preset)."""
+    pushes). `ms` are MS's numbers (default: the released preset)."""
     from matplotlib.colors import LinearSegmentedColormap
 
     labels = torch.as_tensor(labels)
     x = F.normalize(embeddings.float(), dim=1)
-    ms = ms or PRESETS["released"]
+    ms = ms or MSParams()
     sim_pp = x @ x.T
     fig = new_figure(11, 7.6)
     fig.set_layout_engine("constrained")
     axes = fig.subplots(2, 2)
-    title = f"MS: data-to-data pairs (α={ms['alpha']:g} β={ms['beta']:g} λ={ms['lam']:g})"
-    weight_scatter(sim_pp, labels, pair_weights(sim_pp, labels, **ms), title=title, ax=axes[0, 0])
-    weight_heatmap(pair_weights(sim_pp, labels, **ms), labels, ax=axes[1, 0])
+    title = f"MS: data-to-data pairs (α={ms.alpha:g} β={ms.beta:g} λ={ms.lam:g})"
+    weights = ms_pair_weights(sim_pp, labels, ms)
+    weight_scatter(sim_pp, labels, weights, title=title, ax=axes[0, 0])
+    weight_heatmap(weights, labels, ax=axes[1, 0])
     axes[1, 0].set_xlabel("sample"), axes[1, 0].set_ylabel("sample")
 
     sim, proxy_labels, shown, note = batch_proxies(embeddings, labels, proxies)

@@ -32,8 +32,8 @@ def _axis_position(values: Sequence[float], v: float) -> float:
 
 def sensitivity_heatmap(
     table: Any,
-    x: str = "loss.beta",
-    y: str = "loss.lam",
+    x: str = "loss.ms.beta",
+    y: str = "loss.ms.lam",
     value: str = "recall@1",
     *,
     mark: Sequence[str] = ("released", "paper"),
@@ -61,7 +61,7 @@ def sensitivity_heatmap(
         )
     ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
-    names = {k: k.rsplit(".", 1)[-1] for k in (x, y)}  # loss.beta -> the preset's "beta"
+    names = {k: k.rsplit(".", 1)[-1] for k in (x, y)}  # loss.ms.beta -> the preset's "beta"
     for preset, marker in zip(mark, "*P^s"):
         p = PRESETS[preset]
         if all(n in p for n in names.values()):

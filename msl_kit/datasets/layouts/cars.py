@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msl_kit.datasets.layouts.common import LayoutError, Record, inside, search, to_int
+from msl_kit.datasets.layouts.common import LayoutError, Record, folder_holding, inside, to_int
 
 CARS_TRAIN_CLASSES = 98  # the DML split: classes 1-98 train, 99-196 test
 
@@ -26,7 +26,7 @@ def read_cars(ddir: Path) -> list[Record]:
         ("cars_train_annos.mat", _cars_devkit),
         ("anno_train.csv", _cars_csv),
     ):
-        base = search(ddir, marker)
+        base = folder_holding(ddir, marker)
         if base is not None:
             return reader(ddir, base)
     raise LayoutError(
@@ -107,7 +107,7 @@ def _cars_devkit(ddir: Path, base: str) -> list[Record]:
     )
     withlabels = "cars_test_annos_withlabels.mat"  # torchvision puts it beside devkit/
     test_at = next((d for d in (top, base) if (ddir / d / withlabels).is_file()), None)
-    test_at = test_at if test_at is not None else search(ddir, withlabels)
+    test_at = test_at if test_at is not None else folder_holding(ddir, withlabels)
     if test_at is None:
         raise LayoutError(
             f"{ddir} has the devkit but no cars_test_annos_withlabels.mat (the "

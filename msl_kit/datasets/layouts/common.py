@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from msl_kit.errors import MslKitError
+
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
@@ -25,8 +27,12 @@ IMAGE_EXTENSIONS = (
 )
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(MslKitError, FileNotFoundError):
     """A dataset folder that does not hold the files of the official layout."""
+
+
+class DatasetError(MslKitError, ValueError):
+    """A dataset name, split or labelling that cannot be used; the message says what to do."""
 
 
 class Record(NamedTuple):
@@ -47,7 +53,7 @@ def inside(*parts: str) -> str:
     return path
 
 
-def search(ddir: Path, filename: str, depth: int = 3) -> str | None:
+def folder_holding(ddir: Path, filename: str, depth: int = 3) -> str | None:
     """The folder (relative to ddir) holding `filename`, searched breadth-first, sorted; or None."""
     level = [ddir]
     for _ in range(depth + 1):
@@ -66,8 +72,8 @@ def subfolders(folder: Path) -> list[str]:
 
 
 def find(ddir: Path, filename: str, depth: int = 3) -> str:
-    """Like _search, but a LayoutError when `filename` is nowhere."""
-    found = search(ddir, filename, depth)
+    """Like `folder_holding`, but a LayoutError when `filename` is nowhere."""
+    found = folder_holding(ddir, filename, depth)
     if found is None:
         raise LayoutError(f"{ddir} has no {filename}; is this the right archive?")
     return found

@@ -30,6 +30,7 @@ from msl_kit.train.evaluation import EvalOptions, autocast
 from msl_kit.train.prefix_cache.build import fill
 from msl_kit.train.prefix_cache.store import (
     ActivationSet,
+    CacheError,
     RowMapped,
     SetSpec,
     check_room,
@@ -130,7 +131,7 @@ class FrozenPrefix:
         `sets` (the training split, then the eval splits) refuse a cache above `cache.max_gb`
         or the free disk now, before a run writes anything."""
         if cfg.cache.views and world_size > 1:
-            raise ValueError(
+            raise CacheError(
                 "cache.views does not run under torchrun (one process reads one cache): set "
                 "cache.views=0 or train in one process"
             )

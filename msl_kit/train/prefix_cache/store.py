@@ -24,12 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from msl_kit.errors import MslKitError
 from msl_kit.files.atomic import atomic_write_bytes, atomic_write_text
 
 CHUNK = 256  # images per chunk file: 22 MB of Lite0 block-4 activations in float32
 DTYPES = {"float32": np.float32, "float16": np.float16}
 GB = 1e9
 META_MARK = "msl_kit prefix cache"  # meta.json's written_by: the kit made this folder
+
+
+class CacheError(MslKitError, ValueError):
+    """A prefix cache that cannot be used as asked (too large, another cache in its folder, a
+    chunk missing); the message says what to change."""
+
+
+class CacheSpaceError(MslKitError, OSError):
+    """Too little free disk for the cache a run needs; says how much and where."""
 
 
 def weights_digest(modules: list[nn.Module]) -> str:
@@ -124,7 +134,7 @@ class ActivationSet:
             except ValueError:
                 there = None
             if there != json.loads(json.dumps(meta)):
-                raise ValueError(
+                raise CacheError(
                     f"{self.folder} holds a cache other than this one (its meta.json differs); "
                     "delete that folder, or set cache.dir to another folder"
                 )
@@ -157,11 +167,11 @@ class ActivationSet:
         atomic_write_bytes(self.chunk_path(view, chunk), lambda f: f.write(buffer.getbuffer()))
 
     def open(self) -> None:
-        """Memory-map every chunk; ValueError if any is missing (build the set first)."""
+        """Memory-map every chunk; CacheError if any is missing (build the set first)."""
         for vc in self.chunks:
             data = self._read(*vc)
             if data is None:
-                raise ValueError(f"{self.chunk_path(*vc)} is missing or cut off; rebuild")
+                raise CacheError(f"{self.chunk_path(*vc)} is missing or cut off; rebuild")
             self._maps[vc] = data
 
     def gather(self, views: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -222,10 +232,10 @@ def find_superset(root: Path, spec: SetSpec, keys: list[str] | None) -> RowMappe
 
 
 def check_room(sets: list[ActivationSet], max_gb: float) -> None:
-    """ValueError when the sets exceed `cache.max_gb` or the free disk space."""
+    """CacheError when the sets exceed `cache.max_gb`, CacheSpaceError the free disk space."""
     total = sum(s.spec.bytes for s in sets)
     if total > max_gb * GB:
-        raise ValueError(
+        raise CacheError(
             f"the prefix cache would take {total / GB:.2f} GB, above cache.max_gb = {max_gb}; "
             "lower cache.views, set cache.dtype=float16, cut later (cache.prefix) or raise "
             "cache.max_gb"
@@ -235,7 +245,7 @@ def check_room(sets: list[ActivationSet], max_gb: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if todo > free:
-        raise OSError(
+        raise CacheSpaceError(
             f"the prefix cache needs {todo / GB:.2f} GB more in {folder}, which has "
             f"{free / GB:.2f} GB free; free space or set cache.dir to another disk"
         )

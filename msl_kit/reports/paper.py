@@ -1,20 +1,21 @@
 """The paper's reported numbers, and tables of run folders beside them.
 
-A run folder is what `engine.train` writes (config.yaml, metrics.json, history.csv). Tables
-are pandas DataFrames in percent, so runs and the paper's numbers share one scale.
-pandas is imported inside the functions: `import msl_kit.paper` stays cheap.
+A run folder is what `engine.train` writes, read through `train.rundir.RunFolder` (its config,
+metrics and history). Tables are pandas DataFrames in percent, so runs and the paper's numbers
+share one scale.
+pandas is imported inside the functions: `import msl_kit.reports.paper` stays cheap.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
+from msl_kit.files.safe_yaml import load_yaml
+from msl_kit.train.rundir import RunFolder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -158,10 +159,8 @@ def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
         paths = [paths]
     found: set[Path] = set()
     for path in map(Path, paths):
-        if (path / "metrics.json").is_file():
-            found.add(path)
-        elif path.is_dir():
-            found.update(p.parent for p in path.rglob("metrics.json"))
+        if path.is_dir():
+            found.update(run.path for run in RunFolder.find(path))
         else:
             raise FileNotFoundError(
                 f"{path} is neither a run folder nor a folder of runs; "
@@ -183,16 +182,6 @@ def _percent(metrics: dict) -> dict:
     return row
 
 
-def _read_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the run has not finished "
-            "(resume it with msl-kit train --resume DIR)"
-        )
-    return json.loads(path.read_text())
-
-
 def load_run(run_dir: str | Path, protocol: str = "final") -> dict:
     """One run's table row (metrics in %) under `protocol` (see PROTOCOLS): run, source,
     protocol, at (the iteration the numbers are from), dataset, dim, backbone, loss,
@@ -200,18 +189,17 @@ def load_run(run_dir: str | Path, protocol: str = "final") -> dict:
     run recorded no best (runs from before metrics.json had one)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, not {protocol!r}")
-    run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    run = RunFolder(run_dir)
+    metrics = run.read_metrics()
+    cfg = (load_yaml(run.config.read_text(), str(run.config)) or {}) if run.config.is_file() else {}
     data, model, loss = cfg.get("data", {}), cfg.get("model", {}), cfg.get("loss", {})
     numbers, at = metrics, metrics.get("iteration")
     if protocol == "best":
         if not isinstance(metrics.get("best"), dict) or "recall@1" not in metrics["best"]:
-            raise ValueError(f"{run_dir / 'metrics.json'} records no best evaluation")
+            raise ValueError(f"{run.metrics} records no best evaluation")
         numbers, at = metrics["best"], metrics["best"].get("iteration")
     row = {
-        "run": run_dir.name,
+        "run": run.path.name,
         "source": "run",
         "protocol": protocol,
         "at": at,
@@ -237,7 +225,7 @@ def collect_runs(
     runs = find_runs(paths)
     if not runs:
         raise FileNotFoundError(
-            f"no run folder (with metrics.json) under {paths}; "
+            f"no finished run folder (with {RunFolder.METRICS}) under {paths}; "
             "train one first (msl-kit train --out DIR)"
         )
     rows = []
@@ -273,7 +261,7 @@ def results_table(run_dir: str | Path) -> pd.DataFrame:
     of the evaluations, with the iteration of each."""
     import pandas as pd
 
-    metrics = _read_metrics(Path(run_dir))
+    metrics = RunFolder(run_dir).read_metrics()
     floors, best = metrics.get("floors") or {}, metrics.get("best") or {}
     lone = metrics.get("lone_queries", "miss")  # how Recall@K counted lone queries, every row
     rows = [

@@ -4,9 +4,6 @@ working precision they compute in. Errors name the argument and say what to do n
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -77,31 +74,6 @@ def check_mining(mining: object) -> str:
     if not isinstance(mining, str) or mining not in MINING:
         raise ValueError(f"mining must be 'ms' (MS mining) or 'none' (all pairs), got {mining!r}")
     return mining
-
-
-def check_number(name: str, value: object, allowed: str, ok: Callable[[float], bool]) -> float:
-    """`value` as a float if it is a finite real number (not a bool) for which `ok` holds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} = {value!r} is not allowed: {allowed}")
-    return value
-
-
-def check_ms_numbers(alpha: object, beta: object, lam: object, margin: object) -> tuple:
-    """The MS loss's four numbers as floats, each finite and in the range the loss is defined on
-    (a config also keeps loss.margin below 2, where mining would keep every pair)."""
-    return (
-        check_number("alpha", alpha, "use a value > 0 (released recipe: 2)", lambda v: v > 0),
-        check_number("beta", beta, "use 0 < beta <= 1000 (released: 40)", lambda v: 0 < v <= 1000),
-        check_number("lam", lam, "similarities lie in [-1, 1]: use a value there", _unit),
-        check_number("margin", margin, "use a margin >= 0 (released: 0.1)", lambda v: v >= 0),
-    )
-
-
-def _unit(v: float) -> bool:
-    return -1 <= v <= 1
 
 
 def no_autocast(device_type: str) -> contextlib.AbstractContextManager:

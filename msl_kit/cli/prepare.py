@@ -1,19 +1,12 @@
-"""`msl-kit prepare` (datasets and weights) and `msl-kit bench` (the checkout's benchmarks)."""
+"""`msl-kit prepare`: datasets and backbone weights."""
 
 from __future__ import annotations
 
 import argparse
-import runpy
-import sys
-from pathlib import Path
-
-# The source checkout this module runs from, if any: benchmarks live in its bench/ folder.
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from msl_kit.datasets.preparation import prepare
-    from msl_kit.datasets.registry import list_datasets
+    from msl_kit.datasets.registry import list_datasets, prepare
     from msl_kit.models.packaged import is_packaged
 
     if is_packaged(args.weights):  # weights a pip package installed: converted, not downloaded
@@ -54,27 +47,8 @@ def _convert_packaged(name: str, root: str | None) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    bench = REPO / "bench"
-    if not (bench / "loss.py").is_file():
-        print(
-            "error: the benchmarks come with the source checkout (bench/ beside msl_kit/), "
-            "not with the installed package: git clone the project and run msl-kit bench there",
-            file=sys.stderr,
-        )
-        return 2
-    script = bench / f"{args.name}.py"
-    if not script.is_file():
-        names = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
-        print(f"error: no benchmark '{args.name}'; available: {', '.join(names)}", file=sys.stderr)
-        return 2
-    sys.argv = [str(script), *args.args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
-
-
-def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    """`prepare` and `bench`."""
+def add_prepare_command(sub: argparse._SubParsersAction) -> None:
+    """`prepare`."""
     p = sub.add_parser("prepare", help="download / verify / extract a dataset")
     p.add_argument("name", nargs="?")
     p.add_argument("--root", help="dataset folder (default data/), or where --weights go")
@@ -101,7 +75,3 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
         "package installed (pip install -e '.[photos]')",
     )
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("bench", help="run a benchmark script from bench/")
-    p.add_argument("name", help="loss, knn, data, train_step, quality")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from msl_kit.datasets.layouts.common import DatasetError
+
 CLASS_DRAWS = ("uniform", "released")
 
 
@@ -76,13 +78,13 @@ class PKSampler(Sampler[list[int]]):
         classes, inverse = np.unique(labels, return_inverse=True)
         self.classes_per_batch = batch_size // samples_per_class
         if self.classes_per_batch > len(classes):
-            raise ValueError(
+            raise DatasetError(
                 f"a batch of {batch_size} = {self.classes_per_batch} classes x "
                 f"{samples_per_class} needs {self.classes_per_batch} classes but the data has "
                 f"only {len(classes)}; lower train.batch_size or raise train.samples_per_class"
             )
         if self.classes_per_batch % num_replicas:
-            raise ValueError(
+            raise DatasetError(
                 f"{self.classes_per_batch} classes per batch cannot be split "
                 f"evenly over {num_replicas} ranks"
             )
@@ -222,12 +224,14 @@ class RandomBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
         if num_items < batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"a batch of {batch_size} needs {batch_size} items but the data has only "
                 f"{num_items}; lower train.batch_size"
             )
         if batch_size % num_replicas:
-            raise ValueError(f"batch_size {batch_size} cannot be split evenly over {num_replicas}")
+            raise DatasetError(
+                f"batch_size {batch_size} cannot be split evenly over {num_replicas}"
+            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed

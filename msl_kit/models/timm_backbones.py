@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -23,12 +24,14 @@ import torch
 from torch import nn
 
 from msl_kit.files.atomic import safe_load
-from msl_kit.models.state_dicts import mismatches, without_classifier
+from msl_kit.models.state_dicts import WeightsError, mismatches, without_classifier
+from msl_kit.params import ParamError, param
 from msl_kit.preprocessing import Preprocessing
 
 __all__ = [
     "GLOBAL_POOLS",
     "HUB",
+    "TimmParams",
     "build_timm",
     "build_timm_backbone",
     "check_timm_name",
@@ -44,6 +47,26 @@ HUB = "hub"  # pretrained=HUB: timm's own download (Hugging Face hub or the conf
 GLOBAL_POOLS = ("avg", "max", "avgmax", "token")
 # Classifier module names timm uses; a weights file saved with a classifier carries these.
 CLASSIFIER_NAMES = ("head", "fc", "classifier", "head_dist", "last_linear")
+
+
+@dataclass(frozen=True)
+class TimmParams:
+    """The options of every `timm:<name>` backbone (`model.timm.*`); 0 / None: timm's own."""
+
+    input_size: int = param(
+        0, "side the network sees, px", ge=16, le=1024, off=0, off_means="timm's config"
+    )
+    resize_size: int = param(
+        0,
+        "eval resize before the center crop, px",
+        ge=16,
+        le=2048,
+        off=0,
+        off_means="input_size / crop_pct",
+    )
+    global_pool: str | None = param(
+        None, "pooling (None: the model's own)", choices=(None, *GLOBAL_POOLS)
+    )
 
 
 def _timm() -> ModuleType:
@@ -65,7 +88,7 @@ def check_timm_name(name: str) -> str:
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)
     close = close or difflib.get_close_matches(name, names, n=6, cutoff=0.4)
     hint = f"close names: {', '.join(close)}" if close else "no close name"
-    raise ValueError(
+    raise ParamError(
         f"timm has no model {name!r} ({hint}); see timm.list_models('*pattern*', pretrained=True)"
     )
 
@@ -95,15 +118,15 @@ def timm_preprocessing(
     data = timm.data.resolve_data_config(pretrained_cfg=_pretrained_cfg(name))
     channels, height, width = data["input_size"]
     if height != width:
-        raise ValueError(
+        raise ParamError(
             f"timm model {name!r} expects {height}x{width} inputs; msl_kit crops squares only: "
             "pick a model with a square input size"
         )
     side = int(input_size or height)
     resize = int(resize_size or math.floor(side / data["crop_pct"]))  # as transforms_factory
     if resize < side:
-        raise ValueError(
-            f"model.resize_size = {resize} is smaller than timm:{name}'s input size {side}; "
+        raise ParamError(
+            f"model.timm.resize_size = {resize} is smaller than timm:{name}'s input size {side}; "
             f"use {side} or more (timm's own: {math.floor(side / data['crop_pct'])})"
         )
     return Preprocessing(
@@ -144,13 +167,13 @@ def build_timm_backbone(
     """
     check_timm_name(name)
     if pretrained is not None and str(pretrained) == "default":
-        raise ValueError(
+        raise ParamError(
             f"timm:{name} has no 'default' weights path: use model.pretrained=hub (timm's "
             "download) or model.pretrained=PATH (a .safetensors or torch file)"
         )
     kwargs = {"num_classes": 0} | ({"global_pool": global_pool} if global_pool else {})
     if global_pool and global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
+        raise ParamError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
     spec = timm_preprocessing(name, input_size)
     if input_size and input_size != timm_preprocessing(name).input_size:
         kwargs["img_size"] = int(input_size)
@@ -196,7 +219,7 @@ def _create(name: str, kwargs: dict, hub: bool) -> nn.Module:
                 raise
         return make({k: v for k, v in kwargs.items() if k != "img_size"})
     except AssertionError as e:  # timm asserts on a pooling the model does not have
-        raise ValueError(
+        raise ParamError(
             f"timm:{name} does not take global_pool={kwargs.get('global_pool')!r} ({e}); CNNs "
             "take avg, max or avgmax, ViTs also token"
         ) from None
@@ -229,7 +252,7 @@ def _read_state(path: Path) -> Mapping:
         try:
             return load_file(str(path), device="cpu")
         except SafetensorError as e:
-            raise ValueError(
+            raise WeightsError(
                 f"weights file {path} is not a readable safetensors file ({e})"
             ) from None
     state = safe_load(path, "weights file")
@@ -237,7 +260,7 @@ def _read_state(path: Path) -> Mapping:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"weights file {path} is not a state_dict (name -> tensor)")
+        raise WeightsError(f"weights file {path} is not a state_dict (name -> tensor)")
     return state
 
 
@@ -256,7 +279,7 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike) -> None:
     state = without_classifier(state, target, tuple(f"{n}." for n in CLASSIFIER_NAMES))
     problems = mismatches(state, target)
     if problems:
-        raise ValueError(
+        raise WeightsError(
             f"weights file {path} does not fit timm model {type(model).__name__}: {problems}. "
             "Is it this model's timm weights file (the same model.backbone name)?"
         )

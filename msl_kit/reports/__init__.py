@@ -1,0 +1,1 @@
+"""Reports: the papers' published numbers and tables of runs beside them (`reports.paper`)."""
