@@ -106,6 +106,14 @@ def test_photos_report_rebuilds_only_its_own_section(tmp_path):
     assert "| backbone as loaded (floor) | - | 85.0 |" in text
     assert "+2.0 points" in text and "**beats the frozen floor by more than the spread**" in text
     assert "MS is **tied with** triplet" in text and "| 200 | 87.0 | 86.0 |" in text
+    assert "MAP@R (the whole ranking, not only the top hit): MS 40.0 vs the floor's 39.0" in text
+    for seed in (1, 2):  # one seed left: differences, no verdict
+        (results / f"ms__seed{seed}.json").unlink()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "+2.0 points from one seed: no spread yet, so no verdict" in text
+    assert "beats the frozen floor" not in text and "one seed on a side, no verdict" in text
 
 
 @pytest.mark.slow
