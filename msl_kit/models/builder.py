@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from msl_kit.models import packaged
 from msl_kit.models.head import EmbeddingHead, EmbeddingModel
 from msl_kit.models.registry import backbone_spec
 from msl_kit.models.timm_backbones import HUB
@@ -50,7 +51,8 @@ def preprocessing_spec(backbone: str, **options: Any) -> Preprocessing:
 
 def check_pretrained(backbone: str, pretrained: str | None) -> None:
     """`hub` only where the backbone downloads its own weights (timm), `default` (the published
-    file's cache path) only where it does not; ParamError naming what it takes otherwise."""
+    file's cache path) only where it does not, packaged weights (`efficientnet_lite0`) only
+    with their timm model; ParamError naming what it takes otherwise."""
     own_download = backbone_spec(backbone).takes_pretrained
     word = "default" if own_download else HUB
     allowed = (
@@ -63,6 +65,11 @@ def check_pretrained(backbone: str, pretrained: str | None) -> None:
             f"model.pretrained = {pretrained!r} is not allowed: {backbone} takes no {word}: "
             f"{allowed}"
         )
+    if packaged.is_packaged(pretrained):
+        try:
+            packaged.check_backbone(backbone, str(pretrained))
+        except packaged.PackagedWeightsError as e:
+            raise ParamError(str(e)) from None
 
 
 def build_model(
@@ -77,7 +84,8 @@ def build_model(
     **options: Any,
 ) -> EmbeddingModel:
     """Build backbone + head. `pretrained`: a backbone weights file, "default", or None / "none"
-    ("hub" for timm backbones: timm's own download).
+    ("hub" for timm backbones: timm's own download; a name of `packaged.PACKAGED`, e.g.
+    "efficientnet_lite0": weights a pip package installed, converted by `msl-kit prepare`).
 
     Options are the backbone's declared params (convnet: in_channels, input_size, resize_size,
     width; timm: global_pool, input_size, resize_size); undeclared ones are refused.
@@ -89,6 +97,9 @@ def build_model(
     options = backbone_options(name, options)
     preprocessing = spec.preprocessing(**options)
     pretrained = pretrained if uses_weights(pretrained) else None
+    if packaged.is_packaged(pretrained):
+        packaged.check_backbone(name, str(pretrained))
+        pretrained = packaged.resolve(str(pretrained))
     if spec.takes_pretrained:
         backbone = spec.build(preprocessing, pretrained=pretrained, **options)
     else:

@@ -143,12 +143,34 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    # A frozen prefix of the backbone and a cache of its activations (msl_kit/train/prefix_cache):
+    # fine-tuning only the tail on a CPU, the prefix run once per augmented view, not per step.
+    # A section of the run, not of one backbone: any backbone whose frozen part is a module
+    # prefix takes it (`model.<backbone>.*` holds what builds that backbone, not how it trains).
+    prefix: str = param("", "backbone module ending the frozen prefix (blocks.4); empty: none")
+    views: int = param(
+        0, "seeded augmented views per training image cached on disk; 0: no cache", ge=0, le=1000
+    )
+    view_seed: int = param(
+        0, "seeds the views (not the run's seed: every seed shares one cache)", ge=0, lt=2**32
+    )
+    dir: str = ""  # where caches live; "" = <data.root>/prefix_cache
+    dtype: str = param(
+        "float32", "float32 (exact) or float16 (half the disk, rounded activations)",
+        choices=("float32", "float16"),
+    )  # fmt: skip
+    max_gb: float = param(20.0, "refuse to build a cache larger than this many GB", gt=0)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = param(0, "seed of every random draw", ge=0, lt=2**32)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     description: str = ""

@@ -25,6 +25,7 @@ from msl_kit.models.weights import uses_weights
 from msl_kit.train import checkpoint as ckpt
 from msl_kit.train import distributed, evaluation, recipe, rundir
 from msl_kit.train.config import Config, config_text, to_dict
+from msl_kit.train.prefix_cache.run import FrozenPrefix
 from msl_kit.train.rundir import RunFolder
 from msl_kit.train.validation import check_ranks
 
@@ -137,6 +138,11 @@ class Trainer:
             num_replicas=dist.world_size,
             rank=dist.rank,
         )
+        # cache.prefix: the prefix is frozen before the optimizer collects the parameters
+        self.prefix = None
+        if cfg.cache.prefix:  # (a cache too large for the disk is refused before any write)
+            sets = (train_set, *self.eval_data)
+            self.prefix = FrozenPrefix.attach(cfg, self.model, self.device, dist.world_size, sets)
         spec = loss_spec(cfg.loss.name)
         classes = recipe.num_classes(train_set) if spec.needs_classes else None
         self.loss_fn = (loss_fn or recipe.build_loss(cfg, classes)).to(self.device)
@@ -164,16 +170,24 @@ class Trainer:
             if cfg.eval.floors:
                 self.floors = self._floors()
             self._snapshot_weights()
-        self.net = distributed.wrap_ddp(self.model, dist)
-        self.loader = DataLoader(
-            _SeededItems(train_set, cfg.seed),
-            batch_sampler=_KeyedBatches(sampler, self.iteration),
-            num_workers=cfg.data.workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.data.workers > 0,
-        )
+        self.net, self.loader = self._batches(train_set, sampler)
         self.model.train()
         self.tick = time.perf_counter()
+
+    def _batches(self, train_set: Dataset, sampler: Sampler) -> tuple[nn.Module, Iterable]:
+        """What a step calls and the batches it gets: the tail on cached activations where
+        `cache.views` is set (built first where missing), else the network on images."""
+        if self.prefix is not None and self.prefix.cached:
+            batches = self.prefix.batches(train_set, sampler, self.iteration, self.device)
+            return self.prefix.net(self.model), batches
+        loader = DataLoader(
+            _SeededItems(train_set, self.cfg.seed),
+            batch_sampler=_KeyedBatches(sampler, self.iteration),
+            num_workers=self.cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.cfg.data.workers > 0,
+        )
+        return distributed.wrap_ddp(self.model, self.dist), loader
 
     def _restore(self, state: dict, path: Path, overrides: list[str]) -> None:
         ckpt.load_model_state(self.model, state, path)
@@ -223,12 +237,21 @@ class Trainer:
         if "raw_pixels" in wanted:
             floors["raw_pixels"] = evaluation.pixel_baseline(*data, ks, opts)
         if "backbone" in wanted and uses_weights(cfg.model.pretrained):
-            floors["backbone"] = evaluation.evaluate(
-                self.model, *data, self.device, ks, opts, backbone_only=True
-            )
+            floors["backbone"] = self.score(backbone_only=True)
         if "untrained" in wanted:
-            floors["untrained"] = evaluation.evaluate(self.model, *data, self.device, ks, opts)
+            floors["untrained"] = self.score()
         return floors
+
+    def score(self, backbone_only: bool = False) -> dict:
+        """The metrics of the model now (or of its backbone's pooled features) on the eval data;
+        from the cached eval activations where the prefix is cached."""
+        opts, ks = recipe.eval_options(self.cfg), self.cfg.eval.ks
+        if self.prefix is not None and self.prefix.cached:
+            embed = self.prefix.embedder(self.model, self.device, opts, backbone_only)
+            return evaluation.score(embed, *self.eval_data, ks, opts)
+        return evaluation.evaluate(
+            self.model, *self.eval_data, self.device, ks, opts, backbone_only=backbone_only
+        )
 
     def callbacks(self, given: Iterable[Callback]) -> list[Callback]:
         """The given callbacks (rank 0 only reports), plus TensorBoard when configured."""
@@ -329,13 +352,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Metrics of the current model; keeps best.pt for the best R@1 so far."""
-        self.results = evaluation.evaluate(
-            self.model,
-            *self.eval_data,
-            self.device,
-            self.cfg.eval.ks,
-            recipe.eval_options(self.cfg),
-        )
+        self.results = self.score()
         self._snapshot_weights()
         if self.main and self.results["recall@1"] > self.best["recall@1"]:
             self.best = {"iteration": self.iteration, **self.results}

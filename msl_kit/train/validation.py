@@ -102,6 +102,7 @@ def validate(cfg: Config) -> None:
     _check_loss(cfg)
     _check_train(cfg)
     _check_eval(cfg)
+    _check_cache(cfg)
     try:
         check_device(cfg.device)
     except DeviceError as e:
@@ -232,6 +233,16 @@ def _check_eval(cfg: Config) -> None:
     if isinstance(e.floors, list):
         for name in e.floors:
             choice("eval.floors", name, FLOORS)
+
+
+def _check_cache(cfg: Config) -> None:
+    c = cfg.cache
+    check(
+        not c.views or bool(c.prefix),
+        "cache.views",
+        c.views,
+        "the cache holds the frozen prefix's output: name its last module in cache.prefix",
+    )
 
 
 def check_ranks(cfg: Config, top: int) -> None:

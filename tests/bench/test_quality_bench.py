@@ -156,8 +156,9 @@ def test_report_warns_when_cells_ran_at_different_budgets():
 @pytest.mark.timeout(900)
 def test_quick_run_on_real_data_writes_a_sane_report(shared_data, tmp_path):
     out = tmp_path / "report" / "results.md"
-    args = ["--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--threads", "2"]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"}
+    # one thread: the other xdist worker has the other core (2 threads each ran 2.6x slower)
+    args = ["--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--threads", "1"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True
     )

