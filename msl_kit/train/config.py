@@ -124,7 +124,9 @@ class TrainConfig:
     keep_snapshots: bool = True  # model weights at start and each evaluation, in snapshots/
     log_every: int = param(10, "history.csv rows every this many iterations", ge=1)
     amp: str = param("none", "mixed precision", choices=("none", "bf16", "fp16"))
-    threads: int = param(0, "torch threads; 0 picks cores minus workers", ge=0, le=1024)
+    threads: int = param(
+        0, "torch threads; 0: OMP_NUM_THREADS if set, else cores minus workers", ge=0, le=1024
+    )
     tensorboard: bool = False
 
 
