@@ -429,5 +429,8 @@ def embed(
             return Embeddings.load(path, lazy=False)
     out = outputs.check_replaceable(out, "index")
     ranks = Ranks.join()
-    _embed_into(checkpoint, images, out, ranks, load, where, progress)
+    try:
+        _embed_into(checkpoint, images, out, ranks, load, where, progress)
+    finally:
+        ranks.leave()
     return Embeddings.load(out) if ranks.main else None

@@ -9,6 +9,7 @@ every call here is then a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # joined the gloo group itself: leaves it when done
 
     @property
     def main(self) -> bool:
@@ -62,7 +64,14 @@ class Ranks:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         info = init_distributed("gloo", timeout=WAIT)
-        return cls(info.rank, info.world_size, info.local_rank)
+        return cls(info.rank, info.world_size, info.local_rank, owns_group=True)
+
+    def leave(self) -> None:
+        """Leave the gloo group this process joined, error or not: a process that exits with
+        it up can abort in gloo's threads (exit status -6 in place of its own)."""
+        if self.owns_group and dist.is_initialized():
+            with contextlib.suppress(RuntimeError):  # a peer gone already: nothing to close
+                dist.destroy_process_group()
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's own GPU where the model runs on CUDA (cuda:LOCAL_RANK), else `device`."""
