@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from msl_kit.preprocessing import Preprocessing
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # the team's real archives, beside the checkout
 
@@ -28,6 +30,19 @@ FAST = [
     "train.threads=1",
     "eval.floors=false",
 ]
+
+# The released BN-Inception preprocessing written out by hand (not read from msl_kit), for the
+# transform tests to compare the kit's pipeline against torchvision's
+BNINCEPTION = Preprocessing(
+    color="BGR",
+    value_range=255.0,
+    mean=(104.0, 117.0, 128.0),
+    std=(1.0, 1.0, 1.0),
+    input_size=227,
+    resize_size=256,
+    crop_scale=(0.16, 1.0),
+    hflip=True,
+)
 
 
 class LazyModule:

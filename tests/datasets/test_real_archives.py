@@ -5,22 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import BNINCEPTION
 from torchvision import transforms as tv
 
 import msl_kit.datasets as D
 from msl_kit.datasets.transforms import build_transform
 from msl_kit.preprocessing import Preprocessing
 
-BNINCEPTION = Preprocessing(
-    color="BGR",
-    value_range=255.0,
-    mean=(104.0, 117.0, 128.0),
-    std=(1.0, 1.0, 1.0),
-    input_size=227,
-    resize_size=256,
-    crop_scale=(0.16, 1.0),
-    hflip=True,
-)
 SMALL_TRAIN = {"Balinese": 24, "Greek": 24, "Korean": 40, "Sanskrit": 42}
 SMALL_TEST = {"Early_Aramaic": 22, "Japanese_(katakana)": 47, "Latin": 26, "Tagalog": 17}
 

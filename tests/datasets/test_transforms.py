@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BNINCEPTION
 from PIL import Image
 from torchvision import transforms as tv
 
@@ -25,16 +26,6 @@ from msl_kit.datasets.transforms import (
 from msl_kit.models import preprocessing_spec
 from msl_kit.preprocessing import Preprocessing
 
-BNINCEPTION = Preprocessing(
-    color="BGR",
-    value_range=255.0,
-    mean=(104.0, 117.0, 128.0),
-    std=(1.0, 1.0, 1.0),
-    input_size=227,
-    resize_size=256,
-    crop_scale=(0.16, 1.0),
-    hflip=True,
-)
 RESNET = Preprocessing()  # RGB, ImageNet mean / std, 224 / 256
 DIGITS = Preprocessing(
     color="L",
