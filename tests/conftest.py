@@ -4,10 +4,8 @@ built once per test session and shared by every worker."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,15 @@ from helpers import (
     FAST_ARGS,
     REPO,
     SHARED_DATA,
-    file_digests,
+    WORKER,
+    built_once,
     held_out_tree,
+    read_only,
     start_cli,
     train_quietly,
 )
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:  # before torch is imported: N workers share N cores, and so do their children
     os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -89,41 +88,6 @@ def shared_data() -> Path:
 
 
 # ----------------------------------------------------------------------------- built once
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (a file) for the block; every worker waits its turn."""
-    import fcntl
-
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """`build(folder)` once per test session, whichever worker asks first; the others wait for
-    it and get the same folder (under the session's temp folder, beside the workers' own)."""
-    base = factory.getbasetemp()
-    shared = base.parent if WORKER else base
-    folder, done = shared / name, shared / f"{name}.done"
-    with _locked(shared / f"{name}.lock"):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a build that failed halfway
-            build(folder)
-            done.write_text("built\n")
-    return folder
-
-
-def read_only(folder: Path) -> Iterator[Path]:
-    """Yield `folder`; at the end of the session, fail if a test changed a file in it (a test
-    that writes copies it first: shutil.copytree(run, tmp_path / "run"))."""
-    before = file_digests(folder)
-    yield folder
-    assert file_digests(folder) == before, f"a test changed the shared {folder}; copy it first"
-
-
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A finished run of `--config digits` with FAST: checkpoints at iterations 2, 4 and 6 (the

@@ -1,6 +1,7 @@
 """What many test files share (tests/README.md): the checkout's paths, the FAST training
-overrides, the one-error-line check, the CLI run in this process or in a child process, and the
-embedded set's held-out split written as image files."""
+overrides, the one-error-line check, the CLI run in this process or in a child process, the
+embedded set's held-out split written as image files, and a folder built once per test session
+whichever xdist worker asks first."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import hashlib
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import pytest
 from msl_kit.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...; None without xdist
 SHARED_DATA = REPO.parent / "shared" / "data"  # the team's real archives, beside the checkout
 
 # A finished digits run in about a second: checkpoints at 2, 4 and 6, evaluated at the end only,
@@ -156,3 +160,38 @@ def held_out_tree(base: Path, limit: int | None = None) -> tuple[Path, list[str]
     for zf in archives.values():
         zf.close()
     return tree, written
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a file) for the block; every worker waits its turn."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` once per test session, whichever worker asks first; the others wait for
+    it and get the same folder (under the session's temp folder, beside the workers' own)."""
+    base = factory.getbasetemp()
+    shared = base.parent if WORKER else base
+    folder, done = shared / name, shared / f"{name}.done"
+    with _locked(shared / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed halfway
+            build(folder)
+            done.write_text("built\n")
+    return folder
+
+
+def read_only(folder: Path) -> Iterator[Path]:
+    """Yield `folder`; at the end of the session, fail if a test changed a file in it (a test
+    that writes copies it first: shutil.copytree(run, tmp_path / "run"))."""
+    before = file_digests(folder)
+    yield folder
+    assert file_digests(folder) == before, f"a test changed the shared {folder}; copy it first"

@@ -1,7 +1,8 @@
-"""The notebooks: stored clean, and executed headless with papermill in order on the CPU.
+"""The notebooks: stored clean, and executed headless with papermill on the CPU.
 
 All run with their default parameters on the embedded Omniglot-small set, only the folders
-changed to a temporary one: 02 trains into `runs/`; 03 and 04 find that run as the latest one
+changed to a temporary one: 02 trains into `runs/` (once per test session, shared by the
+workers); 03 and 04 find that run as the latest one
 there (03 also steps through its snapshots); 05 gathers it with a run folder that claims the
 CUB 512-d setting, so the paper's rows must appear beside it; 07 embeds the held-out split
 with that run and with its first snapshot and searches it.
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO, LazyModule
+from helpers import REPO, LazyModule, built_once, read_only
 
 # nbformat imports jsonschema's format checkers, seconds at import: load it when a test uses it,
 # not while every worker collects
@@ -84,8 +85,10 @@ def test_a_notebook_needing_a_run_finds_the_readme_demo_or_says_what_to_run(tmp_
 
 
 # ----------------------------------------------------------------------------- executed (slow)
-# Session-scoped: 02's run is trained once per worker. A module fixture is set up again each time
-# a worker comes back to this file after another one, and 02 then ran twice in one session.
+# Each worker executes into its own folder. Notebook 02's run, which 03, 04, 05 and 07 read, is
+# trained once per session (`trained_by_02`); the five run on one worker (xdist_group
+# "notebook_02"), one after the other from the session's start, so no worker waits for the build
+# while 01, 07's first-run check and 08 run beside them.
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
@@ -130,20 +133,31 @@ def text(outs: list) -> str:
 
 
 @pytest.fixture(scope="session")
-def runs(work):
-    return work / "runs"
+def trained_by_02(tmp_path_factory):
+    """Notebook 02 executed with its defaults (60 iterations) into FOLDER/runs, once per test
+    session; FOLDER/02_train.out.ipynb is the executed notebook. Shared, read only."""
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        execute("02_train", folder, runs=str(folder / "runs"))
+
+    yield from read_only(built_once(tmp_path_factory, "notebook_02", build))
 
 
 @pytest.fixture(scope="session")
-def nb02(work, runs):
-    nb = execute("02_train", work, runs=str(runs))  # default size: 60 iterations
+def runs(trained_by_02):
+    return trained_by_02 / "runs"
+
+
+@pytest.fixture(scope="session")
+def nb02(trained_by_02, runs):
+    nb = nbformat.read(trained_by_02 / "02_train.out.ipynb", as_version=4)
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     return nb, run_dir
 
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_01_prepare_data(work):
     nb = execute("01_prepare_data", work, out_dir=str(work / "01"))
@@ -168,7 +182,6 @@ def test_01_prepare_data(work):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
     archive = shared_data / "CUB_200_2011_subset100.tgz"
@@ -191,7 +204,7 @@ def test_01_prepares_the_real_cub_subset_from_an_archive(work, shared_data):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
+@pytest.mark.xdist_group("notebook_02")
 @pytest.mark.slow
 def test_02_trains_the_embedded_default_with_live_panels(nb02):
     nb, run_dir = nb02
@@ -231,7 +244,7 @@ def test_02_trains_the_embedded_default_with_live_panels(nb02):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
+@pytest.mark.xdist_group("notebook_02")
 @pytest.mark.slow
 def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
     _, run_dir = nb02
@@ -259,7 +272,7 @@ def test_03_pair_weights_on_the_run_02_trained(nb02, work, runs):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
+@pytest.mark.xdist_group("notebook_02")
 @pytest.mark.slow
 def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
     nb = execute("04_embeddings_umap", work, runs=str(runs), out_dir=str(work / "04"))
@@ -275,7 +288,7 @@ def test_04_embeddings_change_visibly_after_training(nb02, work, runs):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
+@pytest.mark.xdist_group("notebook_02")
 @pytest.mark.slow
 def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, runs):
     _, run_dir = nb02
@@ -301,7 +314,6 @@ def test_07_search_finds_more_of_the_same_character_after_training(nb02, work, r
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
 @pytest.mark.slow
 def test_07_run_first_says_in_one_line_what_to_run(work):
     """Opened first (no run anywhere), 07 ended in a long traceback (`SystemExit: no finished
@@ -322,7 +334,7 @@ def test_07_run_first_says_in_one_line_what_to_run(work):
 
 @pytest.mark.notebook
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("notebooks")
+@pytest.mark.xdist_group("notebook_02")
 @pytest.mark.slow
 def test_05_recall_tables_name_their_protocol(nb02, work, runs):
     _, run_dir = nb02
