@@ -101,6 +101,22 @@ class Texts(Sequence):
             )
         return self.blob[a:b].tobytes()
 
+    def raws(self, rows: np.ndarray) -> list[bytes]:
+        """The stored bytes of the strings at `rows` (1-d ints in range), each read alone."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.asarray(self.offsets[rows], dtype=np.int64)
+        ends = np.asarray(self.offsets[rows + 1], dtype=np.int64) - 1
+        bad = (starts < 0) | (starts > ends) | (ends >= len(self.blob))
+        if not bad.any():
+            bad = self.blob[ends] != 0  # each string ends with its NUL
+        if bad.any():
+            i = int(rows[np.argmax(bad)])
+            raise TextsError(
+                f"{self.where}: string {i} lies outside its bytes; the file is damaged"
+            )
+        view = memoryview(self.blob)
+        return [view[a:b].tobytes() for a, b in zip(starts.tolist(), ends.tolist())]
+
     def raw_range(self, start: int, stop: int) -> list[bytes]:
         """The stored bytes of strings start..stop-1, split in one pass."""
         if stop <= start:
@@ -127,7 +143,7 @@ class Texts(Sequence):
         if flat.size and (flat.min() < -n or flat.max() >= n):
             raise IndexError(f"index out of range for {n} strings")
         flat = np.where(flat < 0, flat + n, flat)
-        return np.array([decode(self.raw(int(i))) for i in flat], dtype=str).reshape(rows.shape)
+        return np.array([decode(r) for r in self.raws(flat)], dtype=str).reshape(rows.shape)
 
     def __getitem__(self, key):  # noqa: ANN001, ANN204 (numpy's indexing: int, slice, array)
         if isinstance(key, (int, np.integer)):
@@ -181,6 +197,14 @@ class Texts(Sequence):
             if (self.blob[block[1:] - 1] != 0).any():
                 return "strings not ended by a NUL"
         return ""
+
+
+def raw_at(texts: Sequence[str], rows: np.ndarray) -> list[bytes]:
+    """The stored bytes of the strings at `rows` (1-d ints), of a `Texts` or any sequence of
+    str, decoding only those."""
+    if isinstance(texts, Texts):
+        return texts.raws(rows)
+    return [encode(str(texts[int(i)])) for i in rows]
 
 
 def raw_blocks(texts: Sequence[str], size: int = BLOCK) -> Iterator[tuple[int, list[bytes]]]:

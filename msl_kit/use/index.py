@@ -46,7 +46,7 @@ from msl_kit import metrics
 from msl_kit.errors import MslKitError
 from msl_kit.use.ann.faiss_index import AnnIndex
 from msl_kit.use.ann.spec import IndexSpec
-from msl_kit.use.columns import Texts, raw_blocks
+from msl_kit.use.columns import Texts, raw_at, raw_blocks
 
 FORMAT = "msl-kit embeddings 2"
 REQUIRED = ("embeddings", "paths", "checkpoint_sha256", "format")
@@ -352,28 +352,27 @@ class Embeddings:
 
         A query whose path is also in this gallery finds none of the gallery's rows with that
         path (a file listed twice is still itself) unless `exclude_self=False`; other queries
-        are a separate set (In-Shop style). The gallery's paths are scanned a block at a time
-        against the queries' (never all held at once).
+        are a separate set (In-Shop style). Only the paths of the rows found are read: the
+        search asks for k + 1 neighbours, and again for more where a query's own rows left it
+        short.
         """
         self.check_query(query)
         if not isinstance(query, Embeddings):
             vectors = np.asarray(query, dtype=np.float32)
             query = Embeddings(vectors, np.array([f"query {i}" for i in range(len(vectors))]))
-        shared = SharedPaths.find(self.paths, query.paths) if exclude_self else None
-        extra = shared.most_copies() if shared is not None else 0
-        k = min(int(k), len(self) - extra)
-        if k < 1:
-            raise IndexFileError("the gallery holds no image other than the query itself")
         if index is not None:
             if not isinstance(index, AnnIndex):
-                index = AnnIndex.build(self.embeddings, index, k)
+                index = AnnIndex.build(self.embeddings, index, min(int(k), len(self)))
             elif not index.matches(self.embeddings):
                 raise IndexFileError("that faiss index holds other vectors than this gallery's")
             backend = index
         backend = backend or exact_backend(self.embeddings)
-        scores, indices = backend(np.ascontiguousarray(query.embeddings), k + extra)
-        if extra:
-            scores, indices = drop_own(scores, indices, shared.own(indices), k)
+        vectors = np.ascontiguousarray(query.embeddings)
+        k = min(int(k), len(self))
+        if exclude_self:
+            scores, indices = leave_own_out(backend, vectors, k, query.paths, self.paths)
+        else:
+            scores, indices = backend(vectors, k)
         return Hits(scores, indices, query, self)
 
     def positions(self, paths: Sequence[str]) -> np.ndarray:
@@ -415,18 +414,6 @@ class SharedPaths:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
         return cls(query_ids, cat(rows), cat(row_ids), len(ids))
 
-    def most_copies(self) -> int:
-        """The most gallery rows any one query's path has (what a search must ask beyond k)."""
-        copies = np.bincount(self.row_ids, minlength=self.distinct)
-        return int(copies[self.query_ids].max(initial=0))
-
-    def own(self, indices: np.ndarray) -> np.ndarray:
-        """(Q, k) booleans: the neighbour at `indices` holds the query's own path."""
-        at = np.searchsorted(self.rows, indices).clip(0, max(len(self.rows) - 1, 0))
-        hit = self.rows[at] == indices if len(self.rows) else np.zeros(indices.shape, bool)
-        ids = np.where(hit, self.row_ids[at] if len(self.rows) else -1, -1)
-        return ids == self.query_ids[:, None]
-
 
 Backend = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -441,13 +428,43 @@ def exact_backend(gallery: np.ndarray) -> Backend:
     return search
 
 
-def drop_own(
-    scores: np.ndarray, indices: np.ndarray, own: np.ndarray, k: int
+def leave_own_out(
+    backend: Backend,
+    vectors: np.ndarray,
+    k: int,
+    query_paths: Sequence[str],
+    gallery_paths: Sequence[str],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the first k neighbours that are not the query's own rows (`own` marks them),
-    in rank order; the search asked for enough extra neighbours to leave k."""
-    order = np.argsort(own, axis=1, kind="stable")[:, :k]  # unmarked first, ranks kept
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+    """Each query's first k neighbours whose gallery path is not the query's own, in rank
+    order. Asks `backend` for k + 1 (a query listed once in the gallery), then, for the queries
+    its own rows left short, for twice as many, until each has k or the gallery is exhausted;
+    then every query gets as many as the shortest has (an error if that is none)."""
+    n, count = len(gallery_paths), len(vectors)
+    own_raw = [r for _, block in raw_blocks(query_paths) for r in block]
+    scores = np.zeros((count, k), np.float32)
+    indices = np.zeros((count, k), np.int64)
+    kept = np.zeros(count, np.int64)  # neighbours that are not the query's own, at most k
+    todo, fetch = np.arange(count), min(k + 1, n)
+    while len(todo):
+        found_scores, found = backend(vectors[todo], fetch)
+        found_raw = raw_at(gallery_paths, found.reshape(-1))
+        mine = np.fromiter(
+            (g == own_raw[q] for q, g in zip(np.repeat(todo, found.shape[1]), found_raw)),
+            bool,
+            found.size,
+        ).reshape(found.shape)
+        order = np.argsort(mine, axis=1, kind="stable")[:, :k]  # not own first, ranks kept
+        width = order.shape[1]
+        scores[todo, :width] = np.take_along_axis(found_scores, order, 1)
+        indices[todo, :width] = np.take_along_axis(found, order, 1)
+        kept[todo] = np.minimum((~mine).sum(1), k)
+        if fetch == n:
+            break
+        todo, fetch = todo[kept[todo] < k], min(2 * fetch, n)
+    k = int(kept.min(initial=k))
+    if k < 1:
+        raise IndexFileError("the gallery holds no image other than the query itself")
+    return scores[:, :k], indices[:, :k]
 
 
 @dataclass

@@ -4,6 +4,7 @@ NaN rows refused and faiss's id -1 never shown (issue 24 item 10), faiss missing
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -168,7 +169,7 @@ def test_cli_prints_build_recall_and_search_time_then_reuses(tmp_path, capsys):
     args = ["search", "--index", str(path), "--query", str(path), "-k", "5", "--show", "0"]
     assert cli.main([*args, "--faiss", "hnsw", "--hnsw-m", "8"]) == 0
     err = capsys.readouterr().err
-    assert "building faiss hnsw (hnsw_m 8, ef_construction 40) over 3,000 x 16" in err
+    assert "building faiss hnsw (hnsw_m 8, ef_construction 40, sq_bits 8) over 3,000 x 16" in err
     assert f"built {tmp_path / 'g.hnsw.faiss'} in " in err and " kB on disk" in err
     assert "recall against exact search: @1 " in err and "@10 " in err  # at least @10
     assert "gallery's vectors as queries, held out of the index while it was measured" in err
@@ -178,7 +179,7 @@ def test_cli_prints_build_recall_and_search_time_then_reuses(tmp_path, capsys):
     assert "reused" in err and "faiss hnsw, ef_search 128" in err  # a search knob: no rebuild
     assert "recall not measured at ef_search 128; recall@10 by ef_search at build: 16: " in err
     assert cli.main([*args, "--faiss", "hnsw"]) == 0  # the default M is 32: rebuilt
-    assert "built with other knobs (hnsw_m 8, ef_construction 40; asked hnsw_m 32" in (
+    assert "built with other knobs (hnsw_m 8, ef_construction 40, sq_bits 8; asked hnsw_m 32" in (
         capsys.readouterr().err
     )
 
@@ -279,3 +280,26 @@ def test_the_kept_faiss_file_alone_answers_with_gallery_rows(tmp_path):
         )
         _, ids = index.search(x, 1)
         assert (ids[:, 0] == np.arange(len(x))).mean() > 0.99
+
+
+def test_an_hnsw_index_kept_by_an_older_kit_over_float_vectors_is_rebuilt(tmp_path, capsys):
+    """HNSW now links 8-bit codes (IndexHNSWSQ) and re-ranks by the float vectors; a kept index
+    whose record names no `sq_bits` was built over the float vectors (IndexHNSWFlat) by an older
+    kit, and is rebuilt, never searched as if it were the new kind."""
+    import faiss
+
+    path = tmp_path / "g.npz"
+    index_file(path, clustered(3000, 16))
+    args = ["search", "--index", str(path), "--query", str(path), "-k", "5", "--show", "0"]
+    assert cli.main([*args, "--faiss", "hnsw"]) == 0
+    kept = faiss.read_index(str(tmp_path / "g.hnsw.faiss"))
+    assert isinstance(faiss.downcast_index(kept.index), faiss.IndexHNSWSQ)
+    record = tmp_path / "g.hnsw.json"
+    meta = json.loads(record.read_text())
+    del meta["params"]["sq_bits"]
+    record.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main([*args, "--faiss", "hnsw"]) == 0
+    err = capsys.readouterr().err
+    assert "built with other knobs (hnsw_m 32, ef_construction 40; asked hnsw_m 32" in err
+    assert "sq_bits 8" in err and "reused" not in err

@@ -22,7 +22,7 @@ from msl_kit import cli
 from msl_kit.errors import MslKitError
 from msl_kit.use.columns import Texts, TextsWriter, encode
 from msl_kit.use.embedding import embed
-from msl_kit.use.index import Embeddings, SharedPaths, write_npz
+from msl_kit.use.index import Embeddings, write_npz
 from msl_kit.use.listing import csv_images
 from msl_kit.use.ranks import Ranks
 from msl_kit.use.retrieval import search, vectors_crc32
@@ -211,27 +211,56 @@ def test_embedding_with_loader_workers_gives_the_same_file(run, written, tmp_pat
     assert (tmp_path / "a" / "e.npz").read_bytes() == (tmp_path / "b" / "e.npz").read_bytes()
 
 
-# ----------------------------------------------------------------------------- scanning
-def _old_path_ids(gallery: np.ndarray, query: np.ndarray):
-    """The whole-array reference the scan replaced: np.unique over every gallery path."""
-    names, inverse = np.unique(gallery, return_inverse=True)
-    at = np.searchsorted(names, query).clip(0, len(names) - 1)
-    found = names[at] == query
-    return inverse.reshape(-1), np.where(found, at, len(names))
+# ----------------------------------------------------------------------------- own rows
+def _naive_leave_out(x: np.ndarray, gallery: np.ndarray, q: np.ndarray, q_paths, k: int):
+    """Every gallery row ranked by score (ties: lower row first), the query's own path's rows
+    dropped, the first k kept; k shrinks to what the shortest query has."""
+    sims = q @ x.T
+    ranked = [
+        [int(i) for i in np.lexsort((np.arange(len(x)), -row)) if gallery[i] != path]
+        for row, path in zip(sims, q_paths)
+    ]
+    k = min(k, *(len(r) for r in ranked))
+    idx = np.array([r[:k] for r in ranked])
+    return np.take_along_axis(sims, idx, 1), idx
 
 
 @pytest.mark.parametrize("as_column", [True, False])
-def test_the_scan_finds_each_querys_own_rows_as_the_whole_array_reference(as_column):
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_a_search_leaves_out_each_querys_own_rows_as_a_whole_ranking_does(as_column, k):
+    """Paths listed up to 12 times (the search must ask again for more), queries in the gallery
+    and not, and a gallery too small for k = 40 once a query's own rows are out."""
+    rng = np.random.default_rng(0)
+    names = np.array([f"/g/{i}.png" for i in range(20)] + NAMES)
+    gallery = names[rng.integers(0, len(names), 48)]  # 48 rows, many paths listed often
+    x = rng.standard_normal((48, 8)).astype(np.float32)
+    x[::7] = x[1]  # equal scores: ranked by row
+    rows = rng.integers(0, 48, 10)
+    q_paths = np.concatenate([gallery[rows], ["/nowhere.png", "y"]])
+    q = rng.standard_normal((len(q_paths), 8)).astype(np.float32)
+    q[:10] = x[rows] + 0.01 * q[:10]  # a query's own rows rank first
+    emb = Embeddings(x, Texts.of(gallery) if as_column else gallery)
+    hits = emb.search(Embeddings(q, q_paths), k)
+    want_scores, want = _naive_leave_out(x, gallery, q, q_paths, k)
+    np.testing.assert_array_equal(hits.indices, want)
+    np.testing.assert_allclose(hits.scores, want_scores, rtol=1e-5, atol=1e-6)
+    assert not (gallery[hits.indices] == q_paths[:, None]).any()
+    kept = emb.search(Embeddings(q, q_paths), k, exclude_self=False)
+    assert kept.indices.shape == (len(q), min(k, 48))  # without leaving out, as asked
+
+
+def test_a_gallery_of_only_the_querys_own_path_says_so_in_one_line():
+    emb = Embeddings(np.eye(3, dtype=np.float32), np.array(["/a.png"] * 3))
+    with pytest.raises(MslKitError, match="no image other than the query itself"):
+        emb.search(Embeddings(np.eye(3, dtype=np.float32)[:1], np.array(["/a.png"])), 2)
+
+
+@pytest.mark.parametrize("as_column", [True, False])
+def test_positions_are_each_paths_last_row_as_a_dict_of_every_path_gives(as_column):
     rng = np.random.default_rng(0)
     names = np.array([f"/g/{i}.png" for i in range(300)] + NAMES)
     gallery = names[rng.integers(0, len(names), 2000)]  # many paths listed several times
     query = np.concatenate([gallery[rng.integers(0, 2000, 50)], ["/nowhere.png", "y"]])
-    shared = SharedPaths.find(Texts.of(gallery) if as_column else gallery, query)
-    g_ids, q_ids = _old_path_ids(gallery, query)
-    indices = rng.integers(0, 2000, (len(query), 30))
-    np.testing.assert_array_equal(shared.own(indices), g_ids[indices] == q_ids[:, None])
-    copies = np.append(np.bincount(g_ids), 0)
-    assert shared.most_copies() == copies[q_ids].max()
     emb = Embeddings(np.zeros((2000, 2), np.float32), Texts.of(gallery) if as_column else gallery)
     last = {p: i for i, p in enumerate(gallery.tolist())}
     np.testing.assert_array_equal(emb.positions(query), [last.get(p, -1) for p in query])

@@ -5,8 +5,10 @@ Defaults follow faiss's wiki ("Guidelines to choose an index", "Indexing 1M vect
 nlist = 4 sqrt(N) inverted lists (the wiki's range is 4 to 16 sqrt(N)), trained on 64 vectors
 per list (it asks 30 to 256, and faiss warns below 39); IVF-PQ codes of D / 4 bytes (4
 dimensions per 8-bit sub-quantizer, 16x smaller than float32); HNSW with M = 32 links per node
-(the wiki's usual value, 4 to 64) and faiss's efConstruction 40. The search-time knob (nprobe,
-efSearch) has no fixed default: `recall` measures it and picks the smallest that reaches 0.95.
+(the wiki's usual value, 4 to 64) and faiss's efConstruction 40, over 8-bit scalar-quantized
+codes (`sq_bits` in its record, so a kept index built otherwise is rebuilt). The search-time
+knob (nprobe, efSearch) has no fixed default: `recall` measures it and picks the smallest that
+reaches 0.95.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ KNOBS = ("nlist", "nprobe", "pq_bytes", "hnsw_m", "ef_search")
 MIN_PER_LIST = 39  # faiss's k-means warns below 39 training vectors per centroid
 PQ_CENTROIDS = 256  # 8-bit codes: each sub-quantizer is a 256-centroid k-means
 EF_CONSTRUCTION = 40  # faiss's default
+SQ_TYPES = {8: "QT_8bit"}  # HNSW's code per dimension: sq_bits -> faiss's ScalarQuantizer type
+HNSW_SQ_BITS = 8
 HNSW_M_RANGE = (2, 256)
 MAX_EF_SEARCH = 1 << 16
 FAISS_MISSING = "faiss is not installed: pip install faiss-cpu (or search without --faiss)"
@@ -115,7 +119,7 @@ class IndexSpec:
             m = 32 if self.hnsw_m is None else int(self.hnsw_m)
             if not HNSW_M_RANGE[0] <= m <= HNSW_M_RANGE[1]:
                 raise AnnError(f"--hnsw-m {m} is outside {HNSW_M_RANGE}: faiss's wiki uses 4-64")
-            params.update(hnsw_m=m, ef_construction=EF_CONSTRUCTION)
+            params.update(hnsw_m=m, ef_construction=EF_CONSTRUCTION, sq_bits=HNSW_SQ_BITS)
         return params
 
     def search_value(self) -> int | None:
@@ -159,7 +163,7 @@ def _pq_bytes(given: int | None, n: int, d: int) -> int:
 
 
 def describe(kind: str, params: dict[str, int]) -> str:
-    """`hnsw (hnsw_m 32, ef_construction 40)`, `flat`."""
+    """`hnsw (hnsw_m 32, ef_construction 40, sq_bits 8)`, `flat`."""
     knobs = ", ".join(f"{k} {v}" for k, v in params.items())
     return f"{kind} ({knobs})" if knobs else kind
 
