@@ -4,9 +4,6 @@ method."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -40,26 +37,32 @@ def test_a_damaged_archive_is_reported(tmp_path, monkeypatch):
         embedded.records()
 
 
+def test_an_image_is_decoded_once_and_each_call_gets_its_own_copy(monkeypatch):
+    member = embedded.records()[7].path
+    first = embedded.load(member)
+    reference = first.tobytes()
+    first.paste(1, (0, 0, 105, 105))  # the caller changes its image...
+
+    def no_archive(name):
+        raise AssertionError(f"{name} read again from the archive")
+
+    monkeypatch.setattr(embedded, "_archive_for", no_archive)
+    again = embedded.load(member)  # ...the next caller gets the decoded pixels, unchanged
+    assert (again.mode, again.size) == ("1", (105, 105)) and again.tobytes() == reference
+    assert again is not first
+
+
+@pytest.mark.xdist_group("default_run")
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_default_train_from_an_empty_folder_shows_what_metric_learning_adds(tmp_path):
-    """No arguments, no ../shared, no network, a fresh HOME: the README's main job."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HOME=str(tmp_path / "home"), OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run(
-        [sys.executable, "-m", "msl_kit.cli", "train", "--out", "run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+def test_default_train_from_an_empty_folder_shows_what_metric_learning_adds(default_run):
+    """No arguments, no ../shared, no network, a fresh HOME: the README's main job
+    (`default_run` in conftest.py runs it)."""
+    metrics = json.loads((default_run / "run" / "metrics.json").read_text())
     pixels = metrics["floors"]["raw_pixels"]["recall@1"]
     assert metrics["recall@1"] >= 0.65 and metrics["recall@1"] - pixels >= 0.25, metrics
     assert metrics["floors"]["untrained"]["recall@1"] < pixels
-    lines = done.stdout.splitlines()
+    lines = (default_run / "stdout.txt").read_text().splitlines()
     assert any(line.startswith("raw pixels") for line in lines)
     assert any(line.startswith("untrained convnet") for line in lines)
     assert any(line.startswith("convnet + ms loss") for line in lines)
