@@ -167,7 +167,12 @@ def recall_curves(
 def embedding_2d(
     emb: Any, method: str = "umap", *, seed: int = 0, **umap_options: Any
 ) -> np.ndarray:
-    """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import)."""
+    """(N, 2) coordinates of (N, D) embeddings by UMAP (cosine) or PCA (no umap import).
+
+    For UMAP on up to `EXACT_KNN_MAX` points with a cosine or euclidean metric, the neighbours
+    are found exactly by `metrics.knn` and handed to UMAP: the same graph UMAP's own exact
+    search builds below 4,096 points, without the ~5 s its numba kernels take to compile in
+    every new process (and exact, not NN-descent, up to `EXACT_KNN_MAX`)."""
     x = to_numpy(emb).astype(np.float32)
     if method == "pca":
         x = x - x.mean(0)
@@ -183,11 +188,44 @@ def embedding_2d(
             "random_state": seed,
             **umap_options,
         }
-        # a seed makes UMAP single-threaded, and it says so each time
+        if "precomputed_knn" not in options:
+            options["precomputed_knn"] = exact_knn_graph(
+                x, options["n_neighbors"], options["metric"]
+            )
         with warnings.catch_warnings():
+            # a seed makes UMAP single-threaded, and it says so each time; a precomputed graph
+            # has no search index for UMAP.transform, which is never called here
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
             return umap.UMAP(n_components=2, **options).fit_transform(x)
     raise ValueError(f"method must be 'umap' or 'pca', not {method!r}")
+
+
+EXACT_KNN_MAX = 50_000  # beyond this, UMAP's approximate search is quicker than an exact one
+
+
+def exact_knn_graph(
+    x: np.ndarray, n_neighbors: int, metric: str
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None, None]:
+    """UMAP's `precomputed_knn`: each point's `n_neighbors` nearest, itself first at distance
+    0, as (int32 indices, float32 distances) under `metric` ("cosine": 1 - cos, "euclidean");
+    (None, None, None), which tells UMAP to search itself, for another metric, fewer than two
+    points or more than `EXACT_KNN_MAX`."""
+    n = len(x)
+    if metric not in ("cosine", "euclidean") or not 2 <= n <= EXACT_KNN_MAX or n_neighbors < 2:
+        return None, None, None
+    k = min(n_neighbors, n) - 1
+    if metric == "cosine":
+        unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sims, idx = metrics.knn(unit, k)
+        dists = (1.0 - sims).clamp_(min=0.0)
+    else:
+        neg_sq, idx = metrics.knn(x, k, metric="euclidean")
+        dists = (-neg_sq).clamp_(min=0.0).sqrt_()
+    own = np.arange(n, dtype=np.int32)[:, None]
+    indices = np.concatenate([own, idx.numpy().astype(np.int32)], axis=1)
+    distances = np.concatenate([np.zeros((n, 1), np.float32), dists.numpy()], axis=1)
+    return indices, distances
 
 
 def spread_points(points: np.ndarray, n: int, seed: int = 0) -> list[int]:

@@ -275,6 +275,22 @@ def test_umap_keeps_separated_classes_apart():
     assert (labels[d.argmin(1)] == labels).mean() > 0.95
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_umaps_neighbour_graph_is_the_exact_one_with_each_point_first(metric):
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.random.default_rng(2).normal(size=(300, 12)).astype(np.float32)
+    idx, dists = viz.figures.exact_knn_graph(x, 15, metric)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=15, metric=metric).fit(x).kneighbors(x)
+    assert idx.dtype == np.int32 and dists.dtype == np.float32 and idx.shape == (300, 15)
+    assert (idx[:, 0] == np.arange(300)).all() and (dists[:, 0] == 0).all()
+    np.testing.assert_array_equal(idx, ref_i)  # random data: no ties
+    np.testing.assert_allclose(dists, ref_d, atol=1e-5)
+    # another metric, or too many points for an exact search: UMAP searches itself
+    assert viz.figures.exact_knn_graph(x, 15, "correlation") == (None, None, None)
+    assert viz.figures.exact_knn_graph(x[:1], 15, metric) == (None, None, None)
+
+
 def test_spread_points_are_far_apart_and_distinct():
     pts = np.random.default_rng(1).uniform(size=(500, 2))
     chosen = viz.spread_points(pts, 12)
