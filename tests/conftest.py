@@ -5,6 +5,8 @@ built once per test session and shared by every worker."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +99,31 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         train_quietly(["train", "--out", str(out), *FAST_ARGS])
 
     yield from read_only(built_once(tmp_path_factory, "digits_run", build))
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """README's main job as a new user runs it: `python -m msl_kit.cli train --out run` with no
+    other argument, from an empty folder, a fresh HOME, no PYTHONPATH, OpenMP's threads left
+    to the default. The folder holds `run/` and what it printed, `stdout.txt`; shared, read
+    only (the README example test copies `run/` to its own `runs/demo`)."""
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
+        env.update(HOME=str(folder / "home"), OMP_WAIT_POLICY="PASSIVE")
+        done = subprocess.run(
+            [sys.executable, "-m", "msl_kit.cli", "train", "--out", "run"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        (folder / "stdout.txt").write_text(done.stdout)
+
+    yield from read_only(built_once(tmp_path_factory, "default_run", build))
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,37 @@ def _cli(env: dict, *args: str, sets: list[str] = ()) -> subprocess.CompletedPro
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
 
 
+# Several refused commands in one child process (each child pays ~1.5 s of CPU to import
+# torch): `cli.main` per command, its stderr and exit status captured, and after each one
+# whether the marker plugin has run and which plugin modules are imported. A command that
+# imported a plugin would leave it imported for the next ones, so the checks after it fail too:
+# sharing the process can only fail the test, never let a leak through.
+REFUSALS = """
+import contextlib, io, json, os, sys
+from msl_kit import cli
+marker, seen = os.environ["MARKER_FILE"], []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as stop:
+            rc = stop.code
+    plugins = sorted(m for m in sys.modules if m.endswith("_plugin"))
+    seen.append({"rc": rc, "stderr": err.getvalue(), "marker": os.path.exists(marker),
+                 "plugins": plugins})
+print(json.dumps(seen))
+"""
+
+
+def _refusals(env: dict, *commands: list[str]) -> list[dict]:
+    """Each command's {rc, stderr, marker, plugins}, all run in one child (`REFUSALS`)."""
+    argv = [sys.executable, "-c", REFUSALS, json.dumps([list(c) for c in commands])]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 TOY = ["plugins=[toy_plugin]", "loss.name=toy", "model.backbone=toy"]
 
 
@@ -219,17 +250,15 @@ def test_a_sweep_grids_over_a_plugins_parameter(tmp_path, plugin_env):
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_registries_feed_validation_and_an_unimportable_plugin_is_one_line(plugin_env):
-    argv = [sys.executable, "-m", "msl_kit.cli", "train", "--set"]
-    for extra, message in (
-        (["loss.name=toy"], "loss.name = 'toy' is not allowed: use one of ms, contrastive"),
-        (["model.backbone=toy"], "unknown model 'toy'; choose one of bninception"),
-        (["plugins=[no_such_plugin]"], "plugins: cannot import 'no_such_plugin'"),
-    ):
-        done = subprocess.run(
-            argv + extra, capture_output=True, text=True, env=plugin_env, timeout=120
-        )
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    cases = {
+        "loss.name=toy": "loss.name = 'toy' is not allowed: use one of ms, contrastive",
+        "model.backbone=toy": "unknown model 'toy'; choose one of bninception",
+        "plugins=[no_such_plugin]": "plugins: cannot import 'no_such_plugin'",
+    }
+    results = _refusals(plugin_env, *(["train", "--set", key] for key in cases))
+    for (key, message), done in zip(cases.items(), results):
+        assert done["rc"] == 2 and done["plugins"] == [], (key, done)
+        assert done["stderr"].count("\n") == 1 and message in done["stderr"], (key, done)
 
 
 @pytest.mark.subprocess
@@ -254,16 +283,18 @@ def test_a_checkpoint_never_imports_the_plugin_it_names(tmp_path, plugin_env):
     marker.unlink()
     message = "was trained with plugin 'marker_plugin'; pass --plugin marker_plugin to import it"
     other = str(tmp_path / "e.npz")
-    for args in (
+    commands = (
         ("evaluate", "--checkpoint", str(run / "checkpoint.pt")),
         ("embed", "--checkpoint", str(run), "--images", str(images), "--out", other),
         ("export", "--checkpoint", str(run), "--out", str(tmp_path / "m.pt")),
         ("search", "--index", str(index), "--query", str(images / "a" / "0.png")),
         ("train", "--resume", str(run), "--set", "train.iterations=3"),
-    ):  # fmt: skip
-        done = _cli(plugin_env, *args)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1, (args, done.stderr)
-        assert message in done.stderr and not marker.exists(), (args, done.stderr)
+    )  # fmt: skip
+    for args, done in zip(commands, _refusals(plugin_env, *commands)):
+        assert done["rc"] == 2 and done["stderr"].count("\n") == 1, (args, done)
+        assert message in done["stderr"], (args, done)
+        assert not done["marker"] and done["plugins"] == [], (args, done)
+    assert not marker.exists()
     done = _cli(plugin_env, "evaluate", "--checkpoint", str(run), "--plugin", "marker_plugin")
     assert done.returncode == 0 and marker.exists(), done.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -57,17 +58,15 @@ def test_python_example_runs(capsys):
     assert "{1: " in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("default_run")
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_use_example_runs_as_written_after_the_readme_train_command(tmp_path):
-    """The README's `msl-kit train --out runs/demo` (shortened here), then its Python example
-    of embed / search / export, as written, from that folder."""
+def test_use_example_runs_as_written_after_the_readme_train_command(default_run, tmp_path):
+    """The README's `msl-kit train --out runs/demo` (the session's run of it, `default_run`),
+    then its Python example of embed / search / export, as written, from that folder."""
     (example,) = [e for e in _python_examples() if "msl_kit.use" in e]
+    shutil.copytree(default_run / "run", tmp_path / "runs" / "demo")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = [sys.executable, "-m", "msl_kit.cli", "train", "--out", "runs/demo"]
-    train += ["--set", "train.iterations=20", "--set", "train.eval_every=0", "--no-baseline"]
-    done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
     run = subprocess.run(
         [sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True
     )
