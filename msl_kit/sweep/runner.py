@@ -332,7 +332,12 @@ def _run_workers(jobs: int, args: tuple) -> None:
                 p.kill()
                 p.join()
         raise
-    if any(p.exitcode for p in procs):
+    codes = {p.exitcode for p in procs} - {0}
+    if codes == {130}:  # every worker that stopped was interrupted and checkpointed its cell:
+        # a stop, as when this process gets the Ctrl-C itself (a signal sent to the workers
+        # alone, or one this process had not acted on before its workers ended)
+        raise KeyboardInterrupt("the sweep's workers were interrupted")
+    if codes:
         raise SweepError(
             "a worker process stopped with an error (see above); rerun the "
             "same command to finish the sweep"
