@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +183,24 @@ def _embed_cmd(use_run: Path, images: Path, out: Path) -> list[str]:
     ]
 
 
+# `msl-kit embed` in a child that sends itself the signal right after its 10th piece is saved:
+# the stop lands mid-job however fast the machine embeds (the test used to signal from outside
+# once 10 pieces showed, and on a loaded machine the other 28 were done before it did).
+SIGNAL_AFTER_10_PIECES = """
+import os, sys
+from msl_kit import cli
+from msl_kit.use import embedding
+sig, real, saved = int(sys.argv[1]), embedding.save_piece, []
+def save_piece(*args, **kwargs):
+    real(*args, **kwargs)
+    saved.append(args[0])
+    if len(saved) == 10:
+        os.kill(os.getpid(), sig)
+embedding.save_piece = save_piece
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -194,14 +211,12 @@ def test_interrupted_embed_resumes_to_the_same_bytes(use_run, held_out, tmp_path
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     whole, cut = tmp_path / "whole.npz", tmp_path / "cut.npz"
     subprocess.run(_embed_cmd(use_run, images, whole), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_embed_cmd(use_run, images, cut), env=env, stderr=subprocess.PIPE)
-    part = tmp_path / "cut.npz.part"
-    deadline = time.monotonic() + 120
-    while len(list(part.glob("chunk_*.npz"))) < 10 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    child = [sys.executable, "-c", SIGNAL_AFTER_10_PIECES, str(int(sig))]
+    proc = subprocess.run(
+        [*child, *_embed_cmd(use_run, images, cut)[3:]], env=env, capture_output=True, timeout=300
+    )
+    part, err = tmp_path / "cut.npz.part", proc.stderr
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
     done = len(list(part.glob("chunk_*.npz")))
     assert 10 <= done < 1200 // 32 and not cut.exists()
     if sig == signal.SIGINT:
