@@ -5,6 +5,7 @@ built once per test session and shared by every worker."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,11 @@ from helpers import (
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if WORKER:  # before torch is imported: N workers share N cores, and so do their children
     os.environ["OMP_NUM_THREADS"] = "1"
+# A shell that starts the suite in the background (`pytest &` in a script, nohup) hands it
+# SIGINT ignored, and every child inherits that: a Ctrl-C test would then find msl-kit deaf to
+# Ctrl-C. The tests send the signal a terminal sends, so their children get its default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 __all__ = ["REPO", "SHARED_DATA", "start_cli"]  # older tests import these from here
 MAX_WORKERS = 8  # past this the longest tests set the pace, and each worker holds torch
