@@ -1,7 +1,8 @@
 """`msl-kit sweep`: grid specs, run folders and tables, resume after SIGKILL, --jobs overlap.
 
 Cells are tiny runs of the default config (whatever `load_config()` gives), so each takes about
-a second once the process is warm; the multi-process tests start the CLI in subprocesses.
+a second once the process is warm (the grid test's cells: of the digits config); the
+multi-process tests start the CLI in subprocesses.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def cli_args(out: Path, *extra: str, grid: list[str] = GRID) -> list[str]:
 
 
 GRID_LAM3 = ["--grid", "loss.ms.beta=10,40", "--grid", "loss.ms.lam=0.3"]
+DIGITS = ["--config", "digits"]  # cells of 360 test images instead of 2,240
 
 
 # ----------------------------------------------------------------------------- specs (fast)
@@ -137,8 +139,9 @@ def test_named_studies_load(tmp_path):
 # ----------------------------------------------------------------------------- runs
 @pytest.mark.slow
 def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
+    # digits: the tables and folders, not the data, are what this test reads
     out = tmp_path / "sweep"
-    assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0
+    assert cli.main(cli_args(out, *DIGITS, "--seeds", "0,1", grid=GRID_LAM3)) == 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert [r.rsplit("_", 1)[0] for r in runs] == [  # + the cell's config hash
         "beta=10.0_lam=0.3_seed=0",
@@ -166,10 +169,10 @@ def test_grid_writes_run_folders_and_tables(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| loss.ms.beta | loss.ms.lam | seeds | R@1 | MAP@R | wall s |" in printed
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")}
-    assert cli.main(cli_args(out, "--seeds", "0,1", grid=GRID_LAM3)) == 0  # all done
+    assert cli.main(cli_args(out, *DIGITS, "--seeds", "0,1", grid=GRID_LAM3)) == 0  # all done
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/metrics.json")} == before
     assert len(trials(out)) == 4
-    assert cli.main(cli_args(out, "--seeds", "0")) == 2  # another spec in the same folder
+    assert cli.main(cli_args(out, *DIGITS, "--seeds", "0")) == 2  # another spec in the same folder
     assert "holds another sweep" in capsys.readouterr().err
 
 

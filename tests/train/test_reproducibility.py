@@ -24,7 +24,7 @@ def test_same_seed_same_threads_gives_byte_identical_history_across_processes(tm
             "--out",
             str(out),
             "--set",
-            "train.iterations=20",
+            "train.iterations=10",
             "--set",
             "train.threads=2",
             "--set",
